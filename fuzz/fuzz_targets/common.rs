@@ -1,0 +1,45 @@
+// Shared fixture: one relay with fixed keys, built once per process.
+use std::net::SocketAddr;
+use std::sync::{Mutex, OnceLock};
+
+use shroud_proto::keys::{IdentityKey, OnionSecret};
+use shroud_proto::policy::ExitPolicy;
+use shroud_proto::relay::{Peer, Relay, RelayLimits};
+use shroud_proto::{Layout, RingAead};
+
+pub const NOW_MS: u64 = 1_764_000_000_000;
+
+pub fn peer_addr() -> SocketAddr {
+    "127.0.0.2:9000".parse().unwrap()
+}
+
+pub fn onion() -> OnionSecret {
+    OnionSecret::from_bytes(&[0x11; 32])
+}
+
+pub fn relay() -> &'static Mutex<Relay<RingAead>> {
+    static R: OnceLock<Mutex<Relay<RingAead>>> = OnceLock::new();
+    R.get_or_init(|| {
+        let me = IdentityKey::from_bytes(&[1; 32]);
+        let peer = IdentityKey::from_bytes(&[2; 32]).public();
+        let peers = vec![Peer {
+            id: peer.relay_id(),
+            identity: peer,
+            addr: peer_addr().ip(),
+            ports: (9000, 9001),
+        }];
+        Mutex::new(Relay::new(
+            Layout::default(),
+            me,
+            vec![onion()],
+            peers,
+            ExitPolicy::parse(&["accept 127.0.0.0/8:*"]).unwrap(),
+            RelayLimits {
+                max_circuits: 256,
+                max_links: 256,
+                ..RelayLimits::default()
+            },
+            NOW_MS,
+        ))
+    })
+}

@@ -1,0 +1,430 @@
+//! The client side: build a circuit from a path of relays, seal outgoing cells, open
+//! returning ones, tear down.
+//!
+//! A [`ClientLink`] is the client's end of one link (one local socket to one relay
+//! port): it holds the link seed and the header keys derived from it. The first setup
+//! sent on a link introduces the seed to the relay (inside the encrypted routing slot
+//! of the first hop); until the client has received a cell on the link, its setup
+//! cells carry a random header, afterwards a protected one.
+//!
+//! A [`ClientCircuit`] is a built (or building) circuit: its hops' layer keys, its
+//! send counter and its receive window. Sealing and opening are pure functions of the
+//! circuit state and the cell; the I/O half (sockets, timers) lives in the data-plane
+//! crate.
+
+use rand_core::{CryptoRng, RngCore};
+use std::net::SocketAddr;
+
+use crate::aead::Aead;
+use crate::cell::{Command, Header, HeaderError, HeaderKey, Layout, COUNTER_MAX, H_MAX_LIMIT};
+use crate::keys::{OnionPublic, RelayId};
+use crate::layer::{
+    open_backward, read_payload, seal_forward, write_payload, LayerKeys, ORIGIN_MARKER_LEN,
+};
+use crate::relay::client_link_keys;
+use crate::replay::{ReplayWindow, WindowCheck};
+use crate::setup::{build_setup, Next, SetupHop};
+
+/// One relay of a path, as the client needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathHop {
+    /// The relay's id.
+    pub id: RelayId,
+    /// Its current onion key.
+    pub onion: OnionPublic,
+    /// The address and port (worker) to use.
+    pub addr: SocketAddr,
+}
+
+/// The client's end of one link.
+pub struct ClientLink {
+    relay: SocketAddr,
+    seed: [u8; 16],
+    up: HeaderKey,
+    down: HeaderKey,
+    linked: bool,
+}
+
+impl core::fmt::Debug for ClientLink {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ClientLink")
+            .field("relay", &self.relay)
+            .field("linked", &self.linked)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientLink {
+    /// A new link to `relay` (`id`), with a fresh random seed.
+    pub fn new<R: RngCore + CryptoRng>(id: &RelayId, relay: SocketAddr, rng: &mut R) -> Self {
+        let mut seed = [0u8; 16];
+        while seed == [0u8; 16] {
+            rng.fill_bytes(&mut seed);
+        }
+        let (up, down) = client_link_keys(&seed, id);
+        ClientLink {
+            relay,
+            seed,
+            up,
+            down,
+            linked: false,
+        }
+    }
+
+    /// The relay address this link talks to.
+    pub fn relay(&self) -> SocketAddr {
+        self.relay
+    }
+
+    /// Reads the header of a cell received on this link (which circuit it is for).
+    /// Receiving any valid cell marks the link as established.
+    pub fn read_header(&mut self, cell: &[u8]) -> Result<Header, HeaderError> {
+        let h = self.down.unprotect(cell)?;
+        self.linked = true;
+        Ok(h)
+    }
+
+    /// True once the relay has answered on this link.
+    pub fn is_linked(&self) -> bool {
+        self.linked
+    }
+}
+
+/// Why a client operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// The path is empty or longer than `H_MAX`.
+    #[error("a circuit needs 1 to {max} hops, got {got}")]
+    PathLength {
+        /// Hops given.
+        got: usize,
+        /// H_MAX.
+        max: usize,
+    },
+    /// The buffer is not one cell.
+    #[error("buffer of {got} bytes is not one {want}-byte cell")]
+    CellSize {
+        /// Buffer length.
+        got: usize,
+        /// CELL.
+        want: usize,
+    },
+    /// Payload larger than one cell carries.
+    #[error("payload of {got} bytes exceeds the {max}-byte cell payload")]
+    PayloadTooLarge {
+        /// Payload length.
+        got: usize,
+        /// Maximum.
+        max: usize,
+    },
+    /// The circuit is not open (still building, refused or closed).
+    #[error("circuit is {0:?}, not open")]
+    NotOpen(CircuitState),
+    /// A received cell failed authentication or was replayed.
+    #[error("received cell rejected: {0}")]
+    Rejected(&'static str),
+    /// The counter space is exhausted; build a new circuit.
+    #[error("circuit counter exhausted")]
+    Exhausted,
+}
+
+/// Lifecycle of a client circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    /// Setup sent, no reply yet.
+    Building,
+    /// CREATED received: data may flow.
+    Open,
+    /// A hop refused (`hop` is 0-based) with a reason byte.
+    Refused {
+        /// Which hop.
+        hop: usize,
+        /// Reason code (`DropReason as u8`).
+        reason: u8,
+    },
+    /// Torn down by either side.
+    Closed,
+}
+
+/// What a received cell meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// The circuit is now open.
+    Created,
+    /// Payload from the destination, at `cell[range]`.
+    Data(core::ops::Range<usize>),
+    /// Cover traffic.
+    Padding,
+    /// A hop refused the circuit.
+    Refused {
+        /// Which hop (0-based).
+        hop: usize,
+        /// Reason code.
+        reason: u8,
+    },
+    /// A hop tore the circuit down.
+    Destroyed {
+        /// Which hop (0-based).
+        hop: usize,
+    },
+}
+
+/// A client circuit.
+pub struct ClientCircuit<A: Aead> {
+    layout: Layout,
+    id: u64,
+    first_hop: SocketAddr,
+    fwd: Vec<LayerKeys<A>>,
+    bwd: Vec<LayerKeys<A>>,
+    send_counter: u64,
+    window: ReplayWindow,
+    state: CircuitState,
+}
+
+impl<A: Aead> core::fmt::Debug for ClientCircuit<A> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("ClientCircuit")
+            .field("id", &self.id)
+            .field("hops", &self.fwd.len())
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+fn nonzero_id<R: RngCore>(rng: &mut R) -> u64 {
+    loop {
+        let v = rng.next_u64();
+        if v != 0 {
+            return v;
+        }
+    }
+}
+
+impl<A: Aead> ClientCircuit<A> {
+    /// Builds a circuit through `path` (first hop first, reached over `link`) to the
+    /// exit destination `dest`, writing the setup cell into `cell`. Send `cell` to
+    /// `link.relay()`; the circuit opens when [`ClientCircuit::open`] sees CREATED.
+    pub fn build<R: RngCore + CryptoRng>(
+        layout: &Layout,
+        link: &ClientLink,
+        path: &[PathHop],
+        dest: SocketAddr,
+        now_ms: u64,
+        rng: &mut R,
+        cell: &mut [u8],
+    ) -> Result<Self, ClientError> {
+        if path.is_empty() || path.len() > layout.h_max {
+            return Err(ClientError::PathLength {
+                got: path.len(),
+                max: layout.h_max,
+            });
+        }
+        if cell.len() != layout.cell {
+            return Err(ClientError::CellSize {
+                got: cell.len(),
+                want: layout.cell,
+            });
+        }
+        let ids: Vec<u64> = path.iter().map(|_| nonzero_id(rng)).collect();
+        let hops: Vec<SetupHop> = path
+            .iter()
+            .enumerate()
+            .map(|(i, hop)| SetupHop {
+                onion_pub: *hop.onion.as_bytes(),
+                next: match path.get(i + 1) {
+                    Some(n) => Next::Relay {
+                        id: n.id,
+                        port: n.addr.port(),
+                        out_id: ids[i + 1],
+                    },
+                    None => Next::Exit { dest },
+                },
+                in_id: ids[i],
+                link_seed: if i == 0 { link.seed } else { [0; 16] },
+            })
+            .collect();
+        let secrets = build_setup::<A, R>(layout, &hops, now_ms / 1000, rng, cell);
+        if link.linked {
+            link.up.protect(
+                cell,
+                &Header {
+                    circuit: ids[0],
+                    counter: 0,
+                    command: Command::Setup,
+                },
+            );
+        } else {
+            rng.fill_bytes(&mut cell[..crate::cell::HEADER_LEN]);
+        }
+        Ok(ClientCircuit {
+            layout: *layout,
+            id: ids[0],
+            first_hop: link.relay,
+            fwd: secrets.iter().map(|s| s.forward()).collect(),
+            bwd: secrets.iter().map(|s| s.backward()).collect(),
+            send_counter: 0,
+            window: ReplayWindow::new(),
+            state: CircuitState::Building,
+        })
+    }
+
+    /// Circuit id on the first link (what [`ClientLink::read_header`] returns for
+    /// cells of this circuit).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Where to send this circuit's cells.
+    pub fn first_hop(&self) -> SocketAddr {
+        self.first_hop
+    }
+
+    /// Number of hops.
+    pub fn hops(&self) -> usize {
+        self.fwd.len()
+    }
+
+    /// Current state.
+    pub fn state(&self) -> CircuitState {
+        self.state
+    }
+
+    /// Cells sealed so far.
+    pub fn sent(&self) -> u64 {
+        self.send_counter
+    }
+
+    fn seal(
+        &mut self,
+        link: &ClientLink,
+        command: Command,
+        cell: &mut [u8],
+        junk: &[[u8; 16]; H_MAX_LIMIT],
+    ) -> Result<(), ClientError> {
+        if self.send_counter > COUNTER_MAX {
+            return Err(ClientError::Exhausted);
+        }
+        let counter = self.send_counter;
+        self.send_counter += 1;
+        let hops: Vec<&LayerKeys<A>> = self.fwd.iter().collect();
+        seal_forward(&self.layout, &hops, command, counter, cell, junk);
+        link.up.protect(
+            cell,
+            &Header {
+                circuit: self.id,
+                counter,
+                command,
+            },
+        );
+        Ok(())
+    }
+
+    fn check_cell(&self, cell: &[u8]) -> Result<(), ClientError> {
+        if cell.len() != self.layout.cell {
+            return Err(ClientError::CellSize {
+                got: cell.len(),
+                want: self.layout.cell,
+            });
+        }
+        Ok(())
+    }
+
+    /// Seals `payload` into a data cell in `cell`, ready to send to the first hop.
+    pub fn seal_data<R: RngCore>(
+        &mut self,
+        link: &ClientLink,
+        payload: &[u8],
+        cell: &mut [u8],
+        rng: &mut R,
+    ) -> Result<(), ClientError> {
+        self.check_cell(cell)?;
+        if self.state != CircuitState::Open {
+            return Err(ClientError::NotOpen(self.state));
+        }
+        if !write_payload(&self.layout, cell, payload) {
+            return Err(ClientError::PayloadTooLarge {
+                got: payload.len(),
+                max: self.layout.payload_max(),
+            });
+        }
+        let junk = random_junk(rng);
+        self.seal(link, Command::Data, cell, &junk)
+    }
+
+    /// Seals a cover (padding) cell, discarded by the exit.
+    pub fn seal_padding<R: RngCore>(
+        &mut self,
+        link: &ClientLink,
+        cell: &mut [u8],
+        rng: &mut R,
+    ) -> Result<(), ClientError> {
+        self.check_cell(cell)?;
+        if self.state != CircuitState::Open {
+            return Err(ClientError::NotOpen(self.state));
+        }
+        rng.fill_bytes(&mut cell[self.layout.stack_end()..]);
+        let junk = random_junk(rng);
+        self.seal(link, Command::Padding, cell, &junk)
+    }
+
+    /// Seals a DESTROY cell that tears the circuit down at every hop, and marks the
+    /// circuit closed.
+    pub fn seal_destroy<R: RngCore>(
+        &mut self,
+        link: &ClientLink,
+        cell: &mut [u8],
+        rng: &mut R,
+    ) -> Result<(), ClientError> {
+        self.check_cell(cell)?;
+        rng.fill_bytes(&mut cell[self.layout.stack_end()..]);
+        let junk = random_junk(rng);
+        self.seal(link, Command::Destroy, cell, &junk)?;
+        self.state = CircuitState::Closed;
+        Ok(())
+    }
+
+    /// Opens a cell received for this circuit (`hdr` from [`ClientLink::read_header`]).
+    pub fn open(&mut self, hdr: &Header, cell: &mut [u8]) -> Result<Received, ClientError> {
+        self.check_cell(cell)?;
+        if self.window.check(hdr.counter) == WindowCheck::Replay {
+            return Err(ClientError::Rejected("replayed cell"));
+        }
+        let hops: Vec<&LayerKeys<A>> = self.bwd.iter().collect();
+        let n = open_backward(&self.layout, &hops, hdr.command, hdr.counter, cell)
+            .map_err(|_| ClientError::Rejected("bad tag"))?;
+        self.window.commit(hdr.counter);
+        let hop = n - 1;
+        let se = self.layout.stack_end();
+        Ok(match hdr.command {
+            Command::Created if hop + 1 == self.fwd.len() => {
+                if self.state == CircuitState::Building {
+                    self.state = CircuitState::Open;
+                }
+                Received::Created
+            }
+            Command::Data => match read_payload(&self.layout, cell) {
+                Some(r) => Received::Data(r),
+                None => return Err(ClientError::Rejected("bad payload length")),
+            },
+            Command::Padding => Received::Padding,
+            Command::Refused => {
+                let reason = cell[se + ORIGIN_MARKER_LEN];
+                self.state = CircuitState::Refused { hop, reason };
+                Received::Refused { hop, reason }
+            }
+            Command::Destroy => {
+                self.state = CircuitState::Closed;
+                Received::Destroyed { hop }
+            }
+            _ => return Err(ClientError::Rejected("unexpected command")),
+        })
+    }
+}
+
+fn random_junk<R: RngCore>(rng: &mut R) -> [[u8; 16]; H_MAX_LIMIT] {
+    let mut j = [[0u8; 16]; H_MAX_LIMIT];
+    for s in j.iter_mut() {
+        rng.fill_bytes(s);
+    }
+    j
+}

@@ -1,0 +1,201 @@
+//! Replay protection.
+//!
+//! - [`ReplayWindow`]: per circuit and direction, a sliding window over the 48-bit cell
+//!   counter (as in IPsec/WireGuard). A counter is accepted once; counters more than
+//!   [`WINDOW`] below the highest seen are refused. Memory: fixed, 136 bytes.
+//! - [`SetupFilter`]: per onion key, the set of setup ephemerals seen. A setup carries
+//!   its creation time and is refused outside `now ± skew`, so the filter only has to
+//!   remember ephemerals for `2 * skew`: it keeps two generations, each spanning
+//!   `2 * skew`, and drops the older when a new one starts. Each generation has a fixed
+//!   capacity allocated up front; a full generation refuses further setups (fail
+//!   closed) rather than grow or forget.
+
+use std::collections::HashSet;
+
+/// Width of the data-cell replay window, in cells.
+pub const WINDOW: u64 = 1024;
+const WORDS: usize = (WINDOW / 64) as usize;
+
+/// Result of checking a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowCheck {
+    /// Not seen, inside the window: may be accepted (call [`ReplayWindow::commit`] after
+    /// the tag verifies).
+    Fresh,
+    /// Seen before, or too old to tell.
+    Replay,
+}
+
+/// A sliding replay window over cell counters.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayWindow {
+    /// Highest counter committed, plus one (0 = nothing yet).
+    top: u64,
+    bits: [u64; WORDS],
+}
+
+impl ReplayWindow {
+    /// An empty window.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Checks `n` without changing state.
+    pub fn check(&self, n: u64) -> WindowCheck {
+        if n >= self.top {
+            return WindowCheck::Fresh;
+        }
+        if self.top - n > WINDOW {
+            return WindowCheck::Replay;
+        }
+        let bit = n % WINDOW;
+        if self.bits[(bit / 64) as usize] & (1 << (bit % 64)) != 0 {
+            WindowCheck::Replay
+        } else {
+            WindowCheck::Fresh
+        }
+    }
+
+    /// Records `n` as seen. Call only after `check(n) == Fresh` and a verified tag.
+    pub fn commit(&mut self, n: u64) {
+        if n >= self.top {
+            // Clear the bits of counters that slide into the window fresh.
+            let advance = n + 1 - self.top;
+            if advance >= WINDOW {
+                self.bits = [0; WORDS];
+            } else {
+                for c in self.top..=n {
+                    let bit = c % WINDOW;
+                    self.bits[(bit / 64) as usize] &= !(1 << (bit % 64));
+                }
+            }
+            self.top = n + 1;
+        }
+        let bit = n % WINDOW;
+        self.bits[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+
+    /// Highest committed counter plus one.
+    pub fn top(&self) -> u64 {
+        self.top
+    }
+}
+
+/// Why a setup was refused by the filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupCheck {
+    /// First time seen: recorded.
+    Fresh,
+    /// Seen before within the window.
+    Replay,
+    /// Timestamp outside `now ± skew`.
+    Expired,
+    /// The current generation is full.
+    Full,
+}
+
+/// A bounded seen-filter for setup ephemerals of one onion key.
+#[derive(Debug)]
+pub struct SetupFilter {
+    skew: u64,
+    capacity: usize,
+    gen_start: u64,
+    current: HashSet<[u8; 16]>,
+    previous: HashSet<[u8; 16]>,
+}
+
+impl SetupFilter {
+    /// A filter accepting timestamps within `now ± skew` seconds, remembering at most
+    /// `capacity` setups per generation (two generations are allocated now).
+    pub fn new(skew: u64, capacity: usize, now: u64) -> Self {
+        SetupFilter {
+            skew: skew.max(1),
+            capacity,
+            gen_start: now,
+            current: HashSet::with_capacity(capacity),
+            previous: HashSet::with_capacity(capacity),
+        }
+    }
+
+    /// Checks and records the setup identified by `ephemeral` created at `ts`.
+    pub fn check_and_insert(&mut self, ephemeral: &[u8; 32], ts: u64, now: u64) -> SetupCheck {
+        if ts.abs_diff(now) > self.skew {
+            return SetupCheck::Expired;
+        }
+        if now >= self.gen_start + 2 * self.skew {
+            core::mem::swap(&mut self.current, &mut self.previous);
+            self.current.clear();
+            self.gen_start = now;
+        }
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&ephemeral[..16]);
+        if self.current.contains(&key) || self.previous.contains(&key) {
+            return SetupCheck::Replay;
+        }
+        if self.current.len() >= self.capacity {
+            return SetupCheck::Full;
+        }
+        self.current.insert(key);
+        SetupCheck::Fresh
+    }
+
+    /// Setups remembered now.
+    pub fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    /// True if nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_accepts_once_and_slides() {
+        let mut w = ReplayWindow::new();
+        for n in [0u64, 5, 3, 1000, 4, 2000] {
+            assert_eq!(w.check(n), WindowCheck::Fresh, "{n}");
+            w.commit(n);
+            assert_eq!(w.check(n), WindowCheck::Replay, "{n}");
+        }
+        // The window holds the 1024 counters 977..=2000.
+        assert_eq!(w.check(1999), WindowCheck::Fresh);
+        assert_eq!(w.check(977), WindowCheck::Fresh);
+        assert_eq!(w.check(976), WindowCheck::Replay); // fell out of the window
+        assert_eq!(w.check(1000), WindowCheck::Replay);
+        w.commit(5000);
+        assert_eq!(w.check(2000), WindowCheck::Replay);
+        assert_eq!(w.check(4999), WindowCheck::Fresh);
+    }
+
+    #[test]
+    fn window_reuses_bits_correctly_after_wrap() {
+        let mut w = ReplayWindow::new();
+        w.commit(10);
+        w.commit(10 + WINDOW); // same bit position, newer counter
+        assert_eq!(w.check(10 + WINDOW), WindowCheck::Replay);
+        assert_eq!(w.check(11 + WINDOW), WindowCheck::Fresh);
+        assert_eq!(w.check(10), WindowCheck::Replay);
+    }
+
+    #[test]
+    fn setup_filter_bounds() {
+        let mut f = SetupFilter::new(60, 2, 1000);
+        let a = [1u8; 32];
+        let b = [2u8; 32];
+        let c = [3u8; 32];
+        assert_eq!(f.check_and_insert(&a, 1000, 1000), SetupCheck::Fresh);
+        assert_eq!(f.check_and_insert(&a, 1000, 1001), SetupCheck::Replay);
+        assert_eq!(f.check_and_insert(&b, 1200, 1001), SetupCheck::Expired);
+        assert_eq!(f.check_and_insert(&b, 990, 1001), SetupCheck::Fresh);
+        assert_eq!(f.check_and_insert(&c, 990, 1001), SetupCheck::Full);
+        // A generation later `a` is still remembered (previous generation)...
+        assert_eq!(f.check_and_insert(&a, 1110, 1120), SetupCheck::Replay);
+        // ...and its timestamp is what keeps older replays out after that.
+        assert_eq!(f.check_and_insert(&a, 1000, 1300), SetupCheck::Expired);
+    }
+}

@@ -1,0 +1,448 @@
+//! The protocol properties of DESIGN.md, each proven by a named test on an in-process
+//! network of real `Relay` state machines with real cryptography.
+
+mod common;
+
+use common::*;
+use shroud_proto::aead::{Aead, RingAead, RustCryptoAead};
+use shroud_proto::client::{ClientCircuit, ClientLink, Received};
+use shroud_proto::relay::{Action, DropReason};
+use shroud_proto::Layout;
+
+fn roundtrip_all_lengths<A: Aead>() {
+    let layout = Layout::default();
+    let mut r = rng(1);
+    for hops in 1..=layout.h_max {
+        let mut net = Net::<A>::new(layout, hops, &mut r);
+        let path: Vec<usize> = (0..hops).collect();
+        let mut link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+        let mut c = net.open_circuit(&path, &mut link, &mut r);
+        for (k, size) in [0usize, 1, 100, layout.payload_max()]
+            .into_iter()
+            .enumerate()
+        {
+            let payload: Vec<u8> = (0..size).map(|i| (i * 7 + k + hops) as u8).collect();
+            let mut cell = vec![0u8; layout.cell];
+            c.seal_data(&link, &payload, &mut cell, &mut r).unwrap();
+            net.send(CLIENT, net.addrs[0], cell);
+            let (dest, got) = net.delivered.pop().expect("delivered at the exit");
+            assert_eq!(dest, DEST);
+            assert_eq!(got, payload, "forward payload intact through {hops} hops");
+            let mut back = net.to_client.pop_front().expect("echo returns");
+            let hdr = link.read_header(&back).unwrap();
+            match c.open(&hdr, &mut back).unwrap() {
+                Received::Data(range) => {
+                    assert_eq!(&back[range], &payload[..], "backward payload intact")
+                }
+                other => panic!("expected data, got {other:?}"),
+            }
+        }
+        assert!(net.drops.is_empty(), "{:?}", net.drops);
+    }
+}
+
+#[test]
+fn round_trip_1_to_h_max_hops_ring() {
+    roundtrip_all_lengths::<RingAead>();
+}
+
+#[test]
+fn round_trip_1_to_h_max_hops_rustcrypto() {
+    roundtrip_all_lengths::<RustCryptoAead>();
+}
+
+#[test]
+fn round_trip_small_network_parameters() {
+    // A smaller CELL with fewer hops works the same.
+    let layout = Layout::new(512, 3).unwrap();
+    let mut r = rng(2);
+    let mut net = Net::<RingAead>::new(layout, 3, &mut r);
+    let mut link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    let mut c = net.open_circuit(&[0, 1, 2], &mut link, &mut r);
+    let mut cell = vec![0u8; 512];
+    c.seal_data(&link, b"hello", &mut cell, &mut r).unwrap();
+    net.send(CLIENT, net.addrs[0], cell);
+    assert_eq!(net.delivered.pop().unwrap().1, b"hello");
+}
+
+/// Builds a 3-hop circuit and returns a sealed data cell as it leaves the client,
+/// plus everything needed to inject variants of it.
+fn three_hops() -> (Net<RingAead>, ClientLink, ClientCircuit<RingAead>, TestRng) {
+    let layout = Layout::default();
+    let mut r = rng(3);
+    let mut net = Net::<RingAead>::new(layout, 3, &mut r);
+    let mut link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    let c = net.open_circuit(&[0, 1, 2], &mut link, &mut r);
+    net.wire.clear();
+    (net, link, c, r)
+}
+
+#[test]
+fn bit_flip_anywhere_is_rejected_at_the_next_hop() {
+    let (mut net, link, mut c, mut r) = three_hops();
+    let layout = net.layout;
+    // Capture the cell on every link of the forward path.
+    let mut cell = vec![0u8; layout.cell];
+    c.seal_data(&link, b"flip me", &mut cell, &mut r).unwrap();
+    net.send(CLIENT, net.addrs[0], cell);
+    let forward: Vec<_> = net
+        .wire
+        .iter()
+        .filter(|(from, to, _)| {
+            *to != CLIENT && (*from == CLIENT || net.relay_index(*to) > net.relay_index(*from))
+        })
+        .cloned()
+        .collect();
+    assert_eq!(forward.len(), 3, "client->r0, r0->r1, r1->r2");
+    for (link_no, (from, to, cell)) in forward.iter().enumerate() {
+        let hop = net.relay_index(*to).unwrap();
+        // Flip every bit position (stride to keep the test fast but cover every byte).
+        for byte in 0..layout.cell {
+            let bit = byte % 8;
+            let mut bad = cell.clone();
+            bad[byte] ^= 1 << bit;
+            let before = net.relays[hop].stats().clone();
+            let action = net.relays[hop].handle(*from, &mut bad, NOW_MS);
+            assert!(
+                matches!(
+                    action,
+                    Action::Drop(
+                        DropReason::BadTag
+                            | DropReason::Malformed
+                            | DropReason::UnknownCircuit
+                            | DropReason::Replay
+                    )
+                ),
+                "link {link_no}, byte {byte}: flipped cell was not dropped: {action:?}"
+            );
+            assert_eq!(before.cells_forward, net.relays[hop].stats().cells_forward);
+        }
+    }
+}
+
+#[test]
+fn replayed_data_cell_is_rejected() {
+    let (mut net, link, mut c, mut r) = three_hops();
+    let mut cell = vec![0u8; net.layout.cell];
+    c.seal_data(&link, b"once", &mut cell, &mut r).unwrap();
+    net.send(CLIENT, net.addrs[0], cell.clone());
+    assert_eq!(net.delivered.len(), 1);
+    // Replay at the first hop and every later hop (their copies from the wire).
+    let copies: Vec<_> = net
+        .wire
+        .iter()
+        .filter(|(_, to, _)| *to != CLIENT)
+        .cloned()
+        .collect();
+    for (from, to, cell) in copies {
+        let i = net.relay_index(to).unwrap();
+        let mut again = cell.clone();
+        assert_eq!(
+            net.relays[i].handle(from, &mut again, NOW_MS),
+            Action::Drop(DropReason::Replay)
+        );
+    }
+    assert_eq!(net.delivered.len(), 1, "replay delivered nothing");
+}
+
+#[test]
+fn replayed_setup_cell_is_rejected() {
+    let layout = Layout::default();
+    let mut r = rng(4);
+    let mut net = Net::<RingAead>::new(layout, 2, &mut r);
+    let link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    let mut cell = vec![0u8; layout.cell];
+    let hops = vec![net.hops[0], net.hops[1]];
+    let _c =
+        ClientCircuit::<RingAead>::build(&layout, &link, &hops, DEST, NOW_MS, &mut r, &mut cell)
+            .unwrap();
+    net.send(CLIENT, net.addrs[0], cell.clone());
+    assert_eq!(net.relays[0].stats().setups, 1);
+    // The same setup again, even from another address, is a replay at hop 0.
+    let other = "127.0.0.99:5555".parse().unwrap();
+    let mut again = cell.clone();
+    assert_eq!(
+        net.relays[0].handle(other, &mut again, NOW_MS),
+        Action::Drop(DropReason::Replay)
+    );
+    // And the forwarded setup replayed at hop 1 too.
+    let (from, _, fwd) = net
+        .wire
+        .iter()
+        .find(|(_, to, _)| *to == net.addrs[1])
+        .cloned()
+        .unwrap();
+    let mut again = fwd.clone();
+    assert_eq!(
+        net.relays[1].handle(from, &mut again, NOW_MS),
+        Action::Drop(DropReason::Replay)
+    );
+    assert_eq!(net.relays[0].stats().setups, 1);
+    assert_eq!(net.relays[1].stats().setups, 1);
+}
+
+#[test]
+fn every_cell_on_every_link_has_the_same_length() {
+    let (mut net, link, mut c, mut r) = three_hops();
+    let layout = net.layout;
+    for n in 0..5 {
+        let mut cell = vec![0u8; layout.cell];
+        c.seal_data(&link, &vec![n as u8; n * 100], &mut cell, &mut r)
+            .unwrap();
+        net.send(CLIENT, net.addrs[0], cell);
+    }
+    let mut cell = vec![0u8; layout.cell];
+    c.seal_padding(&link, &mut cell, &mut r).unwrap();
+    net.send(CLIENT, net.addrs[0], cell);
+    let mut cell = vec![0u8; layout.cell];
+    c.seal_destroy(&link, &mut cell, &mut r).unwrap();
+    net.send(CLIENT, net.addrs[0], cell);
+    assert!(net.wire.len() > 20);
+    for (from, to, bytes) in &net.wire {
+        assert_eq!(bytes.len(), layout.cell, "{from} -> {to}");
+    }
+    // DESTROY removed the circuit everywhere.
+    for relay in &net.relays {
+        assert_eq!(relay.circuit_count(), 0);
+    }
+}
+
+/// Statistical shape check: relay 2 (never the exit) sits at positions 0, 1, 2 and 3
+/// of circuits of 2 to 5 hops. Over many cells, every byte of what it receives and of
+/// what it sends on (its own view of the decrypted stack included: header protection
+/// is the only change after it strips its layer) looks uniform, whatever the position
+/// and the number of hops after it. So the stack tells a hop nothing about where it is.
+#[test]
+fn a_hop_sees_the_same_shape_whatever_its_position() {
+    let layout = Layout::default();
+    let mut r = rng(5);
+    let mut net = Net::<RingAead>::new(layout, 5, &mut r);
+    const T: usize = 2;
+    let paths: [&[usize]; 4] = [&[2, 4], &[0, 2, 4], &[0, 1, 2, 4], &[4, 0, 1, 2, 3]];
+    // One client link per first-hop relay (a link is one socket to one relay port).
+    let mut links: Vec<ClientLink> = (0..5)
+        .map(|i| ClientLink::new(&net.hops[i].id, net.addrs[i], &mut r))
+        .collect();
+    for path in paths {
+        let pos = path.iter().position(|&x| x == T).unwrap();
+        let link = &mut links[path[0]];
+        let mut c = net.open_circuit(path, link, &mut r);
+        let mut received = Vec::new();
+        let mut sent = Vec::new();
+        for k in 0..200u32 {
+            net.wire.clear();
+            let mut cell = vec![0u8; layout.cell];
+            c.seal_data(link, &k.to_be_bytes(), &mut cell, &mut r)
+                .unwrap();
+            net.send(CLIENT, net.addrs[path[0]], cell);
+            let next = net.addrs[path[pos + 1]];
+            for (from, to, b) in &net.wire {
+                if *to == net.addrs[T] && *from != next {
+                    received.push(b.clone());
+                }
+                if *from == net.addrs[T] && *to == next {
+                    sent.push(b.clone());
+                }
+            }
+            net.to_client.clear();
+        }
+        assert_eq!(received.len(), 200);
+        assert_eq!(sent.len(), 200);
+        for (what, cells) in [("received", &received), ("sent", &sent)] {
+            for b in 0..layout.cell {
+                let mut vals: Vec<u8> = cells.iter().map(|c| c[b]).collect();
+                let mean = vals.iter().map(|&v| f64::from(v)).sum::<f64>() / vals.len() as f64;
+                vals.sort_unstable();
+                vals.dedup();
+                assert!(
+                    vals.len() > 100,
+                    "path {path:?}, {what} byte {b}: only {} distinct values",
+                    vals.len()
+                );
+                assert!(
+                    (80.0..175.0).contains(&mean),
+                    "path {path:?}, {what} byte {b}: mean {mean}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn wrong_key_truncated_garbage_and_oversized_are_rejected() {
+    let (mut net, link, mut c, mut r) = three_hops();
+    let layout = net.layout;
+    let mut cell = vec![0u8; layout.cell];
+    c.seal_data(&link, b"x", &mut cell, &mut r).unwrap();
+    // Wrong link key: a different client link (same relay) sealed it.
+    let other_link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    let mut c2 = ClientCircuit::<RingAead>::build(
+        &layout,
+        &other_link,
+        &[net.hops[0]],
+        DEST,
+        NOW_MS,
+        &mut r,
+        &mut vec![0u8; layout.cell],
+    )
+    .unwrap();
+    assert!(
+        c2.seal_data(&other_link, b"x", &mut vec![0u8; layout.cell], &mut r)
+            .is_err(),
+        "not open yet"
+    );
+    // Truncated and oversized.
+    for len in [
+        0usize,
+        1,
+        15,
+        16,
+        100,
+        layout.cell - 1,
+        layout.cell + 1,
+        2 * layout.cell,
+    ] {
+        let mut b = vec![0u8; len];
+        let n = len.min(layout.cell);
+        b[..n].copy_from_slice(&cell[..n]);
+        assert_eq!(
+            net.relays[0].handle(CLIENT, &mut b, NOW_MS),
+            Action::Drop(DropReason::Malformed),
+            "len {len}"
+        );
+    }
+    // Garbage from the known client: not a data cell, not a valid setup.
+    for seed in 0..50u8 {
+        let mut g: Vec<u8> = (0..layout.cell)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect();
+        let a = net.relays[0].handle(CLIENT, &mut g, NOW_MS);
+        assert!(matches!(a, Action::Drop(_)), "{a:?}");
+    }
+    // Garbage from a relay peer address.
+    let mut g = vec![0x42u8; layout.cell];
+    assert!(matches!(
+        net.relays[1].handle(net.addrs[0], &mut g, NOW_MS),
+        Action::Drop(DropReason::Malformed | DropReason::UnknownCircuit)
+    ));
+    // The real cell still goes through afterwards.
+    net.send(CLIENT, net.addrs[0], cell);
+    assert_eq!(net.delivered.len(), 1);
+}
+
+#[test]
+fn setup_to_a_hop_outside_the_peer_list_is_refused() {
+    let layout = Layout::default();
+    let mut r = rng(6);
+    let mut net = Net::<RingAead>::new(layout, 2, &mut r);
+    // A relay the others do not list.
+    let rogue = Net::<RingAead>::new(layout, 1, &mut rng(60));
+    let mut hop = rogue.hops[0];
+    hop.addr = "127.0.0.50:9000".parse().unwrap();
+    let mut link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    let mut cell = vec![0u8; layout.cell];
+    let mut c = ClientCircuit::<RingAead>::build(
+        &layout,
+        &link,
+        &[net.hops[0], hop],
+        DEST,
+        NOW_MS,
+        &mut r,
+        &mut cell,
+    )
+    .unwrap();
+    net.send(CLIENT, net.addrs[0], cell);
+    assert_eq!(net.drops, vec![(0, DropReason::NotAPeer)]);
+    let mut reply = net.to_client.pop_front().expect("REFUSED comes back");
+    let hdr = link.read_header(&reply).unwrap();
+    assert_eq!(
+        c.open(&hdr, &mut reply).unwrap(),
+        Received::Refused {
+            hop: 0,
+            reason: DropReason::NotAPeer as u8
+        }
+    );
+    assert_eq!(net.relays[0].circuit_count(), 0);
+}
+
+#[test]
+fn exit_policy_refuses_destinations() {
+    let layout = Layout::default();
+    let mut r = rng(7);
+    let mut net = Net::<RingAead>::new(layout, 1, &mut r);
+    let mut link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    let mut cell = vec![0u8; layout.cell];
+    let mut c = ClientCircuit::<RingAead>::build(
+        &layout,
+        &link,
+        &[net.hops[0]],
+        "10.1.2.3:53".parse().unwrap(),
+        NOW_MS,
+        &mut r,
+        &mut cell,
+    )
+    .unwrap();
+    net.send(CLIENT, net.addrs[0], cell);
+    let mut reply = net.to_client.pop_front().unwrap();
+    let hdr = link.read_header(&reply).unwrap();
+    assert_eq!(
+        c.open(&hdr, &mut reply).unwrap(),
+        Received::Refused {
+            hop: 0,
+            reason: DropReason::Policy as u8
+        }
+    );
+}
+
+#[test]
+fn client_rejects_tampered_and_replayed_backward_cells() {
+    let (mut net, mut link, mut c, mut r) = three_hops();
+    let layout = net.layout;
+    let mut cell = vec![0u8; layout.cell];
+    c.seal_data(&link, b"echo", &mut cell, &mut r).unwrap();
+    net.send(CLIENT, net.addrs[0], cell);
+    let back = net.to_client.pop_front().unwrap();
+    for byte in 0..layout.cell {
+        let mut bad = back.clone();
+        bad[byte] ^= 0x80;
+        // A client demultiplexes by circuit id: a header naming another circuit is
+        // not this circuit's cell at all.
+        let ok = link
+            .read_header(&bad)
+            .ok()
+            .filter(|h| h.circuit == c.id())
+            .map(|h| c.open(&h, &mut bad));
+        assert!(
+            !matches!(ok, Some(Ok(Received::Data(_)))),
+            "byte {byte} flip accepted"
+        );
+    }
+    let mut good = back.clone();
+    let hdr = link.read_header(&good).unwrap();
+    assert!(matches!(c.open(&hdr, &mut good), Ok(Received::Data(_))));
+    let mut again = back.clone();
+    assert!(c.open(&hdr, &mut again).is_err(), "replay accepted");
+}
+
+#[test]
+fn setup_with_stale_timestamp_is_expired() {
+    let layout = Layout::default();
+    let mut r = rng(8);
+    let mut net = Net::<RingAead>::new(layout, 1, &mut r);
+    let link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    let mut cell = vec![0u8; layout.cell];
+    let _c = ClientCircuit::<RingAead>::build(
+        &layout,
+        &link,
+        &[net.hops[0]],
+        DEST,
+        NOW_MS - 3_600_000,
+        &mut r,
+        &mut cell,
+    )
+    .unwrap();
+    assert_eq!(
+        net.relays[0].handle(CLIENT, &mut cell, NOW_MS),
+        Action::Drop(DropReason::Expired)
+    );
+}
