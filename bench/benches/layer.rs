@@ -231,6 +231,15 @@ fn setup(c: &mut Criterion) {
     ];
     let mut g = c.benchmark_group("setup");
     g.throughput(Throughput::Bytes(layout.cell as u64));
+    // Baselines: the public-key work a setup cannot avoid.
+    let peer = *OnionSecret::generate(&mut OsRng).public().as_bytes();
+    g.bench_function("baseline_x25519", |b| {
+        b.iter(|| onion.diffie_hellman(black_box(&peer)))
+    });
+    let e = shroud_proto::setup::Ephemeral::generate(&mut OsRng);
+    g.bench_function("baseline_elligator2_decode_and_x25519", |b| {
+        b.iter(|| shroud_proto::setup::relay_agree(&onion, black_box(&e.representative)))
+    });
     g.bench_function("open_and_forward", |b| {
         b.iter_batched_ref(
             || {

@@ -113,15 +113,15 @@ impl Aead for RustCryptoAead {
     const NAME: &'static str = "rustcrypto";
 
     fn new(key: &[u8; KEY_LEN]) -> Self {
-        use aes_gcm::KeyInit;
-        RustCryptoAead(aes_gcm::Aes256Gcm::new(key.into()))
+        use aes_gcm::aead::KeyInit;
+        RustCryptoAead(aes_gcm::Aes256Gcm::new(&(*key).into()))
     }
 
     fn seal(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
-        use aes_gcm::AeadInPlace;
+        use aes_gcm::aead::AeadInOut;
         let tag = self
             .0
-            .encrypt_in_place_detached(nonce.into(), aad, buf)
+            .encrypt_inout_detached(&(*nonce).into(), aad, buf.into())
             .unwrap_or_else(|_| unreachable!("cell-sized input is within GCM limits"));
         tag.into()
     }
@@ -133,9 +133,9 @@ impl Aead for RustCryptoAead {
         buf: &mut [u8],
         tag: &[u8; TAG_LEN],
     ) -> Result<(), BadTag> {
-        use aes_gcm::AeadInPlace;
+        use aes_gcm::aead::AeadInOut;
         self.0
-            .decrypt_in_place_detached(nonce.into(), aad, buf, tag.into())
+            .decrypt_inout_detached(&(*nonce).into(), aad, buf.into(), &(*tag).into())
             .map_err(|_| BadTag)
     }
 }

@@ -21,7 +21,7 @@
 //! every region above is non-empty, 16-byte aligned and inside the cell; every accessor
 //! here takes a slice already checked by [`Layout::check`] and never panics on content.
 
-use aes::cipher::{BlockEncrypt, KeyInit};
+use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use aes::Aes256;
 
 /// Length of the protected cell header.
@@ -265,6 +265,134 @@ impl Layout {
     }
 }
 
+/// Why bytes are not a cell, or a datagram not a whole number of cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CellError {
+    /// Not exactly one cell.
+    #[error("{got} bytes is not one {want}-byte cell")]
+    Length {
+        /// Bytes given.
+        got: usize,
+        /// CELL.
+        want: usize,
+    },
+    /// A datagram that is empty or not a multiple of the cell size.
+    #[error("datagram of {got} bytes is not a whole number of {cell}-byte cells")]
+    Partial {
+        /// Datagram length.
+        got: usize,
+        /// CELL.
+        cell: usize,
+    },
+}
+
+/// A checked view of one cell over any byte container (smoltcp style): the length is
+/// checked once in [`Cell::new_checked`], after which every accessor is infallible and
+/// never panics, whatever the content.
+#[derive(Debug, Clone)]
+pub struct Cell<T: AsRef<[u8]>> {
+    buf: T,
+    layout: Layout,
+}
+
+/// A fixed-size owned cell at the default `CELL`.
+pub type CellBytes = [u8; DEFAULT_CELL];
+
+impl<T: AsRef<[u8]>> Cell<T> {
+    /// Wraps `buf` if it is exactly one cell of `layout`.
+    pub fn new_checked(buf: T, layout: &Layout) -> Result<Cell<T>, CellError> {
+        let got = buf.as_ref().len();
+        if got != layout.cell {
+            return Err(CellError::Length {
+                got,
+                want: layout.cell,
+            });
+        }
+        Ok(Cell {
+            buf,
+            layout: *layout,
+        })
+    }
+
+    /// The layout this cell was checked against.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// All bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.buf.as_ref()
+    }
+
+    /// The (protected) header bytes.
+    pub fn header(&self) -> &[u8] {
+        &self.buf.as_ref()[..HEADER_LEN]
+    }
+
+    /// Tag-stack slot `j` of a data cell, `None` past `H_MAX`.
+    pub fn slot(&self, j: usize) -> Option<&[u8]> {
+        (j < self.layout.h_max).then(|| {
+            let s = self.layout.stack_start() + j * SLOT_LEN;
+            &self.buf.as_ref()[s..s + SLOT_LEN]
+        })
+    }
+
+    /// The body of a data cell.
+    pub fn body(&self) -> &[u8] {
+        &self.buf.as_ref()[self.layout.stack_end()..]
+    }
+
+    /// The ephemeral representative of a setup cell.
+    pub fn setup_ephemeral(&self) -> &[u8] {
+        let s = self.layout.setup_e();
+        &self.buf.as_ref()[s..s + EPHEMERAL_LEN]
+    }
+
+    /// The setup tag of a setup cell.
+    pub fn setup_tag(&self) -> &[u8] {
+        let s = self.layout.setup_tag();
+        &self.buf.as_ref()[s..s + SLOT_LEN]
+    }
+
+    /// The encrypted region of a setup cell (routing stack, then rest).
+    pub fn setup_region(&self) -> &[u8] {
+        &self.buf.as_ref()[self.layout.setup_region()..]
+    }
+
+    /// Unwraps the container.
+    pub fn into_inner(self) -> T {
+        self.buf
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Cell<T> {
+    /// All bytes, mutable (the layer functions work on this).
+    pub fn as_mut_bytes(&mut self) -> &mut [u8] {
+        self.buf.as_mut()
+    }
+
+    /// The body of a data cell, mutable.
+    pub fn body_mut(&mut self) -> &mut [u8] {
+        let s = self.layout.stack_end();
+        &mut self.buf.as_mut()[s..]
+    }
+}
+
+/// Splits a received datagram into its cells, refusing anything that is not a whole,
+/// non-zero number of cells.
+pub fn cells_mut<'a>(
+    layout: &Layout,
+    datagram: &'a mut [u8],
+) -> Result<core::slice::ChunksExactMut<'a, u8>, CellError> {
+    if datagram.is_empty() || !datagram.len().is_multiple_of(layout.cell) {
+        return Err(CellError::Partial {
+            got: datagram.len(),
+            cell: layout.cell,
+        });
+    }
+    Ok(datagram.chunks_exact_mut(layout.cell))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +413,28 @@ mod tests {
         let other = HeaderKey::new(&[4u8; 32]);
         // Another key sees garbage: the check byte or the command fails (almost surely).
         assert!(other.unprotect(&cell).map(|x| x != h).unwrap_or(true));
+    }
+
+    #[test]
+    fn cell_view_checks_length_once() {
+        let l = Layout::default();
+        assert!(Cell::new_checked(vec![0u8; 1023], &l).is_err());
+        assert!(Cell::new_checked(vec![0u8; 1025], &l).is_err());
+        let mut c = Cell::new_checked([7u8; DEFAULT_CELL], &l).unwrap();
+        assert_eq!(c.header().len(), 16);
+        assert_eq!(c.slot(7).map(<[u8]>::len), Some(16));
+        assert_eq!(c.slot(8), None);
+        assert_eq!(c.body().len(), 880);
+        assert_eq!(c.setup_ephemeral().len(), 32);
+        assert_eq!(c.setup_tag().len(), 16);
+        assert_eq!(c.setup_region().len(), 960);
+        c.body_mut()[0] = 1;
+        assert_eq!(c.as_bytes()[l.stack_end()], 1);
+        let mut d = vec![0u8; 3 * 1024];
+        assert_eq!(cells_mut(&l, &mut d).unwrap().count(), 3);
+        let mut d = vec![0u8; 3 * 1024 + 1];
+        assert!(cells_mut(&l, &mut d).is_err());
+        assert!(cells_mut(&l, &mut []).is_err());
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //! The client-side halves ([`seal_forward`], [`open_backward`]) build and peel the whole
 //! onion; `docs/PROTOCOL.md` derives why the fillers make every hop's tag verifiable.
 
-use aes::cipher::{BlockEncrypt, KeyInit};
+use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use aes::Aes256;
 
 use crate::aead::{Aead, BadTag, NONCE_LEN, TAG_LEN};

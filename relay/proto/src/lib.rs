@@ -31,4 +31,4 @@ pub mod replay;
 pub mod setup;
 
 pub use aead::{Aead, DefaultAead, RingAead, RustCryptoAead};
-pub use cell::{Command, Header, Layout};
+pub use cell::{Cell, Command, Header, Layout};

@@ -98,7 +98,7 @@ pub const DEFAULT_CELL: u16 = 1024;
 pub const DEFAULT_H_MAX: u8 = 8;
 
 /// Smallest allowed cell size.
-pub const MIN_CELL: u16 = 768;
+pub const MIN_CELL: u16 = crate::cell::Layout::min_cell(1) as u16;
 
 /// Largest allowed cell size.
 pub const MAX_CELL: u16 = 8192;
@@ -295,8 +295,9 @@ impl NetworkParams {
         SETUP_FIXED + SETUP_PER_HOP * h_max as usize + SETUP_TRAILER
     }
 
-    /// Checks that `cell` is a multiple of 16 in `768..=8192`, `h_max` is in
-    /// `1..=8`, and a setup cell for `h_max` hops fits in a cell.
+    /// Checks that `cell` is a multiple of 16 in `MIN_CELL..=8192`, `h_max` is in
+    /// `1..=8`, and a setup cell for `h_max` hops fits in a cell. Exactly the
+    /// parameters [`crate::cell::Layout::new`] accepts (a property test checks it).
     pub fn validate(&self) -> Result<(), ParamsError> {
         if !(MIN_CELL..=MAX_CELL).contains(&self.cell) || !self.cell.is_multiple_of(CELL_ALIGN) {
             return Err(ParamsError::CellSize { cell: self.cell });
@@ -313,6 +314,13 @@ impl NetworkParams {
             });
         }
         Ok(())
+    }
+
+    /// The cell layout for these parameters.
+    pub fn layout(&self) -> Result<crate::cell::Layout, ParamsError> {
+        self.validate()?;
+        crate::cell::Layout::new(usize::from(self.cell), usize::from(self.h_max))
+            .map_err(|_| ParamsError::CellSize { cell: self.cell })
     }
 }
 
@@ -1149,7 +1157,9 @@ mod tests {
         let p = |cell, h_max| NetworkParams { cell, h_max }.validate();
         assert_eq!(p(768, 6), Ok(()));
         assert_eq!(p(8192, 8), Ok(()));
-        assert_eq!(p(752, 1), Err(ParamsError::CellSize { cell: 752 }));
+        assert_eq!(p(752, 1), Ok(()));
+        assert_eq!(p(176, 1), Err(ParamsError::CellSize { cell: 176 }));
+        assert_eq!(p(512, 3), Ok(()));
         assert_eq!(p(8208, 1), Err(ParamsError::CellSize { cell: 8208 }));
         assert_eq!(p(1000, 1), Err(ParamsError::CellSize { cell: 1000 }));
         assert_eq!(p(1024, 0), Err(ParamsError::HMax { h_max: 0 }));

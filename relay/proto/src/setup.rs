@@ -21,7 +21,7 @@
 //! Key schedule (HKDF-SHA256, salt `"shroud-v1 setup"`, info `E_i || onion_pub_i`,
 //! 192 bytes): `k_setup | kf | sf | kb | sb | k_fill`, 32 bytes each.
 
-use aes::cipher::{BlockEncrypt, KeyInit};
+use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use curve25519_elligator2::{MapToPointVariant, MontgomeryPoint, Randomized};
 use hkdf::Hkdf;
 use rand_core::{CryptoRng, RngCore};
@@ -304,8 +304,10 @@ impl Ephemeral {
 /// Relay side: X25519 between the onion secret and a representative. `None` if the
 /// result is the all-zero point (low-order input).
 pub fn relay_agree(onion: &OnionSecret, representative: &[u8; 32]) -> Option<[u8; 32]> {
-    let point: MontgomeryPoint =
-        MontgomeryPoint::from_representative::<Randomized>(representative)?;
+    // Elligator2 maps straight to the Montgomery u-coordinate; going through the
+    // Edwards form (`from_representative`) gives the same point at the cost of an
+    // extra field inversion (the equality is a unit test below).
+    let point = MontgomeryPoint::map_to_point(representative);
     onion.diffie_hellman_checked(&point.to_bytes()).ok()
 }
 
@@ -492,4 +494,19 @@ pub fn forward_setup(layout: &Layout, secrets: &HopSecrets, routing: &Routing, c
     cell[layout.setup_tag()..layout.setup_tag() + 16].copy_from_slice(&routing.t_next);
     cell.copy_within(r0 + ROUTING_SLOT_LEN..r0 + rl, r0);
     cell[r0 + rl - ROUTING_SLOT_LEN..r0 + rl].copy_from_slice(&secrets.filler());
+}
+
+#[cfg(test)]
+mod map_tests {
+    use super::*;
+    #[test]
+    fn direct_montgomery_map_matches_the_randomized_variant() {
+        let mut rng = rand_core::OsRng;
+        for _ in 0..50 {
+            let e = Ephemeral::generate(&mut rng);
+            let a = MontgomeryPoint::from_representative::<Randomized>(&e.representative).unwrap();
+            let b = MontgomeryPoint::map_to_point(&e.representative);
+            assert_eq!(a.to_bytes(), b.to_bytes());
+        }
+    }
 }

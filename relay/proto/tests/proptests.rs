@@ -34,6 +34,24 @@ proptest! {
     }
 
     #[test]
+    fn peer_list_params_and_layout_agree(cell in 0u16..9000, h_max in 0u8..12) {
+        let p = shroud_proto::peerlist::NetworkParams { cell, h_max };
+        prop_assert_eq!(
+            p.validate().is_ok(),
+            Layout::new(usize::from(cell), usize::from(h_max)).is_ok()
+        );
+    }
+
+    #[test]
+    fn cell_view_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..1100)) {
+        let layout = Layout::default();
+        if let Ok(c) = shroud_proto::Cell::new_checked(&bytes[..], &layout) {
+            prop_assert_eq!(c.header().len() + (0..8).map(|j| c.slot(j).unwrap().len()).sum::<usize>() + c.body().len(), 1024);
+            prop_assert_eq!(c.setup_ephemeral().len() + c.setup_tag().len() + c.setup_region().len(), 1008);
+        }
+    }
+
+    #[test]
     fn relay_handles_any_datagram(bytes in prop::collection::vec(any::<u8>(), 0..2100), from_peer in any::<bool>()) {
         let mut r = rng(11);
         let mut net = Net::<RingAead>::new(Layout::default(), 2, &mut r);
