@@ -1,0 +1,767 @@
+//! [`Client`]: one UDP socket, the links and circuits built through it.
+//!
+//! # Invariants
+//!
+//! - **One link per relay endpoint.** The client holds exactly one
+//!   [`ClientLink`] per relay address and port it talks to (created on first use,
+//!   replaced only if the relay id at that endpoint changes). All circuits whose first
+//!   hop is that endpoint share it, since the relay keys its link by our socket address.
+//! - **Every received datagram is a whole number of cells** or it is dropped and
+//!   counted (`malformed`). Every cell goes through [`ClientLink::read_header`] of the
+//!   link of its source, then through its circuit's `open`, which authenticates every
+//!   layer and checks the replay window. A cell that fails anywhere is counted
+//!   (`unknown` or `rejected`) and dropped silently: it never reaches the caller and
+//!   never changes a circuit's state.
+//! - **Nothing received is lost while waiting for something else.** Payloads and
+//!   teardowns that arrive during [`Client::build_circuit`] are queued (bounded by
+//!   [`ClientConfig::queue_limit`]; overflow is counted in `queue_dropped`) and
+//!   returned by the next [`Client::recv`] calls, in arrival order.
+//! - **Bounded waits.** [`Client::recv`] and [`Client::build_circuit`] return by their
+//!   deadline (plus scheduling delay): the socket read timeout is always set to the
+//!   time left.
+//! - **Circuit ids are unique within a client** (they key the circuit map): a freshly
+//!   built circuit whose random first-link id collides with a live one is rebuilt.
+//! - Circuits that are refused, torn down by a hop ([`ClientError::CircuitClosed`]) or
+//!   destroyed by [`Client::destroy`] are forgotten: later calls with their id fail
+//!   with [`ClientError::UnknownCircuit`].
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand_core::OsRng;
+use shroud_proto::cell::{cells_mut, Layout};
+use shroud_proto::client::{
+    CircuitState, ClientCircuit, ClientError as ProtoError, ClientLink, PathHop, Received,
+};
+use shroud_proto::keys::RelayId;
+use shroud_proto::peerlist::{ParamsError, PeerList};
+use shroud_proto::relay::DropReason;
+use shroud_proto::DefaultAead;
+
+/// Largest UDP payload; the receive buffer holds one whole datagram.
+const MAX_DATAGRAM: usize = 65536;
+
+/// Identifies a circuit of a [`Client`]: its circuit id on the first link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CircuitId(pub u64);
+
+impl core::fmt::Display for CircuitId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// The name of a `REFUSED` reason byte (`DropReason as u8`, PROTOCOL.md §8), or
+/// `"unknown"`.
+pub fn reason_name(reason: u8) -> &'static str {
+    DropReason::ALL
+        .get(usize::from(reason))
+        .map_or("unknown", |r| r.name())
+}
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Socket error.
+    #[error("UDP socket: {0}")]
+    Io(#[from] io::Error),
+    /// The peer list's network parameters are unusable.
+    #[error("peer list parameters: {0}")]
+    Params(#[from] ParamsError),
+    /// Nothing arrived before the deadline.
+    #[error("timed out")]
+    Timeout,
+    /// No CREATED came back for any of the setup attempts.
+    #[error(
+        "circuit setup through {first_hop} timed out: no answer to {attempts} attempt(s) within {timeout:?}"
+    )]
+    SetupTimeout {
+        /// The first hop the setups were sent to.
+        first_hop: SocketAddr,
+        /// Setup cells sent.
+        attempts: u32,
+        /// The total time allowed.
+        timeout: Duration,
+    },
+    /// A hop refused the circuit.
+    #[error("hop {hop} (relay {relay}) refused the circuit: {reason_name} (reason {reason})")]
+    Refused {
+        /// Which hop (0 = first).
+        hop: usize,
+        /// That hop's relay id.
+        relay: RelayId,
+        /// Reason byte (`DropReason as u8`).
+        reason: u8,
+        /// Its name (`DropReason::name`, or `"unknown"`).
+        reason_name: &'static str,
+    },
+    /// A hop tore the circuit down (a DESTROY arrived, or a REFUSED on an open
+    /// circuit); it is forgotten.
+    #[error("circuit {circuit} was closed by hop {hop}")]
+    CircuitClosed {
+        /// The circuit.
+        circuit: CircuitId,
+        /// Which hop sent the DESTROY (0 = first).
+        hop: usize,
+    },
+    /// No such circuit (never built, refused, closed or destroyed).
+    #[error("unknown circuit {0}")]
+    UnknownCircuit(CircuitId),
+    /// Payload larger than one cell carries.
+    #[error("payload of {got} bytes exceeds the {max}-byte cell payload of this network")]
+    PayloadTooLarge {
+        /// Payload length.
+        got: usize,
+        /// `Layout::payload_max()`.
+        max: usize,
+    },
+    /// The buffer given to [`Client::recv_into`] cannot hold every possible payload.
+    #[error("receive buffer of {got} bytes is smaller than the {need}-byte cell payload")]
+    BufferTooSmall {
+        /// Buffer length.
+        got: usize,
+        /// `Layout::payload_max()`.
+        need: usize,
+    },
+    /// Any other refusal of the protocol core (e.g. path length, counter exhausted).
+    #[error(transparent)]
+    Protocol(ProtoError),
+}
+
+fn proto(e: ProtoError) -> ClientError {
+    match e {
+        ProtoError::PayloadTooLarge { got, max } => ClientError::PayloadTooLarge { got, max },
+        e => ClientError::Protocol(e),
+    }
+}
+
+/// Tunables of a [`Client`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Setup cells sent per [`Client::build_circuit`] (at least 1): the timeout is
+    /// split evenly, and each retry uses a fresh circuit.
+    pub setup_attempts: u32,
+    /// Received payloads and teardowns held while [`Client::build_circuit`] waits.
+    pub queue_limit: usize,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            setup_attempts: 3,
+            queue_limit: 4096,
+        }
+    }
+}
+
+/// Counters of a [`Client`] (monotonic).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Cells sent (setup, data, padding, destroy).
+    pub cells_sent: u64,
+    /// Cells received and authenticated (any command).
+    pub cells_received: u64,
+    /// Data payloads handed to the caller (or queued for it).
+    pub payloads_received: u64,
+    /// Padding cells received and discarded.
+    pub padding_received: u64,
+    /// Cells for a known circuit that failed authentication, the replay window or
+    /// decoding.
+    pub rejected: u64,
+    /// Cells from an unknown source, with an undecodable header, or for no circuit.
+    pub unknown: u64,
+    /// Datagrams that were not a whole number of cells.
+    pub malformed: u64,
+    /// Received payloads dropped because the queue was full.
+    pub queue_dropped: u64,
+    /// Setup cells sent.
+    pub setups_sent: u64,
+    /// Circuits opened (CREATED received).
+    pub setups_ok: u64,
+    /// Setups refused by a hop.
+    pub setups_refused: u64,
+    /// Setup attempts that got no answer in their time.
+    pub setups_timed_out: u64,
+    /// Teardowns received from a hop (DESTROY, or REFUSED on an open circuit).
+    pub destroyed_received: u64,
+}
+
+struct LinkEntry {
+    relay: RelayId,
+    link: ClientLink,
+}
+
+struct CircuitEntry {
+    circ: ClientCircuit<DefaultAead>,
+    path: Vec<PathHop>,
+    /// Last authenticated cell received (CREATED included).
+    last_rx: Option<Instant>,
+}
+
+enum Queued {
+    Data(CircuitId, Vec<u8>),
+    Closed(CircuitId, usize),
+}
+
+/// What one received cell meant to the caller.
+enum Incoming {
+    /// Dropped, padding, or nothing to report.
+    Nothing,
+    /// A payload at `range` of the cell.
+    Data(CircuitId, core::ops::Range<usize>),
+    /// A building circuit opened.
+    Created(CircuitId),
+    /// A building circuit was refused (it stays in the map for `build_circuit`).
+    Refused(CircuitId, usize, u8),
+    /// A hop tore the circuit down (already forgotten).
+    Closed(CircuitId, usize),
+}
+
+/// The client state other than the socket and its buffer (so both can be borrowed at
+/// once).
+struct Core {
+    layout: Layout,
+    links: HashMap<SocketAddr, LinkEntry>,
+    circuits: HashMap<u64, CircuitEntry>,
+    queue: VecDeque<Queued>,
+    queue_limit: usize,
+    stats: ClientStats,
+}
+
+impl Core {
+    /// Handles one cell received from `src`, in place.
+    fn process(&mut self, src: SocketAddr, cell: &mut [u8]) -> Incoming {
+        let Some(entry) = self.links.get_mut(&src) else {
+            self.stats.unknown += 1;
+            return Incoming::Nothing;
+        };
+        let Ok(hdr) = entry.link.read_header(cell) else {
+            self.stats.unknown += 1;
+            return Incoming::Nothing;
+        };
+        let Some(c) = self
+            .circuits
+            .get_mut(&hdr.circuit)
+            .filter(|c| c.circ.first_hop() == src)
+        else {
+            self.stats.unknown += 1;
+            return Incoming::Nothing;
+        };
+        let id = CircuitId(hdr.circuit);
+        let was = c.circ.state();
+        match c.circ.open(&hdr, cell) {
+            Err(_) => {
+                self.stats.rejected += 1;
+                Incoming::Nothing
+            }
+            Ok(r) => {
+                self.stats.cells_received += 1;
+                c.last_rx = Some(Instant::now());
+                match r {
+                    Received::Created if was == CircuitState::Building => Incoming::Created(id),
+                    Received::Created => Incoming::Nothing,
+                    Received::Data(range) => {
+                        self.stats.payloads_received += 1;
+                        Incoming::Data(id, range)
+                    }
+                    Received::Padding => {
+                        self.stats.padding_received += 1;
+                        Incoming::Nothing
+                    }
+                    Received::Refused { hop, reason } if was == CircuitState::Building => {
+                        Incoming::Refused(id, hop, reason)
+                    }
+                    // A hop of an open circuit can only mean "gone": same as DESTROY.
+                    Received::Refused { hop, .. } | Received::Destroyed { hop } => {
+                        self.stats.destroyed_received += 1;
+                        self.circuits.remove(&hdr.circuit);
+                        Incoming::Closed(id, hop)
+                    }
+                }
+            }
+        }
+    }
+
+    fn enqueue(&mut self, q: Queued) {
+        if self.queue.len() >= self.queue_limit {
+            self.stats.queue_dropped += 1;
+        } else {
+            self.queue.push_back(q);
+        }
+    }
+}
+
+/// A Shroud client: one UDP socket and the circuits built through it. See the
+/// [module docs](self) for its invariants.
+pub struct Client {
+    socket: UdpSocket,
+    local: SocketAddr,
+    rng: OsRng,
+    config: ClientConfig,
+    core: Core,
+    /// Receive buffer: one datagram, processed cell by cell (`pos..end` not yet).
+    rx: Vec<u8>,
+    rx_src: SocketAddr,
+    rx_pos: usize,
+    rx_end: usize,
+    /// Send buffer: one cell.
+    tx: Vec<u8>,
+}
+
+impl core::fmt::Debug for Client {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Client")
+            .field("local", &self.local)
+            .field("layout", &self.core.layout)
+            .field("links", &self.core.links.len())
+            .field("circuits", &self.core.circuits.len())
+            .field("stats", &self.core.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `now + d`, saturating at about a century for absurd timeouts (`Duration::MAX`).
+fn deadline_in(from: Instant, d: Duration) -> Instant {
+    from.checked_add(d)
+        .or_else(|| from.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(from)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Client {
+    /// A client on a socket bound to `bind` (e.g. `127.0.0.1:0`), for the network of
+    /// `list` (its cell layout).
+    pub fn new(bind: SocketAddr, list: &PeerList) -> Result<Client, ClientError> {
+        Self::with_layout(bind, list.params.layout()?, ClientConfig::default())
+    }
+
+    /// A client for an explicit layout and configuration.
+    pub fn with_layout(
+        bind: SocketAddr,
+        layout: Layout,
+        config: ClientConfig,
+    ) -> Result<Client, ClientError> {
+        let socket = UdpSocket::bind(bind)?;
+        let local = socket.local_addr()?;
+        Ok(Client {
+            socket,
+            local,
+            rng: OsRng,
+            core: Core {
+                layout,
+                links: HashMap::new(),
+                circuits: HashMap::new(),
+                queue: VecDeque::new(),
+                queue_limit: config.queue_limit,
+                stats: ClientStats::default(),
+            },
+            config,
+            rx: vec![0u8; MAX_DATAGRAM],
+            rx_src: local,
+            rx_pos: 0,
+            rx_end: 0,
+            tx: vec![0u8; layout.cell],
+        })
+    }
+
+    /// The socket's local address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The network's cell layout.
+    pub fn layout(&self) -> &Layout {
+        &self.core.layout
+    }
+
+    /// Most payload bytes one [`Client::send`] carries.
+    pub fn payload_max(&self) -> usize {
+        self.core.layout.payload_max()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ClientStats {
+        &self.core.stats
+    }
+
+    /// Ids of the open circuits.
+    pub fn circuits(&self) -> Vec<CircuitId> {
+        let mut v: Vec<CircuitId> = self
+            .core
+            .circuits
+            .iter()
+            .filter(|(_, c)| c.circ.state() == CircuitState::Open)
+            .map(|(&id, _)| CircuitId(id))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The path of a circuit.
+    pub fn path(&self, id: CircuitId) -> Option<&[PathHop]> {
+        self.core.circuits.get(&id.0).map(|c| c.path.as_slice())
+    }
+
+    /// True if circuit `id` is open and received an authenticated cell (its CREATED
+    /// counts) within the last `idle`. The protocol has no echo at the exit, so
+    /// liveness is inferred from traffic: applications that need it should expect
+    /// replies (or send their own keep-alives through the destination).
+    pub fn check_alive(&self, id: CircuitId, idle: Duration) -> bool {
+        self.core.circuits.get(&id.0).is_some_and(|c| {
+            c.circ.state() == CircuitState::Open && c.last_rx.is_some_and(|t| t.elapsed() <= idle)
+        })
+    }
+
+    /// Makes sure a link to `hop` exists (and belongs to `hop.id`).
+    fn ensure_link(&mut self, hop: &PathHop) {
+        let rng = &mut self.rng;
+        self.core
+            .links
+            .entry(hop.addr)
+            .and_modify(|e| {
+                if e.relay != hop.id {
+                    // Another relay now serves this endpoint: its link keys differ.
+                    *e = LinkEntry {
+                        relay: hop.id,
+                        link: ClientLink::new(&hop.id, hop.addr, rng),
+                    };
+                }
+            })
+            .or_insert_with(|| LinkEntry {
+                relay: hop.id,
+                link: ClientLink::new(&hop.id, hop.addr, rng),
+            });
+    }
+
+    fn send_tx(&mut self, to: SocketAddr) -> Result<(), ClientError> {
+        self.socket.send_to(&self.tx, to)?;
+        self.core.stats.cells_sent += 1;
+        Ok(())
+    }
+
+    /// The next received cell, processed; `Err(Timeout)` at `deadline`.
+    fn next_cell(&mut self, deadline: Instant) -> Result<(Incoming, usize), ClientError> {
+        let cell = self.core.layout.cell;
+        loop {
+            if self.rx_pos < self.rx_end {
+                let at = self.rx_pos;
+                self.rx_pos += cell;
+                let inc = self.core.process(self.rx_src, &mut self.rx[at..at + cell]);
+                return Ok((inc, at));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Timeout);
+            }
+            self.socket.set_read_timeout(Some(left))?;
+            match self.socket.recv_from(&mut self.rx) {
+                Ok((n, src)) => {
+                    if cells_mut(&self.core.layout, &mut self.rx[..n]).is_err() {
+                        self.core.stats.malformed += 1;
+                        continue;
+                    }
+                    self.rx_src = src;
+                    self.rx_pos = 0;
+                    self.rx_end = n;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(ClientError::Timeout)
+                }
+                // ICMP errors about earlier sends (reported on some platforms): the
+                // datagram is lost, the socket is fine.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset
+                    ) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn queue_payload(&mut self, inc: Incoming, at: usize) {
+        match inc {
+            Incoming::Data(id, r) => {
+                let v = self.rx[at + r.start..at + r.end].to_vec();
+                self.core.enqueue(Queued::Data(id, v));
+            }
+            Incoming::Closed(id, hop) => self.core.enqueue(Queued::Closed(id, hop)),
+            Incoming::Nothing | Incoming::Created(_) | Incoming::Refused(..) => {}
+        }
+    }
+
+    /// Forgets setup attempts that did not open; sends them a DESTROY (best effort)
+    /// when the relay knows our link, so a setup that arrived but whose answer was lost
+    /// does not hold relay state until it idles out.
+    fn abandon(&mut self, attempts: &[u64], keep: Option<u64>) {
+        for &a in attempts {
+            if Some(a) == keep {
+                continue;
+            }
+            let Some(mut c) = self.core.circuits.remove(&a) else {
+                continue;
+            };
+            if c.circ.state() != CircuitState::Building {
+                continue;
+            }
+            let Some(l) = self.core.links.get(&c.circ.first_hop()) else {
+                continue;
+            };
+            if l.link.is_linked()
+                && c.circ
+                    .seal_destroy(&l.link, &mut self.tx, &mut self.rng)
+                    .is_ok()
+            {
+                let _ = self.send_tx(c.circ.first_hop());
+            }
+        }
+    }
+
+    /// Builds a circuit through `path` (first hop first) to `dest` behind the exit,
+    /// in one round trip.
+    ///
+    /// Sends the setup to `path[0].addr` and waits for CREATED. If none comes within
+    /// `timeout / setup_attempts`, sends a new setup (fresh circuit ids and keys); a
+    /// late CREATED for an earlier attempt is still accepted until `timeout`. Cells for
+    /// other circuits that arrive meanwhile are queued for [`Client::recv`].
+    ///
+    /// Errors: [`ClientError::Refused`] names the refusing hop and reason,
+    /// [`ClientError::SetupTimeout`] when no attempt was answered.
+    pub fn build_circuit(
+        &mut self,
+        path: &[PathHop],
+        dest: SocketAddr,
+        timeout: Duration,
+    ) -> Result<CircuitId, ClientError> {
+        let layout = self.core.layout;
+        if path.is_empty() || path.len() > layout.h_max {
+            return Err(ClientError::Protocol(ProtoError::PathLength {
+                got: path.len(),
+                max: layout.h_max,
+            }));
+        }
+        let attempts = self.config.setup_attempts.max(1);
+        let start = Instant::now();
+        let mut tried: Vec<u64> = Vec::with_capacity(attempts as usize);
+        for k in 1..=attempts {
+            let circ = loop {
+                self.ensure_link(&path[0]);
+                let link = &self.core.links[&path[0].addr].link;
+                let now_ms = unix_ms();
+                let c = ClientCircuit::<DefaultAead>::build(
+                    &layout,
+                    link,
+                    path,
+                    dest,
+                    now_ms,
+                    &mut self.rng,
+                    &mut self.tx,
+                )
+                .map_err(proto)?;
+                if !self.core.circuits.contains_key(&c.id()) {
+                    break c;
+                }
+            };
+            let id = circ.id();
+            if let Err(e) = self.send_tx(path[0].addr) {
+                self.abandon(&tried, None);
+                return Err(e);
+            }
+            self.core.stats.setups_sent += 1;
+            self.core.circuits.insert(
+                id,
+                CircuitEntry {
+                    circ,
+                    path: path.to_vec(),
+                    last_rx: None,
+                },
+            );
+            tried.push(id);
+            // Attempt k of n waits until k/n of the timeout has passed.
+            let until = if k == attempts {
+                timeout
+            } else {
+                (timeout / attempts) * k
+            };
+            let deadline = deadline_in(start, until);
+            loop {
+                match self.next_cell(deadline) {
+                    Err(ClientError::Timeout) => break,
+                    Err(e) => {
+                        self.abandon(&tried, None);
+                        return Err(e);
+                    }
+                    Ok((Incoming::Created(c), _)) if tried.contains(&c.0) => {
+                        self.core.stats.setups_ok += 1;
+                        self.abandon(&tried, Some(c.0));
+                        return Ok(c);
+                    }
+                    Ok((Incoming::Refused(c, hop, reason), _)) if tried.contains(&c.0) => {
+                        self.core.stats.setups_refused += 1;
+                        self.abandon(&tried, None);
+                        return Err(ClientError::Refused {
+                            hop,
+                            relay: path.get(hop).map_or(RelayId([0; 16]), |h| h.id),
+                            reason,
+                            reason_name: reason_name(reason),
+                        });
+                    }
+                    Ok((Incoming::Refused(c, ..), _)) => {
+                        // A refusal for a setup no longer waited for.
+                        self.core.circuits.remove(&c.0);
+                    }
+                    // A teardown of an attempt: that attempt is gone (already
+                    // forgotten); the caller never saw its id, so nothing to report.
+                    Ok((Incoming::Closed(c, _), _)) if tried.contains(&c.0) => {}
+                    Ok((inc, at)) => self.queue_payload(inc, at),
+                }
+            }
+            self.core.stats.setups_timed_out += 1;
+        }
+        self.abandon(&tried, None);
+        Err(ClientError::SetupTimeout {
+            first_hop: path[0].addr,
+            attempts,
+            timeout,
+        })
+    }
+
+    fn seal_and_send(&mut self, id: CircuitId, payload: Option<&[u8]>) -> Result<(), ClientError> {
+        let c = self
+            .core
+            .circuits
+            .get_mut(&id.0)
+            .ok_or(ClientError::UnknownCircuit(id))?;
+        let hop = c.circ.first_hop();
+        let l = self
+            .core
+            .links
+            .get(&hop)
+            .ok_or(ClientError::UnknownCircuit(id))?;
+        match payload {
+            Some(p) => c.circ.seal_data(&l.link, p, &mut self.tx, &mut self.rng),
+            None => c.circ.seal_padding(&l.link, &mut self.tx, &mut self.rng),
+        }
+        .map_err(proto)?;
+        self.send_tx(hop)
+    }
+
+    /// Sends `payload` (at most [`Client::payload_max`] bytes) as one cell on circuit
+    /// `id`: the exit delivers it as one UDP datagram to the circuit's destination.
+    pub fn send(&mut self, id: CircuitId, payload: &[u8]) -> Result<(), ClientError> {
+        self.seal_and_send(id, Some(payload))
+    }
+
+    /// Sends each payload as one cell on circuit `id`, in order. Every size is checked
+    /// before anything is sent; on an I/O error the payloads before it were sent.
+    pub fn send_batch(&mut self, id: CircuitId, payloads: &[&[u8]]) -> Result<(), ClientError> {
+        let max = self.payload_max();
+        if let Some(p) = payloads.iter().find(|p| p.len() > max) {
+            return Err(ClientError::PayloadTooLarge { got: p.len(), max });
+        }
+        for p in payloads {
+            self.seal_and_send(id, Some(p))?;
+        }
+        Ok(())
+    }
+
+    /// Sends one cover cell on circuit `id`; the exit discards it.
+    pub fn send_padding(&mut self, id: CircuitId) -> Result<(), ClientError> {
+        self.seal_and_send(id, None)
+    }
+
+    /// Receives the next payload of any circuit into `buf` (which must hold
+    /// [`Client::payload_max`] bytes), without allocating. Returns the circuit and the
+    /// payload length.
+    ///
+    /// Padding and cells that fail authentication or the replay window are skipped
+    /// (and counted). Returns [`ClientError::Timeout`] when nothing arrives within
+    /// `timeout`, and [`ClientError::CircuitClosed`] (once) when a hop tears a circuit
+    /// down.
+    pub fn recv_into(
+        &mut self,
+        buf: &mut [u8],
+        timeout: Duration,
+    ) -> Result<(CircuitId, usize), ClientError> {
+        let need = self.payload_max();
+        if buf.len() < need {
+            return Err(ClientError::BufferTooSmall {
+                got: buf.len(),
+                need,
+            });
+        }
+        if let Some(q) = self.core.queue.pop_front() {
+            return match q {
+                Queued::Data(id, v) => {
+                    buf[..v.len()].copy_from_slice(&v);
+                    Ok((id, v.len()))
+                }
+                Queued::Closed(circuit, hop) => Err(ClientError::CircuitClosed { circuit, hop }),
+            };
+        }
+        let deadline = deadline_in(Instant::now(), timeout);
+        loop {
+            match self.next_cell(deadline)? {
+                (Incoming::Data(id, r), at) => {
+                    let n = r.len();
+                    buf[..n].copy_from_slice(&self.rx[at + r.start..at + r.end]);
+                    return Ok((id, n));
+                }
+                (Incoming::Closed(circuit, hop), _) => {
+                    return Err(ClientError::CircuitClosed { circuit, hop })
+                }
+                (Incoming::Refused(c, ..), _) => {
+                    // A refusal for a setup no longer waited for.
+                    self.core.circuits.remove(&c.0);
+                }
+                (Incoming::Nothing | Incoming::Created(_), _) => {}
+            }
+        }
+    }
+
+    /// Receives the next payload of any circuit: [`Client::recv_into`] with a new
+    /// buffer.
+    pub fn recv(&mut self, timeout: Duration) -> Result<(CircuitId, Vec<u8>), ClientError> {
+        if let Some(Queued::Data(..)) = self.core.queue.front() {
+            if let Some(Queued::Data(id, v)) = self.core.queue.pop_front() {
+                return Ok((id, v));
+            }
+        }
+        let mut buf = vec![0u8; self.payload_max()];
+        let (id, n) = self.recv_into(&mut buf, timeout)?;
+        buf.truncate(n);
+        Ok((id, buf))
+    }
+
+    /// Tears circuit `id` down: sends DESTROY through every hop (best effort, UDP) and
+    /// forgets the circuit. The circuit is forgotten even if the send fails.
+    pub fn destroy(&mut self, id: CircuitId) -> Result<(), ClientError> {
+        let mut c = self
+            .core
+            .circuits
+            .remove(&id.0)
+            .ok_or(ClientError::UnknownCircuit(id))?;
+        let hop = c.circ.first_hop();
+        let l = self
+            .core
+            .links
+            .get(&hop)
+            .ok_or(ClientError::UnknownCircuit(id))?;
+        c.circ
+            .seal_destroy(&l.link, &mut self.tx, &mut self.rng)
+            .map_err(proto)?;
+        self.send_tx(hop)
+    }
+}

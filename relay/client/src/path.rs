@@ -1,0 +1,213 @@
+//! Path selection: which relays, ports and onion keys a circuit goes through.
+//!
+//! Invariants of every path returned here:
+//! - it has `1..=H_MAX` hops (`H_MAX` from the peer list's parameters);
+//! - no relay appears twice (a relay never forwards to itself, and repeating a relay
+//!   would let it correlate both positions);
+//! - every hop's address is the relay's listed address with a port inside its listed
+//!   range (the relays refuse anything else as `not_a_peer`);
+//! - every hop's onion key is the relay's listed key with the latest `valid_until`
+//!   (the peer list keeps keys sorted by expiry; during rotation the newest key is the
+//!   one that stays valid longest).
+//!
+//! [`choose_path`] additionally picks relays at random, weighted by their `weight`
+//! (zero weight: never picked), ports uniformly within each relay's range, and, when
+//! asked, puts an exit-flagged relay last. Randomness comes from a caller-supplied
+//! cryptographic generator: predictable paths would help an adversary place relays.
+
+use rand_core::{CryptoRng, RngCore};
+use std::net::SocketAddr;
+
+use shroud_proto::client::PathHop;
+use shroud_proto::keys::RelayId;
+use shroud_proto::peerlist::{PeerList, RelayDescriptor};
+
+/// Why no path could be made from a peer list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// The requested length is 0 or above the network's `H_MAX`.
+    #[error("a path needs 1 to {max} hops (the network's H_MAX), got {got}")]
+    Length {
+        /// Hops requested.
+        got: usize,
+        /// The peer list's `H_MAX`.
+        max: usize,
+    },
+    /// Fewer usable relays than hops.
+    #[error(
+        "a {hops}-hop path needs {hops} distinct relays, but the peer list has only {usable} \
+         usable ones (non-zero weight, an onion key, a valid port range)"
+    )]
+    NotEnoughRelays {
+        /// Hops requested.
+        hops: usize,
+        /// Usable relays in the list.
+        usable: usize,
+    },
+    /// An exit was required and no usable relay has the exit flag.
+    #[error("no usable exit relay in the peer list (exit flag, non-zero weight, an onion key)")]
+    NoExit,
+    /// A requested relay is not in the peer list.
+    #[error("relay {0} is not in the peer list")]
+    UnknownRelay(RelayId),
+    /// A requested relay appears more than once.
+    #[error("relay {0} appears more than once in the path")]
+    Duplicate(RelayId),
+    /// A requested relay cannot be used (no onion key or an empty port range).
+    #[error("relay {0} is unusable: it lists no onion key or an empty port range")]
+    Unusable(RelayId),
+}
+
+fn usable(r: &RelayDescriptor) -> bool {
+    !r.onion_keys.is_empty() && r.ports.0 != 0 && r.ports.0 <= r.ports.1
+}
+
+/// A uniform integer in `0..n` (`n > 0`), by rejection (no modulo bias).
+fn below<R: RngCore + ?Sized>(rng: &mut R, n: u64) -> u64 {
+    debug_assert!(n > 0);
+    let n = u128::from(n);
+    let span = 1u128 << 64;
+    let limit = span - span % n;
+    loop {
+        let v = u128::from(rng.next_u64());
+        if v < limit {
+            // `v % n < n <= u64::MAX`, so the cast is lossless.
+            return (v % n) as u64;
+        }
+    }
+}
+
+/// Picks and removes one index of `pool`, with probability proportional to its weight.
+/// `pool` must be non-empty with a positive total weight.
+fn take_weighted<R: RngCore + ?Sized>(
+    rng: &mut R,
+    list: &PeerList,
+    pool: &mut Vec<usize>,
+) -> usize {
+    let total: u64 = pool.iter().map(|&i| u64::from(list.relays[i].weight)).sum();
+    let mut r = below(rng, total);
+    let mut k = pool.len() - 1;
+    for (j, &i) in pool.iter().enumerate() {
+        let w = u64::from(list.relays[i].weight);
+        if r < w {
+            k = j;
+            break;
+        }
+        r -= w;
+    }
+    pool.remove(k)
+}
+
+fn hop(r: &RelayDescriptor, port: u16) -> PathHop {
+    let onion = r
+        .onion_keys
+        .iter()
+        .max_by_key(|k| k.valid_until)
+        .map(|k| k.key)
+        .unwrap_or_else(|| unreachable!("callers check usable()"));
+    PathHop {
+        id: r.relay_id(),
+        onion,
+        addr: SocketAddr::new(r.addr, port),
+    }
+}
+
+fn check_len(list: &PeerList, hops: usize) -> Result<(), PathError> {
+    let max = usize::from(list.params.h_max);
+    if hops == 0 || hops > max {
+        return Err(PathError::Length { got: hops, max });
+    }
+    Ok(())
+}
+
+/// Chooses a random path of `hops` distinct relays from `list`, weighted by `weight`.
+///
+/// With `exit_required`, the last hop is drawn (weighted) among relays with the exit
+/// flag, the others among all remaining relays; without it, any relay may be last.
+/// Each hop's port is uniform in the relay's port range (which spreads circuits over
+/// the relay's workers) and its onion key is the listed key with the latest expiry.
+pub fn choose_path<R: RngCore + CryptoRng + ?Sized>(
+    list: &PeerList,
+    hops: usize,
+    exit_required: bool,
+    rng: &mut R,
+) -> Result<Vec<PathHop>, PathError> {
+    check_len(list, hops)?;
+    let mut pool: Vec<usize> = (0..list.relays.len())
+        .filter(|&i| usable(&list.relays[i]) && list.relays[i].weight > 0)
+        .collect();
+    if pool.len() < hops {
+        return Err(PathError::NotEnoughRelays {
+            hops,
+            usable: pool.len(),
+        });
+    }
+    let exit = if exit_required {
+        let mut exits: Vec<usize> = pool
+            .iter()
+            .copied()
+            .filter(|&i| list.relays[i].exit)
+            .collect();
+        if exits.is_empty() {
+            return Err(PathError::NoExit);
+        }
+        let e = take_weighted(rng, list, &mut exits);
+        pool.retain(|&i| i != e);
+        Some(e)
+    } else {
+        None
+    };
+    let mut chosen = Vec::with_capacity(hops);
+    while chosen.len() + usize::from(exit.is_some()) < hops {
+        chosen.push(take_weighted(rng, list, &mut pool));
+    }
+    chosen.extend(exit);
+    Ok(chosen
+        .into_iter()
+        .map(|i| {
+            let r = &list.relays[i];
+            let span = u64::from(r.ports.1 - r.ports.0) + 1;
+            // `below(span) < span <= 65535 - first + 1`, so the sum stays a u16.
+            let port = r.ports.0 + below(rng, span) as u16;
+            hop(r, port)
+        })
+        .collect())
+}
+
+/// The path through the relays `ids` (first hop first), as listed in `list`.
+///
+/// Deterministic: each hop uses the first port of its relay's range (change
+/// `PathHop::addr` to use another port of the range). No flag is required of the last
+/// relay; a non-exit there refuses the circuit with reason `policy`.
+pub fn path_from_ids(list: &PeerList, ids: &[RelayId]) -> Result<Vec<PathHop>, PathError> {
+    check_len(list, ids.len())?;
+    for (i, id) in ids.iter().enumerate() {
+        if ids[..i].contains(id) {
+            return Err(PathError::Duplicate(*id));
+        }
+    }
+    ids.iter()
+        .map(|id| {
+            let r = list.relay_by_id(id).ok_or(PathError::UnknownRelay(*id))?;
+            if !usable(r) {
+                return Err(PathError::Unusable(*id));
+            }
+            Ok(hop(r, r.ports.0))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::below;
+    use rand_core::OsRng;
+
+    #[test]
+    fn below_stays_in_range() {
+        for n in [1u64, 2, 3, 7, 1 << 40, u64::MAX] {
+            for _ in 0..100 {
+                assert!(below(&mut OsRng, n) < n);
+            }
+        }
+    }
+}

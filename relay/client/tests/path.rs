@@ -1,0 +1,154 @@
+//! Path selection over in-memory peer lists (no sockets).
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use rand_core::OsRng;
+use shroud_client::{choose_path, path_from_ids, PathError};
+use shroud_proto::keys::{IdentityKey, OnionSecret, RelayId};
+use shroud_proto::peerlist::{NetworkParams, OnionKeyEntry, PeerList, RelayDescriptor};
+
+struct Spec {
+    exit: bool,
+    weight: u32,
+}
+
+/// Relay `i` listens on 10.0.0.(i+1), ports 9000..=9000+i, with two onion keys (the
+/// second expiring later).
+fn list(specs: &[Spec]) -> PeerList {
+    let mut l = PeerList::new(7, 1_000, 2_000, NetworkParams::default());
+    for (i, s) in specs.iter().enumerate() {
+        let mut keys: Vec<OnionKeyEntry> = [5_000, 9_000]
+            .iter()
+            .map(|&until| OnionKeyEntry {
+                key: OnionSecret::generate(&mut OsRng).public(),
+                valid_until: until,
+            })
+            .collect();
+        keys.sort_by_key(|k| (k.valid_until, k.key));
+        l.relays.push(RelayDescriptor {
+            identity: IdentityKey::generate(&mut OsRng).public(),
+            addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, i as u8 + 1)),
+            ports: (9000, 9000 + i as u16),
+            onion_keys: keys,
+            exit: s.exit,
+            weight: s.weight,
+        });
+    }
+    l.normalize();
+    l.validate().unwrap();
+    l
+}
+
+fn spec(exit: bool, weight: u32) -> Spec {
+    Spec { exit, weight }
+}
+
+#[test]
+fn paths_are_distinct_end_in_an_exit_and_use_listed_endpoints_and_newest_keys() {
+    let l = list(&[
+        spec(false, 100),
+        spec(false, 100),
+        spec(true, 100),
+        spec(false, 0),
+        spec(true, 0),
+        spec(false, 50),
+        spec(true, 10),
+    ]);
+    let by_id: HashMap<RelayId, &RelayDescriptor> =
+        l.relays.iter().map(|r| (r.relay_id(), r)).collect();
+    let mut seen_last = HashSet::new();
+    let mut seen_ports = HashSet::new();
+    for hops in 1..=5 {
+        for _ in 0..200 {
+            let p = choose_path(&l, hops, true, &mut OsRng).unwrap();
+            assert_eq!(p.len(), hops);
+            let ids: HashSet<RelayId> = p.iter().map(|h| h.id).collect();
+            assert_eq!(ids.len(), hops, "distinct relays");
+            for h in &p {
+                let r = by_id[&h.id];
+                assert!(r.weight > 0, "zero weight never chosen");
+                assert!(r.serves(h.addr), "{} outside {:?}", h.addr, r.ports);
+                assert_eq!(h.onion, r.onion_keys.last().unwrap().key, "newest key");
+                seen_ports.insert(h.addr);
+            }
+            let last = by_id[&p[hops - 1].id];
+            assert!(last.exit, "last hop has the exit flag");
+            seen_last.insert(p[hops - 1].id);
+        }
+    }
+    // Both usable exits get picked, and ports beyond the first of each range are used.
+    assert_eq!(seen_last.len(), 2);
+    assert!(seen_ports.iter().any(|a| a.port() > 9000));
+}
+
+#[test]
+fn without_exit_requirement_any_usable_relay_may_be_last() {
+    let l = list(&[
+        spec(false, 1),
+        spec(false, 1),
+        spec(false, 1),
+        spec(true, 0),
+    ]);
+    for _ in 0..100 {
+        let p = choose_path(&l, 3, false, &mut OsRng).unwrap();
+        let ids: HashSet<RelayId> = p.iter().map(|h| h.id).collect();
+        assert_eq!(ids.len(), 3);
+        assert!(p.iter().all(|h| !l.relay_by_id(&h.id).unwrap().exit));
+    }
+    assert_eq!(
+        choose_path(&l, 3, true, &mut OsRng),
+        Err(PathError::NoExit),
+        "the only exit has weight 0"
+    );
+}
+
+#[test]
+fn impossible_paths_are_errors() {
+    let l = list(&[spec(true, 1), spec(false, 1), spec(false, 0)]);
+    assert_eq!(
+        choose_path(&l, 0, true, &mut OsRng),
+        Err(PathError::Length { got: 0, max: 8 })
+    );
+    assert_eq!(
+        choose_path(&l, 9, true, &mut OsRng),
+        Err(PathError::Length { got: 9, max: 8 })
+    );
+    assert_eq!(
+        choose_path(&l, 3, true, &mut OsRng),
+        Err(PathError::NotEnoughRelays { hops: 3, usable: 2 })
+    );
+    let p = choose_path(&l, 2, true, &mut OsRng).unwrap();
+    assert!(l.relay_by_id(&p[1].id).unwrap().exit);
+    let msg = choose_path(&l, 3, false, &mut OsRng)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("only 2 usable"), "{msg}");
+}
+
+#[test]
+fn path_from_ids_follows_the_ids() {
+    let l = list(&[spec(true, 1), spec(false, 1), spec(false, 0)]);
+    let ids: Vec<RelayId> = l.relays.iter().map(|r| r.relay_id()).rev().collect();
+    let p = path_from_ids(&l, &ids).unwrap();
+    for (h, id) in p.iter().zip(&ids) {
+        let r = l.relay_by_id(id).unwrap();
+        assert_eq!(h.id, *id);
+        assert_eq!(h.addr.ip(), r.addr);
+        assert_eq!(h.addr.port(), r.ports.0);
+        assert_eq!(h.onion, r.onion_keys.last().unwrap().key);
+    }
+    assert_eq!(
+        path_from_ids(&l, &[ids[0], ids[1], ids[0]]),
+        Err(PathError::Duplicate(ids[0]))
+    );
+    let stranger = IdentityKey::generate(&mut OsRng).public().relay_id();
+    assert_eq!(
+        path_from_ids(&l, &[ids[0], stranger]),
+        Err(PathError::UnknownRelay(stranger))
+    );
+    assert_eq!(
+        path_from_ids(&l, &[]),
+        Err(PathError::Length { got: 0, max: 8 })
+    );
+}
