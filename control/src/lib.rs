@@ -1,4 +1,61 @@
-//! shroudctl, the control plane. Filled by the control-plane issue.
+//! # shroud-control
 //!
-//! This crate holds no functionality yet; the issue that fills it builds on
-//! `shroud-proto`. Nothing here pretends to work.
+//! The library half of `shroudctl`, Shroud's control-plane CLI: key files, the signed
+//! peer list on disk, and the human and machine renderings of it. The binary
+//! (`src/main.rs`) only parses arguments, calls into these modules and maps errors to
+//! exit codes; everything reusable lives here so that the relay daemon loads keys and
+//! peer lists with exactly the same checks as the operator's tool.
+//!
+//! Modules:
+//! - [`keyfile`]: secret key files (one strict base64 line, mode 0600, refused when
+//!   group- or world-accessible): [`read_secret_key_file`], [`write_secret_key_file`];
+//! - [`peerfile`]: peer-list, verifier-state and authorities files, atomic replacement;
+//! - [`edit`]: editing a peer list (add, replace, remove relays; bump the serial);
+//! - [`check`]: verifying a peer list against a trust policy, with operator-facing
+//!   explanations, and checking every signature on its own;
+//! - [`render`]: the `list` table, the `list --json` document and the `show` dump;
+//! - [`time`]: Unix-seconds parsing and human formatting (dates, "in 3h 20m");
+//! - [`cli`]: the command-line grammar (clap) and its help texts.
+//!
+//! # Invariants
+//!
+//! - No secret key byte ever reaches an error message, a `Debug` output or a log:
+//!   errors name files, modes and what is wrong, never contents.
+//! - Every error type has `exit_code()` (see [`exit`]) and `kind()` (a stable
+//!   snake_case name for scripts and metrics).
+//! - Files that other processes read (peer lists, state files) are replaced atomically
+//!   (temporary file in the same directory, `fsync`, `rename`); secret key files are
+//!   created with mode 0600 by the `open` call itself and never widened.
+//! - Nothing here reads the clock except [`time::now`]; functions that depend on the
+//!   time take `now` as an argument (Unix seconds), as `shroud-proto` does.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod check;
+pub mod cli;
+pub mod edit;
+pub mod keyfile;
+pub mod peerfile;
+pub mod render;
+pub mod time;
+
+pub use keyfile::{
+    read_identity_key_file, read_onion_key_file, read_secret_key_file, write_secret_key_file,
+    KeyFileError, KeyKind,
+};
+
+/// Process exit codes used by `shroudctl` (and meant for the relay daemon too).
+///
+/// They follow `sysexits.h` where it has a name for the case.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// The operation failed: verification failed, a file could not be read or
+    /// written, a relay was not found, ...
+    pub const FAILURE: u8 = 1;
+    /// The command line is wrong (clap's own code for usage errors).
+    pub const USAGE: u8 = 2;
+    /// `EX_CONFIG`: an input file is malformed (a peer list that does not parse, a
+    /// key file with a bad format or unsafe permissions, a corrupt state file).
+    pub const CONFIG: u8 = 78;
+}

@@ -1,0 +1,415 @@
+//! `shroudctl`: the control-plane CLI of a Shroud network.
+//!
+//! This file parses the command line ([`shroud_control::cli`]), runs the command with
+//! the library's modules, prints results on standard output and errors on standard
+//! error, and maps errors to the exit codes of [`shroud_control::exit`]. See
+//! `shroudctl --help`.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{error::ErrorKind, CommandFactory, Parser};
+use shroud_control::check::{self, VerifyError};
+use shroud_control::cli::{
+    AddArgs, Cli, Command, GenkeyArgs, ListArgs, NewArgs, PeersCommand, PubkeyArgs, RemoveArgs,
+    ShowArgs, SignArgs, VerifyArgs,
+};
+use shroud_control::edit::{self, EditError, RelaySelector, Upsert};
+use shroud_control::keyfile::{self, KeyFileError};
+use shroud_control::peerfile::{self, FileError};
+use shroud_control::render::{self, ListJson};
+use shroud_control::time::{self, format_date};
+use shroud_control::{exit, read_identity_key_file, write_secret_key_file};
+use shroud_proto::keys::{encode_key, KeyError};
+use shroud_proto::peerlist::{
+    NetworkParams, PeerList, RelayDescriptor, TrustPolicy, MAX_ONION_KEYS,
+};
+use zeroize::Zeroizing;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => {
+            // The reader went away (`shroudctl peers list L | head -1`): nothing to say.
+            ExitCode::from(exit::FAILURE)
+        }
+        Err(err) => {
+            eprintln!("shroudctl: {err:#}");
+            if let Some(hint) = hint(&err) {
+                eprintln!("shroudctl: hint: {hint}");
+            }
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Genkey(args) => genkey(&args),
+        Command::Pubkey(args) => pubkey(&args),
+        Command::Peers(peers) => match peers {
+            PeersCommand::New(args) => peers_new(&args),
+            PeersCommand::Add(args) => peers_add(&args),
+            PeersCommand::Remove(args) => peers_remove(&args),
+            PeersCommand::List(args) => peers_list(&args),
+            PeersCommand::Sign(args) => peers_sign(&args),
+            PeersCommand::Verify(args) => peers_verify(&args),
+            PeersCommand::Show(args) => peers_show(&args),
+        },
+    }
+}
+
+/// The exit code for an error: the first library error in the chain decides.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<KeyFileError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<FileError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<EditError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<VerifyError>() {
+            return e.exit_code();
+        }
+        // Key text read from standard input.
+        if cause.downcast_ref::<KeyError>().is_some() {
+            return exit::CONFIG;
+        }
+    }
+    exit::FAILURE
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// What to do about an error, when there is something obvious.
+fn hint(err: &anyhow::Error) -> Option<&'static str> {
+    err.chain().find_map(|cause| {
+        let exists = matches!(
+            cause.downcast_ref::<KeyFileError>(),
+            Some(KeyFileError::Exists { .. })
+        ) || matches!(
+            cause.downcast_ref::<FileError>(),
+            Some(FileError::Exists { .. })
+        );
+        exists.then_some("pass --force to replace it")
+    })
+}
+
+/// Reports a usage error found after parsing (clap's format, exit code 2).
+fn usage_error(subcommand: &[&str], message: impl std::fmt::Display) -> ! {
+    let mut target = Cli::command();
+    target.build();
+    for name in subcommand {
+        match target.find_subcommand(name) {
+            Some(sub) => target = sub.clone(),
+            None => break,
+        }
+    }
+    target.error(ErrorKind::ValueValidation, message).exit()
+}
+
+/// Writes `text` to standard output.
+fn print(text: &str) -> Result<()> {
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to standard output")
+}
+
+fn note(text: impl std::fmt::Display) {
+    eprintln!("shroudctl: {text}");
+}
+
+// ---------------------------------------------------------------------------
+// Keys
+// ---------------------------------------------------------------------------
+
+fn genkey(args: &GenkeyArgs) -> Result<()> {
+    let secret = args.kind.generate();
+    match &args.out {
+        Some(path) => {
+            write_secret_key_file(path, &secret, args.force)?;
+            print(&format!("{}\n", args.kind.public_base64(&secret)))
+        }
+        None => {
+            warn_if_stdout_is_shared_file();
+            let line = Zeroizing::new(encode_key(&secret));
+            print(&line)
+        }
+    }
+}
+
+/// Like `wg genkey`: warn when the secret is about to land in a file that group or
+/// others can read (a redirection without `umask 077`).
+fn warn_if_stdout_is_shared_file() {
+    let Ok(fd) = io::stdout().as_fd().try_clone_to_owned() else {
+        return;
+    };
+    let Ok(meta) = File::from(fd).metadata() else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.is_file() && mode & keyfile::FORBIDDEN_MODE_BITS != 0 {
+        note(format_args!(
+            "warning: writing a secret key to a file with mode {mode:04o}, readable by group or \
+             others; shroud refuses such key files (use `genkey --out FILE`, or `umask 077` first)"
+        ));
+    }
+}
+
+fn pubkey(args: &PubkeyArgs) -> Result<()> {
+    let limit = keyfile::MAX_KEY_FILE_BYTES;
+    let mut buf = Zeroizing::new(Vec::with_capacity(
+        usize::try_from(limit).unwrap_or(1024) + 1,
+    ));
+    io::stdin()
+        .lock()
+        .take(limit + 1)
+        .read_to_end(&mut buf)
+        .context("cannot read standard input")?;
+    let secret = keyfile::parse_secret_key(&buf).map_err(|e| {
+        anyhow::Error::new(e).context(format!(
+            "standard input does not hold a secret {} key",
+            args.kind.name()
+        ))
+    })?;
+    print(&format!("{}\n", args.kind.public_base64(&secret)))
+}
+
+// ---------------------------------------------------------------------------
+// Peer list
+// ---------------------------------------------------------------------------
+
+fn read_list(path: &Path) -> Result<PeerList> {
+    Ok(peerfile::read_peer_list(path)?)
+}
+
+fn peers_new(args: &NewArgs) -> Result<()> {
+    let params = NetworkParams {
+        cell: args.cell,
+        h_max: args.h_max,
+    };
+    if let Err(e) = params.validate() {
+        usage_error(
+            &["peers", "new"],
+            format_args!("invalid --cell/--h-max: {e}"),
+        );
+    }
+    let valid_after = args.valid_after.unwrap_or_else(time::now);
+    let Some(valid_until) = valid_after.checked_add(args.valid_for) else {
+        usage_error(
+            &["peers", "new"],
+            "--valid-after plus --valid-for is beyond the end of time",
+        );
+    };
+    let list = PeerList::new(args.serial, valid_after, valid_until, params);
+    peerfile::write_peer_list(&args.out, &list, args.force)?;
+    print(&format!(
+        "created {}: serial {}, valid {} to {}, cell={} h-max={}, no relays, unsigned\n",
+        args.out.display(),
+        list.serial,
+        format_date(valid_after),
+        format_date(valid_until),
+        params.cell,
+        params.h_max
+    ))
+}
+
+fn signatures_removed(removed: usize) {
+    if removed > 0 {
+        note(format_args!(
+            "removed {removed} signature(s): the content changed, so the list must be signed again"
+        ));
+    }
+}
+
+fn peers_add(args: &AddArgs) -> Result<()> {
+    if args.onion.len() > MAX_ONION_KEYS {
+        usage_error(
+            &["peers", "add"],
+            format_args!(
+                "at most {MAX_ONION_KEYS} --onion keys per relay, {} given",
+                args.onion.len()
+            ),
+        );
+    }
+    let mut list = read_list(&args.file)?;
+    let relay = RelayDescriptor {
+        identity: args.identity,
+        addr: args.addr,
+        ports: args.ports,
+        onion_keys: args
+            .onion
+            .iter()
+            .map(|o| o.entry(list.valid_until))
+            .collect(),
+        exit: args.exit,
+        weight: args.weight,
+    };
+    for k in relay
+        .onion_keys
+        .iter()
+        .filter(|k| k.valid_until <= list.valid_after)
+    {
+        note(format_args!(
+            "warning: onion key {} expires at {}, before the list becomes valid",
+            k.key,
+            format_date(k.valid_until)
+        ));
+    }
+    let id = relay.relay_id();
+    let (change, removed) = edit::upsert_relay(&mut list, relay)
+        .with_context(|| format!("cannot add the relay to {}", args.file.display()))?;
+    peerfile::write_peer_list(&args.file, &list, true)?;
+    let verb = match change {
+        Upsert::Added => "added",
+        Upsert::Replaced => "replaced",
+    };
+    print(&format!(
+        "{verb} relay {id} ({} ports {}-{}); {} relay(s) in {}\n",
+        args.addr,
+        args.ports.0,
+        args.ports.1,
+        list.relays.len(),
+        args.file.display()
+    ))?;
+    signatures_removed(removed);
+    Ok(())
+}
+
+fn peers_remove(args: &RemoveArgs) -> Result<()> {
+    let selector = match (&args.relay.identity, &args.relay.id) {
+        (Some(identity), _) => RelaySelector::Identity(*identity),
+        (None, Some(id)) => RelaySelector::Id(*id),
+        (None, None) => usage_error(&["peers", "remove"], "give --identity or --id"),
+    };
+    let mut list = read_list(&args.file)?;
+    let (relay, removed) = edit::remove_relay(&mut list, &selector)
+        .with_context(|| format!("cannot remove the relay from {}", args.file.display()))?;
+    peerfile::write_peer_list(&args.file, &list, true)?;
+    print(&format!(
+        "removed relay {} ({} ports {}-{}); {} relay(s) left in {}\n",
+        relay.relay_id(),
+        relay.addr,
+        relay.ports.0,
+        relay.ports.1,
+        list.relays.len(),
+        args.file.display()
+    ))?;
+    signatures_removed(removed);
+    Ok(())
+}
+
+fn peers_list(args: &ListArgs) -> Result<()> {
+    let list = read_list(&args.file)?;
+    if args.json {
+        let mut text =
+            serde_json::to_string_pretty(&ListJson::new(&list)).context("cannot encode JSON")?;
+        text.push('\n');
+        print(&text)
+    } else {
+        print(&render::relay_table(
+            &list,
+            args.now.unwrap_or_else(time::now),
+        ))
+    }
+}
+
+fn peers_sign(args: &SignArgs) -> Result<()> {
+    let mut list = read_list(&args.file)?;
+    let key = read_identity_key_file(&args.key)?;
+    let mut removed = 0;
+    if let Some(serial) = args.serial {
+        removed = edit::set_serial(&mut list, serial)
+            .with_context(|| format!("cannot set the serial of {}", args.file.display()))?;
+    }
+    let replaced = edit::sign_list(&mut list, &key)
+        .with_context(|| format!("cannot sign {}", args.file.display()))?;
+    peerfile::write_peer_list(&args.file, &list, true)?;
+    let signer = key.public();
+    print(&format!(
+        "{} serial {} as {} (id {}); {} signature(s) in {}\n",
+        if replaced { "re-signed" } else { "signed" },
+        list.serial,
+        signer,
+        signer.relay_id(),
+        list.signatures.len(),
+        args.file.display()
+    ))?;
+    signatures_removed(removed);
+    let now = time::now();
+    if now >= list.valid_until {
+        note(format_args!(
+            "warning: this list expired at {}; relays and clients will refuse it",
+            format_date(list.valid_until)
+        ));
+    }
+    Ok(())
+}
+
+fn peers_verify(args: &VerifyArgs) -> Result<()> {
+    let list = read_list(&args.file)?;
+    let mut authorities = args.authority.clone();
+    if let Some(path) = &args.authorities_file {
+        authorities.extend(peerfile::read_authorities_file(path)?);
+    }
+    authorities.sort();
+    authorities.dedup();
+    if authorities.is_empty() {
+        usage_error(
+            &["peers", "verify"],
+            "no trusted authority given (the authorities file lists none)",
+        );
+    }
+    let threshold = usize::try_from(args.threshold).unwrap_or(usize::MAX);
+    if threshold > authorities.len() {
+        usage_error(
+            &["peers", "verify"],
+            format_args!(
+                "--threshold {threshold} exceeds the {} distinct trusted authorities given; \
+                 no list could ever verify",
+                authorities.len()
+            ),
+        );
+    }
+    let last_serial = match (&args.last_serial, &args.state) {
+        (Some(n), _) => Some(*n),
+        (None, Some(path)) => peerfile::read_state(path)?,
+        (None, None) => None,
+    };
+    let now = args.now.unwrap_or_else(time::now);
+    let policy = TrustPolicy::new(authorities, threshold);
+    let verified = check::verify(&list, &policy, now, last_serial)
+        .with_context(|| format!("{}: REJECTED", args.file.display()))?;
+    if let Some(path) = &args.state {
+        if last_serial != Some(list.serial) {
+            peerfile::write_state(path, list.serial)?;
+        }
+    }
+    print(&format!("{verified}\n"))
+}
+
+fn peers_show(args: &ShowArgs) -> Result<()> {
+    let list = read_list(&args.file)?;
+    let source = args.file.display().to_string();
+    print(&render::show(
+        &list,
+        &source,
+        args.now.unwrap_or_else(time::now),
+    ))
+}
