@@ -1,4 +1,21 @@
-//! The shroud-relay data plane (io_uring workers). Filled by the data-plane issue.
+//! # shroud-relay
 //!
-//! This crate holds no functionality yet; the issue that fills it builds on
-//! `shroud-proto`. Nothing here pretends to work.
+//! The relay daemon's library half: thread-per-core workers that forward Shroud cells
+//! with io_uring (UDP GRO in, one GSO send per next hop out), the recvmmsg fallback,
+//! configuration, and the glue to the control plane.
+//!
+//! Layout: [`engine`] runs datagrams through `shroud_proto::relay::Relay` and plans
+//! the sends; [`uring`] and [`mmsg`] do the I/O; [`worker`] owns a thread, its
+//! sockets and its control channel; [`config`] reads the TOML configuration. Unsafe
+//! code lives only in [`sys`], [`uring`] and [`mmsg`], each block with a SAFETY note.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod exits;
+pub mod mmsg;
+pub mod stats;
+pub mod sys;
+pub mod uring;
+pub mod worker;

@@ -140,6 +140,36 @@ impl Aead for RustCryptoAead {
     }
 }
 
+/// A no-op "AEAD" that neither encrypts nor authenticates, so benchmarks can measure
+/// the relay's I/O path with the cell crypto removed (the in-run baseline of
+/// `shroud-bench relay`). It exists only with the `bench-null-crypto` feature.
+#[cfg(feature = "bench-null-crypto")]
+#[derive(Debug)]
+pub struct NullAead;
+
+#[cfg(feature = "bench-null-crypto")]
+impl Aead for NullAead {
+    const NAME: &'static str = "none";
+
+    fn new(_key: &[u8; KEY_LEN]) -> Self {
+        NullAead
+    }
+
+    fn seal(&self, _nonce: &[u8; NONCE_LEN], _aad: &[u8], _buf: &mut [u8]) -> [u8; TAG_LEN] {
+        [0; TAG_LEN]
+    }
+
+    fn open(
+        &self,
+        _nonce: &[u8; NONCE_LEN],
+        _aad: &[u8],
+        _buf: &mut [u8],
+        _tag: &[u8; TAG_LEN],
+    ) -> Result<(), BadTag> {
+        Ok(())
+    }
+}
+
 /// The backend chosen by measurement (see the module docs).
 pub type DefaultAead = RingAead;
 

@@ -326,6 +326,9 @@ pub struct Relay<A: Aead> {
     by_link_id: HashMap<(u32, u64), (u32, bool)>,
     buckets: HashMap<IpAddr, Bucket>,
     stats: RelayStats,
+    setup_budget: u32,
+    accepting: bool,
+    live: usize,
 }
 
 impl<A: Aead> core::fmt::Debug for Relay<A> {
@@ -369,6 +372,9 @@ impl<A: Aead> Relay<A> {
             by_link_id: HashMap::with_capacity(limits.max_circuits * 2),
             buckets: HashMap::with_capacity(limits.setup_sources),
             stats: RelayStats::default(),
+            setup_budget: u32::MAX,
+            accepting: true,
+            live: 0,
             limits,
         };
         r.set_onion_keys(onion, now_ms);
@@ -393,7 +399,7 @@ impl<A: Aead> Relay<A> {
 
     /// Live circuits.
     pub fn circuit_count(&self) -> usize {
-        self.by_link_id.values().filter(|(_, back)| !back).count()
+        self.live
     }
 
     /// Replaces the onion keys (newest first, at most 3). Filters of keys that stay are
@@ -505,6 +511,19 @@ impl<A: Aead> Relay<A> {
     fn drop(&mut self, r: DropReason) -> Action {
         self.stats.drops[r as usize] += 1;
         Action::Drop(r)
+    }
+
+    /// Starts a batch of received cells: at most `setup_budget` setup cells of this
+    /// batch get the public-key work; further setups are dropped as
+    /// [`DropReason::RateLimited`], so setups cannot starve data cells.
+    pub fn begin_batch(&mut self, setup_budget: u32) {
+        self.setup_budget = setup_budget;
+    }
+
+    /// Stops (or resumes) accepting new circuits, e.g. while draining. Refused setups
+    /// are counted as [`DropReason::Capacity`]; existing circuits are not affected.
+    pub fn set_accepting(&mut self, accepting: bool) {
+        self.accepting = accepting;
     }
 
     /// Counts a drop decided by the data plane (e.g. [`DropReason::QueueFull`]).
@@ -697,9 +716,13 @@ impl<A: Aead> Relay<A> {
         now_ms: u64,
     ) -> Action {
         let layout = self.layout;
-        if !self.rate_ok(src.ip(), now_ms) {
+        if !self.accepting {
+            return self.drop(DropReason::Capacity);
+        }
+        if self.setup_budget == 0 || !self.rate_ok(src.ip(), now_ms) {
             return self.drop(DropReason::RateLimited);
         }
+        self.setup_budget -= 1;
         let mut opened = None;
         let mut bad_point = false;
         for (k, slot) in self.onion.iter().enumerate() {
@@ -879,6 +902,7 @@ impl<A: Aead> Relay<A> {
             last_active: now_ms,
         });
         self.stats.setups += 1;
+        self.live += 1;
         action
     }
 
@@ -886,6 +910,7 @@ impl<A: Aead> Relay<A> {
         let Some(c) = self.circuits[slot as usize].take() else {
             return;
         };
+        self.live -= 1;
         self.by_link_id.remove(&(c.prev_link, c.prev_id));
         if let Some(l) = self.links[c.prev_link as usize].as_mut() {
             l.circuits = l.circuits.saturating_sub(1);

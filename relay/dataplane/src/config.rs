@@ -1,0 +1,457 @@
+//! The relay's TOML configuration.
+//!
+//! One file, every key optional except the key files and the peer list; unknown keys
+//! are refused (a typo must not silently fall back to a default). `deploy/relay.toml`
+//! shows every key with its default. [`Config::load`] parses and validates; any error
+//! there is a configuration error (exit code 78, `EX_CONFIG`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use shroud_proto::policy::ExitPolicy;
+use shroud_proto::relay::RelayLimits;
+
+use crate::worker::{CryptoChoice, DriverChoice, IoConfig};
+
+/// Exit code for a bad configuration (sysexits.h `EX_CONFIG`).
+pub const EX_CONFIG: i32 = 78;
+
+/// A configuration error, with the file and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or has unknown or mistyped keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// `[relay]`: identity, keys, directory, exit policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySection {
+    /// Identity key file (ed25519, one base64 line, mode 0600).
+    pub identity_key: PathBuf,
+    /// Onion key files (x25519), newest first, at most 3.
+    pub onion_keys: Vec<PathBuf>,
+    /// The signed peer list file.
+    pub peer_list: PathBuf,
+    /// Authority public keys (base64) whose signatures count.
+    pub authorities: Vec<String>,
+    /// How many distinct authorities must have signed.
+    #[serde(default = "one")]
+    pub authority_threshold: usize,
+    /// Where the last accepted peer-list serial is kept (rollback protection across
+    /// restarts). Optional.
+    #[serde(default)]
+    pub peer_list_state: Option<PathBuf>,
+    /// Exit policy rules, first match wins; empty = not an exit.
+    #[serde(default)]
+    pub exit_policy: Vec<String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// `[network]`: where to listen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSection {
+    /// Listen addresses (IPv4 and/or IPv6).
+    pub listen: Vec<IpAddr>,
+    /// First port; worker `i` listens on `base_port + i`.
+    pub base_port: u16,
+    /// Worker threads (one per core you give the relay).
+    pub workers: usize,
+    /// CPUs to pin workers to, one per worker (empty = no pinning).
+    pub cpus: Vec<usize>,
+    /// Requested `SO_RCVBUF`/`SO_SNDBUF` per socket.
+    pub socket_buffer_bytes: usize,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        NetworkSection {
+            listen: vec![IpAddr::from([127, 0, 0, 1])],
+            base_port: 9000,
+            workers: 1,
+            cpus: Vec::new(),
+            socket_buffer_bytes: 8 << 20,
+        }
+    }
+}
+
+/// `[limits]`: per-worker table sizes and rates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Circuits per worker.
+    pub max_circuits: usize,
+    /// Links (peer ports and clients) per worker.
+    pub max_links: usize,
+    /// Idle seconds before a circuit expires.
+    pub circuit_idle_secs: u64,
+    /// Accepted setup clock skew, seconds.
+    pub setup_skew_secs: u64,
+    /// Setups remembered per onion key and filter generation.
+    pub setup_filter_capacity: usize,
+    /// Setups per second per source IP.
+    pub setup_rate: u32,
+    /// Setup burst per source IP.
+    pub setup_burst: u32,
+    /// Exit sockets per worker (one per exit circuit).
+    pub exit_sockets: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let d = RelayLimits::default();
+        LimitsSection {
+            max_circuits: d.max_circuits,
+            max_links: d.max_links,
+            circuit_idle_secs: d.circuit_idle_ms / 1000,
+            setup_skew_secs: d.setup_skew_s,
+            setup_filter_capacity: d.setup_filter_capacity,
+            setup_rate: d.setup_rate,
+            setup_burst: d.setup_burst,
+            exit_sockets: IoConfig::default().exit_sockets,
+        }
+    }
+}
+
+/// `[io]`: driver and batching.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IoSection {
+    /// `auto` (io_uring, falling back to recvmmsg), `uring` or `mmsg`.
+    pub driver: DriverChoice,
+    /// Receive operations in flight per worker (64 KiB GRO buffer each).
+    pub recv_slots: usize,
+    /// Send operations in flight per worker.
+    pub send_slots: usize,
+    /// Setup cells given public-key work per batch (the rest are dropped as
+    /// rate_limited so setups cannot starve data cells).
+    pub setup_budget: u32,
+    /// AES-GCM backend: `ring` or `rustcrypto`.
+    pub crypto: CryptoChoice,
+    /// UDP GRO/GSO batching (off = one datagram per cell).
+    pub gro_gso: bool,
+}
+
+impl Default for IoSection {
+    fn default() -> Self {
+        let d = IoConfig::default();
+        IoSection {
+            driver: d.driver,
+            recv_slots: d.recv_slots,
+            send_slots: d.send_slots,
+            setup_budget: d.setup_budget,
+            crypto: CryptoChoice::Ring,
+            gro_gso: d.gro_gso,
+        }
+    }
+}
+
+/// `[admin]`: the admin socket.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Unix socket path (created owner-only).
+    pub socket: PathBuf,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            socket: PathBuf::from("/run/shroud/admin.sock"),
+        }
+    }
+}
+
+/// `[metrics]`: Prometheus exposition.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Address of the `/metrics` HTTP endpoint; absent = disabled.
+    pub listen: Option<SocketAddr>,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `error`, `warn`, `info`, `debug` or `trace` (keys, payloads and client
+    /// addresses are never logged above `debug`).
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[relay]`.
+    pub relay: RelaySection,
+    /// `[network]`.
+    #[serde(default)]
+    pub network: NetworkSection,
+    /// `[limits]`.
+    #[serde(default)]
+    pub limits: LimitsSection,
+    /// `[io]`.
+    #[serde(default)]
+    pub io: IoSection,
+    /// `[admin]`.
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// `[metrics]`.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    /// `[log]`.
+    #[serde(default)]
+    pub log: LogSection,
+    /// The file it came from (relative paths in it are relative to its directory).
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates `text` as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut c: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        c.path = path.to_path_buf();
+        let base = path.parent().unwrap_or(Path::new("."));
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut c.relay.identity_key);
+        abs(&mut c.relay.peer_list);
+        c.relay.onion_keys.iter_mut().for_each(abs);
+        if let Some(p) = c.relay.peer_list_state.as_mut() {
+            abs(p);
+        }
+        abs(&mut c.admin.socket);
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn invalid(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            key,
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let n = &self.network;
+        if n.workers == 0 || n.workers > 256 {
+            return Err(self.invalid("network.workers", "must be between 1 and 256"));
+        }
+        if n.listen.is_empty() {
+            return Err(self.invalid("network.listen", "needs at least one address"));
+        }
+        if n.base_port == 0 || usize::from(n.base_port) + n.workers - 1 > 65535 {
+            return Err(self.invalid(
+                "network.base_port",
+                "base_port + workers - 1 must be a port (1..=65535)",
+            ));
+        }
+        if !n.cpus.is_empty() && n.cpus.len() != n.workers {
+            return Err(self.invalid(
+                "network.cpus",
+                format!(
+                    "lists {} CPUs for {} workers (give one per worker, or none)",
+                    n.cpus.len(),
+                    n.workers
+                ),
+            ));
+        }
+        if self.relay.onion_keys.is_empty() || self.relay.onion_keys.len() > 3 {
+            return Err(self.invalid(
+                "relay.onion_keys",
+                "list 1 to 3 onion key files, newest first",
+            ));
+        }
+        if self.relay.authorities.is_empty() {
+            return Err(self.invalid(
+                "relay.authorities",
+                "list at least one authority public key",
+            ));
+        }
+        if self.relay.authority_threshold == 0
+            || self.relay.authority_threshold > self.relay.authorities.len()
+        {
+            return Err(self.invalid(
+                "relay.authority_threshold",
+                format!(
+                    "must be between 1 and the number of authorities ({})",
+                    self.relay.authorities.len()
+                ),
+            ));
+        }
+        ExitPolicy::parse(&self.relay.exit_policy)
+            .map_err(|e| self.invalid("relay.exit_policy", e.to_string()))?;
+        let l = &self.limits;
+        if l.max_circuits == 0 || l.max_links == 0 || l.setup_filter_capacity == 0 {
+            return Err(self.invalid(
+                "limits",
+                "max_circuits, max_links and setup_filter_capacity must be positive",
+            ));
+        }
+        if self.io.recv_slots == 0 || self.io.send_slots == 0 {
+            return Err(self.invalid("io", "recv_slots and send_slots must be positive"));
+        }
+        if !["error", "warn", "info", "debug", "trace"].contains(&self.log.level.as_str()) {
+            return Err(self.invalid("log.level", "one of error, warn, info, debug, trace"));
+        }
+        Ok(())
+    }
+
+    /// The exit policy (validated at load).
+    pub fn exit_policy(&self) -> ExitPolicy {
+        ExitPolicy::parse(&self.relay.exit_policy).unwrap_or_default()
+    }
+
+    /// Per-worker protocol limits.
+    pub fn relay_limits(&self) -> RelayLimits {
+        let l = &self.limits;
+        RelayLimits {
+            max_circuits: l.max_circuits,
+            max_links: l.max_links,
+            circuit_idle_ms: l.circuit_idle_secs * 1000,
+            setup_skew_s: l.setup_skew_secs,
+            setup_filter_capacity: l.setup_filter_capacity,
+            setup_rate: l.setup_rate,
+            setup_burst: l.setup_burst,
+            ..RelayLimits::default()
+        }
+    }
+
+    /// Per-worker I/O sizing.
+    pub fn io_config(&self) -> IoConfig {
+        IoConfig {
+            driver: self.io.driver,
+            recv_slots: self.io.recv_slots,
+            send_slots: self.io.send_slots,
+            tx_cells: IoConfig::default().tx_cells,
+            exit_sockets: self.limits.exit_sockets,
+            setup_budget: self.io.setup_budget,
+            gro_gso: self.io.gro_gso,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+[relay]
+identity_key = "id.key"
+onion_keys = ["onion.key"]
+peer_list = "peers.list"
+authorities = ["AAAA"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_absolute_paths() {
+        let c = Config::parse(MIN, Path::new("/etc/shroud/relay.toml")).unwrap();
+        assert_eq!(c.network.workers, 1);
+        assert_eq!(c.network.base_port, 9000);
+        assert_eq!(c.relay.identity_key, PathBuf::from("/etc/shroud/id.key"));
+        assert_eq!(c.io.driver, DriverChoice::Auto);
+    }
+
+    #[test]
+    fn bad_configs_are_refused_with_the_key_named() {
+        let cases = [
+            (
+                format!("{MIN}\n[network]\nworkers = 0\n"),
+                "network.workers",
+            ),
+            (
+                format!("{MIN}\n[network]\nbase_port = 65535\nworkers = 2\n"),
+                "network.base_port",
+            ),
+            (
+                format!("{MIN}\n[network]\nworkers = 2\ncpus = [0]\n"),
+                "network.cpus",
+            ),
+            (MIN.replace("[\"onion.key\"]", "[]"), "relay.onion_keys"),
+            (
+                MIN.replace(
+                    "authorities = [\"AAAA\"]",
+                    "authorities = [\"AAAA\"]\nauthority_threshold = 2",
+                ),
+                "relay.authority_threshold",
+            ),
+            (
+                MIN.replace(
+                    "authorities = [\"AAAA\"]",
+                    "authorities = [\"AAAA\"]\nexit_policy = [\"allow all\"]",
+                ),
+                "relay.exit_policy",
+            ),
+            (format!("{MIN}\n[log]\nlevel = \"loud\"\n"), "log.level"),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse(&text, Path::new("r.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        let e = Config::parse(
+            &format!("{MIN}\n[network]\nworkerz = 2\n"),
+            Path::new("r.toml"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = Config::parse("not toml [", Path::new("r.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }));
+    }
+}

@@ -1,0 +1,750 @@
+//! The daemon around the workers: loading keys and the peer list, binding sockets,
+//! spawning pinned workers, and serving the control plane (admin socket, signals,
+//! systemd notification, metrics) off the data path.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use crossbeam_channel::{Receiver, Sender};
+use serde_json::{json, Value};
+use shroud_proto::aead::{Aead, RingAead, RustCryptoAead};
+use shroud_proto::keys::{IdentityKey, IdentityPublic, OnionSecret};
+use shroud_proto::peerlist::{PeerList, TrustPolicy};
+use shroud_proto::relay::{Peer, Relay};
+use shroud_proto::Layout;
+
+use crate::config::Config;
+use crate::stats::WorkerStats;
+use crate::sys;
+use crate::worker::{self, Control, CryptoChoice, Exit, WorkerSpec};
+
+/// Everything loaded from disk that the relay needs to start or reload.
+pub struct Loaded {
+    /// Identity key.
+    pub identity: IdentityKey,
+    /// Onion keys, newest first.
+    pub onion: Vec<OnionSecret>,
+    /// The verified peer list.
+    pub peers: PeerList,
+}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded")
+            .field("serial", &self.peers.serial)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A startup failure: configuration (exit 78) or runtime (exit 1).
+#[derive(Debug)]
+pub enum StartError {
+    /// Bad configuration, keys or peer list.
+    Config(anyhow::Error),
+    /// Anything else.
+    Runtime(anyhow::Error),
+}
+
+fn now_s() -> u64 {
+    sys::now_ms() / 1000
+}
+
+/// Reads the onion key files.
+pub fn load_onion_keys(cfg: &Config) -> anyhow::Result<Vec<OnionSecret>> {
+    cfg.relay
+        .onion_keys
+        .iter()
+        .map(|p| shroud_control::keyfile::read_onion_key_file(p).map_err(anyhow::Error::new))
+        .collect()
+}
+
+/// The trust policy from the configuration.
+pub fn trust_policy(cfg: &Config) -> anyhow::Result<TrustPolicy> {
+    let authorities = cfg
+        .relay
+        .authorities
+        .iter()
+        .map(|a| {
+            a.parse::<IdentityPublic>()
+                .map_err(|e| anyhow!("relay.authorities: {a:?}: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(TrustPolicy {
+        authorities,
+        threshold: cfg.relay.authority_threshold,
+    })
+}
+
+fn last_serial(cfg: &Config) -> Option<u64> {
+    let p = cfg.relay.peer_list_state.as_ref()?;
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+/// Reads and verifies the peer list (signatures and threshold, validity window, no
+/// rollback below `last`, network parameters).
+pub fn load_peer_list(cfg: &Config, last: Option<u64>) -> anyhow::Result<PeerList> {
+    let text = std::fs::read_to_string(&cfg.relay.peer_list)
+        .with_context(|| format!("cannot read peer list {}", cfg.relay.peer_list.display()))?;
+    let policy = trust_policy(cfg)?;
+    let list =
+        PeerList::parse_and_verify(&text, &policy, now_s(), last.or_else(|| last_serial(cfg)))
+            .map_err(|e| anyhow!("peer list {} refused: {e}", cfg.relay.peer_list.display()))?;
+    if let Some(p) = &cfg.relay.peer_list_state {
+        if let Err(e) = std::fs::write(p, format!("{}\n", list.serial)) {
+            tracing::warn!(path = %p.display(), error = %e, "cannot record the peer-list serial");
+        }
+    }
+    Ok(list)
+}
+
+/// Loads keys and the peer list.
+pub fn load(cfg: &Config) -> anyhow::Result<Loaded> {
+    let identity = shroud_control::keyfile::read_identity_key_file(&cfg.relay.identity_key)
+        .map_err(|e| anyhow!("{e}"))?;
+    let onion = load_onion_keys(cfg)?;
+    let peers = load_peer_list(cfg, None)?;
+    peers
+        .params
+        .layout()
+        .map_err(|e| anyhow!("peer list network parameters: {e}"))?;
+    Ok(Loaded {
+        identity,
+        onion,
+        peers,
+    })
+}
+
+/// The peers of a list as the protocol core wants them.
+pub fn peers_of(list: &PeerList) -> Vec<Peer> {
+    list.relays
+        .iter()
+        .map(|r| Peer {
+            id: r.relay_id(),
+            identity: r.identity,
+            addr: r.addr,
+            ports: r.ports,
+        })
+        .collect()
+}
+
+fn bind(addr: SocketAddr, buf: usize) -> anyhow::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    let _ = s.set_recv_buffer_size(buf);
+    let _ = s.set_send_buffer_size(buf);
+    s.bind(&addr.into())
+        .with_context(|| format!("cannot bind {addr}"))?;
+    let s: UdpSocket = s.into();
+    let (r, w) = sys::buffer_sizes(&s);
+    if r < buf || w < buf {
+        tracing::warn!(
+            %addr, requested = buf, rcvbuf = r, sndbuf = w,
+            "the kernel clamped the socket buffers: raise net.core.rmem_max/wmem_max (deploy/sysctl.conf)"
+        );
+    }
+    Ok(s)
+}
+
+fn spawn_with<A: Aead>(
+    cfg: &Config,
+    loaded: &Loaded,
+    layout: Layout,
+    now_ms: u64,
+    spec: WorkerSpec,
+    rx: Receiver<Control>,
+    stats: Arc<WorkerStats>,
+) -> std::io::Result<JoinHandle<std::io::Result<Exit>>> {
+    let relay = Relay::<A>::new(
+        layout,
+        loaded.identity.clone(),
+        loaded.onion.clone(),
+        peers_of(&loaded.peers),
+        cfg.exit_policy(),
+        cfg.relay_limits(),
+        now_ms,
+    );
+    worker::spawn(spec, relay, rx, stats)
+}
+
+/// One started worker, as the control plane sees it.
+struct WorkerHandle {
+    tx: Sender<Control>,
+    stats: Arc<WorkerStats>,
+    thread: JoinHandle<std::io::Result<Exit>>,
+    port: u16,
+}
+
+/// A running relay.
+pub struct Daemon {
+    cfg: Config,
+    loaded: Loaded,
+    layout: Layout,
+    workers: Vec<WorkerHandle>,
+    started: Instant,
+    draining: bool,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("workers", &self.workers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Control-plane events for the daemon's main loop.
+#[derive(Debug)]
+pub enum Event {
+    /// SIGHUP or admin `reload`.
+    Reload(Option<Sender<Value>>),
+    /// Admin `rotate`: re-read the onion keys only.
+    Rotate(Option<Sender<Value>>),
+    /// SIGINT or admin `drain`.
+    Drain(Duration, Option<Sender<Value>>),
+    /// SIGTERM or admin `shutdown`.
+    Stop(Option<Sender<Value>>),
+    /// Admin `status` / `stats` / `peers`.
+    Query(String, Sender<Value>),
+}
+
+impl Daemon {
+    /// Loads everything, binds every worker's sockets and starts the workers.
+    pub fn start(cfg: Config) -> Result<Daemon, StartError> {
+        let loaded = load(&cfg).map_err(StartError::Config)?;
+        let layout = loaded
+            .peers
+            .params
+            .layout()
+            .map_err(|e| StartError::Config(anyhow!("{e}")))?;
+        let me = loaded.identity.public().relay_id();
+        match loaded.peers.relay_by_id(&me) {
+            None => {
+                tracing::warn!(relay = %me, "this relay is not in the peer list: clients cannot choose it")
+            }
+            Some(d) => {
+                let want = (
+                    cfg.network.base_port,
+                    cfg.network.base_port + cfg.network.workers as u16 - 1,
+                );
+                if d.ports != want {
+                    tracing::warn!(listed = ?d.ports, configured = ?want, "the peer list lists other ports for this relay than base_port and workers give");
+                }
+            }
+        }
+        let now_ms = sys::now_ms();
+        let mut workers = Vec::new();
+        for i in 0..cfg.network.workers {
+            let port = cfg.network.base_port + i as u16;
+            let sockets = cfg
+                .network
+                .listen
+                .iter()
+                .map(|ip| bind(SocketAddr::new(*ip, port), cfg.network.socket_buffer_bytes))
+                .collect::<anyhow::Result<Vec<_>>>()
+                .map_err(StartError::Runtime)?;
+            let spec = WorkerSpec {
+                index: i,
+                cpu: cfg.network.cpus.get(i).copied(),
+                sockets,
+                layout,
+                io: cfg.io_config(),
+            };
+            let (tx, rx) = crossbeam_channel::bounded(16);
+            let stats = Arc::new(WorkerStats::default());
+            let st = stats.clone();
+            let handle = match cfg.io.crypto {
+                CryptoChoice::Ring => {
+                    spawn_with::<RingAead>(&cfg, &loaded, layout, now_ms, spec, rx, st)
+                }
+                CryptoChoice::Rustcrypto => {
+                    spawn_with::<RustCryptoAead>(&cfg, &loaded, layout, now_ms, spec, rx, st)
+                }
+                #[cfg(feature = "bench-no-crypto")]
+                CryptoChoice::None => spawn_with::<shroud_proto::aead::NullAead>(
+                    &cfg, &loaded, layout, now_ms, spec, rx, st,
+                ),
+            }
+            .map_err(|e| StartError::Runtime(e.into()))?;
+            workers.push(WorkerHandle {
+                tx,
+                stats,
+                thread: handle,
+                port,
+            });
+        }
+        tracing::info!(
+            relay = %me, workers = workers.len(),
+            ports = %format!("{}-{}", cfg.network.base_port, cfg.network.base_port as usize + workers.len() - 1),
+            peers = loaded.peers.relays.len(), serial = loaded.peers.serial,
+            exit = cfg.exit_policy().is_exit(), crypto = ?cfg.io.crypto, gro_gso = cfg.io.gro_gso,
+            "shroud-relay started"
+        );
+        Ok(Daemon {
+            cfg,
+            loaded,
+            layout,
+            workers,
+            started: Instant::now(),
+            draining: false,
+        })
+    }
+
+    fn broadcast(&self, make: impl Fn() -> Control) {
+        for w in &self.workers {
+            let _ = w.tx.send(make());
+        }
+    }
+
+    /// Re-reads the configuration file for the parts that apply without a restart
+    /// (onion key files, peer list file, authorities); other changes are reported.
+    fn reread_config(&mut self) -> anyhow::Result<()> {
+        let new = Config::load(&self.cfg.path).map_err(|e| anyhow!("{e}"))?;
+        if new.network.listen != self.cfg.network.listen
+            || new.network.base_port != self.cfg.network.base_port
+            || new.network.workers != self.cfg.network.workers
+            || new.relay.identity_key != self.cfg.relay.identity_key
+            || new.relay.exit_policy != self.cfg.relay.exit_policy
+        {
+            tracing::warn!("listen addresses, ports, workers, identity key or exit policy changed: restart the relay to apply them");
+        }
+        self.cfg.relay.onion_keys = new.relay.onion_keys;
+        self.cfg.relay.peer_list = new.relay.peer_list;
+        self.cfg.relay.authorities = new.relay.authorities;
+        self.cfg.relay.authority_threshold = new.relay.authority_threshold;
+        Ok(())
+    }
+
+    fn reload(&mut self) -> anyhow::Result<Value> {
+        self.reread_config()?;
+        let list = load_peer_list(&self.cfg, Some(self.loaded.peers.serial))?;
+        let layout = list.params.layout().map_err(|e| anyhow!("{e}"))?;
+        if layout != self.layout {
+            return Err(anyhow!("the new peer list changes the network parameters (CELL/H_MAX); restart the relay to apply them"));
+        }
+        let onion = load_onion_keys(&self.cfg)?;
+        let peers = peers_of(&list);
+        self.broadcast(|| Control::SetPeers(peers.clone()));
+        self.broadcast(|| Control::SetOnionKeys(onion.clone()));
+        self.loaded.peers = list;
+        self.loaded.onion = onion;
+        tracing::info!(
+            serial = self.loaded.peers.serial,
+            peers = self.loaded.peers.relays.len(),
+            "reloaded peer list and onion keys"
+        );
+        Ok(
+            json!({"serial": self.loaded.peers.serial, "peers": self.loaded.peers.relays.len(), "onion_keys": self.loaded.onion.len()}),
+        )
+    }
+
+    fn rotate(&mut self) -> anyhow::Result<Value> {
+        self.reread_config()?;
+        let onion = load_onion_keys(&self.cfg)?;
+        self.broadcast(|| Control::SetOnionKeys(onion.clone()));
+        self.loaded.onion = onion;
+        tracing::info!(onion_keys = self.loaded.onion.len(), "onion keys rotated");
+        Ok(json!({"onion_keys": self.onion_json()}))
+    }
+
+    fn onion_json(&self) -> Value {
+        let me = self.loaded.identity.public().relay_id();
+        let listed = self.loaded.peers.relay_by_id(&me);
+        Value::Array(
+            self.loaded
+                .onion
+                .iter()
+                .map(|k| {
+                    let p = k.public();
+                    let until = listed
+                        .and_then(|d| d.onion_keys.iter().find(|e| e.key == p))
+                        .map(|e| e.valid_until);
+                    json!({"public": p.to_base64(), "valid_until": until})
+                })
+                .collect(),
+        )
+    }
+
+    /// The `status` document.
+    pub fn status(&self) -> Value {
+        let workers: Vec<Value> = self
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| json!({"index": i, "port": w.port, "stats": w.stats.snapshot()}))
+            .collect();
+        let mut drops = serde_json::Map::new();
+        for w in &self.workers {
+            for (name, v) in w.stats.snapshot().drops {
+                let e = drops.entry(name).or_insert(json!(0));
+                *e = json!(e.as_u64().unwrap_or(0) + v);
+            }
+        }
+        let circuits: u64 = self
+            .workers
+            .iter()
+            .map(|w| w.stats.snapshot().circuits)
+            .sum();
+        json!({
+            "relay_id": self.loaded.identity.public().relay_id().to_string(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "draining": self.draining,
+            "cell": self.layout.cell,
+            "h_max": self.layout.h_max,
+            "circuits": circuits,
+            "drops": drops,
+            "workers": workers,
+            "peer_list": {
+                "serial": self.loaded.peers.serial,
+                "valid_until": self.loaded.peers.valid_until,
+                "relays": self.loaded.peers.relays.len(),
+            },
+            "onion_keys": self.onion_json(),
+        })
+    }
+
+    fn peers_json(&self) -> Value {
+        Value::Array(
+            self.loaded
+                .peers
+                .relays
+                .iter()
+                .map(|r| json!({"id": r.relay_id().to_string(), "addr": r.addr.to_string(), "ports": [r.ports.0, r.ports.1], "exit": r.exit, "weight": r.weight}))
+                .collect(),
+        )
+    }
+
+    /// Worker stats (for metrics).
+    pub fn stats(&self) -> Vec<(u16, Arc<WorkerStats>)> {
+        self.workers
+            .iter()
+            .map(|w| (w.port, w.stats.clone()))
+            .collect()
+    }
+
+    /// Runs the control loop until the relay stops. Returns when every worker ended.
+    pub fn run(mut self, events: Receiver<Event>) -> anyhow::Result<()> {
+        let watchdog = sd_watchdog();
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        let tick = watchdog.map(|w| w / 2).unwrap_or(Duration::from_secs(1));
+        loop {
+            if self.workers.iter().all(|w| w.thread.is_finished()) {
+                break;
+            }
+            match events.recv_timeout(tick) {
+                Ok(Event::Reload(reply)) => {
+                    let r = self.reload();
+                    if let Err(e) = &r {
+                        tracing::error!(error = %e, "reload failed; keeping the last good peer list and keys");
+                    }
+                    answer(reply, r);
+                }
+                Ok(Event::Rotate(reply)) => {
+                    let r = self.rotate();
+                    if let Err(e) = &r {
+                        tracing::error!(error = %e, "rotation failed; keeping the current onion keys");
+                    }
+                    answer(reply, r);
+                }
+                Ok(Event::Drain(timeout, reply)) => {
+                    self.draining = true;
+                    let deadline_ms = sys::now_ms() + timeout.as_millis() as u64;
+                    self.broadcast(|| Control::Drain { deadline_ms });
+                    tracing::info!(
+                        timeout_s = timeout.as_secs(),
+                        "draining: refusing new circuits, waiting for existing ones"
+                    );
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                    answer(
+                        reply,
+                        Ok(json!({"draining": true, "deadline_ms": deadline_ms})),
+                    );
+                }
+                Ok(Event::Stop(reply)) => {
+                    self.broadcast(|| Control::Stop);
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                    answer(reply, Ok(json!({"stopping": true})));
+                }
+                Ok(Event::Query(what, reply)) => {
+                    let v = match what.as_str() {
+                        "status" => self.status(),
+                        "stats" => Value::Array(
+                            self.workers
+                                .iter()
+                                .map(|w| json!(w.stats.snapshot()))
+                                .collect(),
+                        ),
+                        "peers" => self.peers_json(),
+                        _ => json!(null),
+                    };
+                    let _ = reply.send(json!({"ok": true, "result": v}));
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    self.broadcast(|| Control::Stop);
+                }
+            }
+            if watchdog.is_some() {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+        for (i, w) in self.workers.into_iter().enumerate() {
+            match w.thread.join() {
+                Ok(Ok(exit)) => tracing::info!(worker = i, ?exit, "worker ended"),
+                Ok(Err(e)) => tracing::error!(worker = i, error = %e, "worker failed"),
+                Err(_) => tracing::error!(worker = i, "worker panicked"),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn answer(reply: Option<Sender<Value>>, r: anyhow::Result<Value>) {
+    if let Some(tx) = reply {
+        let _ = tx.send(match r {
+            Ok(v) => json!({"ok": true, "result": v}),
+            Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+        });
+    }
+}
+
+fn sd_watchdog() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    Some(Duration::from_micros(usec))
+}
+
+/// Serves the admin socket: one JSON object per line in, one per line out.
+/// Commands: `status`, `stats`, `peers`, `reload`, `rotate`, `drain` (optional
+/// `timeout_s`, default 30), `shutdown`. The socket is created owner-only (0600).
+pub fn serve_admin(path: &Path, events: Sender<Event>) -> anyhow::Result<JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("cannot bind admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(std::thread::Builder::new()
+        .name("shroud-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let events = events.clone();
+                let _ = std::thread::Builder::new()
+                    .name("shroud-admin-conn".into())
+                    .spawn(move || admin_conn(conn, events));
+            }
+        })?)
+}
+
+fn admin_conn(conn: UnixStream, events: Sender<Event>) {
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let reader = BufReader::new(conn);
+    for line in reader.lines() {
+        let Ok(line) = line else { return };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = handle_admin(&line, &events);
+        if writeln!(out, "{reply}").is_err() {
+            return;
+        }
+    }
+}
+
+fn handle_admin(line: &str, events: &Sender<Event>) -> Value {
+    let req: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return json!({"ok": false, "error": format!("not JSON: {e}")}),
+    };
+    let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
+        return json!({"ok": false, "error": "missing \"cmd\""});
+    };
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let ev = match cmd {
+        "status" | "stats" | "peers" => Event::Query(cmd.to_string(), tx),
+        "reload" => Event::Reload(Some(tx)),
+        "rotate" => Event::Rotate(Some(tx)),
+        "drain" => {
+            let t = req.get("timeout_s").and_then(Value::as_u64).unwrap_or(30);
+            Event::Drain(Duration::from_secs(t), Some(tx))
+        }
+        "shutdown" => Event::Stop(Some(tx)),
+        other => {
+            return json!({"ok": false, "error": format!("unknown command {other:?} (status, stats, peers, reload, rotate, drain, shutdown)")})
+        }
+    };
+    if events.send(ev).is_err() {
+        return json!({"ok": false, "error": "relay is shutting down"});
+    }
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| json!({"ok": false, "error": "relay did not answer in time"}))
+}
+
+/// Turns SIGHUP into reload, SIGINT into drain (30 s) and SIGTERM into stop.
+pub fn forward_signals(events: Sender<Event>) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])?;
+    std::thread::Builder::new()
+        .name("shroud-signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                let ev = match s {
+                    SIGHUP => Event::Reload(None),
+                    SIGINT => Event::Drain(Duration::from_secs(30), None),
+                    _ => Event::Stop(None),
+                };
+                if events.send(ev).is_err() {
+                    return;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Serves Prometheus text on `GET /metrics`.
+pub fn serve_metrics(addr: SocketAddr, stats: Vec<(u16, Arc<WorkerStats>)>) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot bind metrics on {addr}"))?;
+    std::thread::Builder::new()
+        .name("shroud-metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = metrics_conn(conn, &stats);
+            }
+        })?;
+    Ok(())
+}
+
+fn metrics_conn(
+    mut conn: std::net::TcpStream,
+    stats: &[(u16, Arc<WorkerStats>)],
+) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    let body = if request.starts_with("GET /metrics") {
+        render_metrics(stats)
+    } else {
+        let msg = "not found: try /metrics\n";
+        write!(conn, "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}", msg.len())?;
+        return Ok(());
+    };
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The Prometheus text exposition of the worker counters.
+pub fn render_metrics(stats: &[(u16, Arc<WorkerStats>)]) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let snaps: Vec<_> = stats.iter().map(|(p, s)| (p, s.snapshot())).collect();
+    let mut family =
+        |name: &str,
+         kind: &str,
+         help: &str,
+         f: &dyn Fn(&crate::stats::StatsSnapshot) -> Vec<(String, u64)>| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (i, (port, s)) in snaps.iter().enumerate() {
+                for (labels, v) in f(s) {
+                    let sep = if labels.is_empty() { "" } else { "," };
+                    let _ = writeln!(
+                        o,
+                        "{name}{{worker=\"{i}\",port=\"{port}\"{sep}{labels}}} {v}"
+                    );
+                }
+            }
+        };
+    family(
+        "shroud_cells_total",
+        "counter",
+        "Cells received (rx) and sent (tx) on relay sockets.",
+        &|s| {
+            vec![
+                ("direction=\"rx\"".into(), s.cells_rx),
+                ("direction=\"tx\"".into(), s.cells_tx),
+            ]
+        },
+    );
+    family(
+        "shroud_datagrams_total",
+        "counter",
+        "UDP datagrams received (rx) and sent (tx); a GSO send counts once.",
+        &|s| {
+            vec![
+                ("direction=\"rx\"".into(), s.datagrams_rx),
+                ("direction=\"tx\"".into(), s.datagrams_tx),
+            ]
+        },
+    );
+    family(
+        "shroud_circuit_cells_total",
+        "counter",
+        "Cells processed per circuit direction.",
+        &|s| {
+            vec![
+                ("direction=\"forward\"".into(), s.cells_forward),
+                ("direction=\"backward\"".into(), s.cells_backward),
+            ]
+        },
+    );
+    family(
+        "shroud_exit_datagrams_total",
+        "counter",
+        "Datagrams delivered to exit destinations (out) and received from them (in).",
+        &|s| {
+            vec![
+                ("direction=\"out\"".into(), s.exit_delivered),
+                ("direction=\"in\"".into(), s.exit_replies),
+            ]
+        },
+    );
+    family(
+        "shroud_drops_total",
+        "counter",
+        "Cells dropped, by reason.",
+        &|s| {
+            s.drops
+                .iter()
+                .map(|(r, v)| (format!("reason=\"{r}\""), *v))
+                .collect()
+        },
+    );
+    family(
+        "shroud_setups_total",
+        "counter",
+        "Circuit setups accepted.",
+        &|s| vec![(String::new(), s.setups)],
+    );
+    family("shroud_circuits", "gauge", "Live circuits.", &|s| {
+        vec![(String::new(), s.circuits)]
+    });
+    family(
+        "shroud_send_errors_total",
+        "counter",
+        "Send operations the kernel failed.",
+        &|s| vec![(String::new(), s.send_errors)],
+    );
+    family(
+        "shroud_driver_info",
+        "gauge",
+        "The I/O driver a worker runs (1 for the active one).",
+        &|s| vec![(format!("driver=\"{}\"", s.driver), 1)],
+    );
+    o
+}

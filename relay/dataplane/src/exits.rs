@@ -1,0 +1,155 @@
+//! Exit sockets and the transmit arena, shared by both drivers.
+//!
+//! An exit circuit gets its own UDP socket connected to its destination, so replies
+//! map to the circuit by socket (as a NAT would), never by guessing from addresses.
+//! Both tables are allocated at start-up with fixed capacity.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+
+use shroud_proto::relay::CircuitRef;
+
+/// Bytes of one exit receive buffer (a reply larger than a cell's payload is dropped).
+pub const EXIT_BUF: usize = 2048;
+
+/// Cells the worker originates (exit replies), in one contiguous buffer.
+#[derive(Debug)]
+pub struct TxArena {
+    buf: Box<[u8]>,
+    cell: usize,
+    free: Vec<u32>,
+}
+
+impl TxArena {
+    /// `n` cells of `cell` bytes.
+    pub fn new(n: usize, cell: usize) -> Self {
+        TxArena {
+            buf: vec![0u8; n * cell].into_boxed_slice(),
+            cell,
+            free: (0..n as u32).rev().collect(),
+        }
+    }
+
+    /// Takes a free cell.
+    pub fn alloc(&mut self) -> Option<u32> {
+        self.free.pop()
+    }
+
+    /// Returns a cell.
+    pub fn release(&mut self, idx: u32) {
+        self.free.push(idx);
+    }
+
+    /// The bytes of cell `idx`.
+    pub fn cell_mut(&mut self, idx: u32) -> &mut [u8] {
+        let s = idx as usize * self.cell;
+        &mut self.buf[s..s + self.cell]
+    }
+
+    /// Address of cell `idx` (stable: the buffer never moves).
+    pub fn ptr(&self, idx: u32) -> *const u8 {
+        self.buf[idx as usize * self.cell..].as_ptr()
+    }
+}
+
+/// One exit socket.
+#[derive(Debug)]
+pub struct ExitSlot {
+    /// The connected socket (None when free).
+    pub sock: Option<UdpSocket>,
+    /// Receive buffer.
+    pub buf: Box<[u8]>,
+    /// The circuit it serves.
+    pub circuit: Option<CircuitRef>,
+    /// Closing: its circuit is gone, the pending receive is being cancelled.
+    pub closing: bool,
+}
+
+/// The fixed-capacity exit socket table.
+#[derive(Debug)]
+pub struct Exits {
+    /// Slots (index = exit id).
+    pub slots: Vec<ExitSlot>,
+    free: Vec<u32>,
+    by_circuit: HashMap<CircuitRef, u32>,
+}
+
+impl Exits {
+    /// `n` exit slots.
+    pub fn new(n: usize) -> Self {
+        Exits {
+            slots: (0..n)
+                .map(|_| ExitSlot {
+                    sock: None,
+                    buf: vec![0u8; EXIT_BUF].into_boxed_slice(),
+                    circuit: None,
+                    closing: false,
+                })
+                .collect(),
+            free: (0..n as u32).rev().collect(),
+            by_circuit: HashMap::with_capacity(n),
+        }
+    }
+
+    /// Opens a socket connected to `dest` for `circuit`. `Ok(None)` if the table is full.
+    pub fn open(
+        &mut self,
+        circuit: CircuitRef,
+        dest: SocketAddr,
+        nonblocking: bool,
+    ) -> io::Result<Option<u32>> {
+        let Some(idx) = self.free.pop() else {
+            return Ok(None);
+        };
+        let bind: SocketAddr = if dest.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = match UdpSocket::bind(bind).and_then(|s| s.connect(dest).map(|_| s)) {
+            Ok(s) => s,
+            Err(e) => {
+                self.free.push(idx);
+                return Err(e);
+            }
+        };
+        sock.set_nonblocking(nonblocking)?;
+        let slot = &mut self.slots[idx as usize];
+        slot.sock = Some(sock);
+        slot.circuit = Some(circuit);
+        slot.closing = false;
+        self.by_circuit.insert(circuit, idx);
+        Ok(Some(idx))
+    }
+
+    /// The exit slot of `circuit`.
+    pub fn get(&self, circuit: &CircuitRef) -> Option<u32> {
+        self.by_circuit.get(circuit).copied()
+    }
+
+    /// Detaches `circuit` from its slot and marks the slot closing; returns it.
+    pub fn detach(&mut self, circuit: &CircuitRef) -> Option<u32> {
+        let idx = self.by_circuit.remove(circuit)?;
+        self.slots[idx as usize].closing = true;
+        Some(idx)
+    }
+
+    /// Closes the socket of slot `idx` and frees it.
+    pub fn free(&mut self, idx: u32) {
+        let slot = &mut self.slots[idx as usize];
+        if let Some(c) = slot.circuit.take() {
+            if self.by_circuit.get(&c) == Some(&idx) {
+                self.by_circuit.remove(&c);
+            }
+        }
+        slot.sock = None;
+        slot.closing = false;
+        self.free.push(idx);
+    }
+
+    /// Exit sockets in use.
+    pub fn in_use(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+}

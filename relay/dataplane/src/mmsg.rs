@@ -1,0 +1,360 @@
+//! The fallback driver, used only when io_uring cannot be set up: `recvmmsg` with UDP
+//! GRO, one `sendmsg` with `UDP_SEGMENT` per next hop and batch, `poll` to wait.
+//! Same engine, same zero-copy rule (cells are sent from the buffer they arrived in
+//! before that buffer is reused), synchronous sends.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+
+use shroud_proto::relay::DropReason;
+
+use crate::engine::{Loc, Plan, Side};
+use crate::exits::{Exits, TxArena, EXIT_BUF};
+use crate::sys::{self, CMSG_BUF};
+use crate::worker::{Exit, Shared, WorkerSpec};
+use shroud_proto::aead::Aead;
+
+const RX_BUF: usize = 65536;
+const MAX_SEGS: usize = 64;
+
+/// The recvmmsg/sendmmsg driver of one worker.
+pub struct Driver {
+    sockets: Vec<std::net::UdpSocket>,
+    bufs: Vec<Box<[u8]>>,
+    iovs: Vec<libc::iovec>,
+    addrs: Vec<libc::sockaddr_storage>,
+    ctrls: Vec<[u8; CMSG_BUF]>,
+    msgs: Vec<libc::mmsghdr>,
+    arena: TxArena,
+    exits: Exits,
+    cell: usize,
+    max_segs: usize,
+    plan: Plan,
+    side: Vec<Side>,
+    pollfds: Vec<libc::pollfd>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("mmsg::Driver")
+            .field("slots", &self.bufs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Driver {
+    /// Allocates every buffer.
+    pub fn new(spec: &WorkerSpec) -> io::Result<Self> {
+        let mut sockets = Vec::new();
+        for s in &spec.sockets {
+            let s = s.try_clone()?;
+            if spec.io.gro_gso {
+                sys::enable_gro(&s)?;
+            }
+            s.set_nonblocking(true)?;
+            sockets.push(s);
+        }
+        let n = spec.io.recv_slots.max(1);
+        let cell = spec.layout.cell;
+        let mut d = Driver {
+            sockets,
+            bufs: (0..n)
+                .map(|_| vec![0u8; RX_BUF].into_boxed_slice())
+                .collect(),
+            // SAFETY: all-zero is valid for these plain C structs; pointers are set below.
+            iovs: (0..n).map(|_| unsafe { zeroed() }).collect(),
+            addrs: (0..n).map(|_| unsafe { zeroed() }).collect(),
+            ctrls: vec![[0u8; CMSG_BUF]; n],
+            msgs: (0..n).map(|_| unsafe { zeroed() }).collect(),
+            arena: TxArena::new(spec.io.tx_cells, cell),
+            exits: Exits::new(spec.io.exit_sockets),
+            cell,
+            max_segs: if spec.io.gro_gso {
+                MAX_SEGS.min(65000 / cell).max(1)
+            } else {
+                1
+            },
+            plan: Plan::default(),
+            side: Vec::with_capacity(256),
+            pollfds: Vec::with_capacity(spec.sockets.len() + spec.io.exit_sockets),
+        };
+        for i in 0..n {
+            d.iovs[i].iov_base = d.bufs[i].as_mut_ptr().cast();
+            d.iovs[i].iov_len = RX_BUF;
+        }
+        Ok(d)
+    }
+
+    fn reset_msgs(&mut self) {
+        for i in 0..self.msgs.len() {
+            let h = &mut self.msgs[i].msg_hdr;
+            h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.ctrls[i].as_mut_ptr().cast();
+            h.msg_controllen = CMSG_BUF;
+            h.msg_flags = 0;
+            self.msgs[i].msg_len = 0;
+        }
+    }
+
+    fn send_group<A: Aead>(
+        &self,
+        shared: &mut Shared<'_, A>,
+        dest: &std::net::SocketAddr,
+        cells: &[Loc],
+    ) {
+        let Some(sock) = self.sockets.iter().find(|s| {
+            s.local_addr()
+                .map(|a| a.is_ipv4() == dest.is_ipv4())
+                .unwrap_or(false)
+        }) else {
+            shared
+                .engine
+                .relay
+                .count_drop(DropReason::QueueFull, cells.len() as u64);
+            return;
+        };
+        // SAFETY: all-zero is a valid sockaddr_storage/msghdr/iovec array.
+        let mut addr: libc::sockaddr_storage = unsafe { zeroed() };
+        let namelen = sys::to_sockaddr(dest, &mut addr);
+        let mut ctrl = [0u8; CMSG_BUF];
+        let mut iovs: [libc::iovec; MAX_SEGS] = unsafe { zeroed() };
+        for chunk in cells.chunks(self.max_segs) {
+            for (k, loc) in chunk.iter().enumerate() {
+                let ptr = match *loc {
+                    Loc::Rx { slot, off } => self.bufs[slot as usize][off as usize..].as_ptr(),
+                    Loc::Tx { idx } => self.arena.ptr(idx),
+                };
+                iovs[k] = libc::iovec {
+                    iov_base: ptr as *mut libc::c_void,
+                    iov_len: self.cell,
+                };
+            }
+            // SAFETY: as above.
+            let mut hdr: libc::msghdr = unsafe { zeroed() };
+            hdr.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+            hdr.msg_namelen = namelen;
+            hdr.msg_iov = iovs.as_mut_ptr();
+            hdr.msg_iovlen = chunk.len();
+            if chunk.len() > 1 {
+                hdr.msg_controllen = sys::write_gso_cmsg(&mut ctrl, self.cell as u16);
+                hdr.msg_control = ctrl.as_mut_ptr().cast();
+            }
+            // SAFETY: every pointer in `hdr` refers to live locals or buffers owned by
+            // self for the duration of this synchronous call.
+            let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, 0) };
+            if r < 0 {
+                shared.engine.stats.send_errors.fetch_add(1, Relaxed);
+                shared
+                    .engine
+                    .relay
+                    .count_drop(DropReason::QueueFull, chunk.len() as u64);
+            } else {
+                shared
+                    .engine
+                    .stats
+                    .cells_tx
+                    .fetch_add(chunk.len() as u64, Relaxed);
+                shared.engine.stats.datagrams_tx.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn flush<A: Aead>(&mut self, shared: &mut Shared<'_, A>) {
+        let side = std::mem::take(&mut self.side);
+        for s in &side {
+            match s {
+                Side::Opened { circuit, dest } => match self.exits.open(*circuit, *dest, true) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => shared.engine.relay.count_drop(DropReason::Capacity, 1),
+                    Err(_) => shared.engine.relay.count_drop(DropReason::Policy, 1),
+                },
+                Side::Closed { circuit } => {
+                    if let Some(x) = self.exits.detach(circuit) {
+                        self.exits.free(x);
+                    }
+                }
+                Side::Deliver {
+                    circuit,
+                    slot,
+                    range,
+                    ..
+                } => {
+                    let sock = self
+                        .exits
+                        .get(circuit)
+                        .and_then(|x| self.exits.slots[x as usize].sock.as_ref());
+                    match sock {
+                        Some(sock) => match sock.send(&self.bufs[*slot as usize][range.clone()]) {
+                            Ok(_) => {
+                                shared.engine.stats.exit_delivered.fetch_add(1, Relaxed);
+                            }
+                            Err(_) => {
+                                shared.engine.stats.send_errors.fetch_add(1, Relaxed);
+                            }
+                        },
+                        None => shared
+                            .engine
+                            .relay
+                            .count_drop(DropReason::UnknownCircuit, 1),
+                    }
+                }
+            }
+        }
+        self.side = side;
+        self.side.clear();
+        let plan = std::mem::take(&mut self.plan);
+        for g in plan.groups() {
+            self.send_group(shared, &g.dest, &g.cells);
+            for loc in &g.cells {
+                if let Loc::Tx { idx } = *loc {
+                    self.arena.release(idx);
+                }
+            }
+        }
+        self.plan = plan;
+        self.plan.clear();
+    }
+
+    fn read_exits<A: Aead>(&mut self, shared: &mut Shared<'_, A>, now: u64) {
+        let payload_max = shared.engine.layout.payload_max();
+        for x in 0..self.exits.slots.len() {
+            loop {
+                let slot = &mut self.exits.slots[x];
+                let (Some(sock), Some(circuit)) = (slot.sock.as_ref(), slot.circuit) else {
+                    break;
+                };
+                let mut buf = [0u8; EXIT_BUF];
+                let n = match sock.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(_) => break,
+                };
+                if n > payload_max {
+                    shared.engine.relay.count_drop(DropReason::Malformed, 1);
+                    continue;
+                }
+                let Some(idx) = self.arena.alloc() else {
+                    shared.engine.relay.count_drop(DropReason::QueueFull, 1);
+                    continue;
+                };
+                match shared.engine.relay.exit_reply(
+                    circuit,
+                    &buf[..n],
+                    self.arena.cell_mut(idx),
+                    now,
+                ) {
+                    Ok(to) => {
+                        self.plan.push(to, Loc::Tx { idx });
+                        shared.engine.stats.exit_replies.fetch_add(1, Relaxed);
+                    }
+                    Err(_) => self.arena.release(idx),
+                }
+            }
+        }
+    }
+
+    /// Runs until stopped or drained.
+    pub(crate) fn run<A: Aead>(&mut self, shared: &mut Shared<'_, A>) -> io::Result<Exit> {
+        let mut last_tick = 0u64;
+        loop {
+            self.pollfds.clear();
+            for s in &self.sockets {
+                self.pollfds.push(libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            for e in &self.exits.slots {
+                if let Some(s) = &e.sock {
+                    self.pollfds.push(libc::pollfd {
+                        fd: s.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                }
+            }
+            // SAFETY: pollfds is a valid array of the length passed.
+            let r = unsafe {
+                libc::poll(
+                    self.pollfds.as_mut_ptr(),
+                    self.pollfds.len() as libc::nfds_t,
+                    50,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    return Err(e);
+                }
+            }
+            let now = sys::now_ms();
+            shared.engine.relay.begin_batch(shared.engine.setup_budget);
+            for si in 0..self.sockets.len() {
+                loop {
+                    self.reset_msgs();
+                    // SAFETY: msgs/iovs/addrs/ctrls are owned by self, sized as passed,
+                    // and their pointers were just set by reset_msgs.
+                    let n = unsafe {
+                        libc::recvmmsg(
+                            self.sockets[si].as_raw_fd(),
+                            self.msgs.as_mut_ptr(),
+                            self.msgs.len() as u32,
+                            libc::MSG_DONTWAIT,
+                            std::ptr::null_mut(),
+                        )
+                    };
+                    if n <= 0 {
+                        break;
+                    }
+                    for i in 0..n as usize {
+                        let h = &self.msgs[i].msg_hdr;
+                        let len = self.msgs[i].msg_len as usize;
+                        let seg = sys::read_gro_cmsg(h).unwrap_or(len);
+                        let src = sys::from_sockaddr(&self.addrs[i], h.msg_namelen);
+                        let trunc = h.msg_flags & libc::MSG_TRUNC != 0;
+                        match src {
+                            Some(src) if !trunc && seg.is_multiple_of(self.cell) => {
+                                let buf = &mut self.bufs[i][..len];
+                                shared.engine.on_datagram(
+                                    src,
+                                    i as u32,
+                                    buf,
+                                    &mut self.plan,
+                                    &mut self.side,
+                                    now,
+                                );
+                            }
+                            _ => shared.engine.relay.count_drop(DropReason::Malformed, 1),
+                        }
+                    }
+                    // Send before the buffers are reused by the next recvmmsg.
+                    self.flush(shared);
+                    shared.engine.stats.batches.fetch_add(1, Relaxed);
+                    if (n as usize) < self.msgs.len() {
+                        break;
+                    }
+                }
+            }
+            self.read_exits(shared, now);
+            self.flush(shared);
+            shared.engine.publish();
+            if let Some(exit) = shared.poll_control(now) {
+                return Ok(exit);
+            }
+            if now.saturating_sub(last_tick) >= 100 {
+                last_tick = now;
+                let mut closed = Vec::new();
+                shared.engine.relay.expire(now, |c| closed.push(c));
+                for c in closed {
+                    self.side.push(Side::Closed { circuit: c });
+                }
+                self.flush(shared);
+            }
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! The io_uring driver: `RecvMsg` with UDP GRO into fixed receive slots, one
+//! `SendMsg` with `UDP_SEGMENT` (GSO) per next hop and batch, cells sent from the
+//! buffer they arrived in, receive slots re-armed only after every send that points
+//! into them has completed.
+//!
+//! Memory: every buffer, msghdr, iovec and control buffer is allocated in
+//! [`Driver::new`] inside vectors that are never resized, so the addresses handed to
+//! the kernel stay valid for as long as an operation is in flight.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use shroud_proto::relay::DropReason;
+
+use crate::engine::{Loc, Plan, Side};
+use crate::exits::{Exits, TxArena, EXIT_BUF};
+use crate::sys::{self, CMSG_BUF};
+use crate::worker::{Exit, Shared, WorkerSpec};
+use shroud_proto::aead::Aead;
+
+/// Bytes of one receive buffer: the largest GRO-coalesced datagram.
+const RX_BUF: usize = 65536;
+/// Most cells per GSO send (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels).
+const MAX_SEGS: usize = 64;
+
+const K_RECV: u64 = 1;
+const K_SEND: u64 = 2;
+const K_XRECV: u64 = 3;
+const K_XSEND: u64 = 4;
+const K_CANCEL: u64 = 5;
+
+fn ud(kind: u64, idx: u64) -> u64 {
+    (kind << 56) | idx
+}
+
+struct RecvSlot {
+    buf: Box<[u8]>,
+    iov: libc::iovec,
+    hdr: libc::msghdr,
+    addr: libc::sockaddr_storage,
+    ctrl: [u8; CMSG_BUF],
+    sock: usize,
+    refs: u32,
+}
+
+struct SendSlot {
+    hdr: libc::msghdr,
+    addr: libc::sockaddr_storage,
+    iovs: [libc::iovec; MAX_SEGS],
+    ctrl: [u8; CMSG_BUF],
+    locs: [Loc; MAX_SEGS],
+    n: usize,
+}
+
+/// The io_uring driver of one worker.
+pub struct Driver {
+    ring: IoUring,
+    sockets: Vec<std::net::UdpSocket>,
+    rx: Vec<RecvSlot>,
+    tx: Vec<SendSlot>,
+    free_tx: Vec<u32>,
+    arena: TxArena,
+    exits: Exits,
+    cell: usize,
+    max_segs: usize,
+    plan: Plan,
+    side: Vec<Side>,
+    completions: Vec<(u64, i32)>,
+    touched: Vec<u32>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("uring::Driver")
+            .field("rx", &self.rx.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Driver {
+    /// Sets up the ring (DEFER_TASKRUN + SINGLE_ISSUER where available) and every
+    /// buffer. Fails if io_uring is unavailable (e.g. a container's seccomp policy).
+    pub fn new(spec: &WorkerSpec) -> io::Result<Self> {
+        let entries = (spec.io.recv_slots + spec.io.send_slots + spec.io.exit_sockets * 2 + 64)
+            .next_power_of_two()
+            .min(32768) as u32;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::builder().build(entries))?;
+        let mut sockets = Vec::with_capacity(spec.sockets.len());
+        for s in &spec.sockets {
+            let s = s.try_clone()?;
+            if spec.io.gro_gso {
+                sys::enable_gro(&s)?;
+            }
+            sockets.push(s);
+        }
+        let cell = spec.layout.cell;
+        let max_segs = if spec.io.gro_gso {
+            MAX_SEGS.min(65000 / cell).max(1)
+        } else {
+            1
+        };
+        let n_rx = spec.io.recv_slots.max(sockets.len());
+        let mut rx: Vec<RecvSlot> = Vec::with_capacity(n_rx);
+        for i in 0..n_rx {
+            rx.push(RecvSlot {
+                buf: vec![0u8; RX_BUF].into_boxed_slice(),
+                // SAFETY: all-zero is a valid iovec/msghdr/sockaddr_storage; the
+                // pointers are set below, once the vector no longer moves.
+                iov: unsafe { zeroed() },
+                hdr: unsafe { zeroed() },
+                addr: unsafe { zeroed() },
+                ctrl: [0; CMSG_BUF],
+                sock: i % sockets.len(),
+                refs: 0,
+            });
+        }
+        for s in rx.iter_mut() {
+            s.iov.iov_base = s.buf.as_mut_ptr().cast();
+            s.iov.iov_len = RX_BUF;
+            s.hdr.msg_name = (&mut s.addr as *mut libc::sockaddr_storage).cast();
+            s.hdr.msg_iov = &mut s.iov;
+            s.hdr.msg_iovlen = 1;
+            s.hdr.msg_control = s.ctrl.as_mut_ptr().cast();
+        }
+        let mut tx: Vec<SendSlot> = Vec::with_capacity(spec.io.send_slots);
+        for _ in 0..spec.io.send_slots {
+            tx.push(SendSlot {
+                // SAFETY: as above; pointers are set per send.
+                hdr: unsafe { zeroed() },
+                addr: unsafe { zeroed() },
+                iovs: unsafe { zeroed() },
+                ctrl: [0; CMSG_BUF],
+                locs: [Loc::Tx { idx: 0 }; MAX_SEGS],
+                n: 0,
+            });
+        }
+        let mut d = Driver {
+            ring,
+            sockets,
+            free_tx: (0..tx.len() as u32).rev().collect(),
+            rx,
+            tx,
+            arena: TxArena::new(spec.io.tx_cells, cell),
+            exits: Exits::new(spec.io.exit_sockets),
+            cell,
+            max_segs,
+            plan: Plan::default(),
+            side: Vec::with_capacity(256),
+            completions: Vec::with_capacity(1024),
+            touched: Vec::with_capacity(64),
+        };
+        for i in 0..d.rx.len() {
+            d.arm_recv(i as u32)?;
+        }
+        d.ring.submit()?;
+        Ok(d)
+    }
+
+    fn push(&mut self, e: squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: every entry we push points at memory owned by `self` that stays
+            // allocated and unmoved until its completion is reaped (module docs).
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit()?;
+        }
+    }
+
+    fn arm_recv(&mut self, i: u32) -> io::Result<()> {
+        let s = &mut self.rx[i as usize];
+        s.hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        s.hdr.msg_controllen = CMSG_BUF;
+        s.hdr.msg_flags = 0;
+        let fd = self.sockets[s.sock].as_raw_fd();
+        let e = opcode::RecvMsg::new(types::Fd(fd), &mut s.hdr)
+            .build()
+            .user_data(ud(K_RECV, u64::from(i)));
+        self.push(e)
+    }
+
+    fn arm_exit_recv(&mut self, x: u32) -> io::Result<()> {
+        let slot = &mut self.exits.slots[x as usize];
+        let Some(sock) = slot.sock.as_ref() else {
+            return Ok(());
+        };
+        let e = opcode::Recv::new(
+            types::Fd(sock.as_raw_fd()),
+            slot.buf.as_mut_ptr(),
+            EXIT_BUF as u32,
+        )
+        .build()
+        .user_data(ud(K_XRECV, u64::from(x)));
+        self.push(e)
+    }
+
+    fn release(&mut self, loc: Loc) -> io::Result<()> {
+        match loc {
+            Loc::Rx { slot, .. } => {
+                let s = &mut self.rx[slot as usize];
+                s.refs -= 1;
+                if s.refs == 0 {
+                    self.arm_recv(slot)?;
+                }
+            }
+            Loc::Tx { idx } => self.arena.release(idx),
+        }
+        Ok(())
+    }
+
+    fn socket_for(&self, dest: &std::net::SocketAddr) -> Option<usize> {
+        self.sockets.iter().position(|s| {
+            s.local_addr()
+                .map(|a| a.is_ipv4() == dest.is_ipv4())
+                .unwrap_or(false)
+        })
+    }
+
+    /// Submits one GSO send per next hop (in chunks of `max_segs` cells).
+    fn flush<A: Aead>(&mut self, shared: &mut Shared<'_, A>) -> io::Result<()> {
+        let plan = std::mem::take(&mut self.plan);
+        for g in plan.groups() {
+            let sock = self.socket_for(&g.dest);
+            for chunk in g.cells.chunks(self.max_segs) {
+                let (Some(sock), Some(t)) = (sock, self.free_tx.pop()) else {
+                    // No socket of that family, or every send slot busy: drop.
+                    shared
+                        .engine
+                        .relay
+                        .count_drop(DropReason::QueueFull, chunk.len() as u64);
+                    for &loc in chunk {
+                        if let Loc::Tx { idx } = loc {
+                            self.arena.release(idx);
+                        }
+                    }
+                    continue;
+                };
+                let cell = self.cell;
+                let s = &mut self.tx[t as usize];
+                s.n = chunk.len();
+                for (k, &loc) in chunk.iter().enumerate() {
+                    let ptr = match loc {
+                        Loc::Rx { slot, off } => {
+                            let r = &mut self.rx[slot as usize];
+                            r.refs += 1;
+                            r.buf[off as usize..].as_ptr()
+                        }
+                        Loc::Tx { idx } => self.arena.ptr(idx),
+                    };
+                    s.iovs[k] = libc::iovec {
+                        iov_base: ptr as *mut libc::c_void,
+                        iov_len: cell,
+                    };
+                    s.locs[k] = loc;
+                }
+                let namelen = sys::to_sockaddr(&g.dest, &mut s.addr);
+                s.hdr.msg_name = (&mut s.addr as *mut libc::sockaddr_storage).cast();
+                s.hdr.msg_namelen = namelen;
+                s.hdr.msg_iov = s.iovs.as_mut_ptr();
+                s.hdr.msg_iovlen = chunk.len();
+                if chunk.len() > 1 {
+                    s.hdr.msg_controllen = sys::write_gso_cmsg(&mut s.ctrl, cell as u16);
+                    s.hdr.msg_control = s.ctrl.as_mut_ptr().cast();
+                } else {
+                    s.hdr.msg_control = std::ptr::null_mut();
+                    s.hdr.msg_controllen = 0;
+                }
+                let fd = self.sockets[sock].as_raw_fd();
+                let e = opcode::SendMsg::new(types::Fd(fd), &s.hdr)
+                    .build()
+                    .user_data(ud(K_SEND, u64::from(t)));
+                self.push(e)?;
+                shared
+                    .engine
+                    .stats
+                    .cells_tx
+                    .fetch_add(chunk.len() as u64, Relaxed);
+                shared.engine.stats.datagrams_tx.fetch_add(1, Relaxed);
+            }
+        }
+        self.plan = plan;
+        self.plan.clear();
+        Ok(())
+    }
+
+    fn on_side<A: Aead>(&mut self, shared: &mut Shared<'_, A>) -> io::Result<()> {
+        let side = std::mem::take(&mut self.side);
+        for s in &side {
+            match s {
+                Side::Opened { circuit, dest } => match self.exits.open(*circuit, *dest, false) {
+                    Ok(Some(x)) => self.arm_exit_recv(x)?,
+                    Ok(None) => shared.engine.relay.count_drop(DropReason::Capacity, 1),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "exit socket failed");
+                        shared.engine.relay.count_drop(DropReason::Policy, 1);
+                    }
+                },
+                Side::Closed { circuit } => {
+                    if let Some(x) = self.exits.detach(circuit) {
+                        let e = opcode::AsyncCancel::new(ud(K_XRECV, u64::from(x)))
+                            .build()
+                            .user_data(ud(K_CANCEL, u64::from(x)));
+                        self.push(e)?;
+                    }
+                }
+                Side::Deliver {
+                    circuit,
+                    slot,
+                    range,
+                    ..
+                } => {
+                    let Some(x) = self.exits.get(circuit) else {
+                        shared
+                            .engine
+                            .relay
+                            .count_drop(DropReason::UnknownCircuit, 1);
+                        continue;
+                    };
+                    let Some(sock) = self.exits.slots[x as usize].sock.as_ref() else {
+                        continue;
+                    };
+                    let r = &mut self.rx[*slot as usize];
+                    r.refs += 1;
+                    let e = opcode::Send::new(
+                        types::Fd(sock.as_raw_fd()),
+                        r.buf[range.start..].as_ptr(),
+                        range.len() as u32,
+                    )
+                    .build()
+                    .user_data(ud(K_XSEND, u64::from(*slot)));
+                    self.push(e)?;
+                    shared.engine.stats.exit_delivered.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        self.side = side;
+        self.side.clear();
+        Ok(())
+    }
+
+    fn on_exit_reply<A: Aead>(
+        &mut self,
+        shared: &mut Shared<'_, A>,
+        x: u32,
+        len: usize,
+        now_ms: u64,
+    ) {
+        let Some(circuit) = self.exits.slots[x as usize].circuit else {
+            return;
+        };
+        let Some(idx) = self.arena.alloc() else {
+            shared.engine.relay.count_drop(DropReason::QueueFull, 1);
+            return;
+        };
+        let payload_max = shared.engine.layout.payload_max();
+        let len = len.min(EXIT_BUF);
+        if len > payload_max {
+            shared.engine.relay.count_drop(DropReason::Malformed, 1);
+            self.arena.release(idx);
+            return;
+        }
+        let mut payload = [0u8; EXIT_BUF];
+        payload[..len].copy_from_slice(&self.exits.slots[x as usize].buf[..len]);
+        match shared.engine.relay.exit_reply(
+            circuit,
+            &payload[..len],
+            self.arena.cell_mut(idx),
+            now_ms,
+        ) {
+            Ok(to) => {
+                self.plan.push(to, Loc::Tx { idx });
+                shared.engine.stats.exit_replies.fetch_add(1, Relaxed);
+            }
+            Err(_) => self.arena.release(idx),
+        }
+    }
+
+    /// Runs until stopped or drained.
+    pub(crate) fn run<A: Aead>(&mut self, shared: &mut Shared<'_, A>) -> io::Result<Exit> {
+        let ts = types::Timespec::new().nsec(50_000_000);
+        let mut last_tick = 0u64;
+        loop {
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ETIME)
+                        || e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => return Err(e),
+            }
+            let now = sys::now_ms();
+            shared.engine.relay.begin_batch(shared.engine.setup_budget);
+            self.completions.clear();
+            self.completions
+                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            let comps = std::mem::take(&mut self.completions);
+            for &(u, res) in &comps {
+                let idx = (u & ((1 << 56) - 1)) as u32;
+                match u >> 56 {
+                    K_RECV => {
+                        if res < 0 {
+                            self.arm_recv(idx)?;
+                            continue;
+                        }
+                        let s = &mut self.rx[idx as usize];
+                        let len = res as usize;
+                        let src = sys::from_sockaddr(&s.addr, s.hdr.msg_namelen);
+                        let truncated = s.hdr.msg_flags & libc::MSG_TRUNC != 0;
+                        match (src, truncated) {
+                            (Some(src), false) => {
+                                // GRO segments are whole datagrams; each must be a
+                                // whole number of cells, which the engine checks on
+                                // the concatenation (all segments but the last have
+                                // the GRO size, and cells never straddle them when
+                                // that size is a multiple of CELL).
+                                let seg = sys::read_gro_cmsg(&s.hdr).unwrap_or(len);
+                                if !seg.is_multiple_of(self.cell) {
+                                    shared.engine.relay.count_drop(DropReason::Malformed, 1);
+                                } else {
+                                    let buf = &mut s.buf[..len];
+                                    shared.engine.on_datagram(
+                                        src,
+                                        idx,
+                                        buf,
+                                        &mut self.plan,
+                                        &mut self.side,
+                                        now,
+                                    );
+                                }
+                            }
+                            _ => shared.engine.relay.count_drop(DropReason::Malformed, 1),
+                        }
+                        self.touched.push(idx);
+                    }
+                    K_SEND => {
+                        if res < 0 {
+                            shared.engine.stats.send_errors.fetch_add(1, Relaxed);
+                        }
+                        let n = self.tx[idx as usize].n;
+                        for k in 0..n {
+                            let loc = self.tx[idx as usize].locs[k];
+                            self.release(loc)?;
+                        }
+                        self.free_tx.push(idx);
+                    }
+                    K_XSEND => {
+                        if res < 0 {
+                            shared.engine.stats.send_errors.fetch_add(1, Relaxed);
+                        }
+                        self.release(Loc::Rx { slot: idx, off: 0 })?;
+                    }
+                    K_XRECV => {
+                        let closing = self.exits.slots[idx as usize].closing;
+                        if closing || res == -libc::ECANCELED {
+                            self.exits.free(idx);
+                        } else {
+                            if res >= 0 {
+                                self.on_exit_reply(shared, idx, res as usize, now);
+                            }
+                            self.arm_exit_recv(idx)?;
+                        }
+                    }
+                    K_CANCEL => {}
+                    _ => {}
+                }
+            }
+            self.completions = comps;
+            self.on_side(shared)?;
+            self.flush(shared)?;
+            for i in std::mem::take(&mut self.touched) {
+                if self.rx[i as usize].refs == 0 {
+                    self.arm_recv(i)?;
+                }
+            }
+            shared.engine.stats.batches.fetch_add(1, Relaxed);
+            shared.engine.publish();
+            if let Some(exit) = shared.poll_control(now) {
+                return Ok(exit);
+            }
+            if now.saturating_sub(last_tick) >= 100 {
+                last_tick = now;
+                let mut closed = Vec::new();
+                shared.engine.relay.expire(now, |c| closed.push(c));
+                for c in closed {
+                    self.side.push(Side::Closed { circuit: c });
+                }
+                self.on_side(shared)?;
+            }
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The `shroud-relay` binary's command line: help, `--verify-config`, and exit code 78
+//! for every kind of bad configuration.
+
+use std::process::Command;
+
+use shroud_proto::keys::{IdentityKey, OnionSecret};
+use shroud_proto::peerlist::{NetworkParams, OnionKeyEntry, PeerList, RelayDescriptor};
+use shroud_tests::{now_s, temp_dir, write_key};
+
+fn relay() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_shroud-relay"))
+}
+
+struct Setup {
+    dir: std::path::PathBuf,
+    authority: IdentityKey,
+}
+
+fn setup(tag: &str) -> Setup {
+    let dir = temp_dir(tag);
+    let mut rng = rand_core::OsRng;
+    let id = IdentityKey::generate(&mut rng);
+    let onion = OnionSecret::generate(&mut rng);
+    let authority = IdentityKey::generate(&mut rng);
+    write_key(&dir.join("identity.key"), &id.to_bytes());
+    write_key(&dir.join("onion.key"), &onion.to_bytes());
+    let now = now_s();
+    let mut list = PeerList::new(7, now - 10, now + 3600, NetworkParams::default());
+    list.relays.push(RelayDescriptor {
+        identity: id.public(),
+        addr: "127.0.0.1".parse().unwrap(),
+        ports: (9000, 9000),
+        onion_keys: vec![OnionKeyEntry {
+            key: onion.public(),
+            valid_until: now + 3600,
+        }],
+        exit: false,
+        weight: 1,
+    });
+    list.normalize();
+    list.sign(&authority).unwrap();
+    std::fs::write(dir.join("peers.list"), list.encode()).unwrap();
+    Setup { dir, authority }
+}
+
+fn config(s: &Setup, extra: &str) -> std::path::PathBuf {
+    let p = s.dir.join("relay.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\npeer_list = \"peers.list\"\nauthorities = [\"{}\"]\n{extra}",
+            s.authority.public().to_base64()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn help_names_the_signals_and_exit_codes() {
+    let out = relay().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("--verify-config") && text.contains("SIGHUP") && text.contains("78"),
+        "{text}"
+    );
+}
+
+#[test]
+fn verify_config_accepts_a_good_configuration() {
+    let s = setup("verify-ok");
+    let out = relay()
+        .arg("--config")
+        .arg(config(&s, ""))
+        .arg("--verify-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("configuration OK") && text.contains("serial 7"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_configurations_exit_78_with_a_clear_message() {
+    let s = setup("verify-bad");
+    let cases: Vec<(String, &str)> = vec![
+        ("[network]\nworkers = 0\n".into(), "network.workers"),
+        ("[network]\nfrobnicate = 1\n".into(), "unknown field"),
+        ("this is not toml".into(), "relay.toml"),
+        ("[relay]\n".into(), "duplicate"),
+    ];
+    for (extra, want) in cases {
+        let out = relay()
+            .arg("--config")
+            .arg(config(&s, &extra))
+            .arg("--verify-config")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78), "{extra}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{extra}: {err}");
+    }
+    // A missing config file.
+    let out = relay()
+        .arg("--config")
+        .arg(s.dir.join("nope.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    // A key file readable by others.
+    let cfg = config(&s, "");
+    std::fs::set_permissions(
+        s.dir.join("onion.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let out = relay()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--verify-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chmod"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::set_permissions(
+        s.dir.join("onion.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    // A tampered peer list.
+    let list = std::fs::read_to_string(s.dir.join("peers.list")).unwrap();
+    std::fs::write(
+        s.dir.join("peers.list"),
+        list.replace("weight 1", "weight 2"),
+    )
+    .unwrap();
+    let out = relay()
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--verify-config")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("peer list"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

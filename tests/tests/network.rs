@@ -1,0 +1,365 @@
+//! Real `shroud-relay` processes on loopback, real sockets, real crypto: circuits of
+//! 1, 3 and H_MAX hops, bad input of every kind, a relay killed mid-stream, reload
+//! and key rotation under traffic.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use shroud_client::{udp_echo_server, Client, ClientError};
+use shroud_tests::{write_key, NetOpts, TestNet};
+
+const T: Duration = Duration::from_secs(5);
+
+fn echo(net: u8) -> (SocketAddr, shroud_client::EchoHandle) {
+    udp_echo_server(SocketAddr::from(([127, 0, net, 250], 0))).expect("echo server")
+}
+
+/// Sends `n` distinct payloads on circuit `id` and checks every one comes back intact.
+fn round_trips(c: &mut Client, id: shroud_client::CircuitId, n: usize, tag: u8) {
+    let max = c.payload_max();
+    for k in 0..n {
+        let len = [0, 1, 100, max][k % 4];
+        let payload: Vec<u8> = (0..len).map(|i| (i as u8) ^ (k as u8) ^ tag).collect();
+        c.send(id, &payload).expect("send");
+        let (got_id, got) = c.recv(T).expect("reply");
+        assert_eq!(got_id, id);
+        assert_eq!(got, payload, "payload {k} intact both ways");
+    }
+}
+
+fn check_circuits(driver: &'static str, net_no: u8) {
+    let mut opts = NetOpts::new(net_no, 8);
+    opts.driver = driver;
+    let net = TestNet::start(opts);
+    let (dest, echo) = echo(net_no);
+    let mut c = net.client();
+    for hops in [1usize, 3, 8] {
+        let path: Vec<usize> = (0..hops).collect();
+        let id = c
+            .build_circuit(&net.path(&path), dest, T)
+            .unwrap_or_else(|e| panic!("{hops} hops: {e}\n{}", net.log(0)));
+        round_trips(&mut c, id, 12, hops as u8);
+    }
+    assert_eq!(echo.datagrams(), 36);
+    for i in 0..8 {
+        let s = net.admin(i, json!({"cmd": "status"}));
+        let w = &s["result"]["workers"][0]["stats"];
+        assert_eq!(
+            w["driver"],
+            if driver == "mmsg" {
+                "recvmmsg"
+            } else {
+                "io_uring"
+            }
+        );
+        // Every datagram that reached a relay was a whole number of cells.
+        assert_eq!(s["result"]["drops"]["malformed"], 0, "relay {i}: {s}");
+        assert_eq!(s["result"]["drops"]["bad_tag"], 0, "relay {i}: {s}");
+    }
+}
+
+#[test]
+fn circuits_of_1_3_and_h_max_hops_deliver_both_ways_io_uring() {
+    check_circuits("uring", 11);
+}
+
+#[test]
+fn circuits_of_1_3_and_h_max_hops_deliver_both_ways_fallback_driver() {
+    check_circuits("mmsg", 12);
+}
+
+#[test]
+fn every_datagram_on_a_relay_link_is_a_whole_number_of_cells() {
+    // A user-space tap between the client and the first relay sees every datagram of
+    // that link in both directions.
+    let net = TestNet::start(NetOpts::new(13, 3));
+    let (dest, _echo) = echo(13);
+    let tap = UdpSocket::bind("127.0.13.150:0").unwrap();
+    tap.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let tap_addr = tap.local_addr().unwrap();
+    let relay0 = SocketAddr::new(net.relays[0].addr, net.relays[0].ports.0);
+    let mut path = net.path(&[0, 1, 2]);
+    path[0].addr = tap_addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t = {
+        let (stop, sizes) = (stop.clone(), sizes.clone());
+        std::thread::spawn(move || {
+            let mut client: Option<SocketAddr> = None;
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = tap.recv_from(&mut buf) else {
+                    continue;
+                };
+                sizes.lock().unwrap().push(n);
+                if from == relay0 {
+                    if let Some(c) = client {
+                        tap.send_to(&buf[..n], c).unwrap();
+                    }
+                } else {
+                    client = Some(from);
+                    tap.send_to(&buf[..n], relay0).unwrap();
+                }
+            }
+        })
+    };
+    // The relay sees the tap as its client: it links to the tap's address.
+    let mut c = net.client();
+    let id = c
+        .build_circuit(&path, dest, T)
+        .expect("circuit through the tap");
+    round_trips(&mut c, id, 20, 1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    t.join().unwrap();
+    let sizes = sizes.lock().unwrap();
+    assert!(sizes.len() >= 42, "{} datagrams", sizes.len());
+    assert!(
+        sizes.iter().all(|n| n.is_multiple_of(1024) && *n > 0),
+        "{sizes:?}"
+    );
+}
+
+#[test]
+fn bad_input_is_dropped_and_counted_while_a_circuit_keeps_delivering() {
+    let mut opts = NetOpts::new(14, 3);
+    opts.setup_rate = 50;
+    opts.setup_burst = 50;
+    let net = TestNet::start(opts);
+    let (dest, _echo) = echo(14);
+    let mut good = net.client();
+    let id = good
+        .build_circuit(&net.path(&[0, 1, 2]), dest, T)
+        .expect("circuit");
+    let relay0 = SocketAddr::new(net.relays[0].addr, net.relays[0].ports.0);
+    let attacker = UdpSocket::bind("127.0.14.201:0").unwrap();
+
+    // Garbage datagrams: wrong sizes and random cells.
+    for len in [1usize, 100, 1023, 1025, 3000] {
+        attacker.send_to(&vec![0x5a; len], relay0).unwrap();
+    }
+    for k in 0..20u8 {
+        attacker.send_to(&[k; 1024], relay0).unwrap();
+    }
+    round_trips(&mut good, id, 5, 2);
+
+    // A setup naming a next hop outside the peer list: refused at hop 0.
+    let mut rogue_list = net.list.clone();
+    let outsider = shroud_proto::keys::IdentityKey::generate(&mut rand_core::OsRng);
+    let outsider_onion = shroud_proto::keys::OnionSecret::generate(&mut rand_core::OsRng);
+    rogue_list
+        .relays
+        .push(shroud_proto::peerlist::RelayDescriptor {
+            identity: outsider.public(),
+            addr: "127.0.14.99".parse().unwrap(),
+            ports: (9000, 9000),
+            onion_keys: vec![shroud_proto::peerlist::OnionKeyEntry {
+                key: outsider_onion.public(),
+                valid_until: shroud_tests::now_s() + 3600,
+            }],
+            exit: true,
+            weight: 1,
+        });
+    rogue_list.normalize();
+    let mut path = net.path(&[0]);
+    path.extend(
+        shroud_client::path_from_ids(&rogue_list, &[outsider.public().relay_id()]).unwrap(),
+    );
+    let mut rogue = net.client();
+    match rogue.build_circuit(&path, dest, T) {
+        Err(ClientError::Refused { hop, .. }) => assert_eq!(hop, 0),
+        other => panic!("expected a refusal at hop 0, got {other:?}"),
+    }
+    round_trips(&mut good, id, 5, 3);
+
+    // A flood of setup cells from one source: rate limited, the good circuit unharmed.
+    let mut flood = net.client();
+    let started = Instant::now();
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_secs(2) {
+        if flood
+            .build_circuit(&net.path(&[0, 1]), dest, Duration::from_millis(30))
+            .is_err()
+        {
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "the flood was never limited");
+    round_trips(&mut good, id, 5, 4);
+
+    let malformed =
+        net.drops(0, "malformed") + net.drops(0, "bad_tag") + net.drops(0, "unknown_circuit");
+    assert!(malformed >= 25, "garbage was not all counted: {malformed}");
+    assert!(net.drops(0, "not_a_peer") >= 1);
+    assert!(net.drops(0, "rate_limited") >= 1);
+}
+
+#[test]
+fn flipped_bits_and_replays_are_dropped_at_the_next_hop() {
+    // A tap that forwards every datagram from the client to relay 0 twice (a replay)
+    // and, for every fifth, a copy with one bit flipped first.
+    let net = TestNet::start(NetOpts::new(15, 2));
+    let (dest, _echo) = echo(15);
+    let tap = UdpSocket::bind("127.0.15.150:0").unwrap();
+    tap.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let tap_addr = tap.local_addr().unwrap();
+    let relay0 = SocketAddr::new(net.relays[0].addr, net.relays[0].ports.0);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut client: Option<SocketAddr> = None;
+            let mut buf = vec![0u8; 65536];
+            let mut k = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, from)) = tap.recv_from(&mut buf) else {
+                    continue;
+                };
+                if from == relay0 {
+                    if let Some(c) = client {
+                        tap.send_to(&buf[..n], c).unwrap();
+                    }
+                    continue;
+                }
+                client = Some(from);
+                k += 1;
+                if k > 1 && k.is_multiple_of(5) {
+                    let mut bad = buf[..n].to_vec();
+                    bad[(k * 37) % n] ^= 1 << (k % 8);
+                    tap.send_to(&bad, relay0).unwrap();
+                }
+                tap.send_to(&buf[..n], relay0).unwrap();
+                if k > 1 {
+                    tap.send_to(&buf[..n], relay0).unwrap();
+                }
+            }
+        })
+    };
+    let mut c = net.client();
+    let mut path = net.path(&[0, 1]);
+    path[0].addr = tap_addr;
+    let id = c.build_circuit(&path, dest, T).expect("circuit");
+    round_trips(&mut c, id, 30, 5);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    t.join().unwrap();
+    let replays = net.drops(0, "replay");
+    let tampered =
+        net.drops(0, "bad_tag") + net.drops(0, "unknown_circuit") + net.drops(0, "malformed");
+    assert!(replays >= 29, "replays counted: {replays}");
+    assert!(tampered >= 5, "tampered counted: {tampered}");
+    assert_eq!(
+        net.drops(1, "bad_tag"),
+        0,
+        "nothing tampered got past hop 0"
+    );
+}
+
+#[test]
+fn a_relay_killed_mid_stream_is_detected_without_hanging() {
+    let mut net = TestNet::start(NetOpts::new(16, 3));
+    let (dest, _echo) = echo(16);
+    let mut c = net.client();
+    let id = c
+        .build_circuit(&net.path(&[0, 1, 2]), dest, T)
+        .expect("circuit");
+    round_trips(&mut c, id, 5, 6);
+    net.kill(1);
+    c.send(id, b"into the void")
+        .expect("send still works locally");
+    let started = Instant::now();
+    match c.recv(Duration::from_secs(2)) {
+        Err(ClientError::Timeout) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(4), "recv hung");
+    assert!(
+        !c.check_alive(id, Duration::from_secs(1)),
+        "circuit still looks alive"
+    );
+    // A new circuit avoiding the dead relay works.
+    let id2 = c
+        .build_circuit(&net.path(&[0, 2]), dest, T)
+        .expect("new circuit");
+    round_trips(&mut c, id2, 3, 7);
+}
+
+#[test]
+fn reload_and_key_rotation_under_traffic_lose_no_cells() {
+    let net = TestNet::start(NetOpts::new(17, 3));
+    let (dest, _echo) = echo(17);
+    let mut c = net.client();
+    let id = c
+        .build_circuit(&net.path(&[0, 1, 2]), dest, T)
+        .expect("circuit");
+    let mut sent = 0usize;
+    let mut got = 0usize;
+    let mut step = |c: &mut Client, n: usize| {
+        for _ in 0..n {
+            c.send(id, &(sent as u32).to_be_bytes()).unwrap();
+            sent += 1;
+            let (_, p) = c.recv(T).expect("no cell lost");
+            assert_eq!(p, ((sent - 1) as u32).to_be_bytes());
+            got += 1;
+        }
+    };
+    step(&mut c, 50);
+    // SIGHUP reload on every relay.
+    for i in 0..3 {
+        net.signal(i, "HUP");
+    }
+    step(&mut c, 50);
+    // Rotation on relay 1: a new onion key first, the old one kept for the grace
+    // period, via the admin socket.
+    let next = shroud_proto::keys::OnionSecret::generate(&mut rand_core::OsRng);
+    write_key(&net.relays[1].onion_key_next, &next.to_bytes());
+    net.write_config(1, &["onion-next.key", "onion.key"]);
+    let r = net.admin(1, json!({"cmd": "rotate"}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["result"]["onion_keys"].as_array().unwrap().len(), 2);
+    step(&mut c, 50);
+    let r = net.admin(0, json!({"cmd": "reload"}));
+    assert_eq!(r["ok"], true, "{r}");
+    step(&mut c, 50);
+    assert_eq!((sent, got), (200, 200));
+    // New circuits still build through the rotated relay (with its old key, still
+    // listed in the peer list and kept by the relay during the grace period).
+    let id2 = c
+        .build_circuit(&net.path(&[1, 2]), dest, T)
+        .expect("circuit after rotation");
+    round_trips(&mut c, id2, 3, 8);
+}
+
+#[test]
+fn drain_refuses_new_circuits_and_shutdown_exits_cleanly() {
+    let mut net = TestNet::start(NetOpts::new(18, 2));
+    let (dest, _echo) = echo(18);
+    let mut c = net.client();
+    let id = c
+        .build_circuit(&net.path(&[0, 1]), dest, T)
+        .expect("circuit");
+    let r = net.admin(0, json!({"cmd": "drain", "timeout_s": 30}));
+    assert_eq!(r["ok"], true, "{r}");
+    round_trips(&mut c, id, 5, 9);
+    assert!(
+        c.build_circuit(&net.path(&[0, 1]), dest, Duration::from_secs(1))
+            .is_err(),
+        "draining relay accepted a circuit"
+    );
+    let r = net.admin(1, json!({"cmd": "shutdown"}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        net.wait_exit(1, Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        net.log(1)
+    );
+    net.signal(0, "TERM");
+    assert_eq!(
+        net.wait_exit(0, Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        net.log(0)
+    );
+}
