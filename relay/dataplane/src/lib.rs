@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod exits;
+pub mod metrics;
 pub mod mmsg;
 pub mod stats;
 pub mod sys;

@@ -94,7 +94,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     if let Some(addr) = cfg.metrics.listen {
-        if let Err(e) = daemon::serve_metrics(addr, daemon.stats()) {
+        if let Err(e) = shroud_relay::metrics::serve_metrics(addr, daemon.stats()) {
             eprintln!("shroud-relay: {e:#}");
             return ExitCode::FAILURE;
         }
