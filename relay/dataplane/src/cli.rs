@@ -1,0 +1,118 @@
+//! The `shroud-relay` command line (the binary's `main` is a one-line call to
+//! [`main_with`]).
+//!
+//! Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 bad configuration (config file,
+//! key files, peer list).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::config::{Config, EX_CONFIG};
+use crate::daemon::{self, Daemon, StartError};
+
+/// The Shroud relay daemon: forwards constant-size onion cells with thread-per-core
+/// io_uring workers.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_help = "Signals: SIGHUP reloads the peer list and onion keys, SIGINT drains (refuses new circuits, waits up to 30 s), SIGTERM stops.\nExit codes: 0 ok, 1 runtime failure, 2 usage, 78 bad configuration."
+)]
+struct Args {
+    /// Configuration file (TOML; deploy/relay.toml shows every key).
+    #[arg(short, long, default_value = "/etc/shroud/relay.toml")]
+    config: PathBuf,
+    /// Check the configuration, key files and peer list, print a summary, and exit.
+    #[arg(long)]
+    verify_config: bool,
+}
+
+/// Runs the relay daemon with command-line `args` (the first item is the program
+/// name), exactly as the `shroud-relay` binary does; returns its exit code. The
+/// benchmark runs relays through this too, so both run the same code.
+pub fn main_with<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let args = match Args::try_parse_from(args) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    let cfg = match Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("shroud-relay: configuration error: {e}");
+            return ExitCode::from(EX_CONFIG as u8);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHROUD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    if args.verify_config {
+        return match daemon::load(&cfg) {
+            Ok(l) => {
+                println!(
+                    "configuration OK: relay {} with {} worker(s) on {:?} ports {}-{}; peer list serial {} with {} relays (CELL={}, H_MAX={}); {}",
+                    l.identity.public().relay_id(),
+                    cfg.network.workers,
+                    cfg.network.listen,
+                    cfg.network.base_port,
+                    cfg.network.base_port as usize + cfg.network.workers - 1,
+                    l.peers.serial,
+                    l.peers.relays.len(),
+                    l.peers.params.cell,
+                    l.peers.params.h_max,
+                    if cfg.exit_policy().is_exit() { "exit" } else { "not an exit" },
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("shroud-relay: configuration error: {e:#}");
+                ExitCode::from(EX_CONFIG as u8)
+            }
+        };
+    }
+
+    let (events_tx, events_rx) = crossbeam_channel::unbounded();
+    let daemon = match Daemon::start(cfg.clone()) {
+        Ok(d) => d,
+        Err(StartError::Config(e)) => {
+            eprintln!("shroud-relay: configuration error: {e:#}");
+            return ExitCode::from(EX_CONFIG as u8);
+        }
+        Err(StartError::Runtime(e)) => {
+            eprintln!("shroud-relay: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = daemon::forward_signals(events_tx.clone()) {
+        eprintln!("shroud-relay: cannot install signal handlers: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = daemon::serve_admin(&cfg.admin.socket, events_tx.clone()) {
+        eprintln!("shroud-relay: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(addr) = cfg.metrics.listen {
+        if let Err(e) = crate::metrics::serve_metrics(addr, daemon.stats()) {
+            eprintln!("shroud-relay: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
+    match daemon.run(events_rx) {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&cfg.admin.socket);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("shroud-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
