@@ -7,6 +7,8 @@
 //! peer lists with exactly the same checks as the operator's tool.
 //!
 //! Modules:
+//! - [`keydir`]: onion-key directories (`onion-<UNIX_SECONDS>.key` files), shared
+//!   with the relay;
 //! - [`keyfile`]: secret key files (one strict base64 line, mode 0600, refused when
 //!   group- or world-accessible): [`read_secret_key_file`], [`write_secret_key_file`];
 //! - [`peerfile`]: peer-list, verifier-state and authorities files, atomic replacement;
@@ -34,6 +36,7 @@
 pub mod check;
 pub mod cli;
 pub mod edit;
+pub mod keydir;
 pub mod keyfile;
 pub mod peerfile;
 pub mod render;

@@ -12,6 +12,8 @@ use serde::Deserialize;
 use shroud_proto::policy::ExitPolicy;
 use shroud_proto::relay::RelayLimits;
 
+use shroud_control::keydir::{scan_key_dir, MAX_LOADED_KEYS};
+
 use crate::worker::{CryptoChoice, DriverChoice, IoConfig};
 
 /// Exit code for a bad configuration (sysexits.h `EX_CONFIG`).
@@ -48,14 +50,42 @@ pub enum ConfigError {
     },
 }
 
+/// One onion key file to load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnionKeyFile {
+    /// The file.
+    pub path: PathBuf,
+    /// Its creation time (the number in its name) when it comes from
+    /// `relay.onion_key_dir`.
+    pub created: Option<u64>,
+}
+
+/// The onion key files selected by the configuration ([`Config::onion_key_files`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnionKeyFiles {
+    /// The files to load, newest first (1 to 3).
+    pub files: Vec<OnionKeyFile>,
+    /// Entries of `relay.onion_key_dir` that are not key files (to warn about).
+    pub ignored: Vec<PathBuf>,
+    /// Key files of `relay.onion_key_dir` beyond the 3 newest (not loaded).
+    pub unused: usize,
+}
+
 /// `[relay]`: identity, keys, directory, exit policy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelaySection {
     /// Identity key file (ed25519, one base64 line, mode 0600).
     pub identity_key: PathBuf,
-    /// Onion key files (x25519), newest first, at most 3.
+    /// Onion key files (x25519), newest first, at most 3. Exactly one of
+    /// `onion_keys` and `onion_key_dir` must be given.
+    #[serde(default)]
     pub onion_keys: Vec<PathBuf>,
+    /// A directory of onion key files named `onion-<UNIX_SECONDS>.key` (the layout
+    /// `shroudctl daemon` maintains): the relay loads the 3 newest (largest number)
+    /// at start, on SIGHUP/`reload` and on `rotate`, and warns about other entries.
+    #[serde(default)]
+    pub onion_key_dir: Option<PathBuf>,
     /// The signed peer list file.
     pub peer_list: PathBuf,
     /// Authority public keys (base64) whose signatures count.
@@ -271,6 +301,9 @@ impl Config {
         abs(&mut c.relay.identity_key);
         abs(&mut c.relay.peer_list);
         c.relay.onion_keys.iter_mut().for_each(abs);
+        if let Some(p) = c.relay.onion_key_dir.as_mut() {
+            abs(p);
+        }
         if let Some(p) = c.relay.peer_list_state.as_mut() {
             abs(p);
         }
@@ -311,11 +344,28 @@ impl Config {
                 ),
             ));
         }
-        if self.relay.onion_keys.is_empty() || self.relay.onion_keys.len() > 3 {
-            return Err(self.invalid(
-                "relay.onion_keys",
-                "list 1 to 3 onion key files, newest first",
-            ));
+        match (&self.relay.onion_key_dir, self.relay.onion_keys.len()) {
+            (Some(_), n) if n > 0 => {
+                return Err(self.invalid(
+                    "relay.onion_key_dir",
+                    "give either relay.onion_keys (key files) or relay.onion_key_dir (a key \
+                     directory), not both",
+                ))
+            }
+            (None, 0) => {
+                return Err(self.invalid(
+                    "relay.onion_keys",
+                    "give relay.onion_keys (1 to 3 onion key files, newest first) or \
+                     relay.onion_key_dir (a directory of onion-<UNIX_SECONDS>.key files)",
+                ))
+            }
+            (None, n) if n > MAX_LOADED_KEYS => {
+                return Err(self.invalid(
+                    "relay.onion_keys",
+                    "list 1 to 3 onion key files, newest first",
+                ))
+            }
+            _ => {}
         }
         if self.relay.authorities.is_empty() {
             return Err(self.invalid(
@@ -350,6 +400,54 @@ impl Config {
             return Err(self.invalid("log.level", "one of error, warn, info, debug, trace"));
         }
         Ok(())
+    }
+
+    /// The onion key files to load now, newest first: the `onion_keys` list, or the
+    /// [`MAX_LOADED_KEYS`] newest key files of `onion_key_dir` (read at each call).
+    pub fn onion_key_files(&self) -> Result<OnionKeyFiles, ConfigError> {
+        let Some(dir) = &self.relay.onion_key_dir else {
+            return Ok(OnionKeyFiles {
+                files: self
+                    .relay
+                    .onion_keys
+                    .iter()
+                    .map(|p| OnionKeyFile {
+                        path: p.clone(),
+                        created: None,
+                    })
+                    .collect(),
+                ignored: Vec::new(),
+                unused: 0,
+            });
+        };
+        let listing = scan_key_dir(dir).map_err(|e| {
+            self.invalid(
+                "relay.onion_key_dir",
+                format!("cannot read {}: {e}", dir.display()),
+            )
+        })?;
+        if listing.keys.is_empty() {
+            return Err(self.invalid(
+                "relay.onion_key_dir",
+                format!(
+                    "{} holds no onion key file (named onion-<UNIX_SECONDS>.key); create one \
+                     with `shroudctl daemon --once` or `shroudctl genkey --out`",
+                    dir.display()
+                ),
+            ));
+        }
+        Ok(OnionKeyFiles {
+            files: listing
+                .loaded()
+                .iter()
+                .map(|k| OnionKeyFile {
+                    path: k.path.clone(),
+                    created: Some(k.created),
+                })
+                .collect(),
+            unused: listing.keys.len() - listing.loaded().len(),
+            ignored: listing.ignored,
+        })
     }
 
     /// The exit policy (validated at load).
@@ -453,5 +551,78 @@ authorities = ["AAAA"]
         assert!(e.to_string().contains("unknown field"), "{e}");
         let e = Config::parse("not toml [", Path::new("r.toml")).unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }));
+    }
+
+    #[test]
+    fn onion_keys_and_onion_key_dir_are_mutually_exclusive() {
+        let dir_only = MIN.replace("onion_keys = [\"onion.key\"]", "onion_key_dir = \"keys\"");
+        let c = Config::parse(&dir_only, Path::new("/etc/shroud/relay.toml")).unwrap();
+        assert_eq!(
+            c.relay.onion_key_dir,
+            Some(PathBuf::from("/etc/shroud/keys"))
+        );
+        assert!(c.relay.onion_keys.is_empty());
+        let both = MIN.replace(
+            "onion_keys = [\"onion.key\"]",
+            "onion_keys = [\"onion.key\"]\nonion_key_dir = \"keys\"",
+        );
+        let e = Config::parse(&both, Path::new("r.toml")).unwrap_err();
+        assert!(e.to_string().contains("relay.onion_key_dir"), "{e}");
+        assert!(e.to_string().contains("not both"), "{e}");
+        let neither = MIN.replace("onion_keys = [\"onion.key\"]\n", "");
+        let e = Config::parse(&neither, Path::new("r.toml")).unwrap_err();
+        assert!(e.to_string().contains("relay.onion_key_dir"), "{e}");
+        let four = MIN.replace("[\"onion.key\"]", "[\"a\", \"b\", \"c\", \"d\"]");
+        let e = Config::parse(&four, Path::new("r.toml")).unwrap_err();
+        assert!(e.to_string().contains("relay.onion_keys"), "{e}");
+    }
+
+    #[test]
+    fn onion_key_dir_selects_the_three_newest_key_files() {
+        let tmp = std::env::temp_dir().join(format!(
+            "shroud-config-keydir-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let keys = tmp.join("keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        let text = MIN.replace("onion_keys = [\"onion.key\"]", "onion_key_dir = \"keys\"");
+        let c = Config::parse(&text, &tmp.join("relay.toml")).unwrap();
+        // An empty directory is a configuration error naming the directory.
+        let e = c.onion_key_files().unwrap_err();
+        assert!(e.to_string().contains("holds no onion key file"), "{e}");
+        for name in [
+            "onion-100.key",
+            "onion-300.key",
+            "onion-200.key",
+            "onion-50.key",
+            "README",
+            "onion-0400.key",
+        ] {
+            std::fs::write(keys.join(name), "x").unwrap();
+        }
+        let f = c.onion_key_files().unwrap();
+        let created: Vec<Option<u64>> = f.files.iter().map(|k| k.created).collect();
+        assert_eq!(created, vec![Some(300), Some(200), Some(100)]);
+        assert_eq!(f.files[0].path, keys.join("onion-300.key"));
+        assert_eq!(f.unused, 1);
+        assert_eq!(
+            f.ignored,
+            vec![keys.join("README"), keys.join("onion-0400.key")]
+        );
+        // A missing directory is an error too.
+        std::fs::remove_dir_all(&tmp).unwrap();
+        let e = c.onion_key_files().unwrap_err();
+        assert!(e.to_string().contains("cannot read"), "{e}");
+        // Key files from the list come back as given.
+        let c = Config::parse(MIN, Path::new("/etc/shroud/relay.toml")).unwrap();
+        let f = c.onion_key_files().unwrap();
+        assert_eq!(
+            f.files,
+            vec![OnionKeyFile {
+                path: PathBuf::from("/etc/shroud/onion.key"),
+                created: None
+            }]
+        );
     }
 }

@@ -1,13 +1,19 @@
 //! The daemon around the workers: loading keys and the peer list, binding sockets,
 //! spawning pinned workers, and serving the control plane (admin socket, signals,
 //! systemd notification, metrics) off the data path.
+//!
+//! Onion keys come from `relay.onion_keys` (fixed files) or `relay.onion_key_dir`
+//! (the 3 newest `onion-<UNIX_SECONDS>.key` files, re-read on `reload` and `rotate`).
+//! A rotation replaces the keys used for *new* circuit setups only: circuits keep
+//! their own keys, so no cell of an existing circuit is affected. A failed reload or
+//! rotation keeps the last good keys and peer list.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,12 +21,13 @@ use anyhow::{anyhow, Context};
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::{json, Value};
 use shroud_proto::aead::{Aead, RingAead, RustCryptoAead};
-use shroud_proto::keys::{IdentityKey, IdentityPublic, OnionSecret};
+use shroud_proto::keys::{IdentityKey, IdentityPublic, OnionPublic, OnionSecret};
 use shroud_proto::peerlist::{PeerList, TrustPolicy};
 use shroud_proto::relay::{Peer, Relay};
 use shroud_proto::Layout;
 
 use crate::config::Config;
+use crate::metrics::{OnionKeyInfo, RelayInfo, RelayMetrics};
 use crate::stats::WorkerStats;
 use crate::sys;
 use crate::worker::{self, Control, CryptoChoice, Exit, WorkerSpec};
@@ -30,7 +37,7 @@ pub struct Loaded {
     /// Identity key.
     pub identity: IdentityKey,
     /// Onion keys, newest first.
-    pub onion: Vec<OnionSecret>,
+    pub onion: Vec<OnionKey>,
     /// The verified peer list.
     pub peers: PeerList,
 }
@@ -56,13 +63,63 @@ fn now_s() -> u64 {
     sys::now_ms() / 1000
 }
 
-/// Reads the onion key files.
-pub fn load_onion_keys(cfg: &Config) -> anyhow::Result<Vec<OnionSecret>> {
-    cfg.relay
-        .onion_keys
-        .iter()
-        .map(|p| shroud_control::keyfile::read_onion_key_file(p).map_err(anyhow::Error::new))
-        .collect()
+/// One loaded onion key.
+pub struct OnionKey {
+    /// The secret (zeroized on drop).
+    pub secret: OnionSecret,
+    /// Its public key.
+    pub public: OnionPublic,
+    /// Its creation time (the number in its file name) when it comes from
+    /// `relay.onion_key_dir`.
+    pub created: Option<u64>,
+}
+
+impl std::fmt::Debug for OnionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnionKey")
+            .field("public", &self.public)
+            .field("created", &self.created)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the onion keys the configuration names, newest first: the files of
+/// `relay.onion_keys`, or the 3 newest key files of `relay.onion_key_dir` (other
+/// entries of the directory are ignored with a warning). Every file must be a valid
+/// key file with mode 0600 or stricter; any error fails the whole load.
+pub fn load_onion_keys(cfg: &Config) -> anyhow::Result<Vec<OnionKey>> {
+    let sel = cfg.onion_key_files().map_err(anyhow::Error::new)?;
+    for p in &sel.ignored {
+        tracing::warn!(path = %p.display(), "ignoring an entry of the onion key directory that is not named onion-<UNIX_SECONDS>.key");
+    }
+    if sel.unused > 0 {
+        tracing::warn!(
+            unused = sel.unused,
+            "the onion key directory holds more than 3 key files; only the 3 newest are used (old keys should have been erased)"
+        );
+    }
+    let mut keys: Vec<OnionKey> = Vec::with_capacity(sel.files.len());
+    for f in &sel.files {
+        let secret =
+            shroud_control::keyfile::read_onion_key_file(&f.path).map_err(anyhow::Error::new)?;
+        let public = secret.public();
+        if keys.iter().any(|k| k.public == public) {
+            return Err(anyhow!(
+                "onion key file {} holds the same key as another file",
+                f.path.display()
+            ));
+        }
+        keys.push(OnionKey {
+            secret,
+            public,
+            created: f.created,
+        });
+    }
+    Ok(keys)
+}
+
+fn secrets(keys: &[OnionKey]) -> Vec<OnionSecret> {
+    keys.iter().map(|k| k.secret.clone()).collect()
 }
 
 /// The trust policy from the configuration.
@@ -167,7 +224,7 @@ fn spawn_with<A: Aead>(
     let relay = Relay::<A>::new(
         layout,
         loaded.identity.clone(),
-        loaded.onion.clone(),
+        secrets(&loaded.onion),
         peers_of(&loaded.peers),
         cfg.exit_policy(),
         cfg.relay_limits(),
@@ -192,6 +249,7 @@ pub struct Daemon {
     workers: Vec<WorkerHandle>,
     started: Instant,
     draining: bool,
+    info: Arc<Mutex<RelayInfo>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -289,14 +347,57 @@ impl Daemon {
             exit = cfg.exit_policy().is_exit(), crypto = ?cfg.io.crypto, gro_gso = cfg.io.gro_gso,
             "shroud-relay started"
         );
-        Ok(Daemon {
+        let d = Daemon {
             cfg,
             loaded,
             layout,
             workers,
             started: Instant::now(),
             draining: false,
-        })
+            info: Arc::new(Mutex::new(RelayInfo::default())),
+        };
+        d.publish_info();
+        Ok(d)
+    }
+
+    /// Refreshes what the metrics thread reads about keys, peer list and draining.
+    fn publish_info(&self) {
+        let until = self.onion_valid_until();
+        let info = RelayInfo {
+            cell: self.layout.cell as u64,
+            onion_keys: self
+                .loaded
+                .onion
+                .iter()
+                .zip(until)
+                .map(|(k, valid_until)| OnionKeyInfo {
+                    public: k.public.to_base64(),
+                    valid_until,
+                })
+                .collect(),
+            peer_list_serial: self.loaded.peers.serial,
+            peer_list_valid_until: self.loaded.peers.valid_until,
+            draining: self.draining,
+        };
+        match self.info.lock() {
+            Ok(mut g) => *g = info,
+            Err(poisoned) => *poisoned.into_inner() = info,
+        }
+    }
+
+    /// For each onion key held, its expiry in this relay's own peer-list entry.
+    fn onion_valid_until(&self) -> Vec<Option<u64>> {
+        let me = self.loaded.identity.public().relay_id();
+        let listed = self.loaded.peers.relay_by_id(&me);
+        self.loaded
+            .onion
+            .iter()
+            .map(|k| {
+                listed
+                    .and_then(|d| d.onion_keys.iter().find(|e| e.key == k.public))
+                    .map(|e| e.valid_until)
+            })
+            .collect()
     }
 
     fn broadcast(&self, make: impl Fn() -> Control) {
@@ -317,7 +418,11 @@ impl Daemon {
         {
             tracing::warn!("listen addresses, ports, workers, identity key or exit policy changed: restart the relay to apply them");
         }
+        if new.relay.onion_key_dir.is_some() != self.cfg.relay.onion_key_dir.is_some() {
+            tracing::info!("switching between relay.onion_keys and relay.onion_key_dir");
+        }
         self.cfg.relay.onion_keys = new.relay.onion_keys;
+        self.cfg.relay.onion_key_dir = new.relay.onion_key_dir;
         self.cfg.relay.peer_list = new.relay.peer_list;
         self.cfg.relay.authorities = new.relay.authorities;
         self.cfg.relay.authority_threshold = new.relay.authority_threshold;
@@ -333,10 +438,12 @@ impl Daemon {
         }
         let onion = load_onion_keys(&self.cfg)?;
         let peers = peers_of(&list);
+        let keys = secrets(&onion);
         self.broadcast(|| Control::SetPeers(peers.clone()));
-        self.broadcast(|| Control::SetOnionKeys(onion.clone()));
+        self.broadcast(|| Control::SetOnionKeys(keys.clone()));
         self.loaded.peers = list;
         self.loaded.onion = onion;
+        self.publish_info();
         tracing::info!(
             serial = self.loaded.peers.serial,
             peers = self.loaded.peers.relays.len(),
@@ -350,25 +457,29 @@ impl Daemon {
     fn rotate(&mut self) -> anyhow::Result<Value> {
         self.reread_config()?;
         let onion = load_onion_keys(&self.cfg)?;
-        self.broadcast(|| Control::SetOnionKeys(onion.clone()));
+        let keys = secrets(&onion);
+        self.broadcast(|| Control::SetOnionKeys(keys.clone()));
         self.loaded.onion = onion;
-        tracing::info!(onion_keys = self.loaded.onion.len(), "onion keys rotated");
+        self.publish_info();
+        tracing::info!(
+            onion_keys = self.loaded.onion.len(),
+            newest = %self.loaded.onion[0].public,
+            "onion keys rotated"
+        );
         Ok(json!({"onion_keys": self.onion_json()}))
     }
 
+    /// The onion keys held, newest first: `public` (base64), `valid_until` (from the
+    /// relay's own peer-list entry; null while not listed) and `created` (the number
+    /// in the file name for keys from `relay.onion_key_dir`, else null).
     fn onion_json(&self) -> Value {
-        let me = self.loaded.identity.public().relay_id();
-        let listed = self.loaded.peers.relay_by_id(&me);
         Value::Array(
             self.loaded
                 .onion
                 .iter()
-                .map(|k| {
-                    let p = k.public();
-                    let until = listed
-                        .and_then(|d| d.onion_keys.iter().find(|e| e.key == p))
-                        .map(|e| e.valid_until);
-                    json!({"public": p.to_base64(), "valid_until": until})
+                .zip(self.onion_valid_until())
+                .map(|(k, until)| {
+                    json!({"public": k.public.to_base64(), "valid_until": until, "created": k.created})
                 })
                 .collect(),
         )
@@ -410,6 +521,7 @@ impl Daemon {
                 "relays": self.loaded.peers.relays.len(),
             },
             "onion_keys": self.onion_json(),
+            "onion_key_dir": self.cfg.relay.onion_key_dir,
         })
     }
 
@@ -424,12 +536,17 @@ impl Daemon {
         )
     }
 
-    /// Worker stats (for metrics).
-    pub fn stats(&self) -> Vec<(u16, Arc<WorkerStats>)> {
-        self.workers
-            .iter()
-            .map(|w| (w.port, w.stats.clone()))
-            .collect()
+    /// What the metrics endpoint serves: every worker's counters and the relay info
+    /// (onion keys, peer list, draining), which the daemon keeps up to date.
+    pub fn stats(&self) -> RelayMetrics {
+        RelayMetrics {
+            workers: self
+                .workers
+                .iter()
+                .map(|w| (w.port, w.stats.clone()))
+                .collect(),
+            info: self.info.clone(),
+        }
     }
 
     /// Runs the control loop until the relay stops. Returns when every worker ended.
@@ -458,6 +575,7 @@ impl Daemon {
                 }
                 Ok(Event::Drain(timeout, reply)) => {
                     self.draining = true;
+                    self.publish_info();
                     let deadline_ms = sys::now_ms() + timeout.as_millis() as u64;
                     self.broadcast(|| Control::Drain { deadline_ms });
                     tracing::info!(
@@ -611,4 +729,84 @@ pub fn forward_signals(events: Sender<Event>) -> anyhow::Result<()> {
             }
         })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    fn temp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("shroud-daemon-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("keys")).unwrap();
+        d
+    }
+
+    fn config(dir: &Path, onion: &str) -> Config {
+        let text = format!(
+            "[relay]\nidentity_key = \"id.key\"\n{onion}\npeer_list = \"peers.list\"\nauthorities = [\"AAAA\"]\n"
+        );
+        Config::parse(&text, &dir.join("relay.toml")).unwrap()
+    }
+
+    fn key(path: &Path, seed: u8, mode: u32) -> OnionPublic {
+        let secret = OnionSecret::from_bytes(&[seed; 32]);
+        std::fs::write(path, shroud_proto::keys::encode_key(&[seed; 32])).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        secret.public()
+    }
+
+    #[test]
+    fn load_onion_keys_from_a_directory_takes_the_three_newest() {
+        let d = temp("keydir");
+        let k = d.join("keys");
+        let p100 = key(&k.join("onion-100.key"), 1, 0o600);
+        let p300 = key(&k.join("onion-300.key"), 3, 0o600);
+        let p200 = key(&k.join("onion-200.key"), 2, 0o400);
+        key(&k.join("onion-50.key"), 9, 0o600);
+        std::fs::write(k.join("notes"), "not a key").unwrap();
+        let cfg = config(&d, "onion_key_dir = \"keys\"");
+        let keys = load_onion_keys(&cfg).unwrap();
+        let got: Vec<(OnionPublic, Option<u64>)> =
+            keys.iter().map(|k| (k.public, k.created)).collect();
+        assert_eq!(
+            got,
+            vec![(p300, Some(300)), (p200, Some(200)), (p100, Some(100))]
+        );
+        // `rotate` re-reads the directory: a newer key appears, the oldest loaded
+        // one drops out of the three.
+        let p400 = key(&k.join("onion-400.key"), 4, 0o600);
+        let keys = load_onion_keys(&cfg).unwrap();
+        let got: Vec<OnionPublic> = keys.iter().map(|k| k.public).collect();
+        assert_eq!(got, vec![p400, p300, p200]);
+        // A loaded key file readable by others fails the whole load, naming it.
+        key(&k.join("onion-300.key"), 3, 0o644);
+        let e = format!("{:#}", load_onion_keys(&cfg).unwrap_err());
+        assert!(e.contains("onion-300.key") && e.contains("chmod"), "{e}");
+        // Two files with the same key are refused.
+        key(&k.join("onion-300.key"), 4, 0o600);
+        let e = format!("{:#}", load_onion_keys(&cfg).unwrap_err());
+        assert!(e.contains("same key"), "{e}");
+        // An empty directory is refused.
+        std::fs::remove_dir_all(&k).unwrap();
+        std::fs::create_dir(&k).unwrap();
+        let e = format!("{:#}", load_onion_keys(&cfg).unwrap_err());
+        assert!(e.contains("no onion key file"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn load_onion_keys_from_files_keeps_the_configured_order() {
+        let d = temp("files");
+        let a = key(&d.join("a.key"), 1, 0o600);
+        let b = key(&d.join("b.key"), 2, 0o600);
+        let cfg = config(&d, "onion_keys = [\"b.key\", \"a.key\"]");
+        let keys = load_onion_keys(&cfg).unwrap();
+        let got: Vec<(OnionPublic, Option<u64>)> =
+            keys.iter().map(|k| (k.public, k.created)).collect();
+        assert_eq!(got, vec![(b, None), (a, None)]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }

@@ -311,6 +311,8 @@ impl Driver {
                     if n <= 0 {
                         break;
                     }
+                    // Batch latency: from here to the sends being submitted.
+                    let reaped = std::time::Instant::now();
                     for i in 0..n as usize {
                         let h = &self.msgs[i].msg_hdr;
                         let len = self.msgs[i].msg_len as usize;
@@ -334,6 +336,7 @@ impl Driver {
                     }
                     // Send before the buffers are reused by the next recvmmsg.
                     self.flush(shared);
+                    shared.engine.stats.batch_latency.record(reaped.elapsed());
                     shared.engine.stats.batches.fetch_add(1, Relaxed);
                     if (n as usize) < self.msgs.len() {
                         break;

@@ -1,7 +1,14 @@
 //! Per-worker counters, written by the worker after each batch (relaxed atomics, one
 //! writer) and read by the admin socket and metrics off the data path.
+//!
+//! [`BatchLatency`] is a fixed-bucket histogram of the relay-internal time per batch
+//! (from a batch's completions being reaped to its sends being queued to the kernel):
+//! recording is one bucket search over [`LATENCY_BUCKETS_NS`] and three relaxed
+//! additions, no allocation and no lock. Readers may see a bucket incremented before
+//! the sum or count of the same batch; each value is monotonic on its own.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::time::Duration;
 
 use shroud_proto::relay::{DropReason, RelayStats};
 
@@ -57,7 +64,97 @@ pub struct WorkerStats {
     pub send_errors: AtomicU64,
     /// Batches processed.
     pub batches: AtomicU64,
+    /// Time from reaping a batch's completions to queueing its sends.
+    pub batch_latency: BatchLatency,
     driver: AtomicU8,
+}
+
+/// Upper bounds (inclusive, nanoseconds) of the [`BatchLatency`] buckets; one more
+/// bucket above the last bound counts everything slower (`+Inf`).
+pub const LATENCY_BUCKETS_NS: [u64; 16] = [
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+];
+
+/// A histogram of batch latencies in fixed buckets (see the [module docs](self)).
+#[derive(Debug, Default)]
+pub struct BatchLatency {
+    /// Per-bucket counts (not cumulative); the last one is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS_NS.len() + 1],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+}
+
+impl BatchLatency {
+    /// Records one batch that took `d`.
+    #[inline]
+    pub fn record(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let i = LATENCY_BUCKETS_NS.partition_point(|&le| le < ns);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    /// A plain copy, with cumulative bucket counts as Prometheus wants them.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let mut total = 0;
+        let mut buckets = Vec::with_capacity(LATENCY_BUCKETS_NS.len());
+        for (le, b) in LATENCY_BUCKETS_NS.iter().zip(&self.buckets) {
+            total += b.load(Relaxed);
+            buckets.push((*le as f64 / 1e9, total));
+        }
+        total += self.buckets[LATENCY_BUCKETS_NS.len()].load(Relaxed);
+        LatencySnapshot {
+            buckets,
+            // At least every bucketed observation, so `+Inf` never falls below a
+            // finite bucket even when read between a bucket and the count.
+            count: self.count.load(Relaxed).max(total),
+            sum_s: self.sum_ns.load(Relaxed) as f64 / 1e9,
+        }
+    }
+}
+
+/// A point-in-time copy of [`BatchLatency`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LatencySnapshot {
+    /// `(upper bound in seconds, observations at or below it)`, cumulative,
+    /// ascending; the `+Inf` bucket is [`Self::count`].
+    pub buckets: Vec<(f64, u64)>,
+    /// Observations.
+    pub count: u64,
+    /// Sum of the observations, seconds.
+    pub sum_s: f64,
+}
+
+impl LatencySnapshot {
+    /// The smallest bucket bound at or below which a fraction `q` (0 to 1) of the
+    /// observations lie, in seconds; `None` without observations or when the
+    /// quantile falls in the `+Inf` bucket.
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let want = (q * self.count as f64).ceil().max(1.0) as u64;
+        self.buckets
+            .iter()
+            .find(|(_, n)| *n >= want)
+            .map(|(le, _)| *le)
+    }
 }
 
 impl WorkerStats {
@@ -106,6 +203,7 @@ impl WorkerStats {
                 .collect(),
             send_errors: self.send_errors.load(Relaxed),
             batches: self.batches.load(Relaxed),
+            batch_latency: self.batch_latency.snapshot(),
         }
     }
 }
@@ -141,4 +239,33 @@ pub struct StatsSnapshot {
     pub send_errors: u64,
     /// Batches.
     pub batches: u64,
+    /// Batch latency histogram.
+    pub batch_latency: LatencySnapshot,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_are_inclusive_and_cumulative() {
+        let h = BatchLatency::default();
+        for ns in [0, 1_000, 1_001, 7_000, 2_000_000_000] {
+            h.record(Duration::from_nanos(ns));
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 5);
+        assert_eq!(s.buckets.len(), LATENCY_BUCKETS_NS.len());
+        assert_eq!(s.buckets[0], (1e-6, 2)); // 0 and exactly 1 us
+        assert_eq!(s.buckets[1].1, 3); // 1.001 us <= 2.5 us
+        assert_eq!(s.buckets[2].1, 3);
+        assert_eq!(s.buckets[3].1, 4); // 7 us <= 10 us
+        assert_eq!(s.buckets.last().unwrap().1, 4); // 2 s only in +Inf
+        assert!((s.sum_s - 2.000_009_001).abs() < 1e-9, "{}", s.sum_s);
+        assert!(s.buckets.windows(2).all(|w| w[0].1 <= w[1].1));
+        assert_eq!(s.quantile_bound(0.5), Some(2.5e-6));
+        assert_eq!(s.quantile_bound(0.8), Some(1e-5));
+        assert_eq!(s.quantile_bound(1.0), None);
+        assert_eq!(BatchLatency::default().snapshot().quantile_bound(0.5), None);
+    }
 }

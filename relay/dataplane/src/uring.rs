@@ -400,6 +400,9 @@ impl Driver {
             self.completions.clear();
             self.completions
                 .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            // Batch latency: from here to the sends being queued (one clock pair per
+            // non-empty batch).
+            let reaped = (!self.completions.is_empty()).then(std::time::Instant::now);
             let comps = std::mem::take(&mut self.completions);
             for &(u, res) in &comps {
                 let idx = (u & ((1 << 56) - 1)) as u32;
@@ -474,6 +477,9 @@ impl Driver {
             self.completions = comps;
             self.on_side(shared)?;
             self.flush(shared)?;
+            if let Some(t) = reaped {
+                shared.engine.stats.batch_latency.record(t.elapsed());
+            }
             for i in std::mem::take(&mut self.touched) {
                 if self.rx[i as usize].refs == 0 {
                     self.arm_recv(i)?;
