@@ -1,2 +1,11 @@
-//! shroud-bench: criterion micro-benchmarks live in `benches/`; the network
-//! benchmark binary arrives with the benchmark issue.
+//! # shroud-bench
+//!
+//! The benchmark and local-network launcher: [`net`] starts relays as processes,
+//! [`flow`] generates and sinks traffic, [`relaybench`] measures one relay against
+//! in-run baselines, [`report`] describes the machine and writes JSON. The criterion
+//! micro-benchmarks live in `benches/`.
+
+pub mod flow;
+pub mod net;
+pub mod relaybench;
+pub mod report;

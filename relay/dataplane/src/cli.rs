@@ -47,6 +47,13 @@ where
             return ExitCode::from(EX_CONFIG as u8);
         }
     };
+    #[cfg(feature = "bench-no-crypto")]
+    if cfg.io.crypto == crate::worker::CryptoChoice::None
+        && std::env::var("SHROUD_BENCH_NO_CRYPTO").as_deref() != Ok("I-understand-this-is-insecure")
+    {
+        eprintln!("shroud-relay: configuration error: io.crypto = \"none\" forwards cells without encryption or authentication; it is for shroud-bench's baseline only");
+        return ExitCode::from(EX_CONFIG as u8);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHROUD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
     tracing_subscriber::fmt()

@@ -140,22 +140,37 @@ impl Aead for RustCryptoAead {
     }
 }
 
-/// A no-op "AEAD" that neither encrypts nor authenticates, so benchmarks can measure
-/// the relay's I/O path with the cell crypto removed (the in-run baseline of
-/// `shroud-bench relay`). It exists only with the `bench-null-crypto` feature.
+/// A stand-in "AEAD" with no cryptographic strength, so benchmarks can measure the
+/// relay's I/O path with the cell crypto removed (the in-run baseline of
+/// `shroud-bench relay`). It XORs the first 16 bytes of the buffer with the first 16
+/// key bytes (so layers still change bytes and the protocol's XOR-keystream structure
+/// holds) and never rejects a tag. It exists only with the `bench-null-crypto`
+/// feature.
 #[cfg(feature = "bench-null-crypto")]
 #[derive(Debug)]
-pub struct NullAead;
+pub struct NullAead([u8; 16]);
+
+#[cfg(feature = "bench-null-crypto")]
+impl NullAead {
+    fn xor(&self, buf: &mut [u8]) {
+        for (b, k) in buf.iter_mut().zip(self.0.iter()) {
+            *b ^= k;
+        }
+    }
+}
 
 #[cfg(feature = "bench-null-crypto")]
 impl Aead for NullAead {
     const NAME: &'static str = "none";
 
-    fn new(_key: &[u8; KEY_LEN]) -> Self {
-        NullAead
+    fn new(key: &[u8; KEY_LEN]) -> Self {
+        let mut k = [0u8; 16];
+        k.copy_from_slice(&key[..16]);
+        NullAead(k)
     }
 
-    fn seal(&self, _nonce: &[u8; NONCE_LEN], _aad: &[u8], _buf: &mut [u8]) -> [u8; TAG_LEN] {
+    fn seal(&self, _nonce: &[u8; NONCE_LEN], _aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
+        self.xor(buf);
         [0; TAG_LEN]
     }
 
@@ -163,9 +178,10 @@ impl Aead for NullAead {
         &self,
         _nonce: &[u8; NONCE_LEN],
         _aad: &[u8],
-        _buf: &mut [u8],
+        buf: &mut [u8],
         _tag: &[u8; TAG_LEN],
     ) -> Result<(), BadTag> {
+        self.xor(buf);
         Ok(())
     }
 }

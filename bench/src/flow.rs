@@ -1,0 +1,361 @@
+//! Traffic pieces shared by the benchmarks: a generator that builds circuits with the
+//! protocol core and sends pre-sealed cells with UDP GSO, an in-process sink relay,
+//! and a payload sink.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use rand_core::OsRng;
+use shroud_proto::aead::Aead;
+use shroud_proto::client::{ClientCircuit, ClientLink, PathHop, Received};
+use shroud_proto::policy::ExitPolicy;
+use shroud_proto::relay::{Action, Peer, Relay, RelayLimits};
+use shroud_proto::Layout;
+
+use crate::net::Virtual;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Enables UDP GRO on a socket.
+pub fn enable_gro(s: &UdpSocket) -> std::io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: `one` outlives the call and its size is passed.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_UDP,
+            104,
+            (&one as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Sets SO_RCVBUF/SO_SNDBUF (best effort).
+pub fn set_buffers(s: &UdpSocket, bytes: usize) {
+    let v = bytes as libc::c_int;
+    for opt in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: as above.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                4,
+            );
+        }
+    }
+}
+
+/// Sends `cells` (a whole number of `cell`-byte cells) to `dest`, up to 64 cells per
+/// `sendmsg` with `UDP_SEGMENT`. Returns the cells the kernel accepted.
+pub fn gso_send(sock: &UdpSocket, dest: SocketAddr, cells: &[u8], cell: usize) -> usize {
+    let SocketAddr::V4(d) = dest else { return 0 };
+    // SAFETY: all-zero is a valid sockaddr_in.
+    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sa.sin_family = libc::AF_INET as libc::sa_family_t;
+    sa.sin_port = d.port().to_be();
+    sa.sin_addr = libc::in_addr {
+        s_addr: u32::from_ne_bytes(d.ip().octets()),
+    };
+    let per = 64.min(65000 / cell).max(1);
+    let mut sent = 0;
+    for chunk in cells.chunks(per * cell) {
+        let mut iov = libc::iovec {
+            iov_base: chunk.as_ptr() as *mut libc::c_void,
+            iov_len: chunk.len(),
+        };
+        let mut ctrl = [0u64; 4];
+        // SAFETY: every pointer refers to a live local for the duration of sendmsg; the
+        // CMSG macros stay within the 32-byte control buffer given.
+        let r = unsafe {
+            let mut h: libc::msghdr = std::mem::zeroed();
+            h.msg_name = (&mut sa as *mut libc::sockaddr_in).cast();
+            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            h.msg_iov = &mut iov;
+            h.msg_iovlen = 1;
+            if chunk.len() > cell {
+                h.msg_control = ctrl.as_mut_ptr().cast();
+                h.msg_controllen = libc::CMSG_SPACE(2) as usize;
+                let c = libc::CMSG_FIRSTHDR(&h);
+                (*c).cmsg_level = libc::SOL_UDP;
+                (*c).cmsg_type = 103; // UDP_SEGMENT
+                (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), cell as u16);
+            }
+            libc::sendmsg(sock.as_raw_fd(), &h, 0)
+        };
+        if r > 0 {
+            sent += r as usize / cell;
+        }
+    }
+    sent
+}
+
+/// A client that builds circuits with the protocol core and seals cells in bulk.
+pub struct Generator {
+    /// The socket everything is sent from.
+    pub sock: UdpSocket,
+    /// Layout.
+    pub layout: Layout,
+    links: Vec<ClientLink>,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("links", &self.links.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A built circuit.
+pub struct Circ<A: Aead> {
+    /// Protocol state.
+    pub inner: ClientCircuit<A>,
+    /// Index of its link in the generator.
+    pub link: usize,
+    /// First hop.
+    pub first: SocketAddr,
+}
+
+impl<A: Aead> std::fmt::Debug for Circ<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Circ")
+            .field("first", &self.first)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Generator {
+    /// A generator bound to `bind`.
+    pub fn new(bind: SocketAddr, layout: Layout) -> anyhow::Result<Self> {
+        let sock = UdpSocket::bind(bind).with_context(|| format!("cannot bind {bind}"))?;
+        set_buffers(&sock, 16 << 20);
+        enable_gro(&sock)?;
+        Ok(Generator {
+            sock,
+            layout,
+            links: Vec::new(),
+        })
+    }
+
+    /// Builds a circuit through `path` to `dest` and waits for CREATED.
+    pub fn build<A: Aead>(
+        &mut self,
+        path: &[PathHop],
+        dest: SocketAddr,
+        timeout: Duration,
+    ) -> anyhow::Result<Circ<A>> {
+        let first = path[0].addr;
+        let link = match self.links.iter().position(|l| l.relay() == first) {
+            Some(i) => i,
+            None => {
+                self.links
+                    .push(ClientLink::new(&path[0].id, first, &mut OsRng));
+                self.links.len() - 1
+            }
+        };
+        let deadline = Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536];
+        while Instant::now() < deadline {
+            let mut cell = vec![0u8; self.layout.cell];
+            let mut c = ClientCircuit::<A>::build(
+                &self.layout,
+                &self.links[link],
+                path,
+                dest,
+                now_ms(),
+                &mut OsRng,
+                &mut cell,
+            )?;
+            self.sock.send_to(&cell, first)?;
+            let attempt_end = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < attempt_end {
+                self.sock
+                    .set_read_timeout(Some(Duration::from_millis(50)))?;
+                let Ok((n, from)) = self.sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if from != first || n % self.layout.cell != 0 {
+                    continue;
+                }
+                for reply in buf[..n].chunks_exact_mut(self.layout.cell) {
+                    let Ok(h) = self.links[link].read_header(reply) else {
+                        continue;
+                    };
+                    if h.circuit != c.id() {
+                        continue;
+                    }
+                    match c.open(&h, reply) {
+                        Ok(Received::Created) => {
+                            return Ok(Circ {
+                                inner: c,
+                                link,
+                                first,
+                            })
+                        }
+                        Ok(Received::Refused { hop, reason }) => {
+                            bail!("hop {hop} refused the circuit (reason {reason})")
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        bail!("no CREATED from {first} within {timeout:?}")
+    }
+
+    /// Seals `n` data cells with `payload` bytes each for `c` into `out` (appended).
+    pub fn seal<A: Aead>(
+        &mut self,
+        c: &mut Circ<A>,
+        n: usize,
+        payload: usize,
+        out: &mut Vec<u8>,
+    ) -> anyhow::Result<()> {
+        let cell = self.layout.cell;
+        let data = vec![0xa5u8; payload];
+        for _ in 0..n {
+            let start = out.len();
+            out.resize(start + cell, 0);
+            c.inner
+                .seal_data(&self.links[c.link], &data, &mut out[start..], &mut OsRng)?;
+        }
+        Ok(())
+    }
+}
+
+/// An in-process relay of the peer list that acts as the exit for setups and, once
+/// counting, only counts the cells it receives (the relay benchmark's sink).
+pub struct SinkRelay {
+    /// Cells received while counting.
+    pub cells: Arc<AtomicU64>,
+    counting: Arc<AtomicBool>,
+    target: Arc<AtomicU64>,
+    reached: Arc<Mutex<Option<Instant>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SinkRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkRelay")
+            .field("cells", &self.cells.load(Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl SinkRelay {
+    /// Starts the sink relay `v`, knowing `peers`.
+    pub fn start<A: Aead>(v: &Virtual, peers: Vec<Peer>, layout: Layout) -> anyhow::Result<Self> {
+        let sock = UdpSocket::bind(v.addr)
+            .with_context(|| format!("cannot bind the sink at {}", v.addr))?;
+        set_buffers(&sock, 32 << 20);
+        enable_gro(&sock)?;
+        sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+        let mut relay = Relay::<A>::new(
+            layout,
+            v.identity.clone(),
+            vec![v.onion.clone()],
+            peers,
+            ExitPolicy::parse(&["accept *:*"]).unwrap_or_default(),
+            RelayLimits {
+                max_circuits: 4096,
+                max_links: 1024,
+                setup_rate: 100_000,
+                setup_burst: 100_000,
+                ..RelayLimits::default()
+            },
+            now_ms(),
+        );
+        let cells = Arc::new(AtomicU64::new(0));
+        let counting = Arc::new(AtomicBool::new(false));
+        let target = Arc::new(AtomicU64::new(u64::MAX));
+        let reached = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c2, k2, t2, r2, s2) = (
+            cells.clone(),
+            counting.clone(),
+            target.clone(),
+            reached.clone(),
+            stop.clone(),
+        );
+        let cell = layout.cell;
+        let thread = std::thread::Builder::new()
+            .name("bench-sink".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !s2.load(Relaxed) {
+                    let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    if k2.load(Relaxed) {
+                        let total = c2.fetch_add((n / cell) as u64, Relaxed) + (n / cell) as u64;
+                        if total >= t2.load(Relaxed) {
+                            let mut r = r2.lock().unwrap_or_else(|e| e.into_inner());
+                            if r.is_none() {
+                                *r = Some(Instant::now());
+                            }
+                        }
+                        continue;
+                    }
+                    for c in buf[..n].chunks_exact_mut(cell) {
+                        if let Action::Send { to, .. } = relay.handle(from, c, now_ms()) {
+                            let _ = sock.send_to(c, to);
+                        }
+                    }
+                }
+            })?;
+        Ok(SinkRelay {
+            cells,
+            counting,
+            target,
+            reached,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Switches to counting mode.
+    pub fn count(&self) {
+        self.counting.store(true, Relaxed);
+    }
+
+    /// Arms the sink: the time the total reaches `target` is recorded.
+    pub fn arm(&self, target: u64) {
+        *self.reached.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.target.store(target, Relaxed);
+    }
+
+    /// When the armed target was reached.
+    pub fn reached(&self) -> Option<Instant> {
+        *self.reached.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for SinkRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
