@@ -59,7 +59,7 @@ fn strip<A: Aead>(c: &mut Criterion) {
                 let mut cell = vec![0x33u8; layout.cell];
                 seal_forward(
                     &layout,
-                    &[&keys],
+                    std::slice::from_ref(&keys),
                     Command::Data,
                     n,
                     &mut cell,
@@ -268,7 +268,6 @@ fn client_seal(c: &mut Criterion) {
     let keys: Vec<LayerKeys<RingAead>> = (0..3u8)
         .map(|i| LayerKeys::new(&[i; 32], &[i + 10; 32]))
         .collect();
-    let refs: Vec<&LayerKeys<RingAead>> = keys.iter().collect();
     let mut g = c.benchmark_group("client");
     g.throughput(Throughput::Bytes(layout.cell as u64));
     let mut cell = vec![0u8; layout.cell];
@@ -276,7 +275,7 @@ fn client_seal(c: &mut Criterion) {
     g.bench_function("seal_3_hops", |b| {
         b.iter(|| {
             n += 1;
-            seal_forward(&layout, &refs, Command::Data, n, &mut cell, &[[0; 16]; 8]);
+            seal_forward(&layout, &keys, Command::Data, n, &mut cell, &[[0; 16]; 8]);
         })
     });
     g.finish();

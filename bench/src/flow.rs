@@ -116,6 +116,9 @@ pub struct Generator {
     /// Layout.
     pub layout: Layout,
     links: Vec<ClientLink>,
+    /// Junk and padding randomness for sealing, seeded from the OS once (one
+    /// getrandom per cell would dominate the generator's cost).
+    rng: rand_chacha::ChaCha20Rng,
 }
 
 impl std::fmt::Debug for Generator {
@@ -150,10 +153,13 @@ impl Generator {
         let sock = UdpSocket::bind(bind).with_context(|| format!("cannot bind {bind}"))?;
         set_buffers(&sock, 16 << 20);
         enable_gro(&sock)?;
+        let rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_rng(OsRng)
+            .map_err(|e| anyhow::anyhow!("seeding the generator: {e}"))?;
         Ok(Generator {
             sock,
             layout,
             links: Vec::new(),
+            rng,
         })
     }
 
@@ -221,6 +227,18 @@ impl Generator {
             }
         }
         bail!("no CREATED from {first} within {timeout:?}")
+    }
+
+    /// Seals one data cell carrying `payload` for `c` into `cell`.
+    pub fn seal_one<A: Aead>(
+        &mut self,
+        c: &mut Circ<A>,
+        payload: &[u8],
+        cell: &mut [u8],
+    ) -> anyhow::Result<()> {
+        c.inner
+            .seal_data(&self.links[c.link], payload, cell, &mut self.rng)?;
+        Ok(())
     }
 
     /// Seals `n` data cells with `payload` bytes each for `c` into `out` (appended).

@@ -5,6 +5,7 @@
 //! in-run baselines, [`report`] describes the machine and writes JSON. The criterion
 //! micro-benchmarks live in `benches/`.
 
+pub mod demo;
 pub mod flow;
 pub mod net;
 pub mod relaybench;

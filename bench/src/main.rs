@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use shroud_bench::{relaybench, report};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use shroud_bench::{demo, relaybench, report};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -19,6 +22,38 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// A local Shroud network carrying traffic: relays, circuits, a sink; prints
+    /// throughput, loss, latency and per-relay CPU, and stops everything it started.
+    Demo {
+        /// Relays to start (at least `hops`).
+        #[arg(long, default_value_t = 3)]
+        relays: usize,
+        /// Hops per circuit.
+        #[arg(long, default_value_t = 3)]
+        hops: usize,
+        /// Seconds of traffic.
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Offered cells per second (0 = as many as the network takes).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Cell size in bytes (a network parameter).
+        #[arg(long, default_value_t = 1024)]
+        cell: u16,
+        /// Circuits (entry, middle and exit rotate over the relays).
+        #[arg(long, default_value_t = 6)]
+        circuits: usize,
+        /// Most cells in flight (sent but not yet at the sink): more raises
+        /// throughput up to saturation, and latency with it.
+        #[arg(long, default_value_t = 1024)]
+        window: u64,
+        /// Third octet of the loopback block the relays use (127.0.NET.x).
+        #[arg(long, default_value_t = 60)]
+        net: u8,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Throughput of ONE relay (generator -> relay -> sink), with the no-crypto
     /// forwarder, the per-datagram path and raw AES-GCM measured in the same run.
     Relay {
@@ -56,6 +91,43 @@ fn main() -> ExitCode {
             let mut all = vec!["shroud-relay".to_string()];
             all.extend(args);
             return shroud_relay::cli::main_with(all);
+        }
+        Cmd::Demo {
+            relays,
+            hops,
+            duration,
+            rate,
+            cell,
+            circuits,
+            window,
+            net,
+            json,
+        } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+                    eprintln!("shroud-bench: cannot handle signals: {e}");
+                }
+            }
+            let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let opts = demo::Opts {
+                relays,
+                hops,
+                duration,
+                rate,
+                cell,
+                circuits,
+                window,
+                progress,
+                net,
+            };
+            demo::run(&opts, &stop).and_then(|r| {
+                demo::print(&r);
+                if let Some(p) = json {
+                    report::write_json(&p, &r)?;
+                }
+                Ok(())
+            })
         }
         Cmd::Relay {
             duration,

@@ -306,8 +306,7 @@ impl<A: Aead> ClientCircuit<A> {
         }
         let counter = self.send_counter;
         self.send_counter += 1;
-        let hops: Vec<&LayerKeys<A>> = self.fwd.iter().collect();
-        seal_forward(&self.layout, &hops, command, counter, cell, junk);
+        seal_forward(&self.layout, &self.fwd, command, counter, cell, junk);
         link.up.protect(
             cell,
             &Header {
@@ -389,8 +388,7 @@ impl<A: Aead> ClientCircuit<A> {
         if self.window.check(hdr.counter) == WindowCheck::Replay {
             return Err(ClientError::Rejected("replayed cell"));
         }
-        let hops: Vec<&LayerKeys<A>> = self.bwd.iter().collect();
-        let n = open_backward(&self.layout, &hops, hdr.command, hdr.counter, cell)
+        let n = open_backward(&self.layout, &self.bwd, hdr.command, hdr.counter, cell)
             .map_err(|_| ClientError::Rejected("bad tag"))?;
         self.window.commit(hdr.counter);
         let hop = n - 1;
@@ -422,9 +420,11 @@ impl<A: Aead> ClientCircuit<A> {
 }
 
 fn random_junk<R: RngCore>(rng: &mut R) -> [[u8; 16]; H_MAX_LIMIT] {
+    let mut flat = [0u8; 16 * H_MAX_LIMIT];
+    rng.fill_bytes(&mut flat);
     let mut j = [[0u8; 16]; H_MAX_LIMIT];
-    for s in j.iter_mut() {
-        rng.fill_bytes(s);
+    for (s, chunk) in j.iter_mut().zip(flat.chunks_exact(16)) {
+        s.copy_from_slice(chunk);
     }
     j
 }

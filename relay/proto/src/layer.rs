@@ -166,7 +166,7 @@ pub fn add_backward<A: Aead>(
 /// touched. `junk` supplies the random slots below the last real tag.
 pub fn seal_forward<A: Aead>(
     layout: &Layout,
-    hops: &[&LayerKeys<A>],
+    hops: &[LayerKeys<A>],
     command: Command,
     counter: u64,
     cell: &mut [u8],
@@ -256,7 +256,7 @@ pub fn peel_backward<A: Aead>(
 /// (the originating hop is `n - 1`).
 pub fn open_backward<A: Aead>(
     layout: &Layout,
-    hops: &[&LayerKeys<A>],
+    hops: &[LayerKeys<A>],
     command: Command,
     counter: u64,
     cell: &mut [u8],

@@ -109,21 +109,22 @@ fn header() -> String {
 fn layers<A: Aead>() -> String {
     let layout = Layout::default();
     let mut o = String::from("# One forward strip and one backward add, CELL=1024, H_MAX=8\n\n");
-    let k = LayerKeys::<A>::new(&arr32(7), &arr32(8));
+    let ks = [LayerKeys::<A>::new(&arr32(7), &arr32(8))];
+    let k = &ks[0];
     // Forward: seal a body with one layer (as the client would for a 1-hop circuit).
     let mut cell = pattern(layout.cell, 1);
     let junk = [[0x5au8; 16]; 8];
-    shroud_proto::layer::seal_forward(&layout, &[&k], Command::Data, 42, &mut cell, &junk);
+    shroud_proto::layer::seal_forward(&layout, &ks, Command::Data, 42, &mut cell, &junk);
     line(&mut o, "aead_key", &arr32(7));
     line(&mut o, "stack_key", &arr32(8));
     writeln!(o, "command = data\ncounter = 42").unwrap();
     line(&mut o, "forward_in", &cell[16..]);
-    strip_forward(&layout, &k, Command::Data, 42, &mut cell).unwrap();
+    strip_forward(&layout, k, Command::Data, 42, &mut cell).unwrap();
     line(&mut o, "forward_out", &cell[16..]);
     o.push('\n');
     let mut cell = pattern(layout.cell, 2);
     line(&mut o, "backward_in", &cell[16..]);
-    add_backward(&layout, &k, Command::Data, 43, &mut cell);
+    add_backward(&layout, k, Command::Data, 43, &mut cell);
     writeln!(o, "counter = 43").unwrap();
     line(&mut o, "backward_out", &cell[16..]);
     o

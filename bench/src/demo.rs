@@ -1,0 +1,319 @@
+//! `shroud-bench demo`: a local Shroud network carrying traffic, on defaults.
+//!
+//! Starts `relays` real `shroud-relay` processes on `127.0.<net>.x` (60 by default) with fresh keys and a
+//! signed peer list, a UDP sink behind the exits, builds `circuits` circuits of `hops`
+//! hops (rotating which relay is entry, middle and exit), and pushes cells for
+//! `duration` seconds. The generator keeps at most `window` cells in flight (sent but
+//! not yet counted at the sink), so the network runs at its saturation rate without
+//! overflowing queues; `--rate` caps the offered load instead. Every payload carries
+//! its send time, so the sink measures one-way latency (same clock). Ctrl-C stops
+//! early and still tears everything down.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use shroud_proto::aead::RingAead;
+use shroud_proto::client::PathHop;
+
+use crate::flow::{enable_gro, gso_send, set_buffers, Circ, Generator};
+use crate::net::{relay_binary, LocalNet, RelayCommand, RelaySpec};
+use crate::report::machine;
+
+/// Options of `shroud-bench demo`.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Relays to start.
+    pub relays: usize,
+    /// Hops per circuit.
+    pub hops: usize,
+    /// Seconds of traffic.
+    pub duration: f64,
+    /// Offered cells per second (0 = as fast as the network takes them).
+    pub rate: u64,
+    /// Cell size.
+    pub cell: u16,
+    /// Circuits.
+    pub circuits: usize,
+    /// Most cells in flight.
+    pub window: u64,
+    /// Show a live progress line.
+    pub progress: bool,
+    /// Third octet of the loopback block (127.0.NET.x).
+    pub net: u8,
+}
+
+fn now_ns(epoch: Instant) -> u64 {
+    epoch.elapsed().as_nanos() as u64
+}
+
+struct Sink {
+    bytes: Arc<AtomicU64>,
+    payloads: Arc<AtomicU64>,
+    hist: Arc<Mutex<Histogram<u64>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start(
+        bind: SocketAddr,
+        payload: usize,
+        epoch: Instant,
+    ) -> anyhow::Result<(SocketAddr, Sink)> {
+        let sock = UdpSocket::bind(bind)?;
+        set_buffers(&sock, 32 << 20);
+        enable_gro(&sock)?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let addr = sock.local_addr()?;
+        let bytes = Arc::new(AtomicU64::new(0));
+        let payloads = Arc::new(AtomicU64::new(0));
+        let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+            1, 60_000_000, 3,
+        )?));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, p, h, s) = (bytes.clone(), payloads.clone(), hist.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("demo-sink".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut local =
+                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                let mut k = 0u64;
+                while !s.load(Relaxed) {
+                    let Ok(n) = sock.recv(&mut buf) else { continue };
+                    // GRO may coalesce equal-size payloads: each segment is one payload.
+                    let seg = payload.min(n).max(1);
+                    for chunk in buf[..n].chunks(seg) {
+                        p.fetch_add(1, Relaxed);
+                        k += 1;
+                        if k.is_multiple_of(16) && chunk.len() >= 8 {
+                            let sent = u64::from_le_bytes(chunk[..8].try_into().unwrap_or([0; 8]));
+                            let lat_us = now_ns(epoch).saturating_sub(sent) / 1000;
+                            let _ = local.record(lat_us.max(1));
+                        }
+                    }
+                    b.fetch_add(n as u64, Relaxed);
+                    if local.len() >= 256 {
+                        let _ = h.lock().map(|mut g| g.add(&local));
+                        local.reset();
+                    }
+                }
+                let _ = h.lock().map(|mut g| g.add(&local));
+            })?;
+        Ok((
+            addr,
+            Sink {
+                bytes,
+                payloads,
+                hist,
+                stop,
+                thread: Some(thread),
+            },
+        ))
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs the demo; returns the report.
+pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
+    let params = shroud_proto::peerlist::NetworkParams {
+        cell: opts.cell,
+        ..Default::default()
+    };
+    let layout = params.layout().map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(
+        opts.relays >= opts.hops && opts.hops >= 1,
+        "need at least as many relays ({}) as hops ({})",
+        opts.relays,
+        opts.hops
+    );
+    let cmd = match relay_binary() {
+        Ok(b) => RelayCommand::Binary(b),
+        Err(e) => {
+            eprintln!("note: {e:#}; running relays through this binary instead (same code)");
+            RelayCommand::SelfExe
+        }
+    };
+    let specs = vec![RelaySpec::default(); opts.relays];
+    let net = LocalNet::start(opts.net, &specs, &[], &cmd, opts.cell)?;
+    eprintln!("relays started: pids {:?}", net.pids());
+    let epoch = Instant::now();
+    let payload = layout.payload_max();
+    let (dest, sink) = Sink::start(
+        SocketAddr::from(([127, 0, opts.net, 250], 0)),
+        payload,
+        epoch,
+    )?;
+    let mut generator = Generator::new(SocketAddr::from(([127, 0, opts.net, 240], 0)), layout)?;
+    let hops_of = |k: usize| -> Vec<PathHop> {
+        (0..opts.hops)
+            .map(|j| {
+                let r = &net.relays[(k + j) % opts.relays];
+                let d = net.list.relay_by_id(&r.id).expect("relay listed");
+                PathHop {
+                    id: r.id,
+                    onion: d.onion_keys[0].key,
+                    addr: SocketAddr::new(r.addr, r.ports.0),
+                }
+            })
+            .collect()
+    };
+    let mut circuits: Vec<Circ<RingAead>> = Vec::new();
+    for k in 0..opts.circuits.max(1) {
+        circuits.push(
+            generator
+                .build(&hops_of(k), dest, Duration::from_secs(5))
+                .with_context(|| format!("building circuit {k}"))?,
+        );
+    }
+    let cpu0: Vec<f64> = (0..opts.relays).map(|i| net.cpu_seconds(i)).collect();
+    let bar = if opts.progress {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let batch = 32usize;
+    let mut buf = Vec::with_capacity(batch * layout.cell);
+    let mut data = vec![0x5au8; payload];
+    let mut sent = 0u64;
+    let started = Instant::now();
+    let mut last_report = started;
+    let mut k = 0usize;
+    let limit = Duration::from_secs_f64(opts.duration);
+    while started.elapsed() < limit && !stop.load(Relaxed) {
+        let delivered = sink.payloads.load(Relaxed);
+        let in_flight = sent.saturating_sub(delivered);
+        let allowed = if opts.rate > 0 {
+            (started.elapsed().as_secs_f64() * opts.rate as f64) as u64
+        } else {
+            u64::MAX
+        };
+        if in_flight + batch as u64 > opts.window || sent >= allowed {
+            std::thread::sleep(Duration::from_micros(50));
+        } else {
+            let n = circuits.len();
+            let c = &mut circuits[k % n];
+            k += 1;
+            buf.clear();
+            for _ in 0..batch {
+                data[..8].copy_from_slice(&now_ns(epoch).to_le_bytes());
+                let start = buf.len();
+                buf.resize(start + layout.cell, 0);
+                generator.seal_one(c, &data, &mut buf[start..])?;
+            }
+            sent += gso_send(&generator.sock, c.first, &buf, layout.cell) as u64;
+        }
+        if last_report.elapsed() > Duration::from_millis(250) {
+            last_report = Instant::now();
+            let t = started.elapsed().as_secs_f64();
+            let d = sink.payloads.load(Relaxed);
+            bar.set_message(format!(
+                "{:>9.0} cells/s  {:>7.1} MB/s payload  sent {sent}  delivered {d}",
+                d as f64 / t,
+                sink.bytes.load(Relaxed) as f64 / 1e6 / t
+            ));
+            bar.tick();
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    // Let the last cells arrive before counting losses.
+    let settle = Instant::now();
+    while sink.payloads.load(Relaxed) < sent && settle.elapsed() < Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bar.finish_and_clear();
+    let delivered = sink.payloads.load(Relaxed);
+    let bytes = sink.bytes.load(Relaxed);
+    let cpu: Vec<f64> = (0..opts.relays)
+        .map(|i| (net.cpu_seconds(i) - cpu0[i]) / elapsed * 100.0)
+        .collect();
+    sink.stop.store(true, Relaxed);
+    let hist = sink
+        .hist
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|e| e.into_inner().clone());
+    let relays: Vec<Value> = net
+        .relays
+        .iter()
+        .zip(&cpu)
+        .map(|(r, c)| json!({"id": r.id.to_string(), "addr": r.addr.to_string(), "ports": [r.ports.0, r.ports.1], "cpu_percent": c}))
+        .collect();
+    let cells_per_sec = delivered as f64 / elapsed;
+    Ok(json!({
+        "schema": "shroud-bench/demo/1",
+        "payload_mb_per_sec": bytes as f64 / 1e6 / elapsed,
+        "cells_per_sec": cells_per_sec,
+        "gbit_per_sec": cells_per_sec * layout.cell as f64 * 8.0 / 1e9,
+        "sent_payloads": sent,
+        "delivered_payloads": delivered,
+        "lost_payloads": sent.saturating_sub(delivered),
+        "latency_us": {
+            "p50": hist.value_at_quantile(0.5),
+            "p99": hist.value_at_quantile(0.99),
+            "p999": hist.value_at_quantile(0.999),
+            "samples": hist.len(),
+        },
+        "relays": relays,
+        "hops": opts.hops,
+        "circuits": circuits.len(),
+        "cell": opts.cell,
+        "payload_bytes_per_cell": payload,
+        "duration_s": elapsed,
+        "interrupted": stop.load(Relaxed),
+        "machine": machine(),
+    }))
+}
+
+/// Prints the human summary.
+pub fn print(r: &Value) {
+    println!(
+        "shroud-bench demo: {} relays, {} circuits of {} hops, CELL={} B, {:.1} s",
+        r["relays"].as_array().map_or(0, Vec::len),
+        r["circuits"],
+        r["hops"],
+        r["cell"],
+        r["duration_s"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "  delivered {:.0} cells/s = {:.2} Gbit/s of cells, {:.1} MB/s of payload ({} of {} payloads delivered, {} lost)",
+        r["cells_per_sec"].as_f64().unwrap_or(0.0),
+        r["gbit_per_sec"].as_f64().unwrap_or(0.0),
+        r["payload_mb_per_sec"].as_f64().unwrap_or(0.0),
+        r["delivered_payloads"],
+        r["sent_payloads"],
+        r["lost_payloads"]
+    );
+    let l = &r["latency_us"];
+    println!(
+        "  one-way latency through {} hops: p50 {} us, p99 {} us, p99.9 {} us",
+        r["hops"], l["p50"], l["p99"], l["p999"]
+    );
+    for (i, rel) in r["relays"].as_array().into_iter().flatten().enumerate() {
+        println!(
+            "  relay {i} {}:{}-{} cpu {:.0}%",
+            rel["addr"].as_str().unwrap_or(""),
+            rel["ports"][0],
+            rel["ports"][1],
+            rel["cpu_percent"].as_f64().unwrap_or(0.0)
+        );
+    }
+}

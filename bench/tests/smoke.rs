@@ -1,0 +1,170 @@
+//! Smoke runs of every subcommand: the report is complete and well-formed (no timing
+//! thresholds), and `demo` leaves no process behind, also when interrupted.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn bench() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_shroud-bench"));
+    // No nested cargo build from inside the test run: use the relay binary the
+    // workspace build left next to this one, or the benchmark's own relay mode.
+    c.env_remove("CARGO");
+    c
+}
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("shroud-bench-smoke-{}-{name}", std::process::id()))
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is not alive: check the state in /proc.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+fn pids_from(line: &str) -> Vec<u32> {
+    let inner = line
+        .split('[')
+        .nth(1)
+        .and_then(|s| s.split(']').next())
+        .unwrap_or("");
+    inner
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn demo_reports_and_leaves_nothing_behind() {
+    let json = tmp("demo.json");
+    let out = bench()
+        .args(["demo", "--duration", "2", "--net", "61", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["schema"], "shroud-bench/demo/1");
+    assert!(r["payload_mb_per_sec"].is_f64());
+    assert!(
+        r["delivered_payloads"].as_u64().unwrap() > 0,
+        "no traffic delivered: {r}"
+    );
+    for k in ["p50", "p99", "p999"] {
+        assert!(r["latency_us"][k].is_u64(), "{k}");
+    }
+    let relays = r["relays"].as_array().unwrap();
+    assert_eq!(relays.len(), 3);
+    for rel in relays {
+        assert!(rel["addr"]
+            .as_str()
+            .unwrap()
+            .parse::<std::net::IpAddr>()
+            .is_ok());
+        let ports = rel["ports"].as_array().unwrap();
+        assert_eq!(ports.len(), 2);
+        assert!(ports[0].as_u64().unwrap() <= ports[1].as_u64().unwrap());
+    }
+    assert!(r["machine"]["cores"].is_u64());
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("relays started"))
+        .expect("pids line");
+    let pids = pids_from(line);
+    assert_eq!(pids.len(), 3);
+    for p in pids {
+        assert!(!alive(p), "relay {p} still running");
+    }
+    let _ = std::fs::remove_file(json);
+}
+
+#[test]
+fn interrupted_demo_stops_every_relay() {
+    let mut child = bench()
+        .args(["demo", "--duration", "60", "--net", "62"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let pids = loop {
+        let line = lines
+            .next()
+            .expect("demo ended before starting relays")
+            .unwrap();
+        if line.starts_with("relays started") {
+            break pids_from(&line);
+        }
+    };
+    assert_eq!(pids.len(), 3);
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY-free: kill(1) from the shell sends SIGINT as Ctrl-C would.
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "demo did not stop after SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(out.contains("payload"), "summary printed: {out}");
+    for p in pids {
+        assert!(!alive(p), "relay {p} still running after the interrupt");
+    }
+}
+
+#[test]
+fn relay_benchmark_reports_every_variant_and_ratio() {
+    let json = tmp("relay.json");
+    let out = bench()
+        .args([
+            "relay",
+            "--duration",
+            "0.5",
+            "--round-cells",
+            "1024",
+            "--variants",
+            "ring,none,per-datagram",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["schema"], "shroud-bench/relay/1");
+    assert!(r["cells_per_sec_per_core"].as_f64().unwrap() > 0.0);
+    let v = r["variants"].as_array().unwrap();
+    assert_eq!(v.len(), 3);
+    for x in v {
+        assert!(x["rounds"].as_u64().unwrap() >= 3, "{x}");
+        assert!(x["cells_per_sec"].is_f64());
+    }
+    assert!(r["ratios"]["ring_vs_no_crypto"].is_f64());
+    assert!(r["ratios"]["ring_vs_per_datagram"].is_f64());
+    assert!(r["raw_aes_gcm_opens_per_sec_per_core"]["ring"].is_f64());
+    let _ = std::fs::remove_file(json);
+}
