@@ -71,9 +71,20 @@ pub fn serve_metrics(addr: SocketAddr, metrics: RelayMetrics) -> anyhow::Result<
 fn metrics_conn(mut conn: std::net::TcpStream, metrics: &RelayMetrics) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
     conn.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
+    // A request is a line and a few headers: read at most 16 KiB of it.
+    let mut reader = BufReader::new(std::io::Read::take(conn.try_clone()?, 16 << 10));
     let mut request = String::new();
     reader.read_line(&mut request)?;
+    // Read the headers up to the blank line (bounded): closing a socket with unread
+    // input makes the kernel reset the connection, and the client may lose the
+    // response.
+    let mut header = String::new();
+    for _ in 0..100 {
+        header.clear();
+        if reader.read_line(&mut header)? == 0 || header.trim_end().is_empty() {
+            break;
+        }
+    }
     let path = request.split(' ').nth(1).unwrap_or("");
     let body = if request.starts_with("GET ")
         && (path == "/metrics" || path.starts_with("/metrics?"))
@@ -93,7 +104,9 @@ fn metrics_conn(mut conn: std::net::TcpStream, metrics: &RelayMetrics) -> std::i
         conn,
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
+    )?;
+    conn.flush()?;
+    conn.shutdown(std::net::Shutdown::Write)
 }
 
 /// Escapes a label value (backslash, double quote, newline).
