@@ -22,7 +22,8 @@ macro_rules! exit_codes {
     () => {
         "Exit status:
   0   success
-  1   failure: verification failed, I/O error, relay not found, refusal to overwrite
+  1   failure: verification failed, I/O error, relay not found, refusal to overwrite,
+      admin socket unreachable, or the relay answered with an error
   2   usage error: unknown command, missing or invalid argument
   78  malformed input (EX_CONFIG): a peer list that does not parse, a key file with
       a bad format or with group/other permissions, a corrupt state or authorities file"
@@ -37,11 +38,13 @@ pub const EXIT_CODES: &str = exit_codes!();
 #[command(
     name = "shroudctl",
     version,
-    about = "Control plane of a Shroud onion-relay network: keys and the signed peer list",
+    about = "Control plane of a Shroud onion-relay network: keys, the signed peer list, live relay administration",
     long_about = "Control plane of a Shroud onion-relay network.\n\n\
-        Generates and inspects keys (`genkey`, `pubkey`, in the manner of `wg`), and builds, \
+        Generates and inspects keys (`genkey`, `pubkey`, in the manner of `wg`); builds, \
         signs, inspects and verifies the peer list (`peers ...`): the signed directory of \
-        relays that every relay and client fetches and checks. Keys are one line of base64 \
+        relays that every relay and client fetches and checks; administers a running relay \
+        over its admin socket (`status`, `top`, `reload`, `rotate`, `drain`, `shutdown`); \
+        and rotates a relay's onion keys (`daemon`). Keys are one line of base64 \
         (44 characters); secret key files must have mode 0600. Times are Unix seconds or \
         RFC 3339 UTC dates; durations are written like 24h, 7d or 3600s.",
     after_help = concat!(
@@ -53,6 +56,8 @@ pub const EXIT_CODES: &str = exit_codes!();
       --ports 9000-9003 --onion \"$(cat onion.pub)\" --exit
   shroudctl peers sign network.peerlist --key authority.key
   shroudctl peers verify network.peerlist --authorities-file authorities --threshold 2
+  shroudctl status --socket /run/shroud/admin.sock
+  shroudctl daemon --key-dir /var/lib/shroud/onion-keys --socket /run/shroud/admin.sock
 
 ",
         exit_codes!()
@@ -130,6 +135,249 @@ pub enum Command {
         )
     )]
     Peers(PeersCommand),
+
+    /// Show a relay's workers, cells/s, circuits, drops and key expiry (admin socket)
+    #[command(
+        long_about = "Show a running relay's state from its admin socket: version, uptime, \
+            draining or not, the peer list in use, its onion keys and when each expires, and \
+            per worker its port, I/O driver, cells/s received and sent, setups/s, drops/s, \
+            live circuits and 99th-percentile batch latency; then drops by reason.\n\n\
+            Rates come from two status samples --interval seconds apart (default 1; 0 takes one \
+            sample and shows no rates).\n\n\
+            With --json, prints one JSON object for scripts: {\"status\": the relay's status \
+            document as it sent it (second sample), \"rates\": {interval_s, workers: [{index, \
+            port, cells_rx_per_s, cells_tx_per_s, datagrams_rx_per_s, datagrams_tx_per_s, \
+            setups_per_s, drops_per_s, batch_latency_observations, batch_latency_p50_s, \
+            batch_latency_p99_s}], total: {...}, drops_per_s: {reason: n}} or null}.",
+        after_help = concat!(admin_socket_help!(), exit_codes!())
+    )]
+    Status(StatusArgs),
+
+    /// A live, refreshing view of a relay's status (Ctrl-C to quit)
+    #[command(
+        long_about = "Redraw the `status` table every --interval seconds (default 1) with the \
+            rates of the last interval, until interrupted (Ctrl-C). On a terminal the screen is \
+            redrawn in place; otherwise each frame is printed after the previous one. \
+            --iterations N stops after N frames.",
+        after_help = concat!(admin_socket_help!(), exit_codes!())
+    )]
+    Top(TopArgs),
+
+    /// Tell a relay to re-read its peer list and onion keys (as SIGHUP does)
+    #[command(
+        long_about = "Tell the relay to re-read its configuration's peer list, authorities and \
+            onion keys, verify them and apply them without dropping circuits. On failure the \
+            relay keeps its last good peer list and keys and this command exits with 1, \
+            printing the relay's reason.",
+        after_help = concat!(admin_socket_help!(), exit_codes!())
+    )]
+    Reload(AdminArgs),
+
+    /// Tell a relay to re-read its onion keys only
+    #[command(
+        long_about = "Tell the relay to re-read its onion keys (relay.onion_keys, or the 3 newest \
+            files of relay.onion_key_dir) and use them for new circuit setups. Existing \
+            circuits are not affected. Prints the keys the relay now holds.",
+        after_help = concat!(admin_socket_help!(), exit_codes!())
+    )]
+    Rotate(AdminArgs),
+
+    /// Make a relay refuse new circuits and exit once the last one ends (or at the timeout)
+    #[command(
+        long_about = "Drain the relay for maintenance: it refuses new circuits at once, keeps \
+            forwarding cells of existing circuits, and exits when the last circuit is gone or \
+            after --timeout seconds, whichever comes first (as SIGINT does, with 30 s).",
+        after_help = concat!(admin_socket_help!(), exit_codes!())
+    )]
+    Drain(DrainArgs),
+
+    /// Stop a relay now (as SIGTERM does)
+    #[command(after_help = concat!(admin_socket_help!(), exit_codes!()))]
+    Shutdown(AdminArgs),
+
+    /// Rotate a relay's onion keys: create, publish (descriptor), load, erase
+    #[command(
+        long_about = "Keep a relay's onion keys in --key-dir (the relay's relay.onion_key_dir): \
+            files onion-<UNIX_SECONDS>.key, the number being the key's creation time.\n\n\
+            With no key, creates one. --lead before the newest key's --lifetime ends, creates \
+            the next key (valid from then), tells the relay to `rotate` so that it holds the \
+            new key, and only then writes the descriptor (--descriptor-out) listing the keys \
+            with their expiry (creation + lifetime), signed by the relay's identity key, for the \
+            authorities to publish (`shroudctl peers import`). Clients move to the new key as \
+            their peer lists update. --grace after a key's lifetime ends, overwrites its file \
+            with zeros, removes it and tells the relay to `rotate`, which drops it from memory. \
+            Circuits never depend on onion keys after setup: no cell is lost.\n\n\
+            Each step also brings the relay back in line with the directory when they differ \
+            (a relay restarted or a missed rotate). Without --once, runs until stopped, \
+            sleeping until the next event and checking every minute; errors are printed and \
+            retried. With --once, does what is due now and exits (for cron and tests).",
+        after_help = concat!(
+            "Examples:
+  shroudctl daemon --key-dir /var/lib/shroud/onion-keys --socket /run/shroud/admin.sock \\
+      --descriptor-out /var/lib/shroud/relay.descriptor --identity-key /etc/shroud/identity.key \\
+      --addr 192.0.2.1 --ports 9000-9003
+  shroudctl daemon --key-dir keys --socket admin.sock --once --now 1764000000
+
+",
+            admin_socket_help!(),
+            exit_codes!()
+        )
+    )]
+    Daemon(DaemonArgs),
+}
+
+/// How admin commands find the socket, shown in their help.
+macro_rules! admin_socket_help {
+    () => {
+        "Admin socket: --socket PATH, else $SHROUD_ADMIN_SOCKET, else /run/shroud/admin.sock
+(the relay's `[admin] socket`; owner-only, so run as the relay's user).
+
+"
+    };
+}
+use admin_socket_help;
+
+/// The admin socket argument shared by the live commands.
+#[derive(Debug, Args)]
+pub struct SocketArg {
+    /// The relay's admin socket [default: $SHROUD_ADMIN_SOCKET, else /run/shroud/admin.sock]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+/// Arguments of `reload`, `rotate` and `shutdown`.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The admin socket.
+    #[command(flatten)]
+    pub socket: SocketArg,
+
+    /// Print the relay's result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `shroudctl drain`.
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// The admin socket.
+    #[command(flatten)]
+    pub socket: SocketArg,
+
+    /// Seconds to wait for circuits to end before exiting anyway
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+
+    /// Print the relay's result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `shroudctl status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The admin socket.
+    #[command(flatten)]
+    pub socket: SocketArg,
+
+    /// Print JSON (the status document and the computed rates) instead of a table
+    #[arg(long)]
+    pub json: bool,
+
+    /// Seconds between the two samples the rates come from (0: one sample, no rates)
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_interval)]
+    pub interval: f64,
+}
+
+/// Arguments of `shroudctl top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// The admin socket.
+    #[command(flatten)]
+    pub socket: SocketArg,
+
+    /// Seconds between refreshes
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = parse_positive_interval)]
+    pub interval: f64,
+
+    /// Stop after N frames [default: run until Ctrl-C]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub iterations: Option<u64>,
+}
+
+/// Arguments of `shroudctl daemon`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The relay's onion key directory (its relay.onion_key_dir); created (0700) if missing
+    #[arg(long, value_name = "DIR")]
+    pub key_dir: PathBuf,
+
+    /// The admin socket.
+    #[command(flatten)]
+    pub socket: SocketArg,
+
+    /// How long a key is published as valid
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    pub lifetime: u64,
+
+    /// How long a key is kept after its lifetime ends, before it is erased
+    #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = parse_duration)]
+    pub grace: u64,
+
+    /// How long before the current key's lifetime ends the next key is created
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub lead: u64,
+
+    /// Write the relay's signed descriptor here whenever its keys change
+    #[arg(long, value_name = "FILE", requires_all = ["identity_key", "addr", "ports"])]
+    pub descriptor_out: Option<PathBuf>,
+
+    /// The relay's secret identity key file (signs the descriptor)
+    #[arg(long, value_name = "FILE", requires = "descriptor_out")]
+    pub identity_key: Option<PathBuf>,
+
+    /// The relay's IP address, for the descriptor
+    #[arg(long, value_name = "IP", value_parser = parse_relay_addr, requires = "descriptor_out")]
+    pub addr: Option<IpAddr>,
+
+    /// The relay's UDP ports FIRST-LAST, for the descriptor
+    #[arg(long, value_name = "FIRST-LAST", value_parser = parse_port_range, requires = "descriptor_out")]
+    pub ports: Option<(u16, u16)>,
+
+    /// The relay may be an exit (descriptor flag)
+    #[arg(long, requires = "descriptor_out")]
+    pub exit: bool,
+
+    /// Relative weight for path selection (descriptor)
+    #[arg(long, value_name = "W", default_value_t = 100)]
+    pub weight: u32,
+
+    /// Do what is due now, then exit
+    #[arg(long)]
+    pub once: bool,
+
+    /// With --once: act as if it were this time (Unix seconds or RFC 3339), for tests
+    #[arg(long, value_name = "TIME", value_parser = parse_instant, requires = "once")]
+    pub now: Option<u64>,
+}
+
+/// Parses a non-negative number of seconds (fractions allowed).
+pub fn parse_interval(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if !v.is_finite() || !(0.0..=3600.0).contains(&v) {
+        return Err("the interval must be between 0 and 3600 seconds".into());
+    }
+    Ok(v)
+}
+
+/// [`parse_interval`], refusing 0.
+pub fn parse_positive_interval(text: &str) -> Result<f64, String> {
+    match parse_interval(text)? {
+        v if v < 0.01 => Err("the interval must be at least 0.01 seconds".into()),
+        v => Ok(v),
+    }
 }
 
 /// Arguments of `shroudctl genkey`.
@@ -185,6 +433,25 @@ pub enum PeersCommand {
     /// Remove a relay (removes all signatures)
     #[command(after_help = exit_codes!())]
     Remove(RemoveArgs),
+
+    /// Add or replace a relay from its signed descriptor (removes all signatures)
+    #[command(
+        long_about = "Add a relay to the peer list, or replace the relay with the same identity, \
+            from the descriptor its `shroudctl daemon` writes. The descriptor must be signed by \
+            the identity key it names (exit 1 otherwise, and the list is left unchanged). Like \
+            `peers add`, this re-sorts and checks the list and removes every signature: sign it \
+            again afterwards. Authorities import each relay's latest descriptor before signing \
+            a new list, which is how a relay's next onion key gets published ahead of use.",
+        after_help = concat!(
+            "Example:
+  shroudctl peers import network.peerlist --descriptor relay1.descriptor
+  shroudctl peers sign network.peerlist --key authority.key --serial 43
+
+",
+            exit_codes!()
+        )
+    )]
+    Import(ImportArgs),
 
     /// Print the relays as a table, or as JSON with --json
     #[command(
@@ -331,6 +598,18 @@ pub struct RemoveArgs {
     /// The relay to remove.
     #[command(flatten)]
     pub relay: RelaySelectorArgs,
+}
+
+/// Arguments of `shroudctl peers import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The peer-list file to edit
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+
+    /// The relay's descriptor file (written by `shroudctl daemon --descriptor-out`)
+    #[arg(long, value_name = "FILE")]
+    pub descriptor: PathBuf,
 }
 
 /// Arguments of `shroudctl peers list`.

@@ -101,10 +101,29 @@ pub fn scan_key_dir(dir: &Path) -> io::Result<KeyDirListing> {
     Ok(listing)
 }
 
-/// Erases a secret key file: overwrites its contents with zeros, `fsync`s, removes
-/// it and `fsync`s its directory. See the [module docs](self) for what this can and
-/// cannot guarantee.
+/// Prefix of a key file being erased (see [`erase_key_file`]); such a name is never
+/// a key file name, so a relay never loads a half-erased key.
+pub const ERASING_PREFIX: &str = ".erasing-";
+
+/// Erases a secret key file: renames it to [`ERASING_PREFIX`]`<name>` (so that it
+/// stops being a key file at once, even if the process dies before the end),
+/// overwrites its contents with zeros, `fsync`s, removes it and `fsync`s its
+/// directory. A name that already starts with [`ERASING_PREFIX`] (a leftover of an
+/// interrupted erasure) is erased in place. See the [module docs](self) for what
+/// this can and cannot guarantee.
 pub fn erase_key_file(path: &Path) -> io::Result<()> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
+    let path = if name.starts_with(ERASING_PREFIX) {
+        path.to_owned()
+    } else {
+        let doomed = parent_dir(path).join(format!("{ERASING_PREFIX}{name}"));
+        fs::rename(path, &doomed)?;
+        doomed
+    };
+    let path = path.as_path();
     let mut file = OpenOptions::new().write(true).open(path)?;
     let len = file.metadata()?.len();
     let zeros = [0u8; 4096];
@@ -191,5 +210,12 @@ mod tests {
         assert!(!path.exists());
         assert_eq!(fs::read(&witness).expect("read"), vec![0u8; 20]);
         assert!(erase_key_file(&path).is_err());
+        // Only the witness is left: no `.erasing-` file.
+        assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 1);
+        // A leftover of an interrupted erasure is erased in place.
+        let leftover = dir.path().join(".erasing-onion-2.key");
+        fs::write(&leftover, "secret").expect("write");
+        erase_key_file(&leftover).expect("erase leftover");
+        assert!(!leftover.exists());
     }
 }

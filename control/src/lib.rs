@@ -1,7 +1,8 @@
 //! # shroud-control
 //!
 //! The library half of `shroudctl`, Shroud's control-plane CLI: key files, the signed
-//! peer list on disk, and the human and machine renderings of it. The binary
+//! peer list on disk and the human and machine renderings of it, relay descriptors,
+//! live administration of relays over their admin sockets, and onion-key rotation. The binary
 //! (`src/main.rs`) only parses arguments, calls into these modules and maps errors to
 //! exit codes; everything reusable lives here so that the relay daemon loads keys and
 //! peer lists with exactly the same checks as the operator's tool.
@@ -16,6 +17,12 @@
 //! - [`check`]: verifying a peer list against a trust policy, with operator-facing
 //!   explanations, and checking every signature on its own;
 //! - [`render`]: the `list` table, the `list --json` document and the `show` dump;
+//! - [`descriptor`]: relay descriptors (a relay's peer-list entry signed by the
+//!   relay), which `peers import` verifies and adds to a list;
+//! - [`admin`]: the client of a relay's admin socket (line-delimited JSON);
+//! - [`status`]: the relay's `status` document, rates from two samples, and the
+//!   `status`/`top` tables;
+//! - [`rotate`]: onion-key rotation, one step at a time (`shroudctl daemon`);
 //! - [`time`]: Unix-seconds parsing and human formatting (dates, "in 3h 20m");
 //! - [`cli`]: the command-line grammar (clap) and its help texts.
 //!
@@ -33,13 +40,17 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod check;
 pub mod cli;
+pub mod descriptor;
 pub mod edit;
 pub mod keydir;
 pub mod keyfile;
 pub mod peerfile;
 pub mod render;
+pub mod rotate;
+pub mod status;
 pub mod time;
 
 pub use keyfile::{

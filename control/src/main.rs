@@ -6,24 +6,32 @@
 //! `shroudctl --help`.
 
 use std::fs::File;
+use std::io::IsTerminal as _;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{error::ErrorKind, CommandFactory, Parser};
+use serde_json::{json, Value};
+use shroud_control::admin::{self, AdminClient, AdminError};
 use shroud_control::check::{self, VerifyError};
 use shroud_control::cli::{
-    AddArgs, Cli, Command, GenkeyArgs, ListArgs, NewArgs, PeersCommand, PubkeyArgs, RemoveArgs,
-    ShowArgs, SignArgs, VerifyArgs,
+    AddArgs, AdminArgs, Cli, Command, DaemonArgs, DrainArgs, GenkeyArgs, ImportArgs, ListArgs,
+    NewArgs, PeersCommand, PubkeyArgs, RemoveArgs, ShowArgs, SignArgs, StatusArgs, TopArgs,
+    VerifyArgs,
 };
+use shroud_control::descriptor::{Descriptor, DescriptorError, MAX_DESCRIPTOR_BYTES};
 use shroud_control::edit::{self, EditError, RelaySelector, Upsert};
 use shroud_control::keyfile::{self, KeyFileError};
 use shroud_control::peerfile::{self, FileError};
 use shroud_control::render::{self, ListJson};
-use shroud_control::time::{self, format_date};
+use shroud_control::rotate::{self, AdminRelay, DaemonConfig, DescriptorConfig, RotateError};
+use shroud_control::status::{render_status, Rates, Status};
+use shroud_control::time::{self, format_date, format_date_relative};
 use shroud_control::{exit, read_identity_key_file, write_secret_key_file};
 use shroud_proto::keys::{encode_key, KeyError};
 use shroud_proto::peerlist::{
@@ -57,11 +65,19 @@ fn run(cli: Cli) -> Result<()> {
             PeersCommand::New(args) => peers_new(&args),
             PeersCommand::Add(args) => peers_add(&args),
             PeersCommand::Remove(args) => peers_remove(&args),
+            PeersCommand::Import(args) => peers_import(&args),
             PeersCommand::List(args) => peers_list(&args),
             PeersCommand::Sign(args) => peers_sign(&args),
             PeersCommand::Verify(args) => peers_verify(&args),
             PeersCommand::Show(args) => peers_show(&args),
         },
+        Command::Status(args) => status(&args),
+        Command::Top(args) => top(&args),
+        Command::Reload(args) => reload(&args),
+        Command::Rotate(args) => rotate_now(&args),
+        Command::Drain(args) => drain(&args),
+        Command::Shutdown(args) => shutdown(&args),
+        Command::Daemon(args) => daemon(&args),
     }
 }
 
@@ -78,6 +94,15 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             return e.exit_code();
         }
         if let Some(e) = cause.downcast_ref::<VerifyError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<AdminError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<DescriptorError>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<RotateError>() {
             return e.exit_code();
         }
         // Key text read from standard input.
@@ -99,6 +124,12 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 /// What to do about an error, when there is something obvious.
 fn hint(err: &anyhow::Error) -> Option<&'static str> {
     err.chain().find_map(|cause| {
+        if let Some(e) = cause.downcast_ref::<AdminError>() {
+            return e.hint();
+        }
+        if let Some(RotateError::Relay(e)) = cause.downcast_ref::<RotateError>() {
+            return e.hint();
+        }
         let exists = matches!(
             cause.downcast_ref::<KeyFileError>(),
             Some(KeyFileError::Exists { .. })
@@ -412,4 +443,321 @@ fn peers_show(args: &ShowArgs) -> Result<()> {
         &source,
         args.now.unwrap_or_else(time::now),
     ))
+}
+
+fn peers_import(args: &ImportArgs) -> Result<()> {
+    let mut list = read_list(&args.file)?;
+    let path = &args.descriptor;
+    let mut bytes = Vec::new();
+    File::open(path)
+        .and_then(|f| {
+            f.take(MAX_DESCRIPTOR_BYTES as u64 + 1)
+                .read_to_end(&mut bytes)
+        })
+        .with_context(|| format!("cannot read descriptor {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|_| DescriptorError::Malformed {
+        line: 1,
+        reason: "non-ASCII character".into(),
+    });
+    let desc = text
+        .and_then(|t| Descriptor::parse_and_verify(&t))
+        .with_context(|| format!("descriptor {} refused", path.display()))?;
+    let relay = desc.relay;
+    for k in relay
+        .onion_keys
+        .iter()
+        .filter(|k| k.valid_until <= list.valid_after)
+    {
+        note(format_args!(
+            "warning: onion key {} expires at {}, before the list becomes valid",
+            k.key,
+            format_date(k.valid_until)
+        ));
+    }
+    let id = relay.relay_id();
+    let (addr, ports, keys) = (relay.addr, relay.ports, relay.onion_keys.len());
+    let (change, removed) = edit::upsert_relay(&mut list, relay)
+        .with_context(|| format!("cannot import the relay into {}", args.file.display()))?;
+    peerfile::write_peer_list(&args.file, &list, true)?;
+    let verb = match change {
+        Upsert::Added => "added",
+        Upsert::Replaced => "replaced",
+    };
+    print(&format!(
+        "{verb} relay {id} ({addr} ports {}-{}, {keys} onion key(s), descriptor published {}); \
+         {} relay(s) in {}\n",
+        ports.0,
+        ports.1,
+        format_date(desc.published),
+        list.relays.len(),
+        args.file.display()
+    ))?;
+    signatures_removed(removed);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Live administration
+// ---------------------------------------------------------------------------
+
+fn socket(arg: &shroud_control::cli::SocketArg) -> PathBuf {
+    admin::socket_path(arg.socket.as_deref())
+}
+
+fn parse_status(client: &AdminClient, raw: &Value) -> Result<Status> {
+    serde_json::from_value(raw.clone()).map_err(|e| {
+        AdminError::BadReply {
+            path: client.path().to_owned(),
+            reason: format!("the status document is not understood: {e}"),
+        }
+        .into()
+    })
+}
+
+/// Two status samples `interval` seconds apart on one connection: the second
+/// sample (raw and parsed) and the rates between them.
+fn sample_pair(
+    client: &mut AdminClient,
+    first: Option<(Status, Instant)>,
+    interval: f64,
+) -> Result<(Value, Status, Instant, Rates)> {
+    let (a, t0) = match first {
+        Some(x) => x,
+        None => {
+            let raw = client.command("status")?;
+            (parse_status(client, &raw)?, Instant::now())
+        }
+    };
+    std::thread::sleep(Duration::from_secs_f64(interval));
+    let raw = client.command("status")?;
+    let t1 = Instant::now();
+    let b = parse_status(client, &raw)?;
+    let rates = Rates::between(&a, &b, t1.duration_since(t0).as_secs_f64());
+    Ok((raw, b, t1, rates))
+}
+
+fn print_json(v: &Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(v).context("cannot encode JSON")?;
+    text.push('\n');
+    print(&text)
+}
+
+fn status(args: &StatusArgs) -> Result<()> {
+    let path = socket(&args.socket);
+    let mut client = AdminClient::connect(&path)?;
+    let (raw, parsed, rates) = if args.interval > 0.0 {
+        let (raw, parsed, _, rates) = sample_pair(&mut client, None, args.interval)?;
+        (raw, parsed, Some(rates))
+    } else {
+        let raw = client.command("status")?;
+        let parsed = parse_status(&client, &raw)?;
+        (raw, parsed, None)
+    };
+    if args.json {
+        print_json(&json!({"status": raw, "rates": rates}))
+    } else {
+        print(&render_status(&parsed, rates.as_ref(), time::now()))
+    }
+}
+
+fn top(args: &TopArgs) -> Result<()> {
+    let path = socket(&args.socket);
+    let mut client = AdminClient::connect(&path)?;
+    let terminal = io::stdout().is_terminal();
+    let mut last: Option<(Status, Instant)> = None;
+    let mut frame = 0u64;
+    loop {
+        let (_, parsed, t, rates) = sample_pair(&mut client, last.take(), args.interval)?;
+        let now = time::now();
+        let mut text = String::new();
+        if terminal {
+            // Home the cursor and clear the screen: the frame is redrawn in place.
+            text.push_str("\x1b[H\x1b[2J");
+        } else if frame > 0 {
+            text.push('\n');
+        }
+        text.push_str(&format!(
+            "shroudctl top: {}  {}  (every {} s; Ctrl-C quits)\n\n",
+            path.display(),
+            format_date(now),
+            args.interval
+        ));
+        text.push_str(&render_status(&parsed, Some(&rates), now));
+        print(&text)?;
+        frame += 1;
+        if args.iterations.is_some_and(|n| frame >= n) {
+            return Ok(());
+        }
+        last = Some((parsed, t));
+    }
+}
+
+fn admin_command(arg: &shroud_control::cli::SocketArg, request: Value) -> Result<Value> {
+    Ok(admin::request(&socket(arg), &request)?)
+}
+
+fn reload(args: &AdminArgs) -> Result<()> {
+    let r = admin_command(&args.socket, json!({"cmd": "reload"}))?;
+    if args.json {
+        return print_json(&r);
+    }
+    print(&format!(
+        "reloaded: peer list serial {}, {} relay(s); {} onion key(s)\n",
+        r["serial"], r["peers"], r["onion_keys"]
+    ))
+}
+
+fn rotate_now(args: &AdminArgs) -> Result<()> {
+    let r = admin_command(&args.socket, json!({"cmd": "rotate"}))?;
+    if args.json {
+        return print_json(&r);
+    }
+    let keys = r["onion_keys"].as_array().cloned().unwrap_or_default();
+    let now = time::now();
+    let mut text = format!(
+        "rotated: the relay holds {} onion key(s), newest first\n",
+        keys.len()
+    );
+    for k in &keys {
+        let until = match k["valid_until"].as_u64() {
+            Some(t) => format!("expires {}", format_date_relative(t, now)),
+            None => "not in the peer list yet".to_owned(),
+        };
+        text.push_str(&format!(
+            "  {}  {until}\n",
+            k["public"].as_str().unwrap_or("?")
+        ));
+    }
+    print(&text)
+}
+
+fn drain(args: &DrainArgs) -> Result<()> {
+    let r = admin_command(
+        &args.socket,
+        json!({"cmd": "drain", "timeout_s": args.timeout}),
+    )?;
+    if args.json {
+        return print_json(&r);
+    }
+    let deadline = r["deadline_ms"].as_u64().map(|ms| ms / 1000);
+    print(&format!(
+        "draining: the relay refuses new circuits and exits when its last circuit ends{}\n",
+        deadline
+            .map(|t| format!(
+                " or at {}, whichever comes first",
+                format_date_relative(t, time::now())
+            ))
+            .unwrap_or_default()
+    ))
+}
+
+fn shutdown(args: &AdminArgs) -> Result<()> {
+    let r = admin_command(&args.socket, json!({"cmd": "shutdown"}))?;
+    if args.json {
+        return print_json(&r);
+    }
+    print("stopping: the relay is shutting down\n")
+}
+
+// ---------------------------------------------------------------------------
+// Key rotation daemon
+// ---------------------------------------------------------------------------
+
+fn daemon(args: &DaemonArgs) -> Result<()> {
+    let policy = rotate::RotationPolicy {
+        lifetime: args.lifetime,
+        grace: args.grace,
+        lead: args.lead,
+    };
+    if let Err(e) = policy.validate() {
+        usage_error(&["daemon"], e);
+    }
+    let descriptor = match (
+        &args.descriptor_out,
+        &args.identity_key,
+        args.addr,
+        args.ports,
+    ) {
+        (Some(out), Some(identity_key), Some(addr), Some(ports)) => {
+            // Fail now, not at the first rotation, if the identity key is unusable.
+            read_identity_key_file(identity_key)?;
+            Some(DescriptorConfig {
+                out: out.clone(),
+                identity_key: identity_key.clone(),
+                addr,
+                ports,
+                exit: args.exit,
+                weight: args.weight,
+            })
+        }
+        (None, ..) => None,
+        _ => usage_error(
+            &["daemon"],
+            "--descriptor-out needs --identity-key, --addr and --ports",
+        ),
+    };
+    let cfg = DaemonConfig {
+        key_dir: args.key_dir.clone(),
+        policy,
+        descriptor,
+    };
+    let mut relay = AdminRelay {
+        socket: socket(&args.socket),
+    };
+    if args.once {
+        let now = args.now.unwrap_or_else(time::now);
+        let report = rotate::step(&cfg, now, &mut relay)?;
+        let mut text = String::new();
+        for n in &report.notes {
+            text.push_str(&format!("{n}\n"));
+        }
+        if !report.did_something() {
+            text.push_str("nothing due\n");
+        }
+        if let Some((t, what)) = report.next {
+            text.push_str(&format!(
+                "next: {what} at {}\n",
+                format_date_relative(t, now)
+            ));
+        }
+        return print(&text);
+    }
+    println!(
+        "shroudctl daemon: keeping onion keys in {} for the relay at {} (lifetime {}s, lead {}s, grace {}s)",
+        cfg.key_dir.display(),
+        relay.socket.display(),
+        policy.lifetime,
+        policy.lead,
+        policy.grace
+    );
+    loop {
+        let now = time::now();
+        let wait = match rotate::step(&cfg, now, &mut relay) {
+            Ok(report) => {
+                for n in &report.notes {
+                    println!("shroudctl daemon: {n}");
+                }
+                if report.did_something() {
+                    if let Some((t, what)) = report.next {
+                        println!(
+                            "shroudctl daemon: next: {what} at {}",
+                            format_date_relative(t, now)
+                        );
+                    }
+                }
+                report.next.map(|(t, _)| t.saturating_sub(now))
+            }
+            Err(e) => {
+                let e = anyhow::Error::new(e);
+                eprintln!("shroudctl daemon: error (retrying in a minute): {e:#}");
+                if let Some(h) = hint(&e) {
+                    eprintln!("shroudctl daemon: hint: {h}");
+                }
+                None
+            }
+        };
+        // Sleep until the next event, but re-check at least every minute (the clock
+        // may jump, the relay may restart).
+        std::thread::sleep(Duration::from_secs(wait.unwrap_or(60).clamp(1, 60)));
+    }
 }

@@ -156,6 +156,47 @@ fn help_mentions_every_command_and_the_exit_codes() {
     ] {
         assert!(verify.contains(word), "verify --help lacks {word:?}");
     }
+    for word in [
+        "status", "top", "reload", "rotate", "drain", "shutdown", "daemon",
+    ] {
+        assert!(top.contains(word), "--help lacks {word:?}:\n{top}");
+    }
+    for cmd in ["status", "top", "reload", "rotate", "drain", "shutdown"] {
+        let help = d.run(&[cmd, "--help"]).ok();
+        for word in [
+            "--socket",
+            "SHROUD_ADMIN_SOCKET",
+            "/run/shroud/admin.sock",
+            "Exit status",
+            "unreachable",
+        ] {
+            assert!(help.contains(word), "{cmd} --help lacks {word:?}:\n{help}");
+        }
+    }
+    let status = d.run(&["status", "--help"]).ok();
+    for word in ["--json", "--interval", "cells_rx_per_s"] {
+        assert!(status.contains(word), "status --help lacks {word:?}");
+    }
+    assert!(d.run(&["top", "--help"]).ok().contains("--iterations"));
+    assert!(d.run(&["drain", "--help"]).ok().contains("--timeout"));
+    let daemon = d.run(&["daemon", "--help"]).ok();
+    for word in [
+        "--key-dir",
+        "--lifetime",
+        "--grace",
+        "--lead",
+        "--descriptor-out",
+        "--identity-key",
+        "--once",
+        "--now",
+        "onion-<UNIX_SECONDS>.key",
+    ] {
+        assert!(daemon.contains(word), "daemon --help lacks {word:?}");
+    }
+    assert!(d
+        .run(&["peers", "import", "--help"])
+        .ok()
+        .contains("--descriptor"));
     // Usage errors keep clap's exit code 2.
     d.run(&["frobnicate"]).fails(2, &["frobnicate"]);
     d.run(&["peers", "new", "--out", "x"])
@@ -501,8 +542,17 @@ fn editing_removes_signatures_and_sign_can_bump_the_serial() {
     d.run(&["peers", "remove", "L", "--id", &victim])
         .fails(1, &["no relay with relay id"]);
 
-    // Replacing a relay by identity keeps the count.
-    let (identity, onion) = &net.relays[0];
+    // Replacing a relay by identity keeps the count (one still listed: the victim
+    // above is any of the three).
+    let (identity, onion) = net
+        .relays
+        .iter()
+        .find(|(identity, _)| {
+            list.relays
+                .iter()
+                .any(|r| r.identity.to_base64() == *identity)
+        })
+        .expect("a relay still listed");
     let out = d
         .run(&[
             "peers",
@@ -707,4 +757,79 @@ fn show_and_list_json_describe_the_list() {
     d.run(&["peers", "show", "junk"])
         .fails(78, &["junk is not a valid peer list"]);
     d.run(&["peers", "list", "junk"]).fails(78, &["junk"]);
+}
+
+#[test]
+fn peers_import_adds_a_signed_descriptor_and_refuses_a_forged_one() {
+    use shroud_control::descriptor::Descriptor;
+    use shroud_proto::peerlist::{OnionKeyEntry, RelayDescriptor};
+
+    let net = Network::new();
+    let d = &net.d;
+    net.build("L", 7);
+    net.sign("L", 1);
+    let relay_key = IdentityKey::from_bytes(&[42; 32]);
+    let relay = RelayDescriptor {
+        identity: relay_key.public(),
+        addr: "192.0.2.42".parse().expect("addr"),
+        ports: (7000, 7003),
+        onion_keys: vec![OnionKeyEntry {
+            key: OnionSecret::from_bytes(&[43; 32]).public(),
+            valid_until: UNTIL + 7_200,
+        }],
+        exit: false,
+        weight: 5,
+    };
+    let desc = Descriptor::sign(relay.clone(), &relay_key, AFTER);
+    fs::write(d.path("r.desc"), desc.encode()).expect("write");
+    let run = d.run(&["peers", "import", "L", "--descriptor", "r.desc"]);
+    assert!(
+        run.stderr.contains("removed 1 signature(s)"),
+        "{}",
+        run.stderr
+    );
+    let out = run.ok();
+    assert!(
+        out.starts_with(&format!("added relay {}", relay.relay_id())),
+        "{out}"
+    );
+    assert!(out.contains("(192.0.2.42 ports 7000-7003, 1 onion key(s), descriptor published 2025-11-24T16:00:00Z); 4 relay(s) in L"), "{out}");
+    let list = PeerList::parse(&d.read("L")).expect("parse");
+    assert_eq!(list.relay_by_identity(&relay_key.public()), Some(&relay));
+
+    // A new descriptor with another key replaces the entry.
+    let mut next = relay.clone();
+    next.onion_keys.push(OnionKeyEntry {
+        key: OnionSecret::from_bytes(&[44; 32]).public(),
+        valid_until: UNTIL + 90_000,
+    });
+    fs::write(
+        d.path("r.desc"),
+        Descriptor::sign(next.clone(), &relay_key, AFTER + 1).encode(),
+    )
+    .expect("write");
+    let out = d
+        .run(&["peers", "import", "L", "--descriptor", "r.desc"])
+        .ok();
+    assert!(out.starts_with("replaced relay"), "{out}");
+    let list = PeerList::parse(&d.read("L")).expect("parse");
+    assert_eq!(list.relay_by_identity(&relay_key.public()), Some(&next));
+
+    // Forged (signed by another key), tampered, malformed: refused, list unchanged.
+    let before = d.read("L");
+    let mut forged = Descriptor::sign(relay.clone(), &IdentityKey::from_bytes(&[9; 32]), AFTER);
+    forged.relay.identity = relay_key.public();
+    fs::write(d.path("f.desc"), forged.encode()).expect("write");
+    d.run(&["peers", "import", "L", "--descriptor", "f.desc"])
+        .fails(1, &["f.desc", "does not verify"]);
+    let text = desc.encode().replace("weight 5", "weight 50");
+    fs::write(d.path("t.desc"), text).expect("write");
+    d.run(&["peers", "import", "L", "--descriptor", "t.desc"])
+        .fails(1, &["does not verify"]);
+    fs::write(d.path("m.desc"), &desc.encode()[..100]).expect("write");
+    d.run(&["peers", "import", "L", "--descriptor", "m.desc"])
+        .fails(78, &["not a valid relay descriptor"]);
+    d.run(&["peers", "import", "L", "--descriptor", "missing.desc"])
+        .fails(1, &["cannot read descriptor"]);
+    assert_eq!(d.read("L"), before);
 }
