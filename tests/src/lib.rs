@@ -8,7 +8,12 @@
 //! process is killed when the [`TestNet`] is dropped, also when a test panics.
 //!
 //! The relay binary is found next to the test executable's `deps` directory (cargo
-//! builds it for the workspace tests), or at `$SHROUD_RELAY_BIN`.
+//! builds it for the workspace tests), or at `$SHROUD_RELAY_BIN`; `shroudctl` the
+//! same way ([`shroudctl_bin`], `$SHROUDCTL_BIN`).
+//!
+//! Options: [`NetOpts::onion_key_dir`] gives each relay an onion key directory
+//! (`relay<i>/keys`, the layout `shroudctl daemon` keeps) instead of key files, and
+//! [`NetOpts::metrics`] serves Prometheus metrics on `127.0.<net>.<i+1>:9478`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -41,6 +46,11 @@ pub struct NetOpts {
     pub setup_rate: u32,
     /// Setup burst per source.
     pub setup_burst: u32,
+    /// Onion keys from a key directory (`relay<i>/keys/onion-<T>.key`,
+    /// `relay.onion_key_dir`) instead of `relay.onion_keys`.
+    pub onion_key_dir: bool,
+    /// Serve metrics on `<relay address>:9478`.
+    pub metrics: bool,
 }
 
 impl NetOpts {
@@ -54,6 +64,8 @@ impl NetOpts {
             exit_policy: vec!["accept 127.0.0.0/8:*".into()],
             setup_rate: 200,
             setup_burst: 400,
+            onion_key_dir: false,
+            metrics: false,
         }
     }
 }
@@ -79,6 +91,13 @@ pub struct RelayProc {
     pub onion_key_next: PathBuf,
     /// Its log (stderr).
     pub log: PathBuf,
+    /// Identity key file.
+    pub identity_key: PathBuf,
+    /// Onion key directory (used when [`NetOpts::onion_key_dir`] is set; its first
+    /// key is `onion-<start time - 60>.key`).
+    pub key_dir: PathBuf,
+    /// Metrics endpoint (when [`NetOpts::metrics`] is set).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A running test network.
@@ -116,6 +135,24 @@ pub fn relay_bin() -> PathBuf {
     assert!(
         p.exists(),
         "{} not built: run `cargo build -p shroud-relay` (or `cargo test --workspace`)",
+        p.display()
+    );
+    p
+}
+
+/// Path of the `shroudctl` binary: next to `shroud-relay` (see [`relay_bin`]), or
+/// at `$SHROUDCTL_BIN`. Cargo builds it for the workspace tests because
+/// shroud-control has integration tests.
+pub fn shroudctl_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SHROUDCTL_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join("shroudctl");
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build -p shroud-control` (or `cargo test --workspace`)",
         p.display()
     );
     p
@@ -161,6 +198,14 @@ impl TestNet {
             std::fs::create_dir_all(&rdir).unwrap();
             write_key(&rdir.join("identity.key"), &id.to_bytes());
             write_key(&rdir.join("onion.key"), &onion.to_bytes());
+            let key_dir = rdir.join("keys");
+            if opts.onion_key_dir {
+                std::fs::create_dir_all(&key_dir).unwrap();
+                write_key(
+                    &key_dir.join(format!("onion-{}.key", now - 60)),
+                    &onion.to_bytes(),
+                );
+            }
             list.relays.push(RelayDescriptor {
                 identity: id.public(),
                 addr,
@@ -182,6 +227,9 @@ impl TestNet {
                 onion_key: rdir.join("onion.key"),
                 onion_key_next: rdir.join("onion-next.key"),
                 log: rdir.join("relay.log"),
+                identity_key: rdir.join("identity.key"),
+                key_dir,
+                metrics: opts.metrics.then(|| SocketAddr::new(addr, 9478)),
             });
             identities.push(id);
         }
@@ -207,7 +255,9 @@ impl TestNet {
         net
     }
 
-    /// (Re)writes relay `i`'s config with these onion key files (newest first).
+    /// (Re)writes relay `i`'s config with these onion key files (newest first), or
+    /// with `onion_key_dir = "keys"` (ignoring `onion_files`) when the network uses
+    /// key directories.
     pub fn write_config(&self, i: usize, onion_files: &[&str]) {
         let r = &self.relays[i];
         let policy: Vec<String> = self
@@ -217,10 +267,19 @@ impl TestNet {
             .map(|p| format!("{p:?}"))
             .collect();
         let onion: Vec<String> = onion_files.iter().map(|f| format!("{f:?}")).collect();
+        let onion_line = if self.opts.onion_key_dir {
+            "onion_key_dir = \"keys\"".to_owned()
+        } else {
+            format!("onion_keys = [{}]", onion.join(", "))
+        };
+        let metrics = match r.metrics {
+            Some(a) => format!("\n[metrics]\nlisten = \"{a}\"\n"),
+            None => String::new(),
+        };
         let text = format!(
             r#"[relay]
 identity_key = "identity.key"
-onion_keys = [{onion}]
+{onion_line}
 peer_list = {list:?}
 authorities = [{auth:?}]
 exit_policy = [{policy}]
@@ -245,8 +304,7 @@ send_slots = 128
 
 [admin]
 socket = "admin.sock"
-"#,
-            onion = onion.join(", "),
+{metrics}"#,
             list = self.list_path.display().to_string(),
             auth = self.authority.public().to_base64(),
             policy = policy.join(", "),
@@ -363,6 +421,16 @@ socket = "admin.sock"
     /// The log of relay `i`.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.relays[i].log).unwrap_or_default()
+    }
+
+    /// Replaces the network's peer list (normalized and signed by the authority)
+    /// on disk and in [`TestNet::list`]; relays see it at their next reload.
+    pub fn set_list(&mut self, mut list: PeerList) {
+        list.signatures.clear();
+        list.normalize();
+        list.sign(&self.authority).expect("sign peer list");
+        std::fs::write(&self.list_path, list.encode()).unwrap();
+        self.list = list;
     }
 }
 

@@ -1,0 +1,752 @@
+//! The real `shroudctl` binary against real `shroud-relay` processes: live status
+//! (table and JSON), `top`, reload/rotate/drain/shutdown, exit codes, onion-key
+//! rotation with `shroudctl daemon --once` under traffic (no cell lost), and the
+//! Prometheus endpoint checked by a real parser.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use shroud_client::{udp_echo_server, CircuitId, Client, EchoHandle};
+use shroud_proto::keys::OnionPublic;
+use shroud_proto::peerlist::PeerList;
+use shroud_tests::{now_s, shroudctl_bin, write_key, NetOpts, TestNet};
+
+const T: Duration = Duration::from_secs(5);
+const H: u64 = 3_600;
+
+fn echo(net: u8) -> (SocketAddr, EchoHandle) {
+    udp_echo_server(SocketAddr::from(([127, 0, net, 250], 0))).expect("echo server")
+}
+
+/// What a run of `shroudctl` produced.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().expect("shroudctl killed by a signal"),
+            stdout: String::from_utf8(out.stdout).expect("stdout UTF-8"),
+            stderr: String::from_utf8(out.stderr).expect("stderr UTF-8"),
+        }
+    }
+
+    fn ok(self) -> String {
+        assert_eq!(self.code, 0, "expected success: {self:#?}");
+        self.stdout
+    }
+
+    fn fails(self, code: i32, needles: &[&str]) -> String {
+        assert_eq!(self.code, code, "expected exit {code}: {self:#?}");
+        for n in needles {
+            assert!(self.stderr.contains(n), "stderr lacks {n:?}: {self:#?}");
+        }
+        self.stderr
+    }
+}
+
+fn ctl() -> Command {
+    let mut c = Command::new(shroudctl_bin());
+    c.env_remove("SHROUD_ADMIN_SOCKET").stdin(Stdio::null());
+    c
+}
+
+fn run(args: &[&str]) -> Run {
+    Run::from(ctl().args(args).output().expect("run shroudctl"))
+}
+
+fn sock(net: &TestNet, i: usize) -> String {
+    net.relays[i].admin.display().to_string()
+}
+
+/// Keeps a circuit busy from a thread: sends numbered payloads and checks each one
+/// comes back through the echo server, in order and intact.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, Vec<String>)>,
+}
+
+impl Traffic {
+    fn start(mut client: Client, id: CircuitId) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0u64;
+            let mut errors = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let payload = n.to_be_bytes();
+                if let Err(e) = client.send(id, &payload) {
+                    errors.push(format!("send {n}: {e}"));
+                    break;
+                }
+                match client.recv(T) {
+                    Ok((got_id, got)) if got_id == id && got == payload => {}
+                    Ok((got_id, got)) => errors.push(format!("{n}: got {got:?} on {got_id:?}")),
+                    Err(e) => errors.push(format!("{n}: lost ({e})")),
+                }
+                n += 1;
+            }
+            (n, errors)
+        });
+        Traffic { stop, thread }
+    }
+
+    /// Stops and returns how many payloads made the round trip.
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let (n, errors) = self.thread.join().expect("traffic thread");
+        assert!(errors.is_empty(), "cells lost or damaged: {errors:?}");
+        n
+    }
+}
+
+/// A 1-hop circuit through relay `i` to the echo server, busy in a thread.
+fn traffic(net: &TestNet, i: usize, dest: SocketAddr) -> Traffic {
+    let mut c = net.client();
+    let id = c
+        .build_circuit(&net.path(&[i]), dest, T)
+        .unwrap_or_else(|e| panic!("circuit: {e}\n{}", net.log(i)));
+    Traffic::start(c, id)
+}
+
+#[test]
+fn status_prints_a_table_and_json_with_rates() {
+    let mut opts = NetOpts::new(40, 1);
+    opts.workers = 2;
+    let net = TestNet::start(opts);
+    let (dest, _echo) = echo(40);
+    let busy = traffic(&net, 0, dest);
+    let s = sock(&net, 0);
+
+    let table = run(&["status", "--socket", &s, "--interval", "0.5"]).ok();
+    let id = net.relays[0].id.to_string();
+    let onion = net.list.relays[0].onion_keys[0].key.to_string();
+    for want in [
+        &format!("relay {id}"),
+        "accepting circuits",
+        "peer list serial 1, 1 relays, expires ",
+        &format!("  {onion}  expires "),
+        "workers (rates over 0.5 s)",
+        "WORKER  PORT  DRIVER",
+        "drops by reason",
+        "bad_tag",
+    ] {
+        assert!(table.contains(want), "{want:?} missing:\n{table}");
+    }
+    let row = |port: &str| -> Vec<String> {
+        table
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .find(|cells| cells.get(1).map(String::as_str) == Some(port))
+            .unwrap_or_else(|| panic!("no row for port {port}:\n{table}"))
+    };
+    // The circuit uses the relay's first port: worker 0 forwards cells, both ways.
+    let w0 = row("9000");
+    assert_eq!(w0[0], "0");
+    assert!(["io_uring", "recvmmsg"].contains(&w0[2].as_str()), "{w0:?}");
+    let rx: f64 = w0[3].parse().expect("rx cells/s");
+    let tx: f64 = w0[4].parse().expect("tx cells/s");
+    assert!(rx > 0.0 && tx > 0.0, "{w0:?}\n{table}");
+    assert_eq!(w0[7], "1", "one circuit on worker 0: {w0:?}");
+    assert_eq!(row("9001")[3], "0.0");
+    assert!(table.lines().any(|l| l.trim_start().starts_with("total")));
+
+    let out = run(&["status", "--socket", &s, "--json", "--interval", "0.3"]).ok();
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["status"]["relay_id"], id.as_str());
+    assert_eq!(v["status"]["workers"].as_array().map(Vec::len), Some(2));
+    assert_eq!(v["status"]["onion_keys"][0]["public"], onion.as_str());
+    let interval = v["rates"]["interval_s"].as_f64().expect("interval");
+    assert!((0.3..2.0).contains(&interval), "{interval}");
+    assert!(
+        v["rates"]["workers"][0]["cells_rx_per_s"].as_f64() > Some(0.0),
+        "{v}"
+    );
+    assert!(
+        v["rates"]["total"]["cells_tx_per_s"].as_f64() > Some(0.0),
+        "{v}"
+    );
+    assert!(v["rates"]["drops_per_s"]["bad_tag"].is_number(), "{v}");
+    // Batch latency is observed while cells flow.
+    assert!(
+        v["status"]["workers"][0]["stats"]["batch_latency"]["count"].as_u64() > Some(0),
+        "{v}"
+    );
+
+    // One sample, no rates; the socket from the environment.
+    let out = Run::from(
+        ctl()
+            .args(["status", "--json", "--interval", "0"])
+            .env("SHROUD_ADMIN_SOCKET", &s)
+            .output()
+            .expect("run"),
+    )
+    .ok();
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["rates"], Value::Null);
+    assert_eq!(v["status"]["relay_id"], id.as_str());
+    assert!(busy.finish() > 0);
+}
+
+#[test]
+fn top_redraws_the_given_number_of_frames() {
+    let net = TestNet::start(NetOpts::new(41, 1));
+    let s = sock(&net, 0);
+    let started = Instant::now();
+    let out = run(&[
+        "top",
+        "--socket",
+        &s,
+        "--iterations",
+        "2",
+        "--interval",
+        "0.2",
+    ])
+    .ok();
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert_eq!(out.matches("shroudctl top: ").count(), 2, "{out}");
+    assert_eq!(
+        out.matches("workers (rates over 0.2 s)").count(),
+        2,
+        "{out}"
+    );
+    // Not a terminal: no escape sequences, frames one after the other.
+    assert!(!out.contains('\x1b'), "{out:?}");
+    run(&["top", "--socket", &s, "--iterations", "0"]).fails(2, &["iterations"]);
+}
+
+#[test]
+fn reload_rotate_drain_and_shutdown() {
+    let mut net = TestNet::start(NetOpts::new(42, 1));
+    let (dest, _echo) = echo(42);
+    let s = sock(&net, 0);
+    let busy = traffic(&net, 0, dest);
+
+    let out = run(&["reload", "--socket", &s]).ok();
+    assert_eq!(
+        out,
+        "reloaded: peer list serial 1, 1 relay(s); 1 onion key(s)\n"
+    );
+    let out = run(&["reload", "--socket", &s, "--json"]).ok();
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["serial"], 1);
+
+    let out = run(&["rotate", "--socket", &s]).ok();
+    let onion = net.list.relays[0].onion_keys[0].key.to_string();
+    assert!(
+        out.starts_with("rotated: the relay holds 1 onion key(s), newest first\n"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("  {onion}  expires ")), "{out}");
+
+    // A refused reload: exit 1, the relay's reason and the socket named; the relay
+    // keeps its peer list and keeps forwarding.
+    let good = std::fs::read_to_string(&net.list_path).expect("list");
+    std::fs::write(&net.list_path, good.replace("weight 100", "weight 101")).expect("write");
+    let err = run(&["reload", "--socket", &s]).fails(1, &["refused `reload`", &s]);
+    assert!(err.contains("forged") || err.contains("signature"), "{err}");
+    std::fs::write(&net.list_path, &good).expect("write");
+
+    let out = run(&["drain", "--socket", &s, "--timeout", "30"]).ok();
+    assert!(
+        out.starts_with("draining: the relay refuses new circuits"),
+        "{out}"
+    );
+    let table = run(&["status", "--socket", &s, "--interval", "0"]).ok();
+    assert!(table.contains("DRAINING"), "{table}");
+    // The existing circuit still delivers while draining.
+    assert!(busy.finish() > 0);
+
+    let out = run(&["shutdown", "--socket", &s]).ok();
+    assert_eq!(out, "stopping: the relay is shutting down\n");
+    assert_eq!(
+        net.wait_exit(0, Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        net.log(0)
+    );
+    // Now nothing answers: exit 1, naming the socket, with a hint.
+    run(&["status", "--socket", &s]).fails(1, &[&s, "hint: is shroud-relay running?"]);
+}
+
+#[test]
+fn exit_codes_for_usage_unreachable_and_config_errors() {
+    let dir = shroud_tests::temp_dir("ctl-codes");
+    let missing = dir.join("nobody.sock");
+    let m = missing.display().to_string();
+    for cmd in ["status", "top", "reload", "rotate", "drain", "shutdown"] {
+        run(&[cmd, "--socket", &m]).fails(1, &["cannot reach the relay's admin socket", &m]);
+    }
+    // The environment variable, then the default path, name the socket tried.
+    let r = Run::from(
+        ctl()
+            .args(["reload"])
+            .env("SHROUD_ADMIN_SOCKET", &missing)
+            .output()
+            .expect("run"),
+    );
+    r.fails(1, &[&m]);
+
+    run(&["status", "--interval=-1"]).fails(2, &["--interval"]);
+    run(&["drain", "--timeout", "soon"]).fails(2, &["--timeout"]);
+    run(&["frobnicate"]).fails(2, &[]);
+    let kd = dir.join("keys");
+    let k = kd.display().to_string();
+    run(&["daemon", "--key-dir", &k, "--now", "5"]).fails(2, &["--once"]);
+    run(&["daemon", "--key-dir", &k, "--descriptor-out", "d"]).fails(2, &["--identity-key"]);
+    run(&["daemon", "--key-dir", &k, "--lead", "30h", "--once"]).fails(2, &["--lead"]);
+
+    // A key file with group/other access in the key directory: 78, with the fix.
+    std::fs::create_dir_all(&kd).expect("mkdir");
+    let bad = kd.join(format!("onion-{}.key", now_s()));
+    write_key(&bad, &[4; 32]);
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod");
+    run(&["daemon", "--key-dir", &k, "--socket", &m, "--once"]).fails(78, &["chmod 600"]);
+    // A correct directory but no relay: 1.
+    std::fs::remove_file(&bad).expect("rm");
+    run(&["daemon", "--key-dir", &k, "--socket", &m, "--once"])
+        .fails(1, &["cannot reach the relay's admin socket"]);
+
+    // Descriptors: malformed is 78, a bad signature is 1; the list is untouched.
+    let list = dir.join("list");
+    run(&[
+        "peers",
+        "new",
+        "--out",
+        &list.display().to_string(),
+        "--serial",
+        "1",
+        "--valid-for",
+        "1d",
+    ])
+    .ok();
+    let before = std::fs::read(&list).expect("list");
+    let desc = dir.join("d");
+    std::fs::write(&desc, "shroud-descriptor 1\nnonsense\n").expect("write");
+    let l = list.display().to_string();
+    let d = desc.display().to_string();
+    run(&["peers", "import", &l, "--descriptor", &d]).fails(78, &["not a valid relay descriptor"]);
+    assert_eq!(std::fs::read(&list).expect("list"), before);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn daemon_args<'a>(
+    net: &'a TestNet,
+    i: usize,
+    out: &'a str,
+    addr: &'a str,
+    now: &'a str,
+) -> Vec<String> {
+    let r = &net.relays[i];
+    vec![
+        "daemon".into(),
+        "--key-dir".into(),
+        r.key_dir.display().to_string(),
+        "--socket".into(),
+        r.admin.display().to_string(),
+        "--descriptor-out".into(),
+        out.into(),
+        "--identity-key".into(),
+        r.identity_key.display().to_string(),
+        "--addr".into(),
+        addr.into(),
+        "--ports".into(),
+        format!("{}-{}", r.ports.0, r.ports.1),
+        "--exit".into(),
+        "--once".into(),
+        "--now".into(),
+        now.into(),
+    ]
+}
+
+fn key_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("key dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn onion_keys(net: &TestNet, i: usize) -> Vec<String> {
+    let s = net.admin(i, json!({"cmd": "status"}));
+    s["result"]["onion_keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| k["public"].as_str().expect("public").to_owned())
+        .collect()
+}
+
+#[test]
+fn daemon_rotation_under_traffic_loses_no_cells() {
+    let mut opts = NetOpts::new(43, 3);
+    opts.onion_key_dir = true;
+    let mut net = TestNet::start(opts);
+    let (dest, echo) = echo(43);
+    let t0 = now_s() - 60; // the number in the first key's name
+    let r1 = &net.relays[1];
+    let key_dir = r1.key_dir.clone();
+    let first_key = format!("onion-{t0}.key");
+    assert_eq!(key_files(&key_dir), vec![first_key.clone()]);
+    let old_public = net
+        .list
+        .relays
+        .iter()
+        .find(|r| r.relay_id() == r1.id)
+        .expect("r1")
+        .onion_keys[0]
+        .key;
+
+    // A 3-hop circuit through relay 1, kept busy for the whole test.
+    let mut c = net.client();
+    let id = c
+        .build_circuit(&net.path(&[0, 1, 2]), dest, T)
+        .expect("circuit");
+    let busy = Traffic::start(c, id);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // Step 1, an hour before the first key's lifetime (24 h) ends: a new key, the
+    // relay told to rotate, then the descriptor written.
+    let desc = net.dir.join("relay1.descriptor");
+    let d = desc.display().to_string();
+    let addr = net.relays[1].addr.to_string();
+    let t1 = t0 + 23 * H;
+    let out = Run::from(
+        ctl()
+            .args(daemon_args(&net, 1, &d, &addr, &t1.to_string()))
+            .output()
+            .expect("daemon"),
+    )
+    .ok();
+    let second_key = format!("onion-{t1}.key");
+    assert!(
+        out.contains(&format!(
+            "created onion key {}",
+            key_dir.join(&second_key).display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("relay rotated: it holds 2 onion key(s)"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("wrote descriptor {d}")), "{out}");
+    assert!(
+        out.contains("next: drop an expired key from the descriptor at "),
+        "{out}"
+    );
+    assert_eq!(
+        key_files(&key_dir),
+        vec![first_key.clone(), second_key.clone()]
+    );
+    let held = onion_keys(&net, 1);
+    assert_eq!(held.len(), 2);
+    assert_eq!(held[1], old_public.to_string());
+    let new_public: OnionPublic = held[0].parse().expect("public");
+    // Nothing more is due at the same time.
+    let out = Run::from(
+        ctl()
+            .args(daemon_args(&net, 1, &d, &addr, &(t1 + 60).to_string()))
+            .output()
+            .expect("daemon"),
+    )
+    .ok();
+    assert!(out.starts_with("nothing due\n"), "{out}");
+
+    // The authority imports the descriptor, signs, publishes; relays reload.
+    let list_path = net.list_path.display().to_string();
+    let authority = net.dir.join("authority.key");
+    write_key(&authority, &net.authority.to_bytes());
+    // A descriptor altered in transit is refused (exit 1) and the list untouched.
+    let tampered = net.dir.join("tampered.descriptor");
+    let text = std::fs::read_to_string(&desc).expect("descriptor");
+    std::fs::write(&tampered, text.replace("weight 100", "weight 1000")).expect("write");
+    let before = std::fs::read(&net.list_path).expect("list");
+    run(&[
+        "peers",
+        "import",
+        &list_path,
+        "--descriptor",
+        &tampered.display().to_string(),
+    ])
+    .fails(1, &["does not verify"]);
+    assert_eq!(std::fs::read(&net.list_path).expect("list"), before);
+    let out = run(&["peers", "import", &list_path, "--descriptor", &d]).ok();
+    assert!(
+        out.starts_with(&format!("replaced relay {}", net.relays[1].id)),
+        "{out}"
+    );
+    run(&[
+        "peers",
+        "sign",
+        &list_path,
+        "--key",
+        &authority.display().to_string(),
+        "--serial",
+        "2",
+    ])
+    .ok();
+    let list = PeerList::parse(&std::fs::read_to_string(&net.list_path).expect("list"))
+        .expect("list parses");
+    let listed = list.relay_by_id(&net.relays[1].id).expect("relay 1 listed");
+    assert_eq!(listed.onion_keys.len(), 2);
+    assert_eq!(listed.onion_keys[1].key, new_public);
+    assert_eq!(listed.onion_keys[1].valid_until, t1 + 24 * H);
+    net.set_list(list);
+    for i in 0..3 {
+        assert_eq!(net.admin(i, json!({"cmd": "reload"}))["ok"], true);
+    }
+    // New circuits use the new key (the listed key with the latest expiry).
+    let mut c2 = net.client();
+    let path = net.path(&[1, 2]);
+    assert_eq!(path[0].onion, new_public);
+    let id2 = c2
+        .build_circuit(&path, dest, T)
+        .expect("circuit with the new key");
+    c2.send(id2, b"new key").expect("send");
+    assert_eq!(c2.recv(T).expect("reply").1, b"new key");
+
+    // Step 2, after the first key's lifetime and grace: it is erased and the
+    // relay forgets it.
+    let t2 = t0 + 26 * H;
+    let out = Run::from(
+        ctl()
+            .args(daemon_args(&net, 1, &d, &addr, &t2.to_string()))
+            .output()
+            .expect("daemon"),
+    )
+    .ok();
+    assert!(
+        out.contains(&format!(
+            "erased onion key {}",
+            key_dir.join(&first_key).display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("relay rotated: it holds 1 onion key(s)"),
+        "{out}"
+    );
+    assert_eq!(key_files(&key_dir), vec![second_key]);
+    assert_eq!(onion_keys(&net, 1), vec![new_public.to_string()]);
+
+    // Every payload of the busy circuit came back, through both rotations.
+    std::thread::sleep(Duration::from_millis(200));
+    let n = busy.finish();
+    assert!(n > 10, "only {n} round trips");
+    assert_eq!(net.drops(1, "bad_tag"), 0);
+    assert_eq!(net.drops(1, "unknown_circuit"), 0);
+    // The new-key circuit still works; a setup with the erased key is refused.
+    c2.send(id2, b"still").expect("send");
+    assert_eq!(c2.recv(T).expect("reply").1, b"still");
+    let mut stale = net.path(&[1, 2]);
+    stale[0].onion = old_public;
+    let mut c3 = net.client();
+    assert!(
+        c3.build_circuit(&stale, dest, Duration::from_secs(1))
+            .is_err(),
+        "the relay still accepts the erased key"
+    );
+    assert!(echo.datagrams() > n);
+
+    // The relay's own status shows the key directory and creation times.
+    let table = run(&["status", "--socket", &sock(&net, 1), "--interval", "0"]).ok();
+    assert!(
+        table.contains(&format!("from {}", key_dir.display())),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("  {new_public}  expires ")),
+        "{table}"
+    );
+}
+
+/// GET /metrics, returning the body.
+fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect metrics");
+    s.set_read_timeout(Some(T)).expect("timeout");
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("GET");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_owned()
+}
+
+/// Runs a Prometheus text parser over `text`: `promtool check metrics` if it is
+/// installed, else Python's `prometheus_client` parser. `None` when neither exists.
+fn check_with_real_parser(text: &str) -> Option<(String, Output)> {
+    let feed = |mut cmd: Command| -> Option<Output> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .ok()?;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("feed the parser");
+        Some(child.wait_with_output().expect("parser output"))
+    };
+    let mut promtool = Command::new("promtool");
+    promtool.args(["check", "metrics"]);
+    if let Some(out) = feed(promtool) {
+        return Some(("promtool check metrics".into(), out));
+    }
+    let probe = Command::new("python3")
+        .args(["-c", "import prometheus_client"])
+        .output()
+        .ok()?;
+    if !probe.status.success() {
+        return None;
+    }
+    let mut py = Command::new("python3");
+    py.args([
+        "-c",
+        "import sys\nfrom prometheus_client.parser import text_string_to_metric_families as p\n\
+         n = sum(len(f.samples) for f in p(sys.stdin.read()))\nprint(n, 'samples')",
+    ]);
+    feed(py).map(|out| ("python3 prometheus_client.parser".into(), out))
+}
+
+#[test]
+fn metrics_endpoint_serves_valid_prometheus_text() {
+    let mut opts = NetOpts::new(44, 1);
+    opts.metrics = true;
+    opts.workers = 2;
+    let net = TestNet::start(opts);
+    let (dest, _echo) = echo(44);
+    let busy = traffic(&net, 0, dest);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(busy.finish() > 0);
+    let addr = net.relays[0].metrics.expect("metrics address");
+    let text = scrape(addr);
+
+    let onion = net.list.relays[0].onion_keys[0];
+    let label: String = onion.key.to_string().chars().take(8).collect();
+    for want in [
+        format!(
+            "shroud_onion_key_expiry_timestamp_seconds{{key=\"{label}\"}} {}\n",
+            onion.valid_until
+        ),
+        "shroud_peer_list_serial 1\n".to_owned(),
+        format!(
+            "shroud_peer_list_expiry_timestamp_seconds {}\n",
+            net.list.valid_until
+        ),
+        "shroud_onion_keys 1\n".to_owned(),
+        "# TYPE shroud_batch_latency_seconds histogram\n".to_owned(),
+        "shroud_batch_latency_seconds_bucket{worker=\"1\",port=\"9001\",le=\"+Inf\"} ".to_owned(),
+        "shroud_cells_total{worker=\"0\",port=\"9000\",direction=\"rx\"} ".to_owned(),
+        "shroud_drops_total{worker=\"0\",port=\"9000\",reason=\"bad_tag\"} 0\n".to_owned(),
+        "shroud_setups_total{worker=\"0\",port=\"9000\"} 1\n".to_owned(),
+        "shroud_draining 0\n".to_owned(),
+    ] {
+        assert!(text.contains(&want), "{want:?} missing:\n{text}");
+    }
+    let count: u64 = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("shroud_batch_latency_seconds_count{worker=\"0\",port=\"9000\"} ")
+        })
+        .and_then(|v| v.parse().ok())
+        .expect("batch latency count");
+    assert!(count > 0, "no batch latency observed:\n{text}");
+    // Other paths are 404.
+    let mut s = TcpStream::connect(addr).expect("connect");
+    write!(s, "GET / HTTP/1.1\r\n\r\n").expect("GET");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+
+    match check_with_real_parser(&text) {
+        Some((parser, out)) => {
+            assert!(
+                out.status.success(),
+                "{parser} rejected the exposition:\n{}{}\n{text}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            eprintln!(
+                "{parser}: accepted ({})",
+                String::from_utf8_lossy(&out.stdout).trim()
+            );
+        }
+        None => eprintln!(
+            "SKIPPED: neither promtool (Debian package `prometheus`) nor python3's \
+             prometheus_client is installed, so the exposition was not checked by a real \
+             parser; .ci/run installs one"
+        ),
+    }
+}
+
+#[test]
+fn daemon_without_once_runs_steps_in_a_loop() {
+    let mut opts = NetOpts::new(45, 1);
+    opts.onion_key_dir = true;
+    let net = TestNet::start(opts);
+    let r = &net.relays[0];
+    // The first key was created a minute ago; with a 120 s lifetime and a 61 s lead
+    // the next key is due at once.
+    let mut child = ctl()
+        .args(["daemon", "--key-dir"])
+        .arg(&r.key_dir)
+        .arg("--socket")
+        .arg(&r.admin)
+        .args(["--lifetime", "120s", "--lead", "61s", "--grace", "1s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the daemon");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while onion_keys(&net, 0).len() < 2 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the daemon exited with {status}");
+        }
+        assert!(Instant::now() < deadline, "no rotation:\n{}", net.log(0));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Still running: it sleeps until the next event.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the daemon exited"
+    );
+    child.kill().expect("kill");
+    let out = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("shroudctl daemon: keeping onion keys in "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("shroudctl daemon: created onion key "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("shroudctl daemon: relay rotated: it holds 2 onion key(s)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("shroudctl daemon: next: "), "{stdout}");
+    assert_eq!(key_files(&r.key_dir).len(), 2);
+}
