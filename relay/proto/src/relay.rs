@@ -14,7 +14,12 @@
 //! A bad tag never tears a circuit down: the cell is dropped and counted, and the
 //! circuit stays (see `docs/PROTOCOL.md`, "after a bad tag").
 
-use std::collections::HashMap;
+use std::collections::HashMap as StdHashMap;
+
+/// The relay's tables hash with AES-based aHash under a random key per table:
+/// cheaper than SipHash on the per-cell lookup, still keyed so clients choosing
+/// circuit ids cannot aim collisions.
+type HashMap<K, V> = StdHashMap<K, V, ahash::RandomState>;
 use std::net::{IpAddr, SocketAddr};
 
 use hkdf::Hkdf;
@@ -361,16 +366,25 @@ impl<A: Aead> Relay<A> {
             identity,
             onion: Vec::with_capacity(3),
             peers: Vec::new(),
-            peer_by_id: HashMap::new(),
+            peer_by_id: HashMap::default(),
             policy,
             links: (0..limits.max_links).map(|_| None).collect(),
             free_links: (0..limits.max_links as u32).rev().collect(),
-            link_by_addr: HashMap::with_capacity(limits.max_links),
+            link_by_addr: HashMap::with_capacity_and_hasher(
+                limits.max_links,
+                ahash::RandomState::new(),
+            ),
             circuits: (0..limits.max_circuits).map(|_| None).collect(),
             generations: vec![0; limits.max_circuits],
             free_circuits: (0..limits.max_circuits as u32).rev().collect(),
-            by_link_id: HashMap::with_capacity(limits.max_circuits * 2),
-            buckets: HashMap::with_capacity(limits.setup_sources),
+            by_link_id: HashMap::with_capacity_and_hasher(
+                limits.max_circuits * 2,
+                ahash::RandomState::new(),
+            ),
+            buckets: HashMap::with_capacity_and_hasher(
+                limits.setup_sources,
+                ahash::RandomState::new(),
+            ),
             stats: RelayStats::default(),
             setup_budget: u32::MAX,
             accepting: true,
