@@ -69,7 +69,7 @@ enum Cmd {
         /// Cells per drain round.
         #[arg(long, default_value_t = 8192)]
         round_cells: usize,
-        /// Variants to run (ring, none, per-datagram, rustcrypto); default all.
+        /// Variants to run (ring, none, per-datagram, rustcrypto, zero-copy); default all.
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
         /// Write the report as JSON here.

@@ -39,6 +39,8 @@ pub struct RelaySpec {
     pub crypto: String,
     /// GRO/GSO on.
     pub gro_gso: bool,
+    /// SENDMSG_ZC sends.
+    pub zero_copy_send: bool,
     /// Exit policy rules.
     pub exit_policy: Vec<String>,
 }
@@ -50,6 +52,7 @@ impl Default for RelaySpec {
             cpus: Vec::new(),
             crypto: "ring".into(),
             gro_gso: true,
+            zero_copy_send: false,
             exit_policy: vec!["accept 127.0.0.0/8:*".into()],
         }
     }
@@ -242,7 +245,7 @@ impl LocalNet {
                     "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\npeer_list = {list:?}\nauthorities = [{auth:?}]\nexit_policy = [{policy}]\n\n\
                      [network]\nlisten = [\"{addr}\"]\nbase_port = 9000\nworkers = {w}\ncpus = [{cpus}]\nsocket_buffer_bytes = 16777216\n\n\
                      [limits]\nsetup_rate = 100000\nsetup_burst = 100000\n\n\
-                     [io]\ncrypto = \"{crypto}\"\ngro_gso = {gro}\n\n[admin]\nsocket = \"admin.sock\"\n\n[log]\nlevel = \"warn\"\n",
+                     [io]\ncrypto = \"{crypto}\"\ngro_gso = {gro}\nzero_copy_send = {zc}\n\n[admin]\nsocket = \"admin.sock\"\n\n[log]\nlevel = \"warn\"\n",
                     list = list_path.display().to_string(),
                     auth = authority.public().to_base64(),
                     policy = quote(&spec.exit_policy),
@@ -251,6 +254,7 @@ impl LocalNet {
                     cpus = spec.cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", "),
                     crypto = spec.crypto,
                     gro = spec.gro_gso,
+                    zc = spec.zero_copy_send,
                 ),
             )?;
             let log = std::fs::File::create(&p.log)?;

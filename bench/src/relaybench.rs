@@ -12,7 +12,7 @@
 //! Variants, each a fresh relay process pinned to the last core: `ring` with GRO/GSO
 //! (the product), `none` (the same relay with the cell AEAD replaced by a no-op: the
 //! no-crypto forwarder), `per-datagram` (ring, GRO/GSO off: one datagram per cell in
-//! and out), and `rustcrypto`. Raw AES-256-GCM opens per core are measured in-process.
+//! and out), `rustcrypto`, and `zero-copy` (ring with SENDMSG_ZC). Raw AES-256-GCM opens per core are measured in-process.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -101,11 +101,12 @@ fn run_variant_with<A: Aead>(
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let (crypto, gro_gso) = match name {
-        "ring" => ("ring", true),
-        "none" => ("none", true),
-        "per-datagram" => ("ring", false),
-        "rustcrypto" => ("rustcrypto", true),
+    let (crypto, gro_gso, zero_copy_send) = match name {
+        "ring" => ("ring", true, false),
+        "none" => ("none", true, false),
+        "per-datagram" => ("ring", false, false),
+        "rustcrypto" => ("rustcrypto", true, false),
+        "zero-copy" => ("ring", true, true),
         other => bail!("unknown variant {other}"),
     };
     // Pin the relay's workers to the last cores; the generator and sink use the rest.
@@ -124,6 +125,7 @@ fn run_variant_with<A: Aead>(
         cpus,
         crypto: crypto.into(),
         gro_gso,
+        zero_copy_send,
         exit_policy: Vec::new(),
     };
     let net = LocalNet::start(net_no, &[spec], &[&sink], &RelayCommand::SelfExe, opts.cell)?;
@@ -229,6 +231,7 @@ fn run_variant_with<A: Aead>(
         "variant": name,
         "crypto": crypto,
         "gro_gso": gro_gso,
+        "zero_copy_send": zero_copy_send,
         "workers": opts.workers,
         "rounds": rounds,
         "round_cells": opts.round_cells,
@@ -262,7 +265,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Value> {
     });
     let mut variants = Vec::new();
     let names: Vec<String> = if opts.variants.is_empty() {
-        ["ring", "none", "per-datagram", "rustcrypto"]
+        ["ring", "none", "per-datagram", "rustcrypto", "zero-copy"]
             .iter()
             .map(|s| s.to_string())
             .collect()
@@ -305,6 +308,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Value> {
             "ring_vs_per_datagram": ratio(get("ring"), get("per-datagram")),
             "ring_vs_raw_aes_gcm_open": ratio(get("ring"), raw_ring),
             "rustcrypto_vs_ring": ratio(get("rustcrypto"), get("ring")),
+            "zero_copy_vs_ring": ratio(get("zero-copy"), get("ring")),
         },
         "raw_aes_gcm_opens_per_sec_per_core": raw,
         "variants": variants,

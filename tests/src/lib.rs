@@ -40,6 +40,8 @@ pub struct NetOpts {
     pub workers: usize,
     /// I/O driver (`auto`, `uring`, `mmsg`).
     pub driver: &'static str,
+    /// Send with SENDMSG_ZC (io_uring driver).
+    pub zero_copy_send: bool,
     /// Exit policy of every relay.
     pub exit_policy: Vec<String>,
     /// Setup rate per source per second.
@@ -61,6 +63,7 @@ impl NetOpts {
             relays,
             workers: 1,
             driver: "auto",
+            zero_copy_send: false,
             exit_policy: vec!["accept 127.0.0.0/8:*".into()],
             setup_rate: 200,
             setup_burst: 400,
@@ -299,6 +302,7 @@ exit_sockets = 256
 
 [io]
 driver = "{driver}"
+zero_copy_send = {zc}
 recv_slots = 16
 send_slots = 128
 
@@ -314,6 +318,7 @@ socket = "admin.sock"
             rate = self.opts.setup_rate,
             burst = self.opts.setup_burst,
             driver = self.opts.driver,
+            zc = self.opts.zero_copy_send,
         );
         std::fs::write(&r.config, text).unwrap();
     }

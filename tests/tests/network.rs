@@ -29,8 +29,13 @@ fn round_trips(c: &mut Client, id: shroud_client::CircuitId, n: usize, tag: u8) 
 }
 
 fn check_circuits(driver: &'static str, net_no: u8) {
+    check_circuits_with(driver, false, net_no)
+}
+
+fn check_circuits_with(driver: &'static str, zero_copy_send: bool, net_no: u8) {
     let mut opts = NetOpts::new(net_no, 8);
     opts.driver = driver;
+    opts.zero_copy_send = zero_copy_send;
     let net = TestNet::start(opts);
     let (dest, echo) = echo(net_no);
     let mut c = net.client();
@@ -62,6 +67,11 @@ fn check_circuits(driver: &'static str, net_no: u8) {
 #[test]
 fn circuits_of_1_3_and_h_max_hops_deliver_both_ways_io_uring() {
     check_circuits("uring", 11);
+}
+
+#[test]
+fn circuits_deliver_both_ways_with_zero_copy_sends() {
+    check_circuits_with("uring", true, 19);
 }
 
 #[test]

@@ -189,6 +189,8 @@ pub struct IoSection {
     pub crypto: CryptoChoice,
     /// UDP GRO/GSO batching (off = one datagram per cell).
     pub gro_gso: bool,
+    /// Zero-copy sends (`SENDMSG_ZC`, io_uring driver only).
+    pub zero_copy_send: bool,
 }
 
 impl Default for IoSection {
@@ -201,6 +203,7 @@ impl Default for IoSection {
             setup_budget: d.setup_budget,
             crypto: CryptoChoice::Ring,
             gro_gso: d.gro_gso,
+            zero_copy_send: d.zero_copy_send,
         }
     }
 }
@@ -480,6 +483,7 @@ impl Config {
             exit_sockets: self.limits.exit_sockets,
             setup_budget: self.io.setup_budget,
             gro_gso: self.io.gro_gso,
+            zero_copy_send: self.io.zero_copy_send,
         }
     }
 }

@@ -68,7 +68,8 @@ pub struct Driver {
     max_segs: usize,
     plan: Plan,
     side: Vec<Side>,
-    completions: Vec<(u64, i32)>,
+    completions: Vec<(u64, i32, u32)>,
+    zero_copy: bool,
     touched: Vec<u32>,
 }
 
@@ -154,6 +155,7 @@ impl Driver {
             plan: Plan::default(),
             side: Vec::with_capacity(256),
             completions: Vec::with_capacity(1024),
+            zero_copy: spec.io.zero_copy_send,
             touched: Vec::with_capacity(64),
         };
         for i in 0..d.rx.len() {
@@ -273,9 +275,12 @@ impl Driver {
                     s.hdr.msg_controllen = 0;
                 }
                 let fd = self.sockets[sock].as_raw_fd();
-                let e = opcode::SendMsg::new(types::Fd(fd), &s.hdr)
-                    .build()
-                    .user_data(ud(K_SEND, u64::from(t)));
+                let e = if self.zero_copy {
+                    opcode::SendMsgZc::new(types::Fd(fd), &s.hdr).build()
+                } else {
+                    opcode::SendMsg::new(types::Fd(fd), &s.hdr).build()
+                }
+                .user_data(ud(K_SEND, u64::from(t)));
                 self.push(e)?;
                 shared
                     .engine
@@ -398,13 +403,16 @@ impl Driver {
             let now = sys::now_ms();
             shared.engine.relay.begin_batch(shared.engine.setup_budget);
             self.completions.clear();
-            self.completions
-                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            self.completions.extend(
+                self.ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result(), c.flags())),
+            );
             // Batch latency: from here to the sends being queued (one clock pair per
             // non-empty batch).
             let reaped = (!self.completions.is_empty()).then(std::time::Instant::now);
             let comps = std::mem::take(&mut self.completions);
-            for &(u, res) in &comps {
+            for &(u, res, flags) in &comps {
                 let idx = (u & ((1 << 56) - 1)) as u32;
                 match u >> 56 {
                     K_RECV => {
@@ -443,7 +451,16 @@ impl Driver {
                         self.touched.push(idx);
                     }
                     K_SEND => {
-                        if res < 0 {
+                        // SENDMSG_ZC completes twice: the result (flagged MORE), then
+                        // a notification once the kernel no longer reads the
+                        // buffers; only then may the cells' slots be reused.
+                        if io_uring::cqueue::more(flags) {
+                            if res < 0 {
+                                shared.engine.stats.send_errors.fetch_add(1, Relaxed);
+                            }
+                            continue;
+                        }
+                        if res < 0 && !io_uring::cqueue::notif(flags) {
                             shared.engine.stats.send_errors.fetch_add(1, Relaxed);
                         }
                         let n = self.tx[idx as usize].n;

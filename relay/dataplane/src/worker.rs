@@ -77,6 +77,10 @@ pub struct IoConfig {
     /// UDP GRO on receive and GSO on send (off = one datagram per cell both ways,
     /// the per-datagram path; for debugging and as a benchmark baseline).
     pub gro_gso: bool,
+    /// Send with `SENDMSG_ZC` (io_uring driver): the kernel reads cells straight
+    /// from the receive buffers. Pays off with large GSO batches on a real NIC;
+    /// loopback copies anyway.
+    pub zero_copy_send: bool,
 }
 
 impl Default for IoConfig {
@@ -89,6 +93,7 @@ impl Default for IoConfig {
             exit_sockets: 1024,
             setup_budget: 16,
             gro_gso: true,
+            zero_copy_send: false,
         }
     }
 }
