@@ -192,6 +192,39 @@ impl<A: Aead> Engine<A> {
         }
     }
 
+    /// Exit: wraps `payload`, a datagram from the destination of `circuit`, into a
+    /// backward cell in the transmit arena and plans it. Payloads larger than a cell
+    /// carries are dropped as malformed; a full arena drops as queue_full.
+    pub fn exit_payload(
+        &mut self,
+        circuit: CircuitRef,
+        payload: &[u8],
+        arena: &mut crate::exits::TxArena,
+        plan: &mut Plan,
+        now_ms: u64,
+    ) {
+        if payload.len() > self.layout.payload_max() {
+            self.relay.count_drop(DropReason::Malformed, 1);
+            return;
+        }
+        let Some(idx) = arena.alloc() else {
+            self.relay.count_drop(DropReason::QueueFull, 1);
+            return;
+        };
+        match self
+            .relay
+            .exit_reply(circuit, payload, arena.cell_mut(idx), now_ms)
+        {
+            Ok(to) => {
+                plan.push(to, Loc::Tx { idx });
+                self.stats
+                    .exit_replies
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Err(_) => arena.release(idx),
+        }
+    }
+
     /// Copies the relay's counters to the shared stats.
     pub fn publish(&self) {
         self.stats

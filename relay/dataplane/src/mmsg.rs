@@ -221,38 +221,23 @@ impl Driver {
     }
 
     fn read_exits<A: Aead>(&mut self, shared: &mut Shared<'_, A>, now: u64) {
-        let payload_max = shared.engine.layout.payload_max();
         for x in 0..self.exits.slots.len() {
             loop {
-                let slot = &mut self.exits.slots[x];
+                let slot = &self.exits.slots[x];
                 let (Some(sock), Some(circuit)) = (slot.sock.as_ref(), slot.circuit) else {
                     break;
                 };
                 let mut buf = [0u8; EXIT_BUF];
-                let n = match sock.recv(&mut buf) {
-                    Ok(n) => n,
-                    Err(_) => break,
+                let Ok(n) = sock.recv(&mut buf) else {
+                    break;
                 };
-                if n > payload_max {
-                    shared.engine.relay.count_drop(DropReason::Malformed, 1);
-                    continue;
-                }
-                let Some(idx) = self.arena.alloc() else {
-                    shared.engine.relay.count_drop(DropReason::QueueFull, 1);
-                    continue;
-                };
-                match shared.engine.relay.exit_reply(
+                shared.engine.exit_payload(
                     circuit,
                     &buf[..n],
-                    self.arena.cell_mut(idx),
+                    &mut self.arena,
+                    &mut self.plan,
                     now,
-                ) {
-                    Ok(to) => {
-                        self.plan.push(to, Loc::Tx { idx });
-                        shared.engine.stats.exit_replies.fetch_add(1, Relaxed);
-                    }
-                    Err(_) => self.arena.release(idx),
-                }
+                );
             }
         }
     }

@@ -357,34 +357,14 @@ impl Driver {
         len: usize,
         now_ms: u64,
     ) {
-        let Some(circuit) = self.exits.slots[x as usize].circuit else {
+        let slot = &self.exits.slots[x as usize];
+        let Some(circuit) = slot.circuit else {
             return;
         };
-        let Some(idx) = self.arena.alloc() else {
-            shared.engine.relay.count_drop(DropReason::QueueFull, 1);
-            return;
-        };
-        let payload_max = shared.engine.layout.payload_max();
-        let len = len.min(EXIT_BUF);
-        if len > payload_max {
-            shared.engine.relay.count_drop(DropReason::Malformed, 1);
-            self.arena.release(idx);
-            return;
-        }
-        let mut payload = [0u8; EXIT_BUF];
-        payload[..len].copy_from_slice(&self.exits.slots[x as usize].buf[..len]);
-        match shared.engine.relay.exit_reply(
-            circuit,
-            &payload[..len],
-            self.arena.cell_mut(idx),
-            now_ms,
-        ) {
-            Ok(to) => {
-                self.plan.push(to, Loc::Tx { idx });
-                shared.engine.stats.exit_replies.fetch_add(1, Relaxed);
-            }
-            Err(_) => self.arena.release(idx),
-        }
+        let payload = &slot.buf[..len.min(EXIT_BUF)];
+        shared
+            .engine
+            .exit_payload(circuit, payload, &mut self.arena, &mut self.plan, now_ms);
     }
 
     /// Runs until stopped or drained.
