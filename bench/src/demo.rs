@@ -127,59 +127,229 @@ impl Drop for Sink {
     }
 }
 
-/// Runs the demo; returns the report.
-pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
-    let params = shroud_proto::peerlist::NetworkParams {
-        cell: opts.cell,
-        ..Default::default()
-    };
-    let layout = params.layout().map_err(|e| anyhow::anyhow!("{e}"))?;
-    anyhow::ensure!(
-        opts.relays >= opts.hops && opts.hops >= 1,
-        "need at least as many relays ({}) as hops ({})",
-        opts.relays,
-        opts.hops
-    );
-    let cmd = match relay_binary() {
-        Ok(b) => RelayCommand::Binary(b),
-        Err(e) => {
-            eprintln!("note: {e:#}; running relays through this binary instead (same code)");
-            RelayCommand::SelfExe
-        }
-    };
-    let specs = vec![RelaySpec::default(); opts.relays];
-    let net = LocalNet::start(opts.net, &specs, &[], &cmd, opts.cell)?;
-    eprintln!("relays started: pids {:?}", net.pids());
-    let epoch = Instant::now();
-    let payload = layout.payload_max();
-    let (dest, sink) = Sink::start(
-        SocketAddr::from(([127, 0, opts.net, 250], 0)),
-        payload,
-        epoch,
-    )?;
-    let mut generator = Generator::new(SocketAddr::from(([127, 0, opts.net, 240], 0)), layout)?;
-    let hops_of = |k: usize| -> Vec<PathHop> {
-        (0..opts.hops)
+/// What one [`Session::drive`] measured.
+#[derive(Debug, Clone)]
+pub struct Drive {
+    /// Payloads sent.
+    pub sent: u64,
+    /// Payloads counted at the sink.
+    pub delivered: u64,
+    /// Payload bytes counted at the sink.
+    pub bytes: u64,
+    /// Seconds of traffic.
+    pub elapsed: f64,
+    /// One-way latency, microseconds (sampled).
+    pub latency: Histogram<u64>,
+}
+
+impl Drive {
+    /// Delivered cells per second.
+    pub fn cells_per_sec(&self) -> f64 {
+        self.delivered as f64 / self.elapsed.max(1e-9)
+    }
+
+    /// Payload MB (10^6 bytes) per second.
+    pub fn payload_mb_per_sec(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed.max(1e-9)
+    }
+}
+
+/// A running local network with a sink and a generator's circuits.
+pub struct Session {
+    /// The relays.
+    pub net: LocalNet,
+    sink: Sink,
+    dest: SocketAddr,
+    generator: Generator,
+    circuits: Vec<Circ<RingAead>>,
+    layout: shroud_proto::Layout,
+    epoch: Instant,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("circuits", &self.circuits.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Starts `relays` relay processes on `127.0.<net>.x`, the sink and the generator.
+    pub fn start(relays: usize, cell: u16, net: u8) -> anyhow::Result<Session> {
+        let params = shroud_proto::peerlist::NetworkParams {
+            cell,
+            ..Default::default()
+        };
+        let layout = params.layout().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let cmd = match relay_binary() {
+            Ok(b) => RelayCommand::Binary(b),
+            Err(e) => {
+                eprintln!("note: {e:#}; running relays through this binary instead (same code)");
+                RelayCommand::SelfExe
+            }
+        };
+        let specs = vec![RelaySpec::default(); relays];
+        let local = LocalNet::start(net, &specs, &[], &cmd, cell)?;
+        eprintln!("relays started: pids {:?}", local.pids());
+        let epoch = Instant::now();
+        let (dest, sink) = Sink::start(
+            SocketAddr::from(([127, 0, net, 250], 0)),
+            layout.payload_max(),
+            epoch,
+        )?;
+        let generator = Generator::new(SocketAddr::from(([127, 0, net, 240], 0)), layout)?;
+        Ok(Session {
+            net: local,
+            sink,
+            dest,
+            generator,
+            circuits: Vec::new(),
+            layout,
+            epoch,
+        })
+    }
+
+    fn hops_of(&self, k: usize, hops: usize) -> anyhow::Result<Vec<PathHop>> {
+        let n = self.net.relays.len();
+        (0..hops)
             .map(|j| {
-                let r = &net.relays[(k + j) % opts.relays];
-                let d = net.list.relay_by_id(&r.id).expect("relay listed");
-                PathHop {
+                let r = &self.net.relays[(k + j) % n];
+                let d = self
+                    .net
+                    .list
+                    .relay_by_id(&r.id)
+                    .context("relay not in the peer list")?;
+                Ok(PathHop {
                     id: r.id,
                     onion: d.onion_keys[0].key,
                     addr: SocketAddr::new(r.addr, r.ports.0),
-                }
+                })
             })
             .collect()
-    };
-    let mut circuits: Vec<Circ<RingAead>> = Vec::new();
-    for k in 0..opts.circuits.max(1) {
-        circuits.push(
-            generator
-                .build(&hops_of(k), dest, Duration::from_secs(5))
-                .with_context(|| format!("building circuit {k}"))?,
-        );
     }
-    let cpu0: Vec<f64> = (0..opts.relays).map(|i| net.cpu_seconds(i)).collect();
+
+    /// Replaces the circuits with `count` circuits of `hops` hops (entry, middle and
+    /// exit rotating over the relays).
+    pub fn build(&mut self, count: usize, hops: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            hops >= 1 && hops <= self.net.relays.len(),
+            "need at least as many relays ({}) as hops ({hops})",
+            self.net.relays.len()
+        );
+        self.circuits.clear();
+        for k in 0..count.max(1) {
+            let path = self.hops_of(k, hops)?;
+            let c = self
+                .generator
+                .build(&path, self.dest, Duration::from_secs(5))
+                .with_context(|| format!("building circuit {k}"))?;
+            self.circuits.push(c);
+        }
+        Ok(())
+    }
+
+    /// Builds circuits one after another for `duration`; returns setups per second.
+    pub fn setup_rate(&mut self, hops: usize, duration: Duration) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let mut n = 0u64;
+        while started.elapsed() < duration {
+            let path = self.hops_of(n as usize, hops)?;
+            self.generator
+                .build::<RingAead>(&path, self.dest, Duration::from_secs(5))?;
+            n += 1;
+        }
+        Ok(n as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// Drives traffic for `duration`: at `rate` cells/s (0 = as fast as the window
+    /// allows) with at most `window` cells in flight.
+    pub fn drive(
+        &mut self,
+        duration: f64,
+        rate: f64,
+        window: u64,
+        stop: &AtomicBool,
+        bar: &indicatif::ProgressBar,
+    ) -> anyhow::Result<Drive> {
+        let layout = self.layout;
+        let batch = 32usize;
+        let mut buf = Vec::with_capacity(batch * layout.cell);
+        let mut data = vec![0x5au8; layout.payload_max()];
+        let base_delivered = self.sink.payloads.load(Relaxed);
+        let base_bytes = self.sink.bytes.load(Relaxed);
+        let _ = self.sink.hist.lock().map(|mut h| h.reset());
+        let mut sent = 0u64;
+        let started = Instant::now();
+        let mut last_report = started;
+        let mut k = 0usize;
+        let limit = Duration::from_secs_f64(duration);
+        while started.elapsed() < limit && !stop.load(Relaxed) {
+            let delivered = self.sink.payloads.load(Relaxed) - base_delivered;
+            let in_flight = sent.saturating_sub(delivered);
+            let allowed = if rate > 0.0 {
+                (started.elapsed().as_secs_f64() * rate) as u64
+            } else {
+                u64::MAX
+            };
+            if in_flight + batch as u64 > window || sent >= allowed {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                let n = self.circuits.len();
+                let c = &mut self.circuits[k % n];
+                k += 1;
+                buf.clear();
+                for _ in 0..batch {
+                    data[..8].copy_from_slice(&now_ns(self.epoch).to_le_bytes());
+                    let start = buf.len();
+                    buf.resize(start + layout.cell, 0);
+                    self.generator.seal_one(c, &data, &mut buf[start..])?;
+                }
+                sent += gso_send(&self.generator.sock, c.first, &buf, layout.cell) as u64;
+            }
+            if last_report.elapsed() > Duration::from_millis(250) {
+                last_report = Instant::now();
+                let t = started.elapsed().as_secs_f64();
+                let d = self.sink.payloads.load(Relaxed) - base_delivered;
+                bar.set_message(format!(
+                    "{:>9.0} cells/s  {:>7.1} MB/s payload  sent {sent}  delivered {d}",
+                    d as f64 / t,
+                    (self.sink.bytes.load(Relaxed) - base_bytes) as f64 / 1e6 / t
+                ));
+                bar.tick();
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        // Let the last cells arrive before counting losses.
+        let settle = Instant::now();
+        while self.sink.payloads.load(Relaxed) - base_delivered < sent
+            && settle.elapsed() < Duration::from_millis(500)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let latency = self
+            .sink
+            .hist
+            .lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
+        Ok(Drive {
+            sent,
+            delivered: self.sink.payloads.load(Relaxed) - base_delivered,
+            bytes: self.sink.bytes.load(Relaxed) - base_bytes,
+            elapsed,
+            latency,
+        })
+    }
+}
+
+/// Runs the demo; returns the report.
+pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
+    let mut session = Session::start(opts.relays, opts.cell, opts.net)?;
+    session.build(opts.circuits, opts.hops)?;
+    let cpu0: Vec<f64> = (0..opts.relays)
+        .map(|i| session.net.cpu_seconds(i))
+        .collect();
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_style(
@@ -190,94 +360,40 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let batch = 32usize;
-    let mut buf = Vec::with_capacity(batch * layout.cell);
-    let mut data = vec![0x5au8; payload];
-    let mut sent = 0u64;
-    let started = Instant::now();
-    let mut last_report = started;
-    let mut k = 0usize;
-    let limit = Duration::from_secs_f64(opts.duration);
-    while started.elapsed() < limit && !stop.load(Relaxed) {
-        let delivered = sink.payloads.load(Relaxed);
-        let in_flight = sent.saturating_sub(delivered);
-        let allowed = if opts.rate > 0 {
-            (started.elapsed().as_secs_f64() * opts.rate as f64) as u64
-        } else {
-            u64::MAX
-        };
-        if in_flight + batch as u64 > opts.window || sent >= allowed {
-            std::thread::sleep(Duration::from_micros(50));
-        } else {
-            let n = circuits.len();
-            let c = &mut circuits[k % n];
-            k += 1;
-            buf.clear();
-            for _ in 0..batch {
-                data[..8].copy_from_slice(&now_ns(epoch).to_le_bytes());
-                let start = buf.len();
-                buf.resize(start + layout.cell, 0);
-                generator.seal_one(c, &data, &mut buf[start..])?;
-            }
-            sent += gso_send(&generator.sock, c.first, &buf, layout.cell) as u64;
-        }
-        if last_report.elapsed() > Duration::from_millis(250) {
-            last_report = Instant::now();
-            let t = started.elapsed().as_secs_f64();
-            let d = sink.payloads.load(Relaxed);
-            bar.set_message(format!(
-                "{:>9.0} cells/s  {:>7.1} MB/s payload  sent {sent}  delivered {d}",
-                d as f64 / t,
-                sink.bytes.load(Relaxed) as f64 / 1e6 / t
-            ));
-            bar.tick();
-        }
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    // Let the last cells arrive before counting losses.
-    let settle = Instant::now();
-    while sink.payloads.load(Relaxed) < sent && settle.elapsed() < Duration::from_millis(500) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let d = session.drive(opts.duration, opts.rate as f64, opts.window, stop, &bar)?;
     bar.finish_and_clear();
-    let delivered = sink.payloads.load(Relaxed);
-    let bytes = sink.bytes.load(Relaxed);
     let cpu: Vec<f64> = (0..opts.relays)
-        .map(|i| (net.cpu_seconds(i) - cpu0[i]) / elapsed * 100.0)
+        .map(|i| (session.net.cpu_seconds(i) - cpu0[i]) / d.elapsed * 100.0)
         .collect();
-    sink.stop.store(true, Relaxed);
-    let hist = sink
-        .hist
-        .lock()
-        .map(|h| h.clone())
-        .unwrap_or_else(|e| e.into_inner().clone());
-    let relays: Vec<Value> = net
+    let relays: Vec<Value> = session
+        .net
         .relays
         .iter()
         .zip(&cpu)
         .map(|(r, c)| json!({"id": r.id.to_string(), "addr": r.addr.to_string(), "ports": [r.ports.0, r.ports.1], "cpu_percent": c}))
         .collect();
-    let cells_per_sec = delivered as f64 / elapsed;
+    let cells_per_sec = d.cells_per_sec();
+    let layout = session.layout;
     Ok(json!({
         "schema": "shroud-bench/demo/1",
-        "payload_mb_per_sec": bytes as f64 / 1e6 / elapsed,
+        "payload_mb_per_sec": d.payload_mb_per_sec(),
         "cells_per_sec": cells_per_sec,
         "gbit_per_sec": cells_per_sec * layout.cell as f64 * 8.0 / 1e9,
-        "sent_payloads": sent,
-        "delivered_payloads": delivered,
-        "lost_payloads": sent.saturating_sub(delivered),
+        "sent_payloads": d.sent,
+        "delivered_payloads": d.delivered,
+        "lost_payloads": d.sent.saturating_sub(d.delivered),
         "latency_us": {
-            "p50": hist.value_at_quantile(0.5),
-            "p99": hist.value_at_quantile(0.99),
-            "p999": hist.value_at_quantile(0.999),
-            "samples": hist.len(),
+            "p50": d.latency.value_at_quantile(0.5),
+            "p99": d.latency.value_at_quantile(0.99),
+            "p999": d.latency.value_at_quantile(0.999),
+            "samples": d.latency.len(),
         },
         "relays": relays,
         "hops": opts.hops,
-        "circuits": circuits.len(),
+        "circuits": session.circuits.len(),
         "cell": opts.cell,
-        "payload_bytes_per_cell": payload,
-        "duration_s": elapsed,
+        "payload_bytes_per_cell": layout.payload_max(),
+        "duration_s": d.elapsed,
         "interrupted": stop.load(Relaxed),
         "machine": machine(),
     }))

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use shroud_bench::{demo, relaybench, report};
+use shroud_bench::{circuit, demo, relaybench, report};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -76,6 +76,34 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// End to end through N hops: offered-load sweep (delivered rate and latency),
+    /// added latency per hop at 50% of saturation, circuit setups per second.
+    Circuit {
+        /// Relays to start (at least `hops`).
+        #[arg(long, default_value_t = 3)]
+        relays: usize,
+        /// Hops per circuit (at least 2).
+        #[arg(long, default_value_t = 3)]
+        hops: usize,
+        /// Total seconds, split over the steps.
+        #[arg(long, default_value_t = 18.0)]
+        duration: f64,
+        /// Cell size in bytes.
+        #[arg(long, default_value_t = 1024)]
+        cell: u16,
+        /// Circuits.
+        #[arg(long, default_value_t = 6)]
+        circuits: usize,
+        /// Most cells in flight in the saturation step.
+        #[arg(long, default_value_t = 1024)]
+        window: u64,
+        /// Third octet of the loopback block the relays use (127.0.NET.x).
+        #[arg(long, default_value_t = 70)]
+        net: u8,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// (internal) Run a relay with the same code as shroud-relay.
     #[command(name = "__relay", hide = true, disable_help_flag = true)]
     RelayProcess {
@@ -123,6 +151,39 @@ fn main() -> ExitCode {
             };
             demo::run(&opts, &stop).and_then(|r| {
                 demo::print(&r);
+                if let Some(p) = json {
+                    report::write_json(&p, &r)?;
+                }
+                Ok(())
+            })
+        }
+        Cmd::Circuit {
+            relays,
+            hops,
+            duration,
+            cell,
+            circuits,
+            window,
+            net,
+            json,
+        } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+                    eprintln!("shroud-bench: cannot handle signals: {e}");
+                }
+            }
+            let opts = circuit::Opts {
+                relays,
+                hops,
+                duration,
+                cell,
+                circuits,
+                window,
+                net,
+            };
+            circuit::run(&opts, &stop).and_then(|r| {
+                circuit::print(&r);
                 if let Some(p) = json {
                     report::write_json(&p, &r)?;
                 }

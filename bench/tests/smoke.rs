@@ -168,3 +168,30 @@ fn relay_benchmark_reports_every_variant_and_ratio() {
     assert!(r["raw_aes_gcm_opens_per_sec_per_core"]["ring"].is_f64());
     let _ = std::fs::remove_file(json);
 }
+
+#[test]
+fn circuit_benchmark_reports_sweep_per_hop_latency_and_setups() {
+    let json = tmp("circuit.json");
+    let out = bench()
+        .args(["circuit", "--duration", "4.5", "--net", "63", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["schema"], "shroud-bench/circuit/1");
+    assert!(r["payload_mb_per_sec"].as_f64().unwrap() > 0.0);
+    let sweep = r["sweep"].as_array().unwrap();
+    assert_eq!(sweep.len(), 5);
+    for p in sweep {
+        for k in ["offered_cells_per_sec", "delivered_cells_per_sec"] {
+            assert!(p[k].is_f64(), "{k}: {p}");
+        }
+        assert!(p["p99_us"].is_u64(), "{p}");
+    }
+    assert!(r["per_hop_latency_us"]["p50"].is_f64());
+    assert!(r["per_hop_latency_us"]["p99"].is_f64());
+    assert!(r["setups_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(r["setups_per_sec_per_relay_core"].is_f64());
+    let _ = std::fs::remove_file(json);
+}

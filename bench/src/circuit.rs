@@ -1,0 +1,130 @@
+//! `shroud-bench circuit`: end to end through N hops.
+//!
+//! 1. Saturation: the demo's closed loop (at most `window` cells in flight) gives the
+//!    saturation rate of `hops`-hop circuits on this network.
+//! 2. Offered-load sweep: fixed offered rates at 25 %, 50 %, 75 %, 100 % and 125 % of
+//!    saturation; delivered rate and one-way latency (p50, p99) at each.
+//! 3. Added latency per hop at 50 % of saturation: the same offered rate through
+//!    1-hop and `hops`-hop circuits; (p50 and p99 of N hops − those of 1 hop) / (N − 1).
+//! 4. Setups: circuits built one after another (each waits for CREATED) for a while;
+//!    setups per second, and per relay core (each setup costs every hop one X25519,
+//!    spread over the relays).
+
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::demo::{Drive, Session};
+use crate::report::machine;
+
+/// Options of `shroud-bench circuit`.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Relays.
+    pub relays: usize,
+    /// Hops.
+    pub hops: usize,
+    /// Total seconds (split over the steps).
+    pub duration: f64,
+    /// Cell size.
+    pub cell: u16,
+    /// Circuits.
+    pub circuits: usize,
+    /// Window for the saturation step.
+    pub window: u64,
+    /// Loopback block.
+    pub net: u8,
+}
+
+fn point(offered: f64, d: &Drive) -> Value {
+    json!({
+        "offered_cells_per_sec": offered,
+        "delivered_cells_per_sec": d.cells_per_sec(),
+        "payload_mb_per_sec": d.payload_mb_per_sec(),
+        "lost": d.sent.saturating_sub(d.delivered),
+        "p50_us": d.latency.value_at_quantile(0.5),
+        "p99_us": d.latency.value_at_quantile(0.99),
+    })
+}
+
+/// Runs the benchmark; returns the report.
+pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
+    anyhow::ensure!(opts.hops >= 2, "the per-hop latency needs at least 2 hops");
+    let mut s = Session::start(opts.relays, opts.cell, opts.net)?;
+    let bar = indicatif::ProgressBar::hidden();
+    let step = (opts.duration / 9.0).max(0.5);
+    s.build(opts.circuits, opts.hops)?;
+    let sat = s.drive(step, 0.0, opts.window, stop, &bar)?;
+    let sat_rate = sat.cells_per_sec();
+    let mut sweep = Vec::new();
+    for f in [0.25, 0.5, 0.75, 1.0, 1.25] {
+        let offered = f * sat_rate;
+        let d = s.drive(step, offered, u64::MAX / 2, stop, &bar)?;
+        sweep.push(point(offered, &d));
+    }
+    // Added latency per hop at half of the N-hop saturation rate.
+    let half = 0.5 * sat_rate;
+    let n_hops = s.drive(step, half, u64::MAX / 2, stop, &bar)?;
+    s.build(opts.circuits, 1)?;
+    let one_hop = s.drive(step, half, u64::MAX / 2, stop, &bar)?;
+    let per_hop = |q: f64| {
+        (n_hops.latency.value_at_quantile(q) as f64 - one_hop.latency.value_at_quantile(q) as f64)
+            / (opts.hops - 1) as f64
+    };
+    let setups = s.setup_rate(opts.hops, Duration::from_secs_f64(step))?;
+    Ok(json!({
+        "schema": "shroud-bench/circuit/1",
+        "payload_mb_per_sec": sat.payload_mb_per_sec(),
+        "saturation_cells_per_sec": sat_rate,
+        "hops": opts.hops,
+        "relays": opts.relays,
+        "circuits": opts.circuits,
+        "cell": opts.cell,
+        "sweep": sweep,
+        "per_hop_latency_us": {
+            "offered_cells_per_sec": half,
+            "p50": per_hop(0.5),
+            "p99": per_hop(0.99),
+            "n_hops": point(half, &n_hops),
+            "one_hop": point(half, &one_hop),
+        },
+        "setups_per_sec": setups,
+        "setups_per_sec_per_relay_core": setups * opts.hops as f64 / opts.relays as f64,
+        "machine": machine(),
+    }))
+}
+
+/// Prints the human summary.
+pub fn print(r: &Value) {
+    println!(
+        "shroud-bench circuit: {} hops over {} relays, CELL={} B; saturation {:.0} cells/s ({:.1} MB/s payload)",
+        r["hops"], r["relays"], r["cell"], r["saturation_cells_per_sec"].as_f64().unwrap_or(0.0), r["payload_mb_per_sec"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "{:>16} {:>16} {:>8} {:>10} {:>10}",
+        "offered cells/s", "delivered", "lost", "p50 us", "p99 us"
+    );
+    for p in r["sweep"].as_array().into_iter().flatten() {
+        println!(
+            "{:>16.0} {:>16.0} {:>8} {:>10} {:>10}",
+            p["offered_cells_per_sec"].as_f64().unwrap_or(0.0),
+            p["delivered_cells_per_sec"].as_f64().unwrap_or(0.0),
+            p["lost"],
+            p["p50_us"],
+            p["p99_us"]
+        );
+    }
+    let h = &r["per_hop_latency_us"];
+    println!(
+        "added latency per hop at {:.0} cells/s: p50 {:.0} us, p99 {:.0} us",
+        h["offered_cells_per_sec"].as_f64().unwrap_or(0.0),
+        h["p50"].as_f64().unwrap_or(0.0),
+        h["p99"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "circuit setups: {:.0}/s ({:.0}/s per relay core)",
+        r["setups_per_sec"].as_f64().unwrap_or(0.0),
+        r["setups_per_sec_per_relay_core"].as_f64().unwrap_or(0.0)
+    );
+}
