@@ -89,6 +89,7 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
             "n_hops": point(half, &n_hops),
             "one_hop": point(half, &one_hop),
         },
+        "latency_cdf_us": crate::plot::cdf_points(&n_hops.latency),
         "setups_per_sec": setups,
         "setups_per_sec_per_relay_core": setups * opts.hops as f64 / opts.relays as f64,
         "machine": machine(),

@@ -388,6 +388,7 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
             "p999": d.latency.value_at_quantile(0.999),
             "samples": d.latency.len(),
         },
+        "latency_cdf_us": crate::plot::cdf_points(&d.latency),
         "relays": relays,
         "hops": opts.hops,
         "circuits": session.circuits.len(),

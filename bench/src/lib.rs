@@ -11,5 +11,6 @@ pub mod circuit;
 pub mod demo;
 pub mod flow;
 pub mod net;
+pub mod plot;
 pub mod relaybench;
 pub mod report;

@@ -53,6 +53,9 @@ enum Cmd {
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Draw the latency CDF into this SVG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Throughput of ONE relay (generator -> relay -> sink), with the no-crypto
     /// forwarder, the per-datagram path and raw AES-GCM measured in the same run.
@@ -103,6 +106,9 @@ enum Cmd {
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Draw delivered-vs-offered and the latency CDF into this SVG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// (internal) Run a relay with the same code as shroud-relay.
     #[command(name = "__relay", hide = true, disable_help_flag = true)]
@@ -130,6 +136,7 @@ fn main() -> ExitCode {
             window,
             net,
             json,
+            plot,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -154,6 +161,9 @@ fn main() -> ExitCode {
                 if let Some(p) = json {
                     report::write_json(&p, &r)?;
                 }
+                if let Some(p) = plot {
+                    shroud_bench::plot::plot(&p, &r)?;
+                }
                 Ok(())
             })
         }
@@ -166,6 +176,7 @@ fn main() -> ExitCode {
             window,
             net,
             json,
+            plot,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -186,6 +197,9 @@ fn main() -> ExitCode {
                 circuit::print(&r);
                 if let Some(p) = json {
                     report::write_json(&p, &r)?;
+                }
+                if let Some(p) = plot {
+                    shroud_bench::plot::plot(&p, &r)?;
                 }
                 Ok(())
             })

@@ -50,6 +50,8 @@ fn demo_reports_and_leaves_nothing_behind() {
     let out = bench()
         .args(["demo", "--duration", "2", "--net", "61", "--json"])
         .arg(&json)
+        .arg("--plot")
+        .arg(tmp("demo.svg"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -77,6 +79,12 @@ fn demo_reports_and_leaves_nothing_behind() {
         assert!(ports[0].as_u64().unwrap() <= ports[1].as_u64().unwrap());
     }
     assert!(r["machine"]["cores"].is_u64());
+    let svg = std::fs::read_to_string(tmp("demo.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "latency CDF drawn"
+    );
+    let _ = std::fs::remove_file(tmp("demo.svg"));
     let line = stderr
         .lines()
         .find(|l| l.starts_with("relays started"))
@@ -175,9 +183,15 @@ fn circuit_benchmark_reports_sweep_per_hop_latency_and_setups() {
     let out = bench()
         .args(["circuit", "--duration", "4.5", "--net", "63", "--json"])
         .arg(&json)
+        .arg("--plot")
+        .arg(tmp("circuit.svg"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["schema"], "shroud-bench/circuit/1");
     assert!(r["payload_mb_per_sec"].as_f64().unwrap() > 0.0);
@@ -193,5 +207,15 @@ fn circuit_benchmark_reports_sweep_per_hop_latency_and_setups() {
     assert!(r["per_hop_latency_us"]["p99"].is_f64());
     assert!(r["setups_per_sec"].as_f64().unwrap() > 0.0);
     assert!(r["setups_per_sec_per_relay_core"].is_f64());
+    assert!(r["latency_cdf_us"].as_array().unwrap().len() > 10);
+    let svg = std::fs::read_to_string(tmp("circuit.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "not an SVG");
+    assert_eq!(
+        svg.matches("<circle").count(),
+        5,
+        "one marker per sweep point"
+    );
+    assert!(svg.contains("<polyline"), "no lines drawn");
     let _ = std::fs::remove_file(json);
+    let _ = std::fs::remove_file(tmp("circuit.svg"));
 }
