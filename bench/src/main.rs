@@ -118,6 +118,18 @@ enum Cmd {
     },
 }
 
+/// A flag that SIGINT (Ctrl-C) and SIGTERM set, so a run ends early but still
+/// reports and tears down everything it started.
+fn stop_on_signals() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            eprintln!("shroud-bench: cannot handle signals: {e}");
+        }
+    }
+    stop
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.cmd {
@@ -138,12 +150,7 @@ fn main() -> ExitCode {
             json,
             plot,
         } => {
-            let stop = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
-                    eprintln!("shroud-bench: cannot handle signals: {e}");
-                }
-            }
+            let stop = stop_on_signals();
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let opts = demo::Opts {
                 relays,
@@ -178,12 +185,7 @@ fn main() -> ExitCode {
             json,
             plot,
         } => {
-            let stop = Arc::new(AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
-                    eprintln!("shroud-bench: cannot handle signals: {e}");
-                }
-            }
+            let stop = stop_on_signals();
             let opts = circuit::Opts {
                 relays,
                 hops,

@@ -23,7 +23,6 @@ use serde_json::{json, Value};
 use shroud_proto::aead::{nonce_for, Aead, RingAead, RustCryptoAead};
 use shroud_proto::client::PathHop;
 use shroud_proto::keys::{IdentityKey, OnionSecret};
-use shroud_proto::relay::Peer;
 use shroud_proto::Layout;
 
 use crate::flow::{Generator, SinkRelay};
@@ -129,17 +128,7 @@ fn run_variant_with<A: Aead>(
         exit_policy: Vec::new(),
     };
     let net = LocalNet::start(net_no, &[spec], &[&sink], &RelayCommand::SelfExe, opts.cell)?;
-    let peers: Vec<Peer> = net
-        .list
-        .relays
-        .iter()
-        .map(|r| Peer {
-            id: r.relay_id(),
-            identity: r.identity,
-            addr: r.addr,
-            ports: r.ports,
-        })
-        .collect();
+    let peers = shroud_relay::daemon::peers_of(&net.list);
     let sink_relay = SinkRelay::start::<A>(&sink, peers, cell)?;
     let mut generator = Generator::new(SocketAddr::from(([127, 0, net_no, 150], 0)), cell)?;
     let r = &net.relays[0];
