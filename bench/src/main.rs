@@ -130,6 +130,23 @@ fn stop_on_signals() -> Arc<AtomicBool> {
     stop
 }
 
+/// Prints a report and writes the JSON and SVG files that were asked for.
+fn emit(
+    r: &serde_json::Value,
+    print: fn(&serde_json::Value),
+    json: Option<PathBuf>,
+    plot: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    print(r);
+    if let Some(p) = json {
+        report::write_json(&p, r)?;
+    }
+    if let Some(p) = plot {
+        shroud_bench::plot::plot(&p, r)?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.cmd {
@@ -163,16 +180,7 @@ fn main() -> ExitCode {
                 progress,
                 net,
             };
-            demo::run(&opts, &stop).and_then(|r| {
-                demo::print(&r);
-                if let Some(p) = json {
-                    report::write_json(&p, &r)?;
-                }
-                if let Some(p) = plot {
-                    shroud_bench::plot::plot(&p, &r)?;
-                }
-                Ok(())
-            })
+            demo::run(&opts, &stop).and_then(|r| emit(&r, demo::print, json, plot))
         }
         Cmd::Circuit {
             relays,
@@ -195,16 +203,7 @@ fn main() -> ExitCode {
                 window,
                 net,
             };
-            circuit::run(&opts, &stop).and_then(|r| {
-                circuit::print(&r);
-                if let Some(p) = json {
-                    report::write_json(&p, &r)?;
-                }
-                if let Some(p) = plot {
-                    shroud_bench::plot::plot(&p, &r)?;
-                }
-                Ok(())
-            })
+            circuit::run(&opts, &stop).and_then(|r| emit(&r, circuit::print, json, plot))
         }
         Cmd::Relay {
             duration,
@@ -221,13 +220,7 @@ fn main() -> ExitCode {
                 round_cells,
                 variants,
             };
-            relaybench::run(&opts).and_then(|r| {
-                relaybench::print(&r);
-                if let Some(p) = json {
-                    report::write_json(&p, &r)?;
-                }
-                Ok(())
-            })
+            relaybench::run(&opts).and_then(|r| emit(&r, relaybench::print, json, None))
         }
     };
     match result {
