@@ -100,6 +100,8 @@ pub struct SetupFilter {
     skew: u64,
     capacity: usize,
     gen_start: u64,
+    /// Setups stamped at or before this second are refused as expired.
+    floor: Option<u64>,
     current: HashSet<[u8; 16]>,
     previous: HashSet<[u8; 16]>,
 }
@@ -112,14 +114,22 @@ impl SetupFilter {
             skew: skew.max(1),
             capacity,
             gen_start: now,
+            floor: None,
             current: HashSet::with_capacity(capacity),
             previous: HashSet::with_capacity(capacity),
         }
     }
 
+    /// From now on, refuses (as [`SetupCheck::Expired`]) every setup stamped at or
+    /// before second `ts`: setups this filter cannot know about, because something
+    /// else (an earlier process) may have accepted them.
+    pub fn refuse_up_to(&mut self, ts: u64) {
+        self.floor = Some(self.floor.map_or(ts, |f| f.max(ts)));
+    }
+
     /// Checks and records the setup identified by `ephemeral` created at `ts`.
     pub fn check_and_insert(&mut self, ephemeral: &[u8; 32], ts: u64, now: u64) -> SetupCheck {
-        if ts.abs_diff(now) > self.skew {
+        if ts.abs_diff(now) > self.skew || self.floor.is_some_and(|f| ts <= f) {
             return SetupCheck::Expired;
         }
         if now >= self.gen_start + 2 * self.skew {
@@ -197,5 +207,22 @@ mod tests {
         assert_eq!(f.check_and_insert(&a, 1110, 1120), SetupCheck::Replay);
         // ...and its timestamp is what keeps older replays out after that.
         assert_eq!(f.check_and_insert(&a, 1000, 1300), SetupCheck::Expired);
+    }
+
+    #[test]
+    fn setup_filter_floor_refuses_what_an_earlier_process_may_have_seen() {
+        let mut f = SetupFilter::new(60, 8, 1000);
+        f.refuse_up_to(1000);
+        assert_eq!(f.check_and_insert(&[1; 32], 999, 1000), SetupCheck::Expired);
+        assert_eq!(
+            f.check_and_insert(&[2; 32], 1000, 1000),
+            SetupCheck::Expired
+        );
+        assert_eq!(f.check_and_insert(&[3; 32], 1001, 1001), SetupCheck::Fresh);
+        f.refuse_up_to(900); // never lowers the floor
+        assert_eq!(
+            f.check_and_insert(&[4; 32], 1000, 1001),
+            SetupCheck::Expired
+        );
     }
 }

@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use shroud_proto::aead::{Aead, RingAead, RustCryptoAead};
 use shroud_proto::client::{ClientCircuit, ClientLink, Received};
-use shroud_proto::relay::{Action, DropReason};
+use shroud_proto::policy::ExitPolicy;
+use shroud_proto::relay::{Action, DropReason, OnionKeyring, Relay, RelayLimits};
 use shroud_proto::Layout;
 
 fn roundtrip_all_lengths<A: Aead>() {
@@ -179,6 +180,94 @@ fn replayed_setup_cell_is_rejected() {
     );
     assert_eq!(net.relays[0].stats().setups, 1);
     assert_eq!(net.relays[1].stats().setups, 1);
+}
+
+/// A second worker of the same relay (same identity and onion key, a port of its own)
+/// shares the first one's keyring: the setup it already accepted is a replay there, and
+/// a restarted process refuses setups stamped up to its start.
+#[test]
+fn setup_replayed_to_another_worker_or_after_a_restart_builds_nothing() {
+    let layout = Layout::default();
+    let mut r = rng(40);
+    let mut net = Net::<RingAead>::new(layout, 2, &mut r);
+    let limits = RelayLimits::default();
+    let keyring = {
+        let mut k = OnionKeyring::new(limits.setup_skew_s, limits.setup_filter_capacity);
+        k.update(vec![net.onions[1].clone()], NOW_MS);
+        k
+    };
+    net.relays[1].set_keyring(keyring.clone());
+    let (identity, peers) = (net.identities[1].clone(), net.peers.clone());
+    let worker2 = |keyring: OnionKeyring| {
+        let mut w = Relay::<RingAead>::new(
+            layout,
+            identity.clone(),
+            vec![],
+            peers.clone(),
+            ExitPolicy::parse(&["accept 127.0.0.0/8:1-65535"]).unwrap(),
+            limits.clone(),
+            NOW_MS,
+        );
+        w.set_keyring(keyring);
+        w
+    };
+    let link = ClientLink::new(&net.hops[1].id, net.addrs[1], &mut r);
+    let mut cell = vec![0u8; layout.cell];
+    let _c = ClientCircuit::<RingAead>::build(
+        &layout,
+        &link,
+        &[net.hops[1]],
+        DEST,
+        NOW_MS,
+        &mut r,
+        &mut cell,
+    )
+    .unwrap();
+    net.send(CLIENT, net.addrs[1], cell.clone());
+    assert_eq!(net.relays[1].stats().setups, 1);
+    // Worker 2 of the same relay, sharing the keyring: a replay, no circuit.
+    let mut w2 = worker2(keyring.clone());
+    let mut again = cell.clone();
+    assert_eq!(
+        w2.handle(CLIENT, &mut again, NOW_MS + 10),
+        Action::Drop(DropReason::Replay)
+    );
+    assert_eq!(w2.circuit_count(), 0);
+    // Without sharing (the old behaviour) the same cell builds a second circuit:
+    // this is what the shared keyring prevents.
+    let mut lone = worker2({
+        let mut k = OnionKeyring::new(limits.setup_skew_s, limits.setup_filter_capacity);
+        k.update(vec![net.onions[1].clone()], NOW_MS);
+        k
+    });
+    let mut again = cell.clone();
+    assert!(matches!(
+        lone.handle(CLIENT, &mut again, NOW_MS + 10),
+        Action::Send { .. }
+    ));
+    assert_eq!(lone.circuit_count(), 1);
+    // A restarted process (fresh filters) started in the same second refuses it.
+    let mut restarted = worker2({
+        let mut k = OnionKeyring::new(limits.setup_skew_s, limits.setup_filter_capacity);
+        k.update(vec![net.onions[1].clone()], NOW_MS + 500);
+        k.started_at(NOW_MS + 500)
+    });
+    let mut again = cell.clone();
+    assert_eq!(
+        restarted.handle(CLIENT, &mut again, NOW_MS + 600),
+        Action::Drop(DropReason::Expired)
+    );
+    assert_eq!(restarted.circuit_count(), 0);
+    // A key dropped from a keyring and later re-added does not reopen the window.
+    let mut k = keyring.clone();
+    k.update(vec![], NOW_MS + 700);
+    k.update(vec![net.onions[1].clone()], NOW_MS + 800);
+    let mut readded = worker2(k);
+    let mut again = cell.clone();
+    assert_eq!(
+        readded.handle(CLIENT, &mut again, NOW_MS + 900),
+        Action::Drop(DropReason::Expired)
+    );
 }
 
 #[test]

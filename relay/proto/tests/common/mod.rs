@@ -65,6 +65,8 @@ pub struct Net<A: Aead> {
     pub hops: Vec<PathHop>,
     pub identities: Vec<IdentityKey>,
     pub onions: Vec<OnionSecret>,
+    /// The peer list every relay was given.
+    pub peers: Vec<Peer>,
     /// Every datagram that crossed a link: (from, to, bytes).
     pub wire: Vec<(SocketAddr, SocketAddr, Vec<u8>)>,
     /// Payloads delivered at exits: (dest, bytes).
@@ -130,6 +132,7 @@ impl<A: Aead> Net<A> {
             hops,
             identities,
             onions,
+            peers,
             wire: Vec::new(),
             delivered: Vec::new(),
             to_client: VecDeque::new(),

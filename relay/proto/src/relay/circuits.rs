@@ -1,0 +1,167 @@
+//! Circuits: the fixed-capacity table of a worker's circuits and its index by
+//! `(link, circuit id)`.
+//!
+//! A circuit occupies one slot from its setup to its removal; a [`CircuitRef`] names a
+//! slot and the generation it had, so a handle kept by the data plane (an exit socket)
+//! goes stale when the slot is reused. Every circuit is indexed under its incoming
+//! `(link, id)` (cells there travel forward) and, if it continues to another relay,
+//! under its outgoing `(link, id)` (cells there travel backward).
+
+use std::net::SocketAddr;
+
+use super::HashMap;
+use crate::aead::Aead;
+use crate::layer::LayerKeys;
+use crate::replay::ReplayWindow;
+
+/// A handle on a circuit slot; stale handles (slot reused) are detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CircuitRef {
+    pub(super) slot: u32,
+    pub(super) generation: u32,
+}
+
+/// Where a circuit goes after this relay.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Hop {
+    /// To another relay, on `link` under circuit id `id`.
+    Relay { link: u32, id: u64 },
+    /// Out of the network: this relay is the exit and delivers to `dest`.
+    Exit { dest: SocketAddr },
+}
+
+/// One circuit's state at this relay.
+pub(super) struct Circuit<A: Aead> {
+    pub(super) prev_link: u32,
+    pub(super) prev_id: u64,
+    pub(super) next: Hop,
+    pub(super) fwd: LayerKeys<A>,
+    pub(super) bwd: LayerKeys<A>,
+    pub(super) win_fwd: ReplayWindow,
+    pub(super) win_bwd: ReplayWindow,
+    /// Exit only: the counter of the next backward cell it originates.
+    pub(super) exit_counter: u64,
+    pub(super) last_active: u64,
+}
+
+/// Which way cells indexed under a `(link, id)` travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Direction {
+    /// Towards the exit.
+    Forward,
+    /// Towards the client.
+    Backward,
+}
+
+/// The circuits of one worker, allocated at start.
+pub(super) struct CircuitTable<A: Aead> {
+    slots: Vec<Option<Circuit<A>>>,
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    by_link_id: HashMap<(u32, u64), (u32, Direction)>,
+    live: usize,
+}
+
+impl<A: Aead> CircuitTable<A> {
+    /// A table of `capacity` circuits.
+    pub(super) fn new(capacity: usize) -> Self {
+        CircuitTable {
+            slots: (0..capacity).map(|_| None).collect(),
+            generations: vec![0; capacity],
+            free: (0..capacity as u32).rev().collect(),
+            by_link_id: HashMap::with_capacity_and_hasher(capacity * 2, ahash::RandomState::new()),
+            live: 0,
+        }
+    }
+
+    /// Live circuits.
+    pub(super) fn len(&self) -> usize {
+        self.live
+    }
+
+    /// True if no slot is free.
+    pub(super) fn is_full(&self) -> bool {
+        self.free.is_empty()
+    }
+
+    /// The circuit indexed under `(link, id)` and the direction its cells travel there.
+    pub(super) fn lookup(&self, link: u32, id: u64) -> Option<(u32, Direction)> {
+        self.by_link_id.get(&(link, id)).copied()
+    }
+
+    /// True if `(link, id)` names a circuit already.
+    pub(super) fn id_in_use(&self, link: u32, id: u64) -> bool {
+        self.by_link_id.contains_key(&(link, id))
+    }
+
+    pub(super) fn get_mut(&mut self, slot: u32) -> Option<&mut Circuit<A>> {
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    /// The circuit `r` names, if that handle is not stale.
+    pub(super) fn get_ref_mut(&mut self, r: CircuitRef) -> Option<&mut Circuit<A>> {
+        if self.generations.get(r.slot as usize) != Some(&r.generation) {
+            return None;
+        }
+        self.get_mut(r.slot)
+    }
+
+    /// The handle of the circuit in `slot` now.
+    pub(super) fn handle(&self, slot: u32) -> CircuitRef {
+        CircuitRef {
+            slot,
+            generation: self.generations[slot as usize],
+        }
+    }
+
+    /// Installs a circuit and indexes it; `None` when the table is full. The caller has
+    /// checked that its `(link, id)` keys are free.
+    pub(super) fn insert(&mut self, c: Circuit<A>) -> Option<CircuitRef> {
+        let slot = self.free.pop()?;
+        let g = &mut self.generations[slot as usize];
+        *g = g.wrapping_add(1);
+        self.by_link_id
+            .insert((c.prev_link, c.prev_id), (slot, Direction::Forward));
+        if let Hop::Relay { link, id } = c.next {
+            self.by_link_id
+                .insert((link, id), (slot, Direction::Backward));
+        }
+        self.slots[slot as usize] = Some(c);
+        self.live += 1;
+        Some(self.handle(slot))
+    }
+
+    /// Removes the circuit in `slot` and its index entries, returning it so the caller
+    /// can release its links.
+    pub(super) fn remove(&mut self, slot: u32) -> Option<Circuit<A>> {
+        let c = self.slots.get_mut(slot as usize)?.take()?;
+        self.live -= 1;
+        self.by_link_id.remove(&(c.prev_link, c.prev_id));
+        if let Hop::Relay { link, id } = c.next {
+            self.by_link_id.remove(&(link, id));
+        }
+        self.free.push(slot);
+        Some(c)
+    }
+
+    /// Slots of the circuits that use `link`.
+    pub(super) fn on_link(&self, link: u32) -> Vec<u32> {
+        self.by_link_id
+            .iter()
+            .filter(|((l, _), _)| *l == link)
+            .map(|(_, (slot, _))| *slot)
+            .collect()
+    }
+
+    /// Slots of the circuits idle since before `now_ms - idle_ms`.
+    pub(super) fn idle(&self, now_ms: u64, idle_ms: u64) -> Vec<u32> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match c {
+                Some(c) if now_ms.saturating_sub(c.last_active) > idle_ms => Some(i as u32),
+                _ => None,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,141 @@
+//! Links: the other ends a relay worker exchanges cells with.
+//!
+//! A link is one remote `SocketAddr` with the header-protection keys of that link: a
+//! peer relay's port (keys from the two identity keys, [`peer_link_keys`]) or a client
+//! (keys from the link seed it sent in its first setup, [`client_link_keys`]). The
+//! [`LinkTable`] has a fixed number of slots allocated at start; a link's index is
+//! stable while it lives and is what circuits refer to.
+
+use std::net::SocketAddr;
+
+use hkdf::Hkdf;
+use sha2::Sha256;
+
+use super::HashMap;
+use crate::cell::HeaderKey;
+use crate::keys::{IdentityKey, IdentityPublic, RelayId};
+
+/// Who is at the other end of a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LinkKind {
+    /// A port of a relay in the signed peer list.
+    Peer,
+    /// A client, known by the link seed of its first setup.
+    Client,
+}
+
+/// One link.
+pub(super) struct Link {
+    pub(super) addr: SocketAddr,
+    pub(super) kind: LinkKind,
+    /// Protects headers this relay sends on the link.
+    pub(super) tx: HeaderKey,
+    /// Removes the protection of headers received on the link.
+    pub(super) rx: HeaderKey,
+    /// The client's link seed (zero for peers).
+    pub(super) seed: [u8; 16],
+    /// Circuits using this link, in either direction.
+    pub(super) circuits: u32,
+    pub(super) last_active: u64,
+}
+
+/// A fixed-capacity table of links, indexed by slot and by address.
+pub(super) struct LinkTable {
+    slots: Vec<Option<Link>>,
+    free: Vec<u32>,
+    by_addr: HashMap<SocketAddr, u32>,
+}
+
+impl LinkTable {
+    /// A table of `capacity` links, allocated now.
+    pub(super) fn new(capacity: usize) -> Self {
+        LinkTable {
+            slots: (0..capacity).map(|_| None).collect(),
+            free: (0..capacity as u32).rev().collect(),
+            by_addr: HashMap::with_capacity_and_hasher(capacity, ahash::RandomState::new()),
+        }
+    }
+
+    /// The link to `addr`, if any.
+    pub(super) fn find(&self, addr: &SocketAddr) -> Option<u32> {
+        self.by_addr.get(addr).copied()
+    }
+
+    pub(super) fn get(&self, link: u32) -> Option<&Link> {
+        self.slots.get(link as usize)?.as_ref()
+    }
+
+    pub(super) fn get_mut(&mut self, link: u32) -> Option<&mut Link> {
+        self.slots.get_mut(link as usize)?.as_mut()
+    }
+
+    /// Installs a link; `None` when the table is full.
+    pub(super) fn insert(&mut self, link: Link) -> Option<u32> {
+        let idx = self.free.pop()?;
+        self.by_addr.insert(link.addr, idx);
+        self.slots[idx as usize] = Some(link);
+        Some(idx)
+    }
+
+    /// Frees a link's slot (its circuits must already be gone).
+    pub(super) fn remove(&mut self, link: u32) -> Option<Link> {
+        let l = self.slots.get_mut(link as usize)?.take()?;
+        self.by_addr.remove(&l.addr);
+        self.free.push(link);
+        Some(l)
+    }
+
+    /// Every live link with its index.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u32, &Link)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.as_ref().map(|l| (i as u32, l)))
+    }
+}
+
+/// Derives the header-protection keys of the link between two relays from their
+/// identity keys: `(tx, rx)` for `me`.
+pub fn peer_link_keys(me: &IdentityKey, peer: &IdentityPublic) -> (HeaderKey, HeaderKey) {
+    let secret = me.to_x25519_secret();
+    let shared = secret.diffie_hellman(&peer.to_x25519());
+    let my_id = me.public().relay_id();
+    let peer_id = peer.relay_id();
+    let (lo, hi) = if my_id < peer_id {
+        (my_id, peer_id)
+    } else {
+        (peer_id, my_id)
+    };
+    let mut info = [0u8; 32];
+    info[..16].copy_from_slice(lo.as_bytes());
+    info[16..].copy_from_slice(hi.as_bytes());
+    let hk = Hkdf::<Sha256>::new(Some(b"shroud-v1 link"), shared.as_bytes());
+    let mut okm = zeroize::Zeroizing::new([0u8; 64]);
+    hk.expand(&info, okm.as_mut())
+        .unwrap_or_else(|_| unreachable!("64 bytes is within HKDF-SHA256's limit"));
+    let (lo_to_hi, hi_to_lo) = split_keys(&okm);
+    if my_id < peer_id {
+        (lo_to_hi, hi_to_lo)
+    } else {
+        (hi_to_lo, lo_to_hi)
+    }
+}
+
+/// Derives a client link's header keys `(up, down)` (client-to-relay, relay-to-client)
+/// from the client's link seed and the relay's id.
+pub fn client_link_keys(seed: &[u8; 16], relay: &RelayId) -> (HeaderKey, HeaderKey) {
+    let hk = Hkdf::<Sha256>::new(Some(b"shroud-v1 client-link"), seed);
+    let mut okm = zeroize::Zeroizing::new([0u8; 64]);
+    hk.expand(relay.as_bytes(), okm.as_mut())
+        .unwrap_or_else(|_| unreachable!("64 bytes is within HKDF-SHA256's limit"));
+    split_keys(&okm)
+}
+
+/// Two header keys from 64 bytes of key material; the copies are wiped.
+fn split_keys(okm: &[u8; 64]) -> (HeaderKey, HeaderKey) {
+    let mut a = zeroize::Zeroizing::new([0u8; 32]);
+    let mut b = zeroize::Zeroizing::new([0u8; 32]);
+    a.copy_from_slice(&okm[..32]);
+    b.copy_from_slice(&okm[32..]);
+    (HeaderKey::new(&a), HeaderKey::new(&b))
+}

@@ -1,0 +1,620 @@
+//! The relay side as a state machine: `handle(src, cell, now) -> Action`.
+//!
+//! [`Relay`] owns everything one data-plane worker needs: its links (peer relays from
+//! the signed peer list, and clients), a fixed-capacity circuit table, the onion keys
+//! with their setup seen-filters, a per-source setup rate limiter and the exit policy.
+//! All tables are allocated in [`Relay::new`] and never grow: when full, the relay
+//! refuses with a counted [`DropReason`].
+//!
+//! The caller passes each received cell (and its source address) to [`Relay::handle`],
+//! which rewrites the cell in place and says what to do with it. Time is an argument
+//! (`now_ms`, milliseconds since the Unix epoch); nothing here reads a clock or does
+//! I/O.
+//!
+//! A bad tag never tears a circuit down: the cell is dropped and counted, and the
+//! circuit stays (see `docs/PROTOCOL.md`, "after a bad tag").
+//!
+//! The parts: `links` (who the relay talks to and with which header
+//! keys), `circuits` (the circuit table), `limiter` (per-source setup
+//! budgets) and `setup` (setup admission and the onion keyring). This
+//! module holds the per-cell path: [`Relay::handle`], forward and backward.
+
+mod circuits;
+mod limiter;
+mod links;
+mod setup;
+
+pub use circuits::CircuitRef;
+pub use links::{client_link_keys, peer_link_keys};
+pub use setup::{OnionKeyring, MAX_ONION_KEYS};
+
+use std::collections::HashMap as StdHashMap;
+
+/// The relay's tables hash with AES-based aHash under a random key per table:
+/// cheaper than SipHash on the per-cell lookup, still keyed so clients choosing
+/// circuit ids cannot aim collisions.
+type HashMap<K, V> = StdHashMap<K, V, ahash::RandomState>;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::aead::Aead;
+use crate::cell::{Command, Header, Layout};
+use crate::keys::{IdentityKey, IdentityPublic, OnionSecret, RelayId};
+use crate::layer::{add_backward, read_payload, strip_forward, write_payload};
+use crate::policy::ExitPolicy;
+use crate::replay::WindowCheck;
+
+use circuits::{CircuitTable, Direction, Hop};
+use limiter::SetupLimiter;
+use links::{peer_link_keys as derive_peer_link_keys, Link, LinkKind, LinkTable};
+
+/// Why a cell was dropped. Each is a counter in the data plane, never a log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DropReason {
+    /// A tag did not verify (data cell on a known circuit, or a setup layer).
+    BadTag = 0,
+    /// Replayed data cell or setup cell.
+    Replay,
+    /// Header named no circuit of this relay.
+    UnknownCircuit,
+    /// Wrong length, undecodable header or routing, bad command for the direction,
+    /// low-order ephemeral, duplicate circuit id.
+    Malformed,
+    /// Next hop or source not in the signed peer list.
+    NotAPeer,
+    /// Exit policy refused the destination (or this relay is no exit).
+    Policy,
+    /// A send queue was full (data plane).
+    QueueFull,
+    /// Setup rate limit of the source exceeded, or the setup filter is full.
+    RateLimited,
+    /// Setup timestamp outside the allowed skew, or circuit idle too long.
+    Expired,
+    /// Circuit or link table full.
+    Capacity,
+}
+
+impl DropReason {
+    /// Every reason, in counter-index order.
+    pub const ALL: [DropReason; 10] = [
+        DropReason::BadTag,
+        DropReason::Replay,
+        DropReason::UnknownCircuit,
+        DropReason::Malformed,
+        DropReason::NotAPeer,
+        DropReason::Policy,
+        DropReason::QueueFull,
+        DropReason::RateLimited,
+        DropReason::Expired,
+        DropReason::Capacity,
+    ];
+
+    /// Stable snake_case name (metrics label, JSON key).
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::BadTag => "bad_tag",
+            DropReason::Replay => "replay",
+            DropReason::UnknownCircuit => "unknown_circuit",
+            DropReason::Malformed => "malformed",
+            DropReason::NotAPeer => "not_a_peer",
+            DropReason::Policy => "policy",
+            DropReason::QueueFull => "queue_full",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::Expired => "expired",
+            DropReason::Capacity => "capacity",
+        }
+    }
+}
+
+/// Something the data plane may want to know besides sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// An exit circuit was created towards `dest`.
+    ExitOpened {
+        /// The circuit.
+        circuit: CircuitRef,
+        /// Its destination.
+        dest: SocketAddr,
+    },
+    /// A circuit was removed.
+    Closed {
+        /// The circuit.
+        circuit: CircuitRef,
+    },
+}
+
+/// What to do with a handled cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send the rewritten cell to `to`.
+    Send {
+        /// Destination address.
+        to: SocketAddr,
+        /// A side effect to note.
+        event: Option<Event>,
+    },
+    /// The setup was understood but refused: send the rewritten cell (a REFUSED reply)
+    /// to `to`, and count `reason`.
+    Refuse {
+        /// Destination address (the previous hop).
+        to: SocketAddr,
+        /// Why.
+        reason: DropReason,
+    },
+    /// Exit: deliver `cell[payload]` as one UDP datagram to `dest`.
+    Deliver {
+        /// The circuit (replies go back on it).
+        circuit: CircuitRef,
+        /// Destination.
+        dest: SocketAddr,
+        /// Payload range inside the cell.
+        payload: core::ops::Range<usize>,
+    },
+    /// Nothing to send (padding consumed, or a circuit ended here).
+    Consumed {
+        /// A side effect to note.
+        event: Option<Event>,
+    },
+    /// Drop the cell and count the reason.
+    Drop(DropReason),
+}
+
+/// A relay of the peer list, as this relay sees it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Relay id.
+    pub id: RelayId,
+    /// Identity key (link keys are derived from it).
+    pub identity: IdentityPublic,
+    /// Address.
+    pub addr: IpAddr,
+    /// Inclusive port range.
+    pub ports: (u16, u16),
+}
+
+/// Sizes and limits of a relay worker.
+#[derive(Debug, Clone)]
+pub struct RelayLimits {
+    /// Circuits this worker can hold.
+    pub max_circuits: usize,
+    /// Links (peer ports and clients) this worker can hold.
+    pub max_links: usize,
+    /// Idle time after which a circuit is expired (ms).
+    pub circuit_idle_ms: u64,
+    /// Idle time after which a client link with no circuits is forgotten (ms).
+    pub link_idle_ms: u64,
+    /// Accepted setup clock skew (s).
+    pub setup_skew_s: u64,
+    /// Setups remembered per onion key and filter generation.
+    pub setup_filter_capacity: usize,
+    /// Setups per second allowed per source IP (token bucket rate).
+    pub setup_rate: u32,
+    /// Token bucket burst per source IP.
+    pub setup_burst: u32,
+    /// Source IPs tracked by the setup limiter.
+    pub setup_sources: usize,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            max_circuits: 16384,
+            max_links: 4096,
+            circuit_idle_ms: 300_000,
+            link_idle_ms: 600_000,
+            setup_skew_s: 120,
+            setup_filter_capacity: 65536,
+            setup_rate: 200,
+            setup_burst: 400,
+            setup_sources: 4096,
+        }
+    }
+}
+
+/// Counters a worker exports (cells handled per outcome).
+#[derive(Debug, Clone, Default)]
+pub struct RelayStats {
+    /// Drops by reason, indexed by `DropReason as usize`.
+    pub drops: [u64; 10],
+    /// Forward data cells relayed or delivered.
+    pub cells_forward: u64,
+    /// Backward cells relayed.
+    pub cells_backward: u64,
+    /// Setups accepted.
+    pub setups: u64,
+    /// Circuits expired for idleness.
+    pub expired_circuits: u64,
+}
+
+/// One relay worker's protocol state.
+pub struct Relay<A: Aead> {
+    layout: Layout,
+    limits: RelayLimits,
+    me: RelayId,
+    identity: IdentityKey,
+    onion: OnionKeyring,
+    peers: Vec<Peer>,
+    peer_by_id: HashMap<RelayId, usize>,
+    policy: ExitPolicy,
+    links: LinkTable,
+    circuits: CircuitTable<A>,
+    limiter: SetupLimiter,
+    stats: RelayStats,
+    setup_budget: u32,
+    accepting: bool,
+}
+
+impl<A: Aead> core::fmt::Debug for Relay<A> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Relay")
+            .field("me", &self.me)
+            .field("circuits", &self.circuit_count())
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Aead> Relay<A> {
+    /// A relay worker with identity `identity`, current onion keys `onion` (newest
+    /// first; at most 3), the peers of the signed list (itself excluded or not: it is
+    /// skipped), an exit policy and limits. Every table is allocated here.
+    ///
+    /// The onion keys get a keyring of this worker's own; a process with several
+    /// workers gives them one shared keyring with [`Relay::set_keyring`].
+    pub fn new(
+        layout: Layout,
+        identity: IdentityKey,
+        onion: Vec<OnionSecret>,
+        peers: Vec<Peer>,
+        policy: ExitPolicy,
+        limits: RelayLimits,
+        now_ms: u64,
+    ) -> Self {
+        let me = identity.public().relay_id();
+        let mut keyring = OnionKeyring::new(limits.setup_skew_s, limits.setup_filter_capacity);
+        keyring.update(onion, now_ms);
+        let mut r = Relay {
+            layout,
+            me,
+            identity,
+            onion: keyring,
+            peers: Vec::new(),
+            peer_by_id: HashMap::default(),
+            policy,
+            links: LinkTable::new(limits.max_links),
+            circuits: CircuitTable::new(limits.max_circuits),
+            limiter: SetupLimiter::new(limits.setup_rate, limits.setup_burst, limits.setup_sources),
+            stats: RelayStats::default(),
+            setup_budget: u32::MAX,
+            accepting: true,
+            limits,
+        };
+        r.set_peers(peers);
+        r
+    }
+
+    /// The network parameters in force.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// This relay's id.
+    pub fn id(&self) -> RelayId {
+        self.me
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    /// Live circuits.
+    pub fn circuit_count(&self) -> usize {
+        self.circuits.len()
+    }
+
+    /// Replaces the peer list. Links to relays that left are closed with their
+    /// circuits; links and circuits of relays that stay are kept.
+    pub fn set_peers(&mut self, peers: Vec<Peer>) {
+        self.peers = peers.into_iter().filter(|p| p.id != self.me).collect();
+        self.peer_by_id = self
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.id, i))
+            .collect();
+        let stale: Vec<u32> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.kind == LinkKind::Peer && self.peer_for_addr(l.addr).is_none())
+            .map(|(i, _)| i)
+            .collect();
+        for link in stale {
+            self.close_link(link);
+        }
+    }
+
+    fn peer_for_addr(&self, addr: SocketAddr) -> Option<usize> {
+        self.peers.iter().position(|p| {
+            p.addr == addr.ip() && addr.port() >= p.ports.0 && addr.port() <= p.ports.1
+        })
+    }
+
+    fn close_link(&mut self, link: u32) {
+        for slot in self.circuits.on_link(link) {
+            self.remove_circuit(slot);
+        }
+        self.links.remove(link);
+    }
+
+    /// The link to a peer relay's port, created (with its keys) on first use.
+    fn peer_link(&mut self, addr: SocketAddr, now_ms: u64) -> Option<u32> {
+        if let Some(l) = self.links.find(&addr) {
+            return Some(l);
+        }
+        let p = self.peer_for_addr(addr)?;
+        let (tx, rx) = derive_peer_link_keys(&self.identity, &self.peers[p].identity);
+        self.links.insert(Link {
+            addr,
+            kind: LinkKind::Peer,
+            tx,
+            rx,
+            seed: [0; 16],
+            circuits: 0,
+            last_active: now_ms,
+        })
+    }
+
+    fn drop(&mut self, r: DropReason) -> Action {
+        self.stats.drops[r as usize] += 1;
+        Action::Drop(r)
+    }
+
+    /// Starts a batch of received cells: at most `setup_budget` setup cells of this
+    /// batch get the public-key work; further setups are dropped as
+    /// [`DropReason::RateLimited`], so setups cannot starve data cells.
+    pub fn begin_batch(&mut self, setup_budget: u32) {
+        self.setup_budget = setup_budget;
+    }
+
+    /// Stops (or resumes) accepting new circuits, e.g. while draining. Refused setups
+    /// are counted as [`DropReason::Capacity`]; existing circuits are not affected.
+    pub fn set_accepting(&mut self, accepting: bool) {
+        self.accepting = accepting;
+    }
+
+    /// Counts a drop decided by the data plane (e.g. [`DropReason::QueueFull`]).
+    pub fn count_drop(&mut self, r: DropReason, n: u64) {
+        self.stats.drops[r as usize] += n;
+    }
+
+    /// Handles one received cell from `src`, rewriting it in place.
+    pub fn handle(&mut self, src: SocketAddr, cell: &mut [u8], now_ms: u64) -> Action {
+        if cell.len() != self.layout.cell {
+            return self.drop(DropReason::Malformed);
+        }
+        let link = match self.links.find(&src) {
+            Some(l) => Some(l),
+            None => {
+                if self.peer_for_addr(src).is_some() {
+                    match self.peer_link(src, now_ms) {
+                        Some(l) => Some(l),
+                        None => return self.drop(DropReason::Capacity),
+                    }
+                } else {
+                    None
+                }
+            }
+        };
+        let Some(link) = link else {
+            return self.setup(src, None, cell, now_ms);
+        };
+        let (kind, hdr) = {
+            let Some(l) = self.links.get_mut(link) else {
+                return self.drop(DropReason::Malformed);
+            };
+            l.last_active = now_ms;
+            (l.kind, l.rx.unprotect(cell))
+        };
+        let hdr = match hdr {
+            Ok(h) => h,
+            Err(_) if kind == LinkKind::Client => return self.setup(src, Some(link), cell, now_ms),
+            Err(_) => return self.drop(DropReason::Malformed),
+        };
+        if hdr.command == Command::Setup {
+            return self.setup(src, Some(link), cell, now_ms);
+        }
+        match self.circuits.lookup(link, hdr.circuit) {
+            None => self.drop(DropReason::UnknownCircuit),
+            Some((slot, Direction::Forward)) => self.forward(slot, hdr, cell, now_ms),
+            Some((slot, Direction::Backward)) => self.backward(slot, hdr, cell, now_ms),
+        }
+    }
+
+    fn forward(&mut self, slot: u32, hdr: Header, cell: &mut [u8], now_ms: u64) -> Action {
+        let layout = self.layout;
+        if !matches!(
+            hdr.command,
+            Command::Data | Command::Padding | Command::Destroy
+        ) {
+            return self.drop(DropReason::Malformed);
+        }
+        let circuit = self.circuits.handle(slot);
+        let Some(c) = self.circuits.get_mut(slot) else {
+            return self.drop(DropReason::UnknownCircuit);
+        };
+        if c.win_fwd.check(hdr.counter) == WindowCheck::Replay {
+            return self.drop(DropReason::Replay);
+        }
+        if strip_forward(&layout, &c.fwd, hdr.command, hdr.counter, cell).is_err() {
+            return self.drop(DropReason::BadTag);
+        }
+        c.win_fwd.commit(hdr.counter);
+        c.last_active = now_ms;
+        self.stats.cells_forward += 1;
+        match c.next {
+            Hop::Relay { link, id } => {
+                let Some(l) = self.links.get(link) else {
+                    return self.drop(DropReason::UnknownCircuit);
+                };
+                let to = l.addr;
+                l.tx.protect(
+                    cell,
+                    &Header {
+                        circuit: id,
+                        counter: hdr.counter,
+                        command: hdr.command,
+                    },
+                );
+                let event = if hdr.command == Command::Destroy {
+                    self.remove_circuit(slot);
+                    Some(Event::Closed { circuit })
+                } else {
+                    None
+                };
+                Action::Send { to, event }
+            }
+            Hop::Exit { dest } => match hdr.command {
+                Command::Data => match read_payload(&layout, cell) {
+                    Some(payload) => Action::Deliver {
+                        circuit,
+                        dest,
+                        payload,
+                    },
+                    None => self.drop(DropReason::Malformed),
+                },
+                Command::Destroy => {
+                    self.remove_circuit(slot);
+                    Action::Consumed {
+                        event: Some(Event::Closed { circuit }),
+                    }
+                }
+                _ => Action::Consumed { event: None },
+            },
+        }
+    }
+
+    fn backward(&mut self, slot: u32, hdr: Header, cell: &mut [u8], now_ms: u64) -> Action {
+        let layout = self.layout;
+        if hdr.command == Command::Setup {
+            return self.drop(DropReason::Malformed);
+        }
+        let circuit = self.circuits.handle(slot);
+        let Some(c) = self.circuits.get_mut(slot) else {
+            return self.drop(DropReason::UnknownCircuit);
+        };
+        if c.win_bwd.check(hdr.counter) == WindowCheck::Replay {
+            return self.drop(DropReason::Replay);
+        }
+        c.win_bwd.commit(hdr.counter);
+        c.last_active = now_ms;
+        add_backward(&layout, &c.bwd, hdr.command, hdr.counter, cell);
+        let (prev_link, prev_id) = (c.prev_link, c.prev_id);
+        let Some(l) = self.links.get(prev_link) else {
+            return self.drop(DropReason::UnknownCircuit);
+        };
+        let to = l.addr;
+        l.tx.protect(
+            cell,
+            &Header {
+                circuit: prev_id,
+                counter: hdr.counter,
+                command: hdr.command,
+            },
+        );
+        self.stats.cells_backward += 1;
+        let event = if matches!(hdr.command, Command::Destroy | Command::Refused) {
+            self.remove_circuit(slot);
+            Some(Event::Closed { circuit })
+        } else {
+            None
+        };
+        Action::Send { to, event }
+    }
+
+    /// Removes a circuit and releases its links' counts.
+    fn remove_circuit(&mut self, slot: u32) {
+        let Some(c) = self.circuits.remove(slot) else {
+            return;
+        };
+        if let Some(l) = self.links.get_mut(c.prev_link) {
+            l.circuits = l.circuits.saturating_sub(1);
+        }
+        if let Hop::Relay { link, .. } = c.next {
+            if let Some(l) = self.links.get_mut(link) {
+                l.circuits = l.circuits.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Exit: wraps `payload` (a datagram from the circuit's destination) into a
+    /// backward data cell in `cell` and returns where to send it. Fails with
+    /// [`DropReason::UnknownCircuit`] for a stale handle and [`DropReason::Malformed`]
+    /// for a payload longer than one cell carries.
+    pub fn exit_reply(
+        &mut self,
+        circuit: CircuitRef,
+        payload: &[u8],
+        cell: &mut [u8],
+        now_ms: u64,
+    ) -> Result<SocketAddr, DropReason> {
+        let layout = self.layout;
+        if cell.len() != layout.cell || payload.len() > layout.payload_max() {
+            self.stats.drops[DropReason::Malformed as usize] += 1;
+            return Err(DropReason::Malformed);
+        }
+        let Some(c) = self
+            .circuits
+            .get_ref_mut(circuit)
+            .filter(|c| matches!(c.next, Hop::Exit { .. }))
+        else {
+            self.stats.drops[DropReason::UnknownCircuit as usize] += 1;
+            return Err(DropReason::UnknownCircuit);
+        };
+        let counter = c.exit_counter;
+        c.exit_counter += 1;
+        c.last_active = now_ms;
+        cell[..layout.stack_end()].fill(0);
+        write_payload(&layout, cell, payload);
+        add_backward(&layout, &c.bwd, Command::Data, counter, cell);
+        let (prev_link, prev_id) = (c.prev_link, c.prev_id);
+        let Some(l) = self.links.get(prev_link) else {
+            return Err(DropReason::UnknownCircuit);
+        };
+        l.tx.protect(
+            cell,
+            &Header {
+                circuit: prev_id,
+                counter,
+                command: Command::Data,
+            },
+        );
+        self.stats.cells_backward += 1;
+        Ok(l.addr)
+    }
+
+    /// Removes circuits idle for longer than the limit and client links with no
+    /// circuits idle for longer than theirs. Calls `closed` for each removed circuit.
+    pub fn expire(&mut self, now_ms: u64, mut closed: impl FnMut(CircuitRef)) {
+        for slot in self.circuits.idle(now_ms, self.limits.circuit_idle_ms) {
+            let circuit = self.circuits.handle(slot);
+            self.remove_circuit(slot);
+            self.stats.expired_circuits += 1;
+            closed(circuit);
+        }
+        let link_idle = self.limits.link_idle_ms;
+        let idle_links: Vec<u32> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.kind == LinkKind::Client
+                    && l.circuits == 0
+                    && now_ms.saturating_sub(l.last_active) > link_idle
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for l in idle_links {
+            self.close_link(l);
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! Setup admission at a relay: the onion keyring with its seen-filters, and the
+//! handling of one setup cell (rate limit, open with an onion key, replay check, link
+//! and circuit installation, CREATED/REFUSED replies or forwarding).
+//!
+//! The seen-filter belongs to the onion key, not to a worker: an [`OnionKeyring`] is
+//! cloned into every worker of a process and the clones share each key's filter, so a
+//! setup accepted by one worker is a replay at every other (`docs/PROTOCOL.md`,
+//! "setup replay"). A process's keyring refuses setups stamped at or before the second
+//! the process started ([`OnionKeyring::started_at`]), so a restarted relay, whose
+//! filters start empty, cannot accept a setup the previous process saw.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use super::circuits::{Circuit, Hop};
+use super::links::{client_link_keys, Link, LinkKind};
+use super::{Action, DropReason, Event, Relay};
+use crate::aead::Aead;
+use crate::cell::{Command, Header};
+use crate::keys::{OnionPublic, OnionSecret};
+use crate::layer::{add_backward, write_control};
+use crate::replay::{ReplayWindow, SetupCheck, SetupFilter};
+use crate::setup::{forward_setup, open_setup, setup_ephemeral, Next, SetupError};
+
+/// Onion keys held at once (current, next, previous).
+pub const MAX_ONION_KEYS: usize = 3;
+
+#[derive(Clone)]
+struct OnionEntry {
+    secret: OnionSecret,
+    public: OnionPublic,
+    seen: Arc<Mutex<SetupFilter>>,
+}
+
+/// The onion keys of a relay process, newest first, each with the seen-filter of the
+/// setups made to it. Clones share the filters: give every worker a clone of one
+/// keyring.
+#[derive(Clone)]
+pub struct OnionKeyring {
+    entries: Vec<OnionEntry>,
+    /// Keys dropped by [`OnionKeyring::update`], with the second they were dropped
+    /// (the most recent [`RETIRED_REMEMBERED`]).
+    retired: Vec<(OnionPublic, u64)>,
+    /// Setups stamped at or before this second may have been seen by an earlier
+    /// process with the same keys.
+    started_s: Option<u64>,
+    skew_s: u64,
+    filter_capacity: usize,
+}
+
+/// Retired keys whose drop time a keyring remembers.
+const RETIRED_REMEMBERED: usize = 16;
+
+impl core::fmt::Debug for OnionKeyring {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("OnionKeyring")
+            .field("keys", &self.publics())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OnionKeyring {
+    /// An empty keyring whose filters accept setups stamped within `skew_s` seconds of
+    /// the relay's clock and remember `filter_capacity` setups per generation.
+    pub fn new(skew_s: u64, filter_capacity: usize) -> Self {
+        OnionKeyring {
+            entries: Vec::new(),
+            retired: Vec::new(),
+            started_s: None,
+            skew_s,
+            filter_capacity,
+        }
+    }
+
+    /// Marks the keyring as that of a process started at `start_ms`: every filter
+    /// refuses setups stamped at or before that second, which an earlier process with
+    /// the same keys may have accepted. The process must not accept setups before the
+    /// next second begins (the daemon waits for it before it reports ready).
+    pub fn started_at(mut self, start_ms: u64) -> Self {
+        let s = start_ms / 1000;
+        self.started_s = Some(s);
+        for e in &self.entries {
+            lock(&e.seen).refuse_up_to(s);
+        }
+        self
+    }
+
+    /// Replaces the keys (newest first; at most [`MAX_ONION_KEYS`] are kept). A key that
+    /// stays keeps its filter, so a rotation never reopens a replay window. A key new to
+    /// this keyring gets an empty filter; if the keyring held that key before, the
+    /// filter refuses setups stamped at or before the second it was dropped.
+    pub fn update(&mut self, keys: Vec<OnionSecret>, now_ms: u64) {
+        let now_s = now_ms / 1000;
+        let mut old = std::mem::take(&mut self.entries);
+        for secret in keys.into_iter().take(MAX_ONION_KEYS) {
+            let public = secret.public();
+            let seen = match old.iter().position(|e| e.public == public) {
+                Some(i) => old.swap_remove(i).seen,
+                None => {
+                    let mut f = SetupFilter::new(self.skew_s, self.filter_capacity, now_s);
+                    if let Some(s) = self.started_s {
+                        f.refuse_up_to(s);
+                    }
+                    if let Some(&(_, dropped)) = self.retired.iter().find(|r| r.0 == public) {
+                        f.refuse_up_to(dropped);
+                    }
+                    Arc::new(Mutex::new(f))
+                }
+            };
+            self.entries.push(OnionEntry {
+                secret,
+                public,
+                seen,
+            });
+        }
+        for e in old {
+            self.retired.retain(|r| r.0 != e.public);
+            if self.retired.len() >= RETIRED_REMEMBERED {
+                self.retired.remove(0);
+            }
+            self.retired.push((e.public, now_s));
+        }
+    }
+
+    /// The public keys, newest first.
+    pub fn publics(&self) -> Vec<OnionPublic> {
+        self.entries.iter().map(|e| e.public).collect()
+    }
+
+    /// Checks and records a setup to key `k` with ephemeral `e` stamped `ts`.
+    fn check(&self, k: usize, e: &[u8; 32], ts: u64, now_s: u64) -> SetupCheck {
+        lock(&self.entries[k].seen).check_and_insert(e, ts, now_s)
+    }
+}
+
+fn lock(f: &Mutex<SetupFilter>) -> std::sync::MutexGuard<'_, SetupFilter> {
+    // A poisoned lock means a worker panicked during one insert; the set is still
+    // consistent, so keep using it rather than stop accepting setups.
+    f.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<A: Aead> Relay<A> {
+    /// Replaces this worker's onion keys with (a clone of) a process-wide keyring.
+    pub fn set_keyring(&mut self, keyring: OnionKeyring) {
+        self.onion = keyring;
+    }
+
+    /// Replaces the onion keys (newest first, at most 3), keeping the filters of keys
+    /// that stay (see [`OnionKeyring::update`]); circuits are untouched.
+    pub fn set_onion_keys(&mut self, keys: Vec<OnionSecret>, now_ms: u64) {
+        self.onion.update(keys, now_ms);
+    }
+
+    /// The onion public keys in use, newest first.
+    pub fn onion_publics(&self) -> Vec<OnionPublic> {
+        self.onion.publics()
+    }
+
+    /// Handles a setup cell from `src`, arriving on `link` if the address is known.
+    pub(super) fn setup(
+        &mut self,
+        src: SocketAddr,
+        link: Option<u32>,
+        cell: &mut [u8],
+        now_ms: u64,
+    ) -> Action {
+        let layout = self.layout;
+        if !self.accepting {
+            return self.drop(DropReason::Capacity);
+        }
+        if self.setup_budget == 0 || !self.limiter.allow(src.ip(), now_ms) {
+            return self.drop(DropReason::RateLimited);
+        }
+        self.setup_budget -= 1;
+        let mut opened = None;
+        let mut bad_point = false;
+        for (k, entry) in self.onion.entries.iter().enumerate() {
+            match open_setup::<A>(&layout, &entry.secret, entry.public.as_bytes(), cell) {
+                Ok(x) => {
+                    opened = Some((k, x));
+                    break;
+                }
+                Err(SetupError::BadPoint) => bad_point = true,
+                Err(SetupError::Malformed) => return self.drop(DropReason::Malformed),
+                Err(SetupError::BadTag) => {}
+            }
+        }
+        let Some((k, (secrets, routing))) = opened else {
+            return self.drop(if bad_point {
+                DropReason::Malformed
+            } else {
+                DropReason::BadTag
+            });
+        };
+        let e = setup_ephemeral(&layout, cell);
+        match self.onion.check(k, &e, routing.timestamp, now_ms / 1000) {
+            SetupCheck::Fresh => {}
+            SetupCheck::Replay => return self.drop(DropReason::Replay),
+            SetupCheck::Expired => return self.drop(DropReason::Expired),
+            SetupCheck::Full => return self.drop(DropReason::RateLimited),
+        }
+        // The incoming link: known, or a client introducing itself with a link seed.
+        let in_link = match link {
+            Some(l) => l,
+            None => {
+                if routing.link_seed == [0; 16] {
+                    return self.drop(DropReason::NotAPeer);
+                }
+                let (up, down) = client_link_keys(&routing.link_seed, &self.me);
+                let new = Link {
+                    addr: src,
+                    kind: LinkKind::Client,
+                    tx: down,
+                    rx: up,
+                    seed: routing.link_seed,
+                    circuits: 0,
+                    last_active: now_ms,
+                };
+                match self.links.insert(new) {
+                    Some(l) => l,
+                    None => return self.drop(DropReason::Capacity),
+                }
+            }
+        };
+        if let Some(l) = self.links.get_mut(in_link) {
+            if l.kind == LinkKind::Client
+                && l.circuits == 0
+                && routing.link_seed != [0; 16]
+                && routing.link_seed != l.seed
+            {
+                // The client restarted with a new seed and holds no circuit here: adopt it.
+                let (up, down) = client_link_keys(&routing.link_seed, &self.me);
+                l.tx = down;
+                l.rx = up;
+                l.seed = routing.link_seed;
+            }
+        }
+        if self.circuits.id_in_use(in_link, routing.in_id) {
+            return self.drop(DropReason::Malformed);
+        }
+        let fwd = secrets.forward::<A>();
+        let bwd = secrets.backward::<A>();
+        let refuse = |relay: &mut Self, cell: &mut [u8], reason: DropReason| -> Action {
+            relay.stats.drops[reason as usize] += 1;
+            write_control(&layout, cell, &[reason as u8]);
+            cell[layout.stack_start()..layout.stack_end()].fill(0);
+            add_backward(&layout, &bwd, Command::Refused, 0, cell);
+            if let Some(l) = relay.links.get(in_link) {
+                l.tx.protect(
+                    cell,
+                    &Header {
+                        circuit: routing.in_id,
+                        counter: 0,
+                        command: Command::Refused,
+                    },
+                );
+            }
+            Action::Refuse { to: src, reason }
+        };
+        let next = match routing.next {
+            Next::Relay { id, port, out_id } => {
+                let Some(&p) = self.peer_by_id.get(&id) else {
+                    return refuse(self, cell, DropReason::NotAPeer);
+                };
+                let peer = &self.peers[p];
+                if port < peer.ports.0 || port > peer.ports.1 {
+                    return refuse(self, cell, DropReason::NotAPeer);
+                }
+                let to = SocketAddr::new(peer.addr, port);
+                let Some(out_link) = self.peer_link(to, now_ms) else {
+                    return refuse(self, cell, DropReason::Capacity);
+                };
+                if self.circuits.id_in_use(out_link, out_id) {
+                    return refuse(self, cell, DropReason::Malformed);
+                }
+                Hop::Relay {
+                    link: out_link,
+                    id: out_id,
+                }
+            }
+            Next::Exit { dest } => {
+                if !self.policy.allows(&dest) {
+                    return refuse(self, cell, DropReason::Policy);
+                }
+                Hop::Exit { dest }
+            }
+        };
+        if self.circuits.is_full() {
+            return refuse(self, cell, DropReason::Capacity);
+        }
+        let Some(circuit) = self.circuits.insert(Circuit {
+            prev_link: in_link,
+            prev_id: routing.in_id,
+            next,
+            fwd,
+            bwd,
+            win_fwd: ReplayWindow::new(),
+            win_bwd: ReplayWindow::new(),
+            exit_counter: 1,
+            last_active: now_ms,
+        }) else {
+            unreachable!("the table had a free slot a moment ago");
+        };
+        if let Some(l) = self.links.get_mut(in_link) {
+            l.circuits += 1;
+        }
+        self.stats.setups += 1;
+        match next {
+            Hop::Relay { link: out_link, id } => {
+                let l = self
+                    .links
+                    .get_mut(out_link)
+                    .unwrap_or_else(|| unreachable!("peer_link returned a live link"));
+                l.circuits += 1;
+                forward_setup(&layout, &secrets, &routing, cell);
+                l.tx.protect(
+                    cell,
+                    &Header {
+                        circuit: id,
+                        counter: 0,
+                        command: Command::Setup,
+                    },
+                );
+                Action::Send {
+                    to: l.addr,
+                    event: None,
+                }
+            }
+            Hop::Exit { dest } => {
+                let bwd = &self
+                    .circuits
+                    .get_ref_mut(circuit)
+                    .unwrap_or_else(|| unreachable!("just inserted"))
+                    .bwd;
+                write_control(&layout, cell, &[]);
+                cell[layout.stack_start()..layout.stack_end()].fill(0);
+                add_backward(&layout, bwd, Command::Created, 0, cell);
+                if let Some(l) = self.links.get(in_link) {
+                    l.tx.protect(
+                        cell,
+                        &Header {
+                            circuit: routing.in_id,
+                            counter: 0,
+                            command: Command::Created,
+                        },
+                    );
+                }
+                Action::Send {
+                    to: src,
+                    event: Some(Event::ExitOpened { circuit, dest }),
+                }
+            }
+        }
+    }
+}
