@@ -370,11 +370,29 @@ socket = "admin.sock"
             .unwrap_or_else(|| panic!("relay {i} admin socket did not answer {req}"))
     }
 
-    /// Sum of drop counter `reason` over relay `i`'s workers.
+    /// Sum of drop counter `reason` over relay `i`'s workers. Panics if the relay
+    /// reports no such counter (a renamed counter must fail the test, not read 0).
     pub fn drops(&self, i: usize, reason: &str) -> u64 {
-        self.admin(i, serde_json::json!({"cmd": "status"}))["result"]["drops"][reason]
+        let s = self.admin(i, serde_json::json!({"cmd": "status"}));
+        s["result"]["drops"][reason]
             .as_u64()
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("relay {i} reports no drop counter {reason:?}: {s}"))
+    }
+
+    /// Live circuits at relay `i`, over all its workers.
+    pub fn circuits(&self, i: usize) -> u64 {
+        let s = self.admin(i, serde_json::json!({"cmd": "status"}));
+        s["result"]["circuits"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("relay {i} reports no circuit count: {s}"))
+    }
+
+    /// Kills relay `i` (SIGKILL) and starts it again with the same files; returns when
+    /// it answers on its admin socket.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+        self.wait_ready(i);
     }
 
     /// A client bound to `127.0.<net>.200:0`.

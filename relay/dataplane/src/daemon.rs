@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use shroud_proto::aead::{Aead, RingAead, RustCryptoAead};
 use shroud_proto::keys::{IdentityKey, IdentityPublic, OnionPublic, OnionSecret};
 use shroud_proto::peerlist::{PeerList, TrustPolicy};
-use shroud_proto::relay::{Peer, Relay};
+use shroud_proto::relay::{OnionKeyring, Peer, Relay};
 use shroud_proto::Layout;
 
 use crate::config::Config;
@@ -212,24 +212,50 @@ fn bind(addr: SocketAddr, buf: usize) -> anyhow::Result<UdpSocket> {
     Ok(s)
 }
 
+/// The keyring of a process started at `start_ms`, holding `keys`: every worker gets a
+/// clone, so they share each key's setup seen-filter, and setups stamped at or before
+/// the start second are refused (an earlier process may have seen them).
+fn process_keyring(cfg: &Config, keys: &[OnionKey], start_ms: u64) -> OnionKeyring {
+    let limits = cfg.relay_limits();
+    let mut k =
+        OnionKeyring::new(limits.setup_skew_s, limits.setup_filter_capacity).started_at(start_ms);
+    k.update(secrets(keys), start_ms);
+    k
+}
+
+/// Sleeps until the wall clock has left the second of `start_ms`, so that no setup
+/// stamped in that second is ever accepted by this process (see [`process_keyring`]).
+fn wait_for_next_second(start_ms: u64) {
+    loop {
+        let now = sys::now_ms();
+        if now / 1000 > start_ms / 1000 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1000 - now % 1000));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn spawn_with<A: Aead>(
     cfg: &Config,
     loaded: &Loaded,
+    keyring: &OnionKeyring,
     layout: Layout,
     now_ms: u64,
     spec: WorkerSpec,
     rx: Receiver<Control>,
     stats: Arc<WorkerStats>,
 ) -> std::io::Result<JoinHandle<std::io::Result<Exit>>> {
-    let relay = Relay::<A>::new(
+    let mut relay = Relay::<A>::new(
         layout,
         loaded.identity.clone(),
-        secrets(&loaded.onion),
+        Vec::new(),
         peers_of(&loaded.peers),
         cfg.exit_policy(),
         cfg.relay_limits(),
         now_ms,
     );
+    relay.set_keyring(keyring.clone());
     worker::spawn(spec, relay, rx, stats)
 }
 
@@ -245,6 +271,8 @@ struct WorkerHandle {
 pub struct Daemon {
     cfg: Config,
     loaded: Loaded,
+    /// The onion keys as every worker holds them (shared seen-filters).
+    keyring: OnionKeyring,
     layout: Layout,
     workers: Vec<WorkerHandle>,
     started: Instant,
@@ -300,6 +328,8 @@ impl Daemon {
             }
         }
         let now_ms = sys::now_ms();
+        let keyring = process_keyring(&cfg, &loaded.onion, now_ms);
+        wait_for_next_second(now_ms);
         let mut workers = Vec::new();
         for i in 0..cfg.network.workers {
             let port = cfg.network.base_port + i as u16;
@@ -322,14 +352,14 @@ impl Daemon {
             let st = stats.clone();
             let handle = match cfg.io.crypto {
                 CryptoChoice::Ring => {
-                    spawn_with::<RingAead>(&cfg, &loaded, layout, now_ms, spec, rx, st)
+                    spawn_with::<RingAead>(&cfg, &loaded, &keyring, layout, now_ms, spec, rx, st)
                 }
-                CryptoChoice::Rustcrypto => {
-                    spawn_with::<RustCryptoAead>(&cfg, &loaded, layout, now_ms, spec, rx, st)
-                }
+                CryptoChoice::Rustcrypto => spawn_with::<RustCryptoAead>(
+                    &cfg, &loaded, &keyring, layout, now_ms, spec, rx, st,
+                ),
                 #[cfg(feature = "bench-no-crypto")]
                 CryptoChoice::None => spawn_with::<shroud_proto::aead::NullAead>(
-                    &cfg, &loaded, layout, now_ms, spec, rx, st,
+                    &cfg, &loaded, &keyring, layout, now_ms, spec, rx, st,
                 ),
             }
             .map_err(|e| StartError::Runtime(e.into()))?;
@@ -350,6 +380,7 @@ impl Daemon {
         let d = Daemon {
             cfg,
             loaded,
+            keyring,
             layout,
             workers,
             started: Instant::now(),
@@ -438,9 +469,10 @@ impl Daemon {
         }
         let onion = load_onion_keys(&self.cfg)?;
         let peers = peers_of(&list);
-        let keys = secrets(&onion);
+        self.keyring.update(secrets(&onion), sys::now_ms());
+        let keyring = self.keyring.clone();
         self.broadcast(|| Control::SetPeers(peers.clone()));
-        self.broadcast(|| Control::SetOnionKeys(keys.clone()));
+        self.broadcast(|| Control::SetOnionKeys(keyring.clone()));
         self.loaded.peers = list;
         self.loaded.onion = onion;
         self.publish_info();
@@ -457,8 +489,9 @@ impl Daemon {
     fn rotate(&mut self) -> anyhow::Result<Value> {
         self.reread_config()?;
         let onion = load_onion_keys(&self.cfg)?;
-        let keys = secrets(&onion);
-        self.broadcast(|| Control::SetOnionKeys(keys.clone()));
+        self.keyring.update(secrets(&onion), sys::now_ms());
+        let keyring = self.keyring.clone();
+        self.broadcast(|| Control::SetOnionKeys(keyring.clone()));
         self.loaded.onion = onion;
         self.publish_info();
         tracing::info!(

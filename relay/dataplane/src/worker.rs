@@ -9,8 +9,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::Receiver;
 use shroud_proto::aead::Aead;
-use shroud_proto::keys::OnionSecret;
-use shroud_proto::relay::{Peer, Relay};
+use shroud_proto::relay::{OnionKeyring, Peer, Relay};
 use shroud_proto::Layout;
 
 use crate::engine::Engine;
@@ -21,8 +20,9 @@ use crate::stats::{DriverKind, WorkerStats};
 pub enum Control {
     /// A new verified peer list: links and circuits of relays that stay are kept.
     SetPeers(Vec<Peer>),
-    /// New onion keys (newest first): circuits are untouched.
-    SetOnionKeys(Vec<OnionSecret>),
+    /// New onion keys (newest first), as the process-wide keyring whose seen-filters
+    /// every worker shares: circuits are untouched.
+    SetOnionKeys(OnionKeyring),
     /// Refuse new circuits; exit when the last circuit is gone or at the deadline
     /// (unix ms).
     Drain {
@@ -135,7 +135,7 @@ impl<A: Aead> Shared<'_, A> {
         loop {
             match self.ctl.try_recv() {
                 Ok(Control::SetPeers(p)) => self.engine.relay.set_peers(p),
-                Ok(Control::SetOnionKeys(k)) => self.engine.relay.set_onion_keys(k, now_ms),
+                Ok(Control::SetOnionKeys(k)) => self.engine.relay.set_keyring(k),
                 Ok(Control::Drain { deadline_ms }) => {
                     self.engine.relay.set_accepting(false);
                     self.drain_deadline = Some(deadline_ms);
