@@ -294,7 +294,7 @@ impl SinkRelay {
             v.identity.clone(),
             vec![v.onion.clone()],
             peers,
-            ExitPolicy::parse(&["accept *:*"]).unwrap_or_default(),
+            ExitPolicy::parse(&["accept 127.0.0.0/8:*"]).unwrap_or_default(),
             RelayLimits {
                 max_circuits: 4096,
                 max_links: 1024,
