@@ -183,3 +183,57 @@ fn setup_and_data_replayed_to_every_port_and_after_a_restart_deliver_nothing_twi
         "replayed setups refused as expired: {expired}"
     );
 }
+
+/// Issue "Protocol v2" finding 5: with `reject 127.0.0.0/8:*` then `accept *:*`, no
+/// spelling of a loopback or unspecified address reaches a loopback service through
+/// the exit; each setup is REFUSED with `policy` and the services see nothing. A rule
+/// that names the loopback network explicitly lets it through, sent to the canonical
+/// address.
+#[test]
+fn exit_policy_holds_for_every_spelling_of_a_local_destination() {
+    let mut opts = NetOpts::new(61, 1);
+    opts.exit_policy = vec!["reject 127.0.0.0/8:*".into(), "accept *:*".into()];
+    let net = TestNet::start(opts);
+    let (v4, echo4) = udp_echo_server("0.0.0.0:0".parse().unwrap()).unwrap();
+    let p = v4.port();
+    let echo6 = udp_echo_server(format!("[::1]:{p}").parse().unwrap()).ok();
+    let mut c = net.client();
+    let forms = [
+        format!("127.0.0.1:{p}"),
+        format!("0.0.0.0:{p}"),
+        format!("[::]:{p}"),
+        format!("[::1]:{p}"),
+        format!("[::ffff:127.0.0.1]:{p}"),
+        format!("[::ffff:0.0.0.0]:{p}"),
+        format!("[::ffff:127.0.61.1]:{p}"),
+        format!("127.0.61.1:{p}"),
+    ];
+    for f in &forms {
+        let dest: SocketAddr = f.parse().unwrap();
+        match c.build_circuit(&net.path(&[0]), dest, T) {
+            Err(shroud_client::ClientError::Refused { reason_name, .. }) => {
+                assert_eq!(reason_name, "policy", "{f}")
+            }
+            other => panic!("{f}: expected a policy refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(net.drops(0, "policy"), forms.len() as u64);
+    assert_eq!(echo4.datagrams(), 0, "a loopback service was reached");
+    if let Some((_, e6)) = &echo6 {
+        assert_eq!(e6.datagrams(), 0, "the IPv6 loopback service was reached");
+    }
+
+    // The same relay with loopback named explicitly: the mapped form is delivered to
+    // the IPv4 address.
+    drop(net);
+    let mut opts = NetOpts::new(62, 1);
+    opts.exit_policy = vec!["accept 127.0.0.0/8:*".into()];
+    let net = TestNet::start(opts);
+    let mut c = net.client();
+    let dest: SocketAddr = format!("[::ffff:127.0.0.1]:{p}").parse().unwrap();
+    let id = c
+        .build_circuit(&net.path(&[0]), dest, T)
+        .expect("explicitly allowed");
+    round_trips(&mut c, id, 2);
+    assert_eq!(echo4.datagrams(), 2);
+}

@@ -279,9 +279,11 @@ impl<A: Aead> Relay<A> {
                 }
             }
             Next::Exit { dest } => {
-                if !self.policy.allows(&dest) {
+                // The exit sends to the canonical form the policy judged (IPv4-mapped
+                // IPv6 becomes IPv4), never to the form the client wrote.
+                let Some(dest) = self.policy.permit(dest) else {
                     return refuse(self, cell, DropReason::Policy);
-                }
+                };
                 Hop::Exit { dest }
             }
         };
