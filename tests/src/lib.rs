@@ -282,6 +282,7 @@ impl TestNet {
         let text = format!(
             r#"[relay]
 identity_key = "identity.key"
+setup_journal = "setup.journal"
 {onion_line}
 peer_list = {list:?}
 authorities = [{auth:?}]

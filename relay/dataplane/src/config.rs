@@ -100,10 +100,19 @@ pub struct RelaySection {
     /// Exit policy rules, first match wins; empty = not an exit.
     #[serde(default)]
     pub exit_policy: Vec<String>,
+    /// The setup journal: every accepted setup is recorded here before it is acted on
+    /// and reloaded at start, so no setup is accepted twice across restarts (also
+    /// `PATH.old`). Must be on a filesystem that survives the relay's restarts.
+    #[serde(default = "default_setup_journal")]
+    pub setup_journal: PathBuf,
 }
 
 fn one() -> usize {
     1
+}
+
+fn default_setup_journal() -> PathBuf {
+    PathBuf::from("/var/lib/shroud/setup-journal")
 }
 
 /// `[network]`: where to listen.
@@ -310,6 +319,7 @@ impl Config {
         if let Some(p) = c.relay.peer_list_state.as_mut() {
             abs(p);
         }
+        abs(&mut c.relay.setup_journal);
         abs(&mut c.admin.socket);
         c.validate()?;
         Ok(c)

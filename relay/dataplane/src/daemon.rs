@@ -24,6 +24,8 @@ use shroud_proto::aead::{Aead, RingAead, RustCryptoAead};
 use shroud_proto::keys::{IdentityKey, IdentityPublic, OnionPublic, OnionSecret};
 use shroud_proto::peerlist::{PeerList, TrustPolicy};
 use shroud_proto::relay::{OnionKeyring, Peer, Relay};
+
+use crate::journal::FileJournal;
 use shroud_proto::Layout;
 
 use crate::config::Config;
@@ -215,12 +217,21 @@ fn bind(addr: SocketAddr, buf: usize) -> anyhow::Result<UdpSocket> {
 /// The keyring of a process started at `start_ms`, holding `keys`: every worker gets a
 /// clone, so they share each key's setup seen-filter, and setups stamped at or before
 /// the start second are refused (an earlier process may have seen them).
-fn process_keyring(cfg: &Config, keys: &[OnionKey], start_ms: u64) -> OnionKeyring {
+///
+/// The keyring records every accepted setup in the setup journal, and starts with the
+/// setups the journal holds from earlier processes.
+fn process_keyring(cfg: &Config, keys: &[OnionKey], start_ms: u64) -> anyhow::Result<OnionKeyring> {
     let limits = cfg.relay_limits();
     let mut k =
         OnionKeyring::new(limits.setup_skew_s, limits.setup_filter_capacity).started_at(start_ms);
     k.update(secrets(keys), start_ms);
-    k
+    let (journal, remembered) =
+        FileJournal::open(&cfg.relay.setup_journal, limits.setup_skew_s, &k, start_ms)?;
+    tracing::info!(
+        path = %cfg.relay.setup_journal.display(), remembered,
+        "setup journal loaded"
+    );
+    Ok(k.with_journal(Arc::new(journal)))
 }
 
 /// Sleeps until the wall clock has left the second of `start_ms`, so that no setup
@@ -328,7 +339,7 @@ impl Daemon {
             }
         }
         let now_ms = sys::now_ms();
-        let keyring = process_keyring(&cfg, &loaded.onion, now_ms);
+        let keyring = process_keyring(&cfg, &loaded.onion, now_ms).map_err(StartError::Config)?;
         wait_for_next_second(now_ms);
         let mut workers = Vec::new();
         for i in 0..cfg.network.workers {

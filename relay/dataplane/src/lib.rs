@@ -15,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod exits;
+pub mod journal;
 pub mod metrics;
 pub mod mmsg;
 pub mod stats;

@@ -59,7 +59,7 @@ pub struct WorkerStats {
     /// Live circuits (gauge).
     pub circuits: AtomicU64,
     /// Drops by reason (`DropReason as usize`).
-    pub drops: [AtomicU64; 10],
+    pub drops: [AtomicU64; DropReason::ALL.len()],
     /// Send operations that failed in the kernel.
     pub send_errors: AtomicU64,
     /// Batches processed.

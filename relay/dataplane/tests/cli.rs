@@ -48,7 +48,7 @@ fn config(s: &Setup, extra: &str) -> std::path::PathBuf {
     std::fs::write(
         &p,
         format!(
-            "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\npeer_list = \"peers.list\"\nauthorities = [\"{}\"]\n{extra}",
+            "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\npeer_list = \"peers.list\"\nsetup_journal = \"setup.journal\"\nauthorities = [\"{}\"]\n{extra}",
             s.authority.public().to_base64()
         ),
     )

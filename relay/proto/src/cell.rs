@@ -15,7 +15,11 @@
 //! The 16-byte header is *protected*: XORed with `AES-256(link key, sample)` where the
 //! sample is bytes `16..32` of the same cell (a GCM tag or an Elligator2 string, both
 //! pseudo-random). Unprotected, it reads `circuit id (u64) | counter (u48) | command
-//! (u8) | zero (u8)`, all big endian.
+//! (u8) | zero (u8)`, all big endian. The circuit id is per link and the counter per
+//! hop (each hop adds its own secret shift, [`counter_add`]): no header value is the
+//! same on two links of one circuit. The command says only what relays must know
+//! (a data-shaped cell, setup, teardown, setup replies); whether a data-shaped cell
+//! carries payload or cover is inside the layers, for the ends alone.
 //!
 //! Invariants a caller may rely on: [`Layout::new`] only accepts parameters for which
 //! every region above is non-empty, 16-byte aligned and inside the cell; every accessor
@@ -41,19 +45,33 @@ pub const H_MAX_LIMIT: usize = 8;
 /// Largest counter value (48 bits).
 pub const COUNTER_MAX: u64 = (1 << 48) - 1;
 
+/// `a + b` in the 48-bit counter space (counters wrap; comparisons are serial, see
+/// [`crate::replay::ReplayWindow`]).
+pub const fn counter_add(a: u64, b: u64) -> u64 {
+    a.wrapping_add(b) & COUNTER_MAX
+}
+
+/// `a - b` in the 48-bit counter space.
+pub const fn counter_sub(a: u64, b: u64) -> u64 {
+    a.wrapping_sub(b) & COUNTER_MAX
+}
+
+/// The protocol version this crate speaks, carried in every setup routing slot.
+pub const PROTOCOL_VERSION: u8 = 2;
+
 /// What a cell is for. Carried only inside the protected header (and in the AEAD
 /// associated data, so it cannot be changed in flight).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Command {
-    /// Application payload (both directions).
+    /// A data-shaped end-to-end cell, both directions: application payload or cover
+    /// (the body's type byte, visible only to the ends, tells which).
     Data = 1,
     /// Circuit setup (forward only).
     Setup = 2,
     /// Tear the circuit down (both directions).
     Destroy = 3,
-    /// Cover traffic: processed like data, discarded at the exit or the client.
-    Padding = 4,
+    // 4 was PADDING in protocol version 1; cover is now a body type inside the layers.
     /// Setup reply from the exit (backward only).
     Created = 5,
     /// A hop refused or failed the circuit (backward only).
@@ -67,7 +85,6 @@ impl Command {
             1 => Command::Data,
             2 => Command::Setup,
             3 => Command::Destroy,
-            4 => Command::Padding,
             5 => Command::Created,
             6 => Command::Refused,
             _ => return None,
@@ -243,9 +260,10 @@ impl Layout {
     pub const fn body_len(&self) -> usize {
         self.cell - self.stack_end()
     }
-    /// Most application bytes one data cell carries (body minus the 2-byte length).
+    /// Most application bytes one data cell carries (body minus the 1-byte type and
+    /// the 2-byte length).
     pub const fn payload_max(&self) -> usize {
-        self.body_len() - 2
+        self.body_len() - 3
     }
     /// Offset of the ephemeral key in a setup cell.
     pub const fn setup_e(&self) -> usize {

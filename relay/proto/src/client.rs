@@ -16,10 +16,13 @@ use rand_core::{CryptoRng, RngCore};
 use std::net::SocketAddr;
 
 use crate::aead::Aead;
-use crate::cell::{Command, Header, HeaderError, HeaderKey, Layout, COUNTER_MAX, H_MAX_LIMIT};
+use crate::cell::{
+    counter_add, Command, Header, HeaderError, HeaderKey, Layout, COUNTER_MAX, H_MAX_LIMIT,
+};
 use crate::keys::{OnionPublic, RelayId};
 use crate::layer::{
-    open_backward, read_payload, seal_forward, write_payload, LayerKeys, ORIGIN_MARKER_LEN,
+    open_backward, read_body, seal_forward, write_cover, write_payload, Body, LayerKeys,
+    ORIGIN_MARKER_LEN,
 };
 use crate::relay::client_link_keys;
 use crate::replay::{ReplayWindow, WindowCheck};
@@ -176,7 +179,11 @@ pub struct ClientCircuit<A: Aead> {
     first_hop: SocketAddr,
     fwd: Vec<LayerKeys<A>>,
     bwd: Vec<LayerKeys<A>>,
+    /// Random start of the counters the first hop sees (so it cannot tell the
+    /// circuit's age from them).
+    base: u64,
     send_counter: u64,
+    /// Replay window over the exit's backward sequence numbers.
     window: ReplayWindow,
     state: CircuitState,
 }
@@ -262,6 +269,7 @@ impl<A: Aead> ClientCircuit<A> {
             first_hop: link.relay,
             fwd: secrets.iter().map(|s| s.forward()).collect(),
             bwd: secrets.iter().map(|s| s.backward()).collect(),
+            base: rng.next_u64() & (COUNTER_MAX >> 1),
             send_counter: 0,
             window: ReplayWindow::new(),
             state: CircuitState::Building,
@@ -301,10 +309,10 @@ impl<A: Aead> ClientCircuit<A> {
         cell: &mut [u8],
         junk: &[[u8; 16]; H_MAX_LIMIT],
     ) -> Result<(), ClientError> {
-        if self.send_counter > COUNTER_MAX {
+        if self.send_counter > MAX_CELLS {
             return Err(ClientError::Exhausted);
         }
-        let counter = self.send_counter;
+        let counter = counter_add(self.base, self.send_counter);
         self.send_counter += 1;
         seal_forward(&self.layout, &self.fwd, command, counter, cell, junk);
         link.up.protect(
@@ -361,9 +369,9 @@ impl<A: Aead> ClientCircuit<A> {
         if self.state != CircuitState::Open {
             return Err(ClientError::NotOpen(self.state));
         }
-        rng.fill_bytes(&mut cell[self.layout.stack_end()..]);
+        write_cover(&self.layout, cell);
         let junk = random_junk(rng);
-        self.seal(link, Command::Padding, cell, &junk)
+        self.seal(link, Command::Data, cell, &junk)
     }
 
     /// Seals a DESTROY cell that tears the circuit down at every hop, and marks the
@@ -383,16 +391,26 @@ impl<A: Aead> ClientCircuit<A> {
     }
 
     /// Opens a cell received for this circuit (`hdr` from [`ClientLink::read_header`]).
+    ///
+    /// Cells originated by the exit carry its backward sequence number (recovered from
+    /// the first hop's counter and every hop's shift): a number already seen, or more
+    /// than [`MAX_BACKWARD_JUMP`] ahead of the highest seen, is rejected, so an exit
+    /// cannot signal to the first hop through large counter jumps.
     pub fn open(&mut self, hdr: &Header, cell: &mut [u8]) -> Result<Received, ClientError> {
         self.check_cell(cell)?;
-        if self.window.check(hdr.counter) == WindowCheck::Replay {
-            return Err(ClientError::Rejected("replayed cell"));
-        }
-        let n = open_backward(&self.layout, &self.bwd, hdr.command, hdr.counter, cell)
+        let opened = open_backward(&self.layout, &self.bwd, hdr.command, hdr.counter, cell)
             .map_err(|_| ClientError::Rejected("bad tag"))?;
-        self.window.commit(hdr.counter);
-        let hop = n - 1;
-        let se = self.layout.stack_end();
+        let hop = opened.layers - 1;
+        if hop + 1 == self.fwd.len() {
+            let seq = opened.sequence;
+            if self.window.check(seq) == WindowCheck::Replay {
+                return Err(ClientError::Rejected("replayed cell"));
+            }
+            if self.window.ahead(seq) > MAX_BACKWARD_JUMP {
+                return Err(ClientError::Rejected("backward counter jump"));
+            }
+            self.window.commit(seq);
+        }
         Ok(match hdr.command {
             Command::Created if hop + 1 == self.fwd.len() => {
                 if self.state == CircuitState::Building {
@@ -400,13 +418,13 @@ impl<A: Aead> ClientCircuit<A> {
                 }
                 Received::Created
             }
-            Command::Data => match read_payload(&self.layout, cell) {
-                Some(r) => Received::Data(r),
-                None => return Err(ClientError::Rejected("bad payload length")),
+            Command::Data => match read_body(&self.layout, cell) {
+                Some(Body::Data(r)) => Received::Data(r),
+                Some(Body::Cover) => Received::Padding,
+                None => return Err(ClientError::Rejected("bad body type or length")),
             },
-            Command::Padding => Received::Padding,
             Command::Refused => {
-                let reason = cell[se + ORIGIN_MARKER_LEN];
+                let reason = cell[self.layout.stack_end() + ORIGIN_MARKER_LEN];
                 self.state = CircuitState::Refused { hop, reason };
                 Received::Refused { hop, reason }
             }
@@ -418,6 +436,14 @@ impl<A: Aead> ClientCircuit<A> {
         })
     }
 }
+
+/// Cells a client sends on one circuit at most; then it must build a new one.
+pub const MAX_CELLS: u64 = 1 << 40;
+
+/// How far ahead of the highest backward sequence number seen the next one may be.
+/// Gaps come from loss; a larger jump is refused (and the bits an exit could signal
+/// per jump to a colluding first hop are bounded by its logarithm: 12).
+pub const MAX_BACKWARD_JUMP: u64 = 4096;
 
 fn random_junk<R: RngCore>(rng: &mut R) -> [[u8; 16]; H_MAX_LIMIT] {
     let mut flat = [0u8; 16 * H_MAX_LIMIT];

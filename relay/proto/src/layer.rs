@@ -5,8 +5,13 @@
 //! the tag of the hop that processes the cell next; the other slots hold the tags of
 //! later hops, encrypted, and pseudo-random filler.
 //!
-//! **Forward** (client to exit), at each hop, with the hop's forward keys `(kf, sf)`:
-//! 1. open the body with AES-256-GCM under `kf`, nonce `(command, counter)`, associated
+//! Counters are per hop: each hop adds its secret shift (from its key schedule) to the
+//! counter in the header it received and uses the sum, in both directions, as the
+//! counter of its layer and of the header it sends. The client knows every shift.
+//!
+//! **Forward** (client to exit), at each hop, with the hop's forward keys `(kf, sf)`
+//! and its counter `c`:
+//! 1. open the body with AES-256-GCM under `kf`, nonce `(command, c)`, associated
 //!    data = slots `1..H`, tag = slot 0 — so a change to any byte of the body or of the
 //!    stack is caught by this hop;
 //! 2. XOR slots `1..H` with `M[j] = AES-256(sf, counter || j)` and shift them down one
@@ -27,12 +32,14 @@ use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use aes::Aes256;
 
 use crate::aead::{Aead, BadTag, NONCE_LEN, TAG_LEN};
-use crate::cell::{Command, Layout, H_MAX_LIMIT, SLOT_LEN};
+use crate::cell::{counter_add, counter_sub, Command, Layout, H_MAX_LIMIT, SLOT_LEN};
 
-/// The keys of one hop in one direction: the AEAD key and the stack key.
+/// The keys of one hop in one direction: the AEAD key, the stack key and the counter
+/// shift.
 pub struct LayerKeys<A: Aead> {
     aead: A,
     stack: Aes256,
+    shift: u64,
 }
 
 impl<A: Aead> core::fmt::Debug for LayerKeys<A> {
@@ -42,12 +49,24 @@ impl<A: Aead> core::fmt::Debug for LayerKeys<A> {
 }
 
 impl<A: Aead> LayerKeys<A> {
-    /// Builds the key schedules from two 256-bit keys.
+    /// Builds the key schedules from two 256-bit keys, with a counter shift of 0.
     pub fn new(aead: &[u8; 32], stack: &[u8; 32]) -> Self {
         LayerKeys {
             aead: A::new(aead),
             stack: Aes256::new(stack.into()),
+            shift: 0,
         }
+    }
+
+    /// The same keys with counter shift `shift` (48 bits).
+    pub fn with_shift(mut self, shift: u64) -> Self {
+        self.shift = shift & crate::cell::COUNTER_MAX;
+        self
+    }
+
+    /// This hop's counter for a cell that arrived with header counter `counter`.
+    pub fn shifted(&self, counter: u64) -> u64 {
+        counter_add(counter, self.shift)
     }
 
     /// The AEAD key schedule.
@@ -93,7 +112,8 @@ fn tag_at(cell: &[u8], at: usize) -> [u8; TAG_LEN] {
 }
 
 /// Relay, forward direction: verify and strip this hop's layer from a data-shaped cell
-/// in place. `cell` must be exactly `layout.cell` bytes. On `Err` the cell is garbage.
+/// in place. `counter` is this hop's counter ([`LayerKeys::shifted`] of the header's).
+/// `cell` must be exactly `layout.cell` bytes. On `Err` the cell is garbage.
 pub fn strip_forward<A: Aead>(
     layout: &Layout,
     keys: &LayerKeys<A>,
@@ -136,7 +156,9 @@ pub fn strip_forward_batch<A: Aead>(
     }
 }
 
-/// Relay (and exit), backward direction: add this hop's layer in place.
+/// Relay (and exit), backward direction: add this hop's layer in place. `counter` is
+/// this hop's counter: [`LayerKeys::shifted`] of the counter received from the next
+/// hop, or, at the hop originating the cell, of its own sequence number.
 pub fn add_backward<A: Aead>(
     layout: &Layout,
     keys: &LayerKeys<A>,
@@ -162,8 +184,10 @@ pub fn add_backward<A: Aead>(
 }
 
 /// Client, forward direction: wrap the body (already holding its plaintext) in one
-/// layer per hop of `hops` (first hop first) and fill the tag stack. The header is not
-/// touched. `junk` supplies the random slots below the last real tag.
+/// layer per hop of `hops` (first hop first) and fill the tag stack. `counter` is the
+/// header counter the first hop receives; hop `i` uses it plus the shifts of hops
+/// `0..=i`. The header is not touched. `junk` supplies the random slots below the last
+/// real tag.
 pub fn seal_forward<A: Aead>(
     layout: &Layout,
     hops: &[LayerKeys<A>],
@@ -175,9 +199,15 @@ pub fn seal_forward<A: Aead>(
     let h = layout.h_max;
     let l = hops.len();
     debug_assert!(l >= 1 && l <= h);
+    let mut counters = [0u64; H_MAX_LIMIT];
+    let mut c = counter;
+    for (ci, k) in counters.iter_mut().zip(hops) {
+        c = k.shifted(c);
+        *ci = c;
+    }
     let mut masks = [[[0u8; 16]; H_MAX_LIMIT]; H_MAX_LIMIT];
-    for (m, k) in masks.iter_mut().zip(hops) {
-        *m = k.masks(counter, h);
+    for ((m, k), c) in masks.iter_mut().zip(hops).zip(counters) {
+        *m = k.masks(c, h);
     }
     // Simulate what each hop sees below the real tags: start with the client's random
     // junk, then apply each hop's unmask-and-shift and filler.
@@ -193,15 +223,16 @@ pub fn seal_forward<A: Aead>(
     }
     // `slots` is now the exit's view (slot 0 to be filled). Seal from the exit back.
     let se = layout.stack_end();
-    let nonce = cell_nonce(command, counter);
     let mut aad = [0u8; SLOT_LEN * H_MAX_LIMIT];
     for i in (0..l).rev() {
         for j in 1..h {
             aad[(j - 1) * SLOT_LEN..j * SLOT_LEN].copy_from_slice(&slots[j]);
         }
-        slots[0] = hops[i]
-            .aead
-            .seal(&nonce, &aad[..SLOT_LEN * (h - 1)], &mut cell[se..]);
+        slots[0] = hops[i].aead.seal(
+            &cell_nonce(command, counters[i]),
+            &aad[..SLOT_LEN * (h - 1)],
+            &mut cell[se..],
+        );
         if i > 0 {
             let mut prev = [[0u8; 16]; H_MAX_LIMIT];
             for j in 1..h {
@@ -250,23 +281,35 @@ pub fn peel_backward<A: Aead>(
     Ok(())
 }
 
+/// What [`open_backward`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// Layers removed; the originating hop is `layers - 1`.
+    pub layers: usize,
+    /// The originating hop's own sequence number for this cell (its counter minus its
+    /// shift): 0 for setup replies, then 1, 2, … for the cells it originates.
+    pub sequence: u64,
+}
+
 /// Client: peel the backward layers of `hops` in order until the body starts with the
-/// 16-byte zero origin marker (control cells) or, for data and padding, after all
-/// hops, then check the originator's zero stack. Returns the number of layers removed
-/// (the originating hop is `n - 1`).
+/// 16-byte zero origin marker (control cells) or, for data-shaped cells, after all
+/// hops, then check the originator's zero stack. `counter` is the header counter from
+/// the first hop; the layer of hop `i + 1` used that counter minus the shifts of hops
+/// `0..=i`.
 pub fn open_backward<A: Aead>(
     layout: &Layout,
     hops: &[LayerKeys<A>],
     command: Command,
     counter: u64,
     cell: &mut [u8],
-) -> Result<usize, BadTag> {
+) -> Result<Opened, BadTag> {
     let se = layout.stack_end();
+    let mut c = counter;
     for (i, k) in hops.iter().enumerate() {
-        peel_backward(layout, k, command, counter, cell)?;
+        peel_backward(layout, k, command, c, cell)?;
         let marked = cell[se..se + ORIGIN_MARKER_LEN].iter().all(|&b| b == 0);
         let last = match command {
-            Command::Data | Command::Padding => i + 1 == hops.len(),
+            Command::Data => i + 1 == hops.len(),
             _ => marked,
         };
         if last {
@@ -280,8 +323,12 @@ pub fn open_backward<A: Aead>(
             if cell[s0..clean_end].iter().any(|&b| b != 0) {
                 return Err(BadTag);
             }
-            return Ok(n);
+            return Ok(Opened {
+                layers: n,
+                sequence: counter_sub(c, k.shift),
+            });
         }
+        c = counter_sub(c, k.shift);
     }
     Err(BadTag)
 }
@@ -291,30 +338,58 @@ pub fn open_backward<A: Aead>(
 /// bytes with probability 2^-128).
 pub const ORIGIN_MARKER_LEN: usize = 16;
 
-/// Offset, inside a cell, of the first payload byte (after the body's 2-byte length).
+/// Body type of a data-shaped cell carrying application payload.
+pub const BODY_DATA: u8 = 1;
+/// Body type of a cover cell: the end that receives it discards it.
+pub const BODY_COVER: u8 = 2;
+
+/// Offset, inside a cell, of the first payload byte (after the body's 1-byte type and
+/// 2-byte length).
 pub fn payload_offset(layout: &Layout) -> usize {
-    layout.stack_end() + 2
+    layout.stack_end() + 3
 }
 
-/// Writes `payload` as the plaintext of a data body: `len (u16 BE) || payload || zeros`.
-/// Returns `false` (and writes nothing) if it does not fit.
+/// Writes `payload` as the plaintext of a data body: `type (1) || len (u16 BE) ||
+/// payload || zeros`. Returns `false` (and writes nothing) if it does not fit.
 pub fn write_payload(layout: &Layout, cell: &mut [u8], payload: &[u8]) -> bool {
     if payload.len() > layout.payload_max() {
         return false;
     }
     let se = layout.stack_end();
-    cell[se..se + 2].copy_from_slice(&(payload.len() as u16).to_be_bytes());
-    cell[se + 2..se + 2 + payload.len()].copy_from_slice(payload);
-    cell[se + 2 + payload.len()..].fill(0);
+    cell[se] = BODY_DATA;
+    cell[se + 1..se + 3].copy_from_slice(&(payload.len() as u16).to_be_bytes());
+    cell[se + 3..se + 3 + payload.len()].copy_from_slice(payload);
+    cell[se + 3 + payload.len()..].fill(0);
     true
 }
 
-/// Reads the payload range of a decrypted data body, or `None` if the length field is
-/// out of range.
-pub fn read_payload(layout: &Layout, cell: &[u8]) -> Option<core::ops::Range<usize>> {
+/// Writes the plaintext of a cover body: `type = BODY_COVER`, length 0, zeros.
+pub fn write_cover(layout: &Layout, cell: &mut [u8]) {
     let se = layout.stack_end();
-    let len = u16::from_be_bytes([cell[se], cell[se + 1]]) as usize;
-    (len <= layout.payload_max()).then(|| se + 2..se + 2 + len)
+    cell[se..].fill(0);
+    cell[se] = BODY_COVER;
+}
+
+/// What a decrypted data-shaped body holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// Application payload at this range of the cell.
+    Data(core::ops::Range<usize>),
+    /// Cover: discard.
+    Cover,
+}
+
+/// Reads a decrypted data-shaped body, or `None` if its type or length is invalid.
+pub fn read_body(layout: &Layout, cell: &[u8]) -> Option<Body> {
+    let se = layout.stack_end();
+    match cell[se] {
+        BODY_DATA => {
+            let len = u16::from_be_bytes([cell[se + 1], cell[se + 2]]) as usize;
+            (len <= layout.payload_max()).then(|| Body::Data(se + 3..se + 3 + len))
+        }
+        BODY_COVER => Some(Body::Cover),
+        _ => None,
+    }
 }
 
 /// Writes the plaintext of a backward control body: the origin marker, then `info`.

@@ -12,6 +12,8 @@
 
 use std::collections::HashSet;
 
+use crate::cell::{counter_add, counter_sub, COUNTER_MAX};
+
 /// Width of the data-cell replay window, in cells.
 pub const WINDOW: u64 = 1024;
 const WORDS: usize = (WINDOW / 64) as usize;
@@ -26,11 +28,20 @@ pub enum WindowCheck {
     Replay,
 }
 
-/// A sliding replay window over cell counters.
+/// Half the 48-bit counter space: a counter less than this far ahead (mod 2^48) of
+/// the highest seen is newer, anything else older (serial-number arithmetic, RFC 1982).
+const HALF: u64 = 1 << 47;
+
+/// A sliding replay window over 48-bit cell counters.
+///
+/// Counters start anywhere (every hop's are shifted by a secret) and wrap at 2^48;
+/// they are compared with serial-number arithmetic: `n` is newer than the highest
+/// counter seen, `top`, if `(n - top) mod 2^48` is in `1..2^47`. A counter is accepted
+/// once; one more than [`WINDOW`] - 1 behind `top` is refused as too old.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayWindow {
-    /// Highest counter committed, plus one (0 = nothing yet).
-    top: u64,
+    /// Highest counter committed (`None` before the first).
+    top: Option<u64>,
     bits: [u64; WORDS],
 }
 
@@ -40,12 +51,32 @@ impl ReplayWindow {
         Self::default()
     }
 
+    /// How far `n` is ahead of the highest counter committed (0 if it is not ahead,
+    /// or nothing was committed yet).
+    pub fn ahead(&self, n: u64) -> u64 {
+        match self.top {
+            Some(top) => {
+                let d = counter_sub(n, top);
+                if d < HALF {
+                    d
+                } else {
+                    0
+                }
+            }
+            None => 0,
+        }
+    }
+
     /// Checks `n` without changing state.
     pub fn check(&self, n: u64) -> WindowCheck {
-        if n >= self.top {
+        let Some(top) = self.top else {
+            return WindowCheck::Fresh;
+        };
+        let d = counter_sub(n, top);
+        if d != 0 && d < HALF {
             return WindowCheck::Fresh;
         }
-        if self.top - n > WINDOW {
+        if counter_sub(top, n) >= WINDOW {
             return WindowCheck::Replay;
         }
         let bit = n % WINDOW;
@@ -58,25 +89,34 @@ impl ReplayWindow {
 
     /// Records `n` as seen. Call only after `check(n) == Fresh` and a verified tag.
     pub fn commit(&mut self, n: u64) {
-        if n >= self.top {
-            // Clear the bits of counters that slide into the window fresh.
-            let advance = n + 1 - self.top;
-            if advance >= WINDOW {
+        let n = n & COUNTER_MAX;
+        match self.top {
+            None => {
                 self.bits = [0; WORDS];
-            } else {
-                for c in self.top..=n {
-                    let bit = c % WINDOW;
-                    self.bits[(bit / 64) as usize] &= !(1 << (bit % 64));
+                self.top = Some(n);
+            }
+            Some(top) => {
+                let advance = counter_sub(n, top);
+                if advance != 0 && advance < HALF {
+                    // Clear the bits of counters that slide into the window fresh.
+                    if advance >= WINDOW {
+                        self.bits = [0; WORDS];
+                    } else {
+                        for k in 1..=advance {
+                            let bit = counter_add(top, k) % WINDOW;
+                            self.bits[(bit / 64) as usize] &= !(1 << (bit % 64));
+                        }
+                    }
+                    self.top = Some(n);
                 }
             }
-            self.top = n + 1;
         }
         let bit = n % WINDOW;
         self.bits[(bit / 64) as usize] |= 1 << (bit % 64);
     }
 
-    /// Highest committed counter plus one.
-    pub fn top(&self) -> u64 {
+    /// Highest counter committed, if any.
+    pub fn top(&self) -> Option<u64> {
         self.top
     }
 }
@@ -127,6 +167,23 @@ impl SetupFilter {
         self.floor = Some(self.floor.map_or(ts, |f| f.max(ts)));
     }
 
+    /// The identity under which a setup with this ephemeral representative is
+    /// remembered: its first 16 bytes.
+    pub fn id_of(ephemeral: &[u8; 32]) -> [u8; 16] {
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&ephemeral[..16]);
+        key
+    }
+
+    /// Remembers a setup seen elsewhere (an earlier process's journal): later setups
+    /// with this id are replays. Ignored if `ts` is outside `now ± skew` (such a setup
+    /// is refused as expired anyway) or the generation is full.
+    pub fn remember(&mut self, id: [u8; 16], ts: u64, now: u64) {
+        if ts.abs_diff(now) <= self.skew && self.current.len() < self.capacity {
+            self.current.insert(id);
+        }
+    }
+
     /// Checks and records the setup identified by `ephemeral` created at `ts`.
     pub fn check_and_insert(&mut self, ephemeral: &[u8; 32], ts: u64, now: u64) -> SetupCheck {
         if ts.abs_diff(now) > self.skew || self.floor.is_some_and(|f| ts <= f) {
@@ -137,8 +194,7 @@ impl SetupFilter {
             self.current.clear();
             self.gen_start = now;
         }
-        let mut key = [0u8; 16];
-        key.copy_from_slice(&ephemeral[..16]);
+        let key = Self::id_of(ephemeral);
         if self.current.contains(&key) || self.previous.contains(&key) {
             return SetupCheck::Replay;
         }
@@ -176,10 +232,31 @@ mod tests {
         assert_eq!(w.check(1999), WindowCheck::Fresh);
         assert_eq!(w.check(977), WindowCheck::Fresh);
         assert_eq!(w.check(976), WindowCheck::Replay); // fell out of the window
+        assert_eq!(w.ahead(2500), 500);
+        assert_eq!(w.ahead(1500), 0);
         assert_eq!(w.check(1000), WindowCheck::Replay);
         w.commit(5000);
         assert_eq!(w.check(2000), WindowCheck::Replay);
         assert_eq!(w.check(4999), WindowCheck::Fresh);
+    }
+
+    #[test]
+    fn window_compares_serially_across_the_48_bit_wrap() {
+        let mut w = ReplayWindow::new();
+        let near_end = COUNTER_MAX - 2;
+        w.commit(near_end);
+        for n in [COUNTER_MAX - 1, COUNTER_MAX, 0, 1] {
+            assert_eq!(w.check(n), WindowCheck::Fresh, "{n}");
+            w.commit(n);
+        }
+        assert_eq!(w.top(), Some(1));
+        assert_eq!(w.check(near_end), WindowCheck::Replay);
+        assert_eq!(w.check(COUNTER_MAX), WindowCheck::Replay);
+        assert_eq!(w.check(2), WindowCheck::Fresh);
+        assert_eq!(w.ahead(5), 4);
+        // Half the space ahead or more counts as behind, hence too old.
+        assert_eq!(w.check(1 + HALF), WindowCheck::Replay);
+        assert_eq!(w.ahead(1 + HALF), 0);
     }
 
     #[test]

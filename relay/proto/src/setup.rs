@@ -19,7 +19,10 @@
 //! every byte. The client builds the cell from the exit backwards ([`build_setup`]).
 //!
 //! Key schedule (HKDF-SHA256, salt `"shroud-v1 setup"`, info `E_i || onion_pub_i`,
-//! 192 bytes): `k_setup | kf | sf | kb | sb | k_fill`, 32 bytes each.
+//! 208 bytes): `k_setup | kf | sf | kb | sb | k_fill`, 32 bytes each, then the forward
+//! and backward counter shifts (48 bits each, big endian) and 4 unused bytes. (The salt
+//! keeps its version-1 label: the first 192 bytes are those of version 1, so a relay
+//! can open a version-1 setup and refuse it by its version byte.)
 
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
 use curve25519_elligator2::{MapToPointVariant, MontgomeryPoint, Randomized};
@@ -30,7 +33,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::aead::{Aead, BadTag, NONCE_LEN};
-use crate::cell::{Layout, ROUTING_SLOT_LEN};
+use crate::cell::{Layout, PROTOCOL_VERSION, ROUTING_SLOT_LEN};
 use crate::keys::{OnionSecret, RelayId};
 use crate::layer::LayerKeys;
 
@@ -49,6 +52,10 @@ pub struct HopSecrets {
     pub sb: [u8; 32],
     /// Setup filler key.
     pub k_fill: [u8; 32],
+    /// Forward counter shift (48 bits).
+    pub shift_f: u64,
+    /// Backward counter shift (48 bits).
+    pub shift_b: u64,
 }
 
 impl core::fmt::Debug for HopSecrets {
@@ -65,9 +72,15 @@ impl HopSecrets {
         let mut info = [0u8; 64];
         info[..32].copy_from_slice(representative);
         info[32..].copy_from_slice(onion_pub);
-        let mut okm = [0u8; 192];
+        let mut okm = [0u8; 208];
         hk.expand(&info, &mut okm)
-            .unwrap_or_else(|_| unreachable!("192 bytes is within HKDF-SHA256's limit"));
+            .unwrap_or_else(|_| unreachable!("208 bytes is within HKDF-SHA256's limit"));
+        let u48_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b[2..].copy_from_slice(&okm[o..o + 6]);
+            u64::from_be_bytes(b)
+        };
+        let (shift_f, shift_b) = (u48_at(192), u48_at(198));
         let mut k = [[0u8; 32]; 6];
         for (i, key) in k.iter_mut().enumerate() {
             key.copy_from_slice(&okm[32 * i..32 * (i + 1)]);
@@ -80,6 +93,8 @@ impl HopSecrets {
             kb: k[3],
             sb: k[4],
             k_fill: k[5],
+            shift_f,
+            shift_b,
         };
         k.zeroize();
         s
@@ -87,12 +102,12 @@ impl HopSecrets {
 
     /// Forward layer keys.
     pub fn forward<A: Aead>(&self) -> LayerKeys<A> {
-        LayerKeys::new(&self.kf, &self.sf)
+        LayerKeys::new(&self.kf, &self.sf).with_shift(self.shift_f)
     }
 
     /// Backward layer keys.
     pub fn backward<A: Aead>(&self) -> LayerKeys<A> {
-        LayerKeys::new(&self.kb, &self.sb)
+        LayerKeys::new(&self.kb, &self.sb).with_shift(self.shift_b)
     }
 
     fn filler(&self) -> [u8; ROUTING_SLOT_LEN] {
@@ -130,6 +145,9 @@ pub enum Next {
 /// The decrypted routing slot of one hop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Routing {
+    /// Protocol version of the client ([`PROTOCOL_VERSION`]; 0 from a version-1
+    /// client, whose slot had a zero byte here).
+    pub version: u8,
     /// What to do with the circuit.
     pub next: Next,
     /// Client clock when the setup was made (unix seconds).
@@ -184,6 +202,7 @@ impl Routing {
                 }
             }
         }
+        s[1] = self.version;
         s[4..12].copy_from_slice(&self.timestamp.to_be_bytes());
         s[12..20].copy_from_slice(&self.in_id.to_be_bytes());
         s[44..60].copy_from_slice(&self.link_seed);
@@ -200,7 +219,7 @@ impl Routing {
             b.copy_from_slice(&s[o..o + 8]);
             u64::from_be_bytes(b)
         };
-        if s[1] != 0 || s[108..].iter().any(|&b| b != 0) {
+        if s[108..].iter().any(|&b| b != 0) {
             return Err(RoutingError::Reserved);
         }
         let port = u16::from_be_bytes([s[2], s[3]]);
@@ -241,6 +260,7 @@ impl Routing {
         let mut t_next = [0u8; 16];
         t_next.copy_from_slice(&s[92..108]);
         Ok(Routing {
+            version: s[1],
             next,
             timestamp: u64_at(4),
             in_id: u64_at(12),
@@ -326,8 +346,16 @@ pub struct SetupHop {
     pub link_seed: [u8; 16],
 }
 
+/// The client stamps each hop's routing slot with its clock plus an independent
+/// uniform delay of up to this many seconds, so that two relays of one circuit see
+/// different timestamps and a relay cannot read the client's clock offset from one
+/// setup. Only forward: a relay that restarted at second `t` refuses setups stamped at
+/// or before `t`, which an honest client's stamps never are.
+pub const TIMESTAMP_JITTER_S: u64 = 30;
+
 /// Client: builds a setup cell for `hops` (first hop first) into `cell` (the header is
-/// left for the caller to protect) and returns every hop's secrets.
+/// left for the caller to protect) and returns every hop's secrets. `now` is the
+/// client's clock (unix seconds); see [`TIMESTAMP_JITTER_S`].
 pub fn build_setup<A: Aead, R: RngCore + CryptoRng>(
     layout: &Layout,
     hops: &[SetupHop],
@@ -403,8 +431,9 @@ pub fn build_setup_with<A: Aead, R: RngCore + CryptoRng>(
             (e, t)
         });
         let routing = Routing {
+            version: PROTOCOL_VERSION,
             next: hops[i].next,
-            timestamp: now,
+            timestamp: now + u64::from(rng.next_u32()) % (TIMESTAMP_JITTER_S + 1),
             in_id: hops[i].in_id,
             link_seed: hops[i].link_seed,
             e_next,

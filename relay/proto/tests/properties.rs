@@ -246,28 +246,133 @@ fn setup_replayed_to_another_worker_or_after_a_restart_builds_nothing() {
         Action::Send { .. }
     ));
     assert_eq!(lone.circuit_count(), 1);
-    // A restarted process (fresh filters) started in the same second refuses it.
+    // A restarted process (fresh filters) started after the setup's stamp (which the
+    // client may put up to TIMESTAMP_JITTER_S ahead) refuses it.
+    let restart_ms = NOW_MS + 1000 * (shroud_proto::setup::TIMESTAMP_JITTER_S + 1);
     let mut restarted = worker2({
         let mut k = OnionKeyring::new(limits.setup_skew_s, limits.setup_filter_capacity);
-        k.update(vec![net.onions[1].clone()], NOW_MS + 500);
-        k.started_at(NOW_MS + 500)
+        k.update(vec![net.onions[1].clone()], restart_ms);
+        k.started_at(restart_ms)
     });
     let mut again = cell.clone();
     assert_eq!(
-        restarted.handle(CLIENT, &mut again, NOW_MS + 600),
+        restarted.handle(CLIENT, &mut again, restart_ms + 100),
         Action::Drop(DropReason::Expired)
     );
     assert_eq!(restarted.circuit_count(), 0);
     // A key dropped from a keyring and later re-added does not reopen the window.
     let mut k = keyring.clone();
-    k.update(vec![], NOW_MS + 700);
-    k.update(vec![net.onions[1].clone()], NOW_MS + 800);
+    k.update(vec![], restart_ms);
+    k.update(vec![net.onions[1].clone()], restart_ms + 100);
     let mut readded = worker2(k);
     let mut again = cell.clone();
     assert_eq!(
-        readded.handle(CLIENT, &mut again, NOW_MS + 900),
+        readded.handle(CLIENT, &mut again, restart_ms + 200),
         Action::Drop(DropReason::Expired)
     );
+}
+
+/// DESIGN property 10: relays learn nothing end to end. For one 3-hop circuit, the
+/// headers hop 0 sees (on its links to the client and to hop 1) and the headers the
+/// last hop sees (on its link from hop 1) share no circuit id and no counter, in
+/// either direction; payload and cover cells carry the same command; and the exit
+/// cannot mark backward cells with a large counter jump.
+#[test]
+fn colluding_first_and_last_hops_share_no_header_value() {
+    use shroud_proto::cell::Header;
+    use shroud_proto::relay::peer_link_keys;
+    let (mut net, mut link, mut c, mut r) = three_hops();
+    let layout = net.layout;
+    for k in 0..40usize {
+        let mut cell = vec![0u8; layout.cell];
+        if k % 5 == 4 {
+            c.seal_padding(&link, &mut cell, &mut r).unwrap();
+        } else {
+            c.seal_data(&link, &[k as u8; 50], &mut cell, &mut r)
+                .unwrap();
+        }
+        net.send(CLIENT, net.addrs[0], cell);
+    }
+    assert_eq!(
+        net.delivered.len(),
+        32,
+        "32 payloads delivered, 8 cover dropped"
+    );
+    assert_eq!(net.relays[2].stats().cover_received, 8);
+    let (a0, a1, a2) = (net.addrs[0], net.addrs[1], net.addrs[2]);
+    // Header keys of the links between relays (as the relays derive them).
+    let k01 = peer_link_keys(&net.identities[0], &net.identities[1].public());
+    let k12 = peer_link_keys(&net.identities[1], &net.identities[2].public());
+    let mut hop0: Vec<Header> = Vec::new();
+    let mut last: Vec<Header> = Vec::new();
+    for (from, to, bytes) in &net.wire {
+        let hdr = match (*from, *to) {
+            (f, t) if f == a0 && t == a1 => k01.0.unprotect(bytes),
+            (f, t) if f == a1 && t == a0 => k01.1.unprotect(bytes),
+            (f, t) if f == a1 && t == a2 => k12.0.unprotect(bytes),
+            (f, t) if f == a2 && t == a1 => k12.1.unprotect(bytes),
+            (f, t) if f == a0 && t == CLIENT => link.read_header(bytes),
+            _ => continue,
+        }
+        .expect("header decodes with its link key");
+        if *from == a2 || *to == a2 {
+            last.push(hdr);
+        } else {
+            hop0.push(hdr);
+        }
+    }
+    assert!(
+        hop0.len() >= 3 * 32 && last.len() >= 2 * 32,
+        "{} {}",
+        hop0.len(),
+        last.len()
+    );
+    for h in &hop0 {
+        for l in &last {
+            assert_ne!(h.circuit, l.circuit, "circuit id seen by both");
+            assert_ne!(h.counter, l.counter, "counter seen by both");
+        }
+    }
+    // Payload and cover look alike to every relay: one command for both.
+    assert!(last
+        .iter()
+        .all(|h| h.command == shroud_proto::Command::Data));
+
+    // An exit that skips backward sequence numbers to signal to a colluding first hop
+    // (here: 5000 replies made and never sent) gets its next cell refused by the
+    // client; a small gap (loss) is accepted.
+    let circuit = net.last_exit.expect("the exit delivered");
+    let mut reply = vec![0u8; layout.cell];
+    for _ in 0..10 {
+        net.relays[2]
+            .exit_reply(circuit, b"lost", &mut reply, NOW_MS)
+            .unwrap();
+    }
+    net.to_client.clear();
+    let to = net.relays[2]
+        .exit_reply(circuit, b"after a small gap", &mut reply, NOW_MS)
+        .unwrap();
+    net.send(a2, to, reply.clone());
+    let mut back = net.to_client.pop_front().expect("relayed to the client");
+    let hdr = link.read_header(&back).unwrap();
+    assert!(matches!(c.open(&hdr, &mut back), Ok(Received::Data(_))));
+    for _ in 0..5000 {
+        net.relays[2]
+            .exit_reply(circuit, b"skipped", &mut reply, NOW_MS)
+            .unwrap();
+    }
+    let to = net.relays[2]
+        .exit_reply(circuit, b"marked", &mut reply, NOW_MS)
+        .unwrap();
+    net.send(a2, to, reply);
+    let mut back = net.to_client.pop_front().expect("relayed to the client");
+    let hdr = link.read_header(&back).unwrap();
+    assert!(matches!(
+        c.open(&hdr, &mut back),
+        Err(shroud_proto::client::ClientError::Rejected(
+            "backward counter jump"
+        ))
+    ));
 }
 
 #[test]

@@ -21,7 +21,7 @@ proptest! {
     }
 
     #[test]
-    fn header_roundtrip(circuit in any::<u64>(), counter in 0u64..(1 << 48), cmd in 1u8..=6) {
+    fn header_roundtrip(circuit in any::<u64>(), counter in 0u64..(1 << 48), cmd in prop::sample::select(vec![1u8, 2, 3, 5, 6])) {
         let h = Header { circuit, counter, command: Command::from_u8(cmd).unwrap() };
         prop_assert_eq!(Header::decode(&h.encode()), Ok(h));
     }

@@ -51,7 +51,7 @@ fn ephemeral(seed: u8) -> Ephemeral {
 }
 
 fn kdf() -> String {
-    let mut o = String::from("# HopSecrets::derive: HKDF-SHA256(salt=\"shroud-v1 setup\", ikm=shared, info=E||onion_pub), 192 bytes\n\n");
+    let mut o = String::from("# HopSecrets::derive: HKDF-SHA256(salt=\"shroud-v1 setup\", ikm=shared, info=E||onion_pub), 208 bytes: six keys, then the 48-bit forward and backward counter shifts\n\n");
     for seed in [1u8, 2] {
         let shared = arr32(seed);
         let rep = arr32(seed + 10);
@@ -66,6 +66,8 @@ fn kdf() -> String {
         line(&mut o, "kb", &s.kb);
         line(&mut o, "sb", &s.sb);
         line(&mut o, "k_fill", &s.k_fill);
+        line(&mut o, "shift_f", &s.shift_f.to_be_bytes()[2..]);
+        line(&mut o, "shift_b", &s.shift_b.to_be_bytes()[2..]);
         o.push('\n');
     }
     o
@@ -108,8 +110,9 @@ fn header() -> String {
 
 fn layers<A: Aead>() -> String {
     let layout = Layout::default();
-    let mut o = String::from("# One forward strip and one backward add, CELL=1024, H_MAX=8\n\n");
-    let ks = [LayerKeys::<A>::new(&arr32(7), &arr32(8))];
+    let mut o = String::from("# One forward strip and one backward add, CELL=1024, H_MAX=8; the hop's counter is the header counter plus its shift (mod 2^48)\n\n");
+    const SHIFT: u64 = 0xfffe_0102_0304;
+    let ks = [LayerKeys::<A>::new(&arr32(7), &arr32(8)).with_shift(SHIFT)];
     let k = &ks[0];
     // Forward: seal a body with one layer (as the client would for a 1-hop circuit).
     let mut cell = pattern(layout.cell, 1);
@@ -117,15 +120,26 @@ fn layers<A: Aead>() -> String {
     shroud_proto::layer::seal_forward(&layout, &ks, Command::Data, 42, &mut cell, &junk);
     line(&mut o, "aead_key", &arr32(7));
     line(&mut o, "stack_key", &arr32(8));
-    writeln!(o, "command = data\ncounter = 42").unwrap();
+    line(&mut o, "shift", &SHIFT.to_be_bytes()[2..]);
+    writeln!(
+        o,
+        "command = data\nheader_counter = 42\nhop_counter = {:012x}",
+        k.shifted(42)
+    )
+    .unwrap();
     line(&mut o, "forward_in", &cell[16..]);
-    strip_forward(&layout, k, Command::Data, 42, &mut cell).unwrap();
+    strip_forward(&layout, k, Command::Data, k.shifted(42), &mut cell).unwrap();
     line(&mut o, "forward_out", &cell[16..]);
     o.push('\n');
     let mut cell = pattern(layout.cell, 2);
     line(&mut o, "backward_in", &cell[16..]);
-    add_backward(&layout, k, Command::Data, 43, &mut cell);
-    writeln!(o, "counter = 43").unwrap();
+    add_backward(&layout, k, Command::Data, k.shifted(43), &mut cell);
+    writeln!(
+        o,
+        "header_counter_in = 43\nhop_counter = {:012x}",
+        k.shifted(43)
+    )
+    .unwrap();
     line(&mut o, "backward_out", &cell[16..]);
     o
 }

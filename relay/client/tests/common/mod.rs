@@ -244,6 +244,9 @@ struct Worker {
     held: Option<(SocketAddr, Vec<u8>)>,
     /// The last (peer address, circuit id on that link) a cell arrived with from a peer.
     last_peer_circuit: Option<(SocketAddr, u64)>,
+    /// The header counter of the last cell sent to a peer relay (read with our link
+    /// key): a forged backward cell must come after it.
+    last_peer_counter: std::cell::Cell<u64>,
 }
 
 fn spawn_relay(
@@ -272,6 +275,7 @@ fn spawn_relay(
         dropped_first: 0,
         held: None,
         last_peer_circuit: None,
+        last_peer_counter: std::cell::Cell::new(0),
     };
     let thread = {
         let stop = Arc::clone(&stop);
@@ -305,6 +309,13 @@ fn spawn_relay(
 
 impl Worker {
     fn send(&self, bytes: &[u8], to: SocketAddr) {
+        let cell_len = self.relay.layout().cell;
+        if let (Some(peer), true) = (self.peers.get(&to), bytes.len() >= cell_len) {
+            let (tx, _) = peer_link_keys(&self.identity, peer);
+            if let Ok(h) = tx.unprotect(&bytes[bytes.len() - cell_len..]) {
+                self.last_peer_counter.set(h.counter);
+            }
+        }
         let n = if self.opts.duplicate { 2 } else { 1 };
         for _ in 0..n {
             let _ = self.socket.send_to(bytes, to);
@@ -427,8 +438,8 @@ impl Worker {
             &mut cell,
             &Header {
                 circuit,
-                // Above every counter the circuit used so far.
-                counter: 1 << 20,
+                // Just after the last counter this relay sent on the link.
+                counter: shroud_proto::cell::counter_add(self.last_peer_counter.get(), 1),
                 command: Command::Destroy,
             },
         );

@@ -26,7 +26,7 @@ mod setup;
 
 pub use circuits::CircuitRef;
 pub use links::{client_link_keys, peer_link_keys};
-pub use setup::{OnionKeyring, MAX_ONION_KEYS};
+pub use setup::{OnionKeyring, SetupJournal, MAX_ONION_KEYS};
 
 use std::collections::HashMap as StdHashMap;
 
@@ -39,7 +39,7 @@ use std::net::{IpAddr, SocketAddr};
 use crate::aead::Aead;
 use crate::cell::{Command, Header, Layout};
 use crate::keys::{IdentityKey, IdentityPublic, OnionSecret, RelayId};
-use crate::layer::{add_backward, read_payload, strip_forward, write_payload};
+use crate::layer::{add_backward, read_body, strip_forward, write_payload, Body};
 use crate::policy::ExitPolicy;
 use crate::replay::WindowCheck;
 
@@ -72,11 +72,14 @@ pub enum DropReason {
     Expired,
     /// Circuit or link table full.
     Capacity,
+    /// The setup came from a client of another protocol version (REFUSED, so it
+    /// learns why).
+    Version,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::BadTag,
         DropReason::Replay,
         DropReason::UnknownCircuit,
@@ -87,6 +90,7 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::Expired,
         DropReason::Capacity,
+        DropReason::Version,
     ];
 
     /// Stable snake_case name (metrics label, JSON key).
@@ -102,6 +106,7 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::Expired => "expired",
             DropReason::Capacity => "capacity",
+            DropReason::Version => "version",
         }
     }
 }
@@ -215,7 +220,7 @@ impl Default for RelayLimits {
 #[derive(Debug, Clone, Default)]
 pub struct RelayStats {
     /// Drops by reason, indexed by `DropReason as usize`.
-    pub drops: [u64; 10],
+    pub drops: [u64; DropReason::ALL.len()],
     /// Forward data cells relayed or delivered.
     pub cells_forward: u64,
     /// Backward cells relayed.
@@ -224,6 +229,8 @@ pub struct RelayStats {
     pub setups: u64,
     /// Circuits expired for idleness.
     pub expired_circuits: u64,
+    /// Cover cells that ended here (exit).
+    pub cover_received: u64,
 }
 
 /// One relay worker's protocol state.
@@ -433,23 +440,22 @@ impl<A: Aead> Relay<A> {
 
     fn forward(&mut self, slot: u32, hdr: Header, cell: &mut [u8], now_ms: u64) -> Action {
         let layout = self.layout;
-        if !matches!(
-            hdr.command,
-            Command::Data | Command::Padding | Command::Destroy
-        ) {
+        if !matches!(hdr.command, Command::Data | Command::Destroy) {
             return self.drop(DropReason::Malformed);
         }
         let circuit = self.circuits.handle(slot);
         let Some(c) = self.circuits.get_mut(slot) else {
             return self.drop(DropReason::UnknownCircuit);
         };
-        if c.win_fwd.check(hdr.counter) == WindowCheck::Replay {
+        // This hop's counter: the header's plus this hop's secret shift.
+        let counter = c.fwd.shifted(hdr.counter);
+        if c.win_fwd.check(counter) == WindowCheck::Replay {
             return self.drop(DropReason::Replay);
         }
-        if strip_forward(&layout, &c.fwd, hdr.command, hdr.counter, cell).is_err() {
+        if strip_forward(&layout, &c.fwd, hdr.command, counter, cell).is_err() {
             return self.drop(DropReason::BadTag);
         }
-        c.win_fwd.commit(hdr.counter);
+        c.win_fwd.commit(counter);
         c.last_active = now_ms;
         self.stats.cells_forward += 1;
         match c.next {
@@ -462,7 +468,7 @@ impl<A: Aead> Relay<A> {
                     cell,
                     &Header {
                         circuit: id,
-                        counter: hdr.counter,
+                        counter,
                         command: hdr.command,
                     },
                 );
@@ -475,12 +481,16 @@ impl<A: Aead> Relay<A> {
                 Action::Send { to, event }
             }
             Hop::Exit { dest } => match hdr.command {
-                Command::Data => match read_payload(&layout, cell) {
-                    Some(payload) => Action::Deliver {
+                Command::Data => match read_body(&layout, cell) {
+                    Some(Body::Data(payload)) => Action::Deliver {
                         circuit,
                         dest,
                         payload,
                     },
+                    Some(Body::Cover) => {
+                        self.stats.cover_received += 1;
+                        Action::Consumed { event: None }
+                    }
                     None => self.drop(DropReason::Malformed),
                 },
                 Command::Destroy => {
@@ -503,12 +513,15 @@ impl<A: Aead> Relay<A> {
         let Some(c) = self.circuits.get_mut(slot) else {
             return self.drop(DropReason::UnknownCircuit);
         };
-        if c.win_bwd.check(hdr.counter) == WindowCheck::Replay {
+        // Backward cells cannot be verified here (the layers are for the client); the
+        // window still keeps a replayed one from being relayed twice.
+        let counter = c.bwd.shifted(hdr.counter);
+        if c.win_bwd.check(counter) == WindowCheck::Replay {
             return self.drop(DropReason::Replay);
         }
-        c.win_bwd.commit(hdr.counter);
+        c.win_bwd.commit(counter);
         c.last_active = now_ms;
-        add_backward(&layout, &c.bwd, hdr.command, hdr.counter, cell);
+        add_backward(&layout, &c.bwd, hdr.command, counter, cell);
         let (prev_link, prev_id) = (c.prev_link, c.prev_id);
         let Some(l) = self.links.get(prev_link) else {
             return self.drop(DropReason::UnknownCircuit);
@@ -518,7 +531,7 @@ impl<A: Aead> Relay<A> {
             cell,
             &Header {
                 circuit: prev_id,
-                counter: hdr.counter,
+                counter,
                 command: hdr.command,
             },
         );
@@ -571,7 +584,7 @@ impl<A: Aead> Relay<A> {
             self.stats.drops[DropReason::UnknownCircuit as usize] += 1;
             return Err(DropReason::UnknownCircuit);
         };
-        let counter = c.exit_counter;
+        let counter = c.bwd.shifted(c.exit_counter);
         c.exit_counter += 1;
         c.last_active = now_ms;
         cell[..layout.stack_end()].fill(0);

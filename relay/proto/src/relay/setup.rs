@@ -6,8 +6,10 @@
 //! cloned into every worker of a process and the clones share each key's filter, so a
 //! setup accepted by one worker is a replay at every other (`docs/PROTOCOL.md`,
 //! "setup replay"). A process's keyring refuses setups stamped at or before the second
-//! the process started ([`OnionKeyring::started_at`]), so a restarted relay, whose
-//! filters start empty, cannot accept a setup the previous process saw.
+//! the process started ([`OnionKeyring::started_at`]), and every accepted setup is
+//! written to a [`SetupJournal`] before it is acted on, from which the next process
+//! refills its filters ([`OnionKeyring::remember`]): a restarted relay cannot accept a
+//! setup the previous process saw, whatever its stamp.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,7 @@ use super::circuits::{Circuit, Hop};
 use super::links::{client_link_keys, Link, LinkKind};
 use super::{Action, DropReason, Event, Relay};
 use crate::aead::Aead;
-use crate::cell::{Command, Header};
+use crate::cell::{Command, Header, PROTOCOL_VERSION};
 use crate::keys::{OnionPublic, OnionSecret};
 use crate::layer::{add_backward, write_control};
 use crate::replay::{ReplayWindow, SetupCheck, SetupFilter};
@@ -24,6 +26,16 @@ use crate::setup::{forward_setup, open_setup, setup_ephemeral, Next, SetupError}
 
 /// Onion keys held at once (current, next, previous).
 pub const MAX_ONION_KEYS: usize = 3;
+
+/// Where a relay process records every setup it accepts, before it acts on it, so that
+/// a later process (after a restart or a crash) can refuse them: the data plane writes
+/// it to a file and loads it at start ([`OnionKeyring::remember`]). The core calls it;
+/// it does no I/O itself.
+pub trait SetupJournal: Send + Sync {
+    /// Records that the setup `id` ([`SetupFilter::id_of`]) stamped `ts` was accepted
+    /// under the onion key `key`. `false` (it could not be recorded) refuses the setup.
+    fn record(&self, key: &OnionPublic, id: &[u8; 16], ts: u64) -> bool;
+}
 
 #[derive(Clone)]
 struct OnionEntry {
@@ -44,6 +56,7 @@ pub struct OnionKeyring {
     /// Setups stamped at or before this second may have been seen by an earlier
     /// process with the same keys.
     started_s: Option<u64>,
+    journal: Option<Arc<dyn SetupJournal>>,
     skew_s: u64,
     filter_capacity: usize,
 }
@@ -67,6 +80,7 @@ impl OnionKeyring {
             entries: Vec::new(),
             retired: Vec::new(),
             started_s: None,
+            journal: None,
             skew_s,
             filter_capacity,
         }
@@ -83,6 +97,22 @@ impl OnionKeyring {
             lock(&e.seen).refuse_up_to(s);
         }
         self
+    }
+
+    /// Records every accepted setup in `journal` before it is acted on.
+    pub fn with_journal(mut self, journal: Arc<dyn SetupJournal>) -> Self {
+        self.journal = Some(journal);
+        self
+    }
+
+    /// Remembers a setup an earlier process accepted (from its journal) under the key
+    /// whose public key starts with `key_prefix`; ignored for keys not held.
+    pub fn remember(&self, key_prefix: &[u8; 8], id: [u8; 16], ts: u64, now_ms: u64) {
+        for e in &self.entries {
+            if e.public.as_bytes()[..8] == key_prefix[..] {
+                lock(&e.seen).remember(id, ts, now_ms / 1000);
+            }
+        }
     }
 
     /// Replaces the keys (newest first; at most [`MAX_ONION_KEYS`] are kept). A key that
@@ -127,9 +157,24 @@ impl OnionKeyring {
         self.entries.iter().map(|e| e.public).collect()
     }
 
-    /// Checks and records a setup to key `k` with ephemeral `e` stamped `ts`.
-    fn check(&self, k: usize, e: &[u8; 32], ts: u64, now_s: u64) -> SetupCheck {
-        lock(&self.entries[k].seen).check_and_insert(e, ts, now_s)
+    /// Checks a setup to key `k` with ephemeral `e` stamped `ts`, and records it (in
+    /// the shared filter, then in the journal) if it is fresh.
+    fn check(&self, k: usize, e: &[u8; 32], ts: u64, now_s: u64) -> Result<(), DropReason> {
+        let entry = &self.entries[k];
+        match lock(&entry.seen).check_and_insert(e, ts, now_s) {
+            SetupCheck::Fresh => {}
+            SetupCheck::Replay => return Err(DropReason::Replay),
+            SetupCheck::Expired => return Err(DropReason::Expired),
+            SetupCheck::Full => return Err(DropReason::RateLimited),
+        }
+        match &self.journal {
+            Some(j) if !j.record(&entry.public, &SetupFilter::id_of(e), ts) => {
+                // Not recorded: a later process could accept it again. Refuse it (it
+                // stays in the filter, so this process refuses it too).
+                Err(DropReason::Capacity)
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -193,11 +238,8 @@ impl<A: Aead> Relay<A> {
             });
         };
         let e = setup_ephemeral(&layout, cell);
-        match self.onion.check(k, &e, routing.timestamp, now_ms / 1000) {
-            SetupCheck::Fresh => {}
-            SetupCheck::Replay => return self.drop(DropReason::Replay),
-            SetupCheck::Expired => return self.drop(DropReason::Expired),
-            SetupCheck::Full => return self.drop(DropReason::RateLimited),
+        if let Err(reason) = self.onion.check(k, &e, routing.timestamp, now_ms / 1000) {
+            return self.drop(reason);
         }
         // The incoming link: known, or a client introducing itself with a link seed.
         let in_link = match link {
@@ -244,19 +286,29 @@ impl<A: Aead> Relay<A> {
             relay.stats.drops[reason as usize] += 1;
             write_control(&layout, cell, &[reason as u8]);
             cell[layout.stack_start()..layout.stack_end()].fill(0);
-            add_backward(&layout, &bwd, Command::Refused, 0, cell);
+            // A client of another version cannot know this version's counter shift:
+            // its refusal uses the plain counter 0, which version 1 expects.
+            let counter = if reason == DropReason::Version {
+                0
+            } else {
+                bwd.shifted(0)
+            };
+            add_backward(&layout, &bwd, Command::Refused, counter, cell);
             if let Some(l) = relay.links.get(in_link) {
                 l.tx.protect(
                     cell,
                     &Header {
                         circuit: routing.in_id,
-                        counter: 0,
+                        counter,
                         command: Command::Refused,
                     },
                 );
             }
             Action::Refuse { to: src, reason }
         };
+        if routing.version != PROTOCOL_VERSION {
+            return refuse(self, cell, DropReason::Version);
+        }
         let next = match routing.next {
             Next::Relay { id, port, out_id } => {
                 let Some(&p) = self.peer_by_id.get(&id) else {
@@ -336,13 +388,14 @@ impl<A: Aead> Relay<A> {
                     .bwd;
                 write_control(&layout, cell, &[]);
                 cell[layout.stack_start()..layout.stack_end()].fill(0);
-                add_backward(&layout, bwd, Command::Created, 0, cell);
+                let counter = bwd.shifted(0);
+                add_backward(&layout, bwd, Command::Created, counter, cell);
                 if let Some(l) = self.links.get(in_link) {
                     l.tx.protect(
                         cell,
                         &Header {
                             circuit: routing.in_id,
-                            counter: 0,
+                            counter,
                             command: Command::Created,
                         },
                     );

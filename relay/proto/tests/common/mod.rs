@@ -74,6 +74,8 @@ pub struct Net<A: Aead> {
     /// Cells that reached the client.
     pub to_client: VecDeque<Vec<u8>>,
     pub drops: Vec<(usize, shroud_proto::relay::DropReason)>,
+    /// The circuit of the last payload an exit delivered.
+    pub last_exit: Option<shroud_proto::relay::CircuitRef>,
 }
 
 pub fn relay_addr(i: usize) -> SocketAddr {
@@ -137,6 +139,7 @@ impl<A: Aead> Net<A> {
             delivered: Vec::new(),
             to_client: VecDeque::new(),
             drops: Vec::new(),
+            last_exit: None,
         }
     }
 
@@ -172,6 +175,7 @@ impl<A: Aead> Net<A> {
                 } => {
                     let data = cell[payload].to_vec();
                     self.delivered.push((dest, data.clone()));
+                    self.last_exit = Some(circuit);
                     // Echo it back along the circuit, as the exit's UDP peer would.
                     let mut reply = vec![0u8; self.layout.cell];
                     let back = self.relays[i]
