@@ -239,3 +239,86 @@ fn exit_policy_holds_for_every_spelling_of_a_local_destination() {
     round_trips(&mut c, id, 2);
     assert_eq!(echo4.datagrams(), 2);
 }
+
+/// Issue "Protocol v2" finding 2: reflection. The attacker sends a setup and a data
+/// cell with the victim's source address (here: from a socket standing for the victim,
+/// whose received bytes we count; the attacker never uses what arrives there, in
+/// particular not the CREATED's cookie), for a 1-hop circuit whose destination is its
+/// own reflector; the reflector then sends 1000 one-byte datagrams to the exit socket.
+/// The victim must receive no more bytes than were sent from its address, and a real
+/// client of the same relay keeps working.
+#[test]
+fn a_spoofed_setup_and_a_reflector_send_the_victim_no_more_than_the_attacker_spent() {
+    use rand_core::{OsRng, RngCore};
+    use shroud_proto::client::{ClientCircuit, ClientLink};
+    use shroud_proto::{Layout, RingAead};
+
+    let net = TestNet::start(NetOpts::new(63, 1));
+    let hop = net.path(&[0])[0];
+    let victim = UdpSocket::bind("127.0.63.77:0").unwrap();
+    let reflector = UdpSocket::bind("127.0.63.78:0").unwrap();
+    reflector
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let layout = Layout::default();
+    let mut link = ClientLink::new(&hop.id, hop.addr, &mut OsRng);
+    let mut cell = vec![0u8; layout.cell];
+    let mut c = ClientCircuit::<RingAead>::build(
+        &layout,
+        &link,
+        &[hop],
+        reflector.local_addr().unwrap(),
+        shroud_tests::now_s() * 1000,
+        &mut OsRng,
+        &mut cell,
+    )
+    .unwrap();
+    let mut spent = 0usize;
+    victim.send_to(&cell, hop.addr).unwrap();
+    spent += cell.len();
+    // The attacker knows every key of its own circuit, but not the cookie the relay
+    // put in the CREATED it sent to the victim. (The test reads that CREATED only to
+    // move the client state machine to "open", and hands it a wrong cookie.)
+    victim
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (n, _) = victim
+        .recv_from(&mut buf)
+        .expect("the CREATED reaches the victim");
+    let mut received = n;
+    let mut created = buf[..n].to_vec();
+    let mut hdr = link.read_header(&created).unwrap();
+    hdr.counter = OsRng.next_u64() & ((1 << 48) - 1);
+    c.open(&hdr, &mut created).expect("CREATED opens");
+    c.seal_data(&link, b"hello reflector", &mut cell, &mut OsRng)
+        .unwrap();
+    victim.send_to(&cell, hop.addr).unwrap();
+    spent += cell.len();
+    // The exit delivers the payload to the reflector, which so learns the exit socket.
+    let (n, exit_sock) = reflector.recv_from(&mut buf).expect("delivered");
+    assert_eq!(&buf[..n], b"hello reflector");
+    let sent_by_reflector = 1000;
+    for _ in 0..sent_by_reflector {
+        reflector.send_to(&[0x41], exit_sock).unwrap();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    received += bytes_received(&victim, Duration::from_millis(1500));
+    assert!(
+        received <= spent,
+        "the victim got {received} bytes for {spent} sent from its address"
+    );
+    let unvalidated = net.drops(0, "unvalidated");
+    assert!(
+        unvalidated >= sent_by_reflector - 2,
+        "replies to the unvalidated victim dropped: {unvalidated}"
+    );
+
+    // A real client of the same relay validates its address and gets every reply.
+    let (dest, _echo) = udp_echo_server("127.0.63.250:0".parse().unwrap()).unwrap();
+    let mut real = net.client();
+    let id = real
+        .build_circuit(&net.path(&[0]), dest, T)
+        .expect("circuit");
+    round_trips(&mut real, id, 20);
+}

@@ -159,6 +159,13 @@ impl HeaderKey {
         HeaderKey(Aes256::new(key.into()))
     }
 
+    /// One AES-256 block encryption under this key.
+    pub(crate) fn encrypt_block(&self, b: [u8; 16]) -> [u8; 16] {
+        let mut block = aes::Block::from(b);
+        self.0.encrypt_block(&mut block);
+        block.into()
+    }
+
     fn mask(&self, cell: &[u8]) -> [u8; 16] {
         let mut block = aes::Block::default();
         block.copy_from_slice(&cell[HEADER_LEN..HEADER_LEN + 16]);

@@ -179,8 +179,8 @@ pub struct ClientCircuit<A: Aead> {
     first_hop: SocketAddr,
     fwd: Vec<LayerKeys<A>>,
     bwd: Vec<LayerKeys<A>>,
-    /// Random start of the counters the first hop sees (so it cannot tell the
-    /// circuit's age from them).
+    /// Start of the counters the first hop sees: random until CREATED, then the first
+    /// hop's cookie from the CREATED header (echoing it validates the address).
     base: u64,
     send_counter: u64,
     /// Replay window over the exit's backward sequence numbers.
@@ -398,7 +398,14 @@ impl<A: Aead> ClientCircuit<A> {
     /// cannot signal to the first hop through large counter jumps.
     pub fn open(&mut self, hdr: &Header, cell: &mut [u8]) -> Result<Received, ClientError> {
         self.check_cell(cell)?;
-        let opened = open_backward(&self.layout, &self.bwd, hdr.command, hdr.counter, cell)
+        // A CREATED's header counter is the first hop's cookie; its real counter is
+        // the exit's sequence number 0 shifted by every hop.
+        let counter = if hdr.command == Command::Created {
+            self.bwd.iter().fold(0, |c, k| k.shifted(c))
+        } else {
+            hdr.counter
+        };
+        let opened = open_backward(&self.layout, &self.bwd, hdr.command, counter, cell)
             .map_err(|_| ClientError::Rejected("bad tag"))?;
         let hop = opened.layers - 1;
         if hop + 1 == self.fwd.len() {
@@ -415,6 +422,9 @@ impl<A: Aead> ClientCircuit<A> {
             Command::Created if hop + 1 == self.fwd.len() => {
                 if self.state == CircuitState::Building {
                     self.state = CircuitState::Open;
+                    // Start the forward counters at the first hop's cookie: that is
+                    // how the first hop learns this address receives what it sends.
+                    self.base = hdr.counter;
                 }
                 Received::Created
             }

@@ -39,8 +39,11 @@ pub(super) struct Circuit<A: Aead> {
     pub(super) bwd: LayerKeys<A>,
     pub(super) win_fwd: ReplayWindow,
     pub(super) win_bwd: ReplayWindow,
-    /// Exit only: the counter of the next backward cell it originates.
+    /// Exit only: the sequence number of the next backward cell it originates.
     pub(super) exit_counter: u64,
+    /// First hop only: the cookie sent to the client in the CREATED header; the
+    /// client starts its forward counters there, which proves it received it.
+    pub(super) cookie: u64,
     pub(super) last_active: u64,
 }
 

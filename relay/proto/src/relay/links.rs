@@ -37,6 +37,29 @@ pub(super) struct Link {
     /// Circuits using this link, in either direction.
     pub(super) circuits: u32,
     pub(super) last_active: u64,
+    /// Client links: the address has proved it receives what the relay sends it (it
+    /// echoed a cookie, see `Relay::forward`). Peer links are always validated.
+    pub(super) validated: bool,
+    /// Until validated: bytes received from the address minus bytes sent to it. The
+    /// relay never sends an unvalidated address more than it received from it.
+    pub(super) credit: u64,
+}
+
+impl Link {
+    /// Takes `len` bytes of credit for a send; false if the address is unvalidated
+    /// and has not sent that much.
+    pub(super) fn spend(&mut self, len: usize) -> bool {
+        if self.validated {
+            return true;
+        }
+        match self.credit.checked_sub(len as u64) {
+            Some(c) => {
+                self.credit = c;
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// A fixed-capacity table of links, indexed by slot and by address.

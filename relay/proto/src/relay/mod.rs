@@ -37,7 +37,7 @@ type HashMap<K, V> = StdHashMap<K, V, ahash::RandomState>;
 use std::net::{IpAddr, SocketAddr};
 
 use crate::aead::Aead;
-use crate::cell::{Command, Header, Layout};
+use crate::cell::{counter_sub, Command, Header, HeaderKey, Layout};
 use crate::keys::{IdentityKey, IdentityPublic, OnionSecret, RelayId};
 use crate::layer::{add_backward, read_body, strip_forward, write_payload, Body};
 use crate::policy::ExitPolicy;
@@ -75,11 +75,14 @@ pub enum DropReason {
     /// The setup came from a client of another protocol version (REFUSED, so it
     /// learns why).
     Version,
+    /// A cell for a client address that has not proved it receives (no cookie echoed
+    /// yet) would have made the relay send it more than it received from it.
+    Unvalidated,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::BadTag,
         DropReason::Replay,
         DropReason::UnknownCircuit,
@@ -91,6 +94,7 @@ impl DropReason {
         DropReason::Expired,
         DropReason::Capacity,
         DropReason::Version,
+        DropReason::Unvalidated,
     ];
 
     /// Stable snake_case name (metrics label, JSON key).
@@ -107,6 +111,7 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::Capacity => "capacity",
             DropReason::Version => "version",
+            DropReason::Unvalidated => "unvalidated",
         }
     }
 }
@@ -216,6 +221,10 @@ impl Default for RelayLimits {
     }
 }
 
+/// How far past its cookie a client's first forward counters may be (they start at
+/// the cookie; the span allows for lost cells).
+const COOKIE_SPAN: u64 = 1 << 16;
+
 /// Counters a worker exports (cells handled per outcome).
 #[derive(Debug, Clone, Default)]
 pub struct RelayStats {
@@ -249,6 +258,36 @@ pub struct Relay<A: Aead> {
     stats: RelayStats,
     setup_budget: u32,
     accepting: bool,
+    /// Draws the cookies of CREATED replies to clients: AES-256 of a counter under a
+    /// key drawn at start.
+    cookies: CookieSource,
+}
+
+/// Unpredictable 48-bit cookies: `AES-256(key, n)` for `n = 0, 1, …`, key from the OS.
+struct CookieSource {
+    key: HeaderKey,
+    next: u64,
+}
+
+impl CookieSource {
+    fn new() -> Self {
+        let mut k = zeroize::Zeroizing::new([0u8; 32]);
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, k.as_mut());
+        CookieSource {
+            key: HeaderKey::new(&k),
+            next: 0,
+        }
+    }
+
+    fn draw(&mut self) -> u64 {
+        self.next += 1;
+        let mut b = [0u8; 16];
+        b[8..].copy_from_slice(&self.next.to_be_bytes());
+        let out = self.key.encrypt_block(b);
+        let mut c = [0u8; 8];
+        c[2..].copy_from_slice(&out[..6]);
+        u64::from_be_bytes(c)
+    }
 }
 
 impl<A: Aead> core::fmt::Debug for Relay<A> {
@@ -294,6 +333,7 @@ impl<A: Aead> Relay<A> {
             stats: RelayStats::default(),
             setup_budget: u32::MAX,
             accepting: true,
+            cookies: CookieSource::new(),
             limits,
         };
         r.set_peers(peers);
@@ -369,6 +409,8 @@ impl<A: Aead> Relay<A> {
             seed: [0; 16],
             circuits: 0,
             last_active: now_ms,
+            validated: true,
+            credit: 0,
         })
     }
 
@@ -421,6 +463,9 @@ impl<A: Aead> Relay<A> {
                 return self.drop(DropReason::Malformed);
             };
             l.last_active = now_ms;
+            if !l.validated {
+                l.credit = l.credit.saturating_add(cell.len() as u64);
+            }
             (l.kind, l.rx.unprotect(cell))
         };
         let hdr = match hdr {
@@ -458,6 +503,15 @@ impl<A: Aead> Relay<A> {
         c.win_fwd.commit(counter);
         c.last_active = now_ms;
         self.stats.cells_forward += 1;
+        // A client that starts its counters at the cookie of our CREATED received that
+        // CREATED: its address is validated (an off-path spoofer cannot know the
+        // cookie; a guess succeeds with probability 2^-32).
+        let echoed = counter_sub(hdr.counter, c.cookie) < COOKIE_SPAN;
+        if let Some(l) = self.links.get_mut(c.prev_link) {
+            if !l.validated && echoed {
+                l.validated = true;
+            }
+        }
         match c.next {
             Hop::Relay { link, id } => {
                 let Some(l) = self.links.get(link) else {
@@ -520,18 +574,31 @@ impl<A: Aead> Relay<A> {
             return self.drop(DropReason::Replay);
         }
         c.win_bwd.commit(counter);
-        c.last_active = now_ms;
+        // Backward traffic alone does not keep a circuit alive (a destination or a
+        // reflector could otherwise hold it open forever).
         add_backward(&layout, &c.bwd, hdr.command, counter, cell);
         let (prev_link, prev_id) = (c.prev_link, c.prev_id);
-        let Some(l) = self.links.get(prev_link) else {
+        let cookie = c.cookie;
+        let _ = now_ms;
+        let Some(l) = self.links.get_mut(prev_link) else {
             return self.drop(DropReason::UnknownCircuit);
+        };
+        if !l.spend(cell.len()) {
+            return self.drop(DropReason::Unvalidated);
+        }
+        // To a client, a CREATED carries the cookie in place of the counter (the
+        // client knows the counter of a CREATED without it).
+        let header_counter = if l.kind == LinkKind::Client && hdr.command == Command::Created {
+            cookie
+        } else {
+            counter
         };
         let to = l.addr;
         l.tx.protect(
             cell,
             &Header {
                 circuit: prev_id,
-                counter,
+                counter: header_counter,
                 command: hdr.command,
             },
         );
@@ -584,16 +651,23 @@ impl<A: Aead> Relay<A> {
             self.stats.drops[DropReason::UnknownCircuit as usize] += 1;
             return Err(DropReason::UnknownCircuit);
         };
+        // Replies do not refresh `last_active`: backward traffic alone does not keep
+        // a circuit alive.
+        let _ = now_ms;
         let counter = c.bwd.shifted(c.exit_counter);
+        let (prev_link, prev_id) = (c.prev_link, c.prev_id);
+        let Some(l) = self.links.get_mut(prev_link) else {
+            self.stats.drops[DropReason::UnknownCircuit as usize] += 1;
+            return Err(DropReason::UnknownCircuit);
+        };
+        if !l.spend(layout.cell) {
+            self.stats.drops[DropReason::Unvalidated as usize] += 1;
+            return Err(DropReason::Unvalidated);
+        }
         c.exit_counter += 1;
-        c.last_active = now_ms;
         cell[..layout.stack_end()].fill(0);
         write_payload(&layout, cell, payload);
         add_backward(&layout, &c.bwd, Command::Data, counter, cell);
-        let (prev_link, prev_id) = (c.prev_link, c.prev_id);
-        let Some(l) = self.links.get(prev_link) else {
-            return Err(DropReason::UnknownCircuit);
-        };
         l.tx.protect(
             cell,
             &Header {

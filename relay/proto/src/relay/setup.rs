@@ -257,6 +257,9 @@ impl<A: Aead> Relay<A> {
                     seed: routing.link_seed,
                     circuits: 0,
                     last_active: now_ms,
+                    validated: false,
+                    // This setup cell is all the address has sent so far.
+                    credit: cell.len() as u64,
                 };
                 match self.links.insert(new) {
                     Some(l) => l,
@@ -270,11 +273,15 @@ impl<A: Aead> Relay<A> {
                 && routing.link_seed != [0; 16]
                 && routing.link_seed != l.seed
             {
-                // The client restarted with a new seed and holds no circuit here: adopt it.
+                // The client restarted with a new seed and holds no circuit here: adopt it,
+                // and make the address prove again that it receives (a spoofed setup
+                // must not inherit the real client's validation).
                 let (up, down) = client_link_keys(&routing.link_seed, &self.me);
                 l.tx = down;
                 l.rx = up;
                 l.seed = routing.link_seed;
+                l.validated = false;
+                l.credit = l.credit.min(cell.len() as u64);
             }
         }
         if self.circuits.id_in_use(in_link, routing.in_id) {
@@ -294,7 +301,11 @@ impl<A: Aead> Relay<A> {
                 bwd.shifted(0)
             };
             add_backward(&layout, &bwd, Command::Refused, counter, cell);
-            if let Some(l) = relay.links.get(in_link) {
+            if let Some(l) = relay.links.get_mut(in_link) {
+                if !l.spend(cell.len()) {
+                    relay.stats.drops[DropReason::Unvalidated as usize] += 1;
+                    return Action::Drop(reason);
+                }
                 l.tx.protect(
                     cell,
                     &Header {
@@ -342,6 +353,11 @@ impl<A: Aead> Relay<A> {
         if self.circuits.is_full() {
             return refuse(self, cell, DropReason::Capacity);
         }
+        let to_client = self
+            .links
+            .get(in_link)
+            .is_some_and(|l| l.kind == LinkKind::Client);
+        let cookie = if to_client { self.cookies.draw() } else { 0 };
         let Some(circuit) = self.circuits.insert(Circuit {
             prev_link: in_link,
             prev_id: routing.in_id,
@@ -351,6 +367,7 @@ impl<A: Aead> Relay<A> {
             win_fwd: ReplayWindow::new(),
             win_bwd: ReplayWindow::new(),
             exit_counter: 1,
+            cookie,
             last_active: now_ms,
         }) else {
             unreachable!("the table had a free slot a moment ago");
@@ -390,12 +407,19 @@ impl<A: Aead> Relay<A> {
                 cell[layout.stack_start()..layout.stack_end()].fill(0);
                 let counter = bwd.shifted(0);
                 add_backward(&layout, bwd, Command::Created, counter, cell);
-                if let Some(l) = self.links.get(in_link) {
+                if let Some(l) = self.links.get_mut(in_link) {
+                    // A 1-hop circuit: this relay is also the first hop. The CREATED
+                    // costs the address no more than the setup it sent; to a client
+                    // it carries the cookie in place of the counter.
+                    if !l.spend(cell.len()) {
+                        self.remove_circuit(circuit.slot);
+                        return self.drop(DropReason::Unvalidated);
+                    }
                     l.tx.protect(
                         cell,
                         &Header {
                             circuit: routing.in_id,
-                            counter,
+                            counter: if to_client { cookie } else { counter },
                             command: Command::Created,
                         },
                     );
