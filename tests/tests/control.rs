@@ -757,3 +757,84 @@ fn daemon_without_once_runs_steps_in_a_loop() {
     assert!(stdout.contains("shroudctl daemon: next: "), "{stdout}");
     assert_eq!(key_files(&r.key_dir).len(), 2);
 }
+
+/// `shroudctl` run as user nobody (65534), with `setpriv` or `runuser`; `None` when
+/// this test does not run as root (it cannot switch users then).
+fn ctl_as_nobody() -> Option<Command> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return None;
+    }
+    let setpriv = Command::new("setpriv").arg("--version").output();
+    let mut c = if setpriv.is_ok_and(|o| o.status.success()) {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        c
+    } else {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--"]);
+        c
+    };
+    c.arg(shroudctl_bin())
+        .env_remove("SHROUD_ADMIN_SOCKET")
+        .stdin(Stdio::null());
+    Some(c)
+}
+
+fn admin_refused(net: &TestNet, i: usize) -> u64 {
+    let s = net.admin(i, json!({"cmd": "status"}));
+    s["result"]["admin_refused"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no admin_refused in {s}"))
+}
+
+#[test]
+fn admin_socket_is_owner_only_and_refuses_other_users() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let net = TestNet::start(NetOpts::new(46, 1));
+    let path = &net.relays[0].admin;
+    let meta = std::fs::symlink_metadata(path).expect("admin socket");
+    assert!(meta.file_type().is_socket(), "{meta:?}");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    let Some(mut nobody) = ctl_as_nobody() else {
+        eprintln!("SKIPPED: not root, so no client can be run as another user");
+        return;
+    };
+    let s = sock(&net, 0);
+    let status_as_nobody = |c: &mut Command| {
+        Run::from(
+            c.args(["status", "--json", "--interval", "0", "--socket", &s])
+                .output()
+                .expect("run shroudctl as nobody"),
+        )
+    };
+    // Mode 0600: another user cannot even connect.
+    let r = status_as_nobody(&mut nobody);
+    assert!(r.stdout.is_empty(), "{r:#?}");
+    r.fails(
+        1,
+        &["cannot reach the relay's admin socket", "Permission denied"],
+    );
+    assert_eq!(admin_refused(&net, 0), 0);
+
+    // Loosened by mistake, the socket lets nobody connect: the relay reads its peer
+    // credentials and closes the connection unanswered.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let mut nobody = ctl_as_nobody().expect("as nobody");
+    let r = status_as_nobody(&mut nobody);
+    assert!(r.stdout.is_empty(), "{r:#?}");
+    let err = r.fails(1, &[&s]);
+    assert!(!err.contains("relay_id"), "{err}");
+    assert_eq!(admin_refused(&net, 0), 1);
+    let log = net.log(0);
+    assert_eq!(
+        log.matches("refused an admin connection").count(),
+        1,
+        "{log}"
+    );
+    // The peer's identity stays out of the log above debug level.
+    assert!(!log.contains("65534"), "{log}");
+    // The relay's own user (root here) is still served.
+    let out = run(&["status", "--socket", &s, "--json", "--interval", "0"]).ok();
+    assert!(out.contains("relay_id"), "{out}");
+}
