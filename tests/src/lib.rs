@@ -101,6 +101,8 @@ pub struct RelayProc {
     pub key_dir: PathBuf,
     /// Metrics endpoint (when [`NetOpts::metrics`] is set).
     pub metrics: Option<SocketAddr>,
+    /// Its peer-list rollback state (`relay.peer_list_state`).
+    pub peer_list_state: PathBuf,
 }
 
 /// A running test network.
@@ -233,6 +235,7 @@ impl TestNet {
                 identity_key: rdir.join("identity.key"),
                 key_dir,
                 metrics: opts.metrics.then(|| SocketAddr::new(addr, 9478)),
+                peer_list_state: rdir.join("peer-list.serial"),
             });
             identities.push(id);
         }
@@ -284,6 +287,7 @@ impl TestNet {
 identity_key = "identity.key"
 {onion_line}
 peer_list = {list:?}
+peer_list_state = "peer-list.serial"
 authorities = [{auth:?}]
 exit_policy = [{policy}]
 
@@ -323,7 +327,9 @@ socket = "admin.sock"
         std::fs::write(&r.config, text).unwrap();
     }
 
-    fn spawn(&mut self, i: usize) {
+    /// Starts relay `i`'s process without waiting for it (see [`TestNet::restart`]
+    /// to wait until it answers, [`TestNet::wait_exit`] for one that should fail).
+    pub fn spawn(&mut self, i: usize) {
         let r = &mut self.relays[i];
         let log = std::fs::File::create(&r.log).unwrap();
         let child = Command::new(relay_bin())

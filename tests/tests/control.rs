@@ -838,3 +838,66 @@ fn admin_socket_is_owner_only_and_refuses_other_users() {
     let out = run(&["status", "--socket", &s, "--json", "--interval", "0"]).ok();
     assert!(out.contains("relay_id"), "{out}");
 }
+
+#[test]
+fn peer_list_state_survives_restarts_and_must_be_usable() {
+    let mut net = TestNet::start(NetOpts::new(47, 1));
+    let state = net.relays[0].peer_list_state.clone();
+    let read_state = || std::fs::read_to_string(&state).expect("state file");
+    // Missing at the first start: created with the serial in force.
+    assert_eq!(read_state(), "1\n");
+    let with_serial = |net: &mut TestNet, serial: u64| {
+        let mut l = net.list.clone();
+        l.serial = serial;
+        net.set_list(l);
+    };
+    with_serial(&mut net, 3);
+    assert_eq!(net.admin(0, json!({"cmd": "reload"}))["ok"], true);
+    assert_eq!(read_state(), "3\n");
+
+    // After a restart, an older (validly signed) list is refused: exit 78.
+    with_serial(&mut net, 2);
+    let start_fails = |net: &mut TestNet, needles: &[&str]| {
+        net.kill(0);
+        net.spawn(0);
+        let code = net.wait_exit(0, Duration::from_secs(20));
+        let log = net.log(0);
+        assert_eq!(code, Some(78), "{log}");
+        for n in needles {
+            assert!(log.contains(n), "{n:?} missing: {log}");
+        }
+    };
+    start_fails(
+        &mut net,
+        &["serial 2 is older than the last accepted serial 3"],
+    );
+    assert_eq!(read_state(), "3\n");
+
+    // A corrupt or unreadable state file stops the start, naming the file.
+    with_serial(&mut net, 3);
+    let name = state.display().to_string();
+    std::fs::write(&state, "three\n").expect("write");
+    start_fails(&mut net, &["relay.peer_list_state", &name, "corrupt"]);
+    std::fs::remove_file(&state).expect("rm");
+    std::fs::create_dir(&state).expect("mkdir");
+    start_fails(&mut net, &["relay.peer_list_state", &name]);
+    std::fs::remove_dir(&state).expect("rmdir");
+    std::fs::write(&state, "3\n").expect("write");
+    net.restart(0);
+
+    // A reload whose serial cannot be recorded is refused: the relay keeps its list.
+    let cfg = std::fs::read_to_string(&net.relays[0].config).expect("config");
+    let moved = cfg.replace(
+        "peer_list_state = \"peer-list.serial\"",
+        "peer_list_state = \"missing/peer-list.serial\"",
+    );
+    assert_ne!(cfg, moved);
+    std::fs::write(&net.relays[0].config, moved).expect("config");
+    with_serial(&mut net, 4);
+    let r = net.admin(0, json!({"cmd": "reload"}));
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().expect("error");
+    assert!(e.contains("cannot record peer-list serial 4"), "{e}");
+    let s = net.admin(0, json!({"cmd": "status"}));
+    assert_eq!(s["result"]["peer_list"]["serial"], 3, "{s}");
+}

@@ -140,26 +140,49 @@ pub fn trust_policy(cfg: &Config) -> anyhow::Result<TrustPolicy> {
     })
 }
 
-fn last_serial(cfg: &Config) -> Option<u64> {
-    let p = cfg.relay.peer_list_state.as_ref()?;
-    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+/// The serial recorded in `relay.peer_list_state`: `None` if the file does not exist
+/// (a first start); an error naming the file if it cannot be read or does not hold
+/// one serial. Never "ignore and accept anything": that would reopen the rollback
+/// the file is there to prevent.
+pub fn recorded_serial(cfg: &Config) -> anyhow::Result<Option<u64>> {
+    let p = &cfg.relay.peer_list_state;
+    shroud_control::peerfile::read_state(p).map_err(|e| {
+        anyhow::Error::new(e).context(format!(
+            "relay.peer_list_state: cannot use the peer-list rollback state {} (it must \
+             hold the serial of the last accepted peer list and a newline; restore it, \
+             or remove it to accept any serial once)",
+            p.display()
+        ))
+    })
+}
+
+/// Records `serial` in `relay.peer_list_state` (atomically: temporary file, fsync,
+/// rename), unless the file already holds it. A missing file is created; its
+/// directory must exist.
+pub fn record_serial(cfg: &Config, serial: u64) -> anyhow::Result<()> {
+    if recorded_serial(cfg)? == Some(serial) {
+        return Ok(());
+    }
+    let p = &cfg.relay.peer_list_state;
+    shroud_control::peerfile::write_state(p, serial).map_err(|e| {
+        anyhow::Error::new(e).context(format!(
+            "relay.peer_list_state: cannot record peer-list serial {serial} in {}",
+            p.display()
+        ))
+    })
 }
 
 /// Reads and verifies the peer list (signatures and threshold, validity window, no
-/// rollback below `last`, network parameters).
+/// rollback below `last` nor below the serial recorded in `relay.peer_list_state`,
+/// network parameters). Writes nothing: the caller records the serial
+/// ([`record_serial`]) once it commits to the list.
 pub fn load_peer_list(cfg: &Config, last: Option<u64>) -> anyhow::Result<PeerList> {
+    let floor = last.max(recorded_serial(cfg)?);
     let text = std::fs::read_to_string(&cfg.relay.peer_list)
         .with_context(|| format!("cannot read peer list {}", cfg.relay.peer_list.display()))?;
     let policy = trust_policy(cfg)?;
-    let list =
-        PeerList::parse_and_verify(&text, &policy, now_s(), last.or_else(|| last_serial(cfg)))
-            .map_err(|e| anyhow!("peer list {} refused: {e}", cfg.relay.peer_list.display()))?;
-    if let Some(p) = &cfg.relay.peer_list_state {
-        if let Err(e) = std::fs::write(p, format!("{}\n", list.serial)) {
-            tracing::warn!(path = %p.display(), error = %e, "cannot record the peer-list serial");
-        }
-    }
-    Ok(list)
+    PeerList::parse_and_verify(&text, &policy, now_s(), floor)
+        .map_err(|e| anyhow!("peer list {} refused: {e}", cfg.relay.peer_list.display()))
 }
 
 /// Loads keys and the peer list.
@@ -310,6 +333,7 @@ impl Daemon {
     /// Loads everything, binds every worker's sockets and starts the workers.
     pub fn start(cfg: Config) -> Result<Daemon, StartError> {
         let loaded = load(&cfg).map_err(StartError::Config)?;
+        record_serial(&cfg, loaded.peers.serial).map_err(StartError::Config)?;
         let layout = loaded
             .peers
             .params
@@ -465,6 +489,7 @@ impl Daemon {
         self.cfg.relay.onion_keys = new.relay.onion_keys;
         self.cfg.relay.onion_key_dir = new.relay.onion_key_dir;
         self.cfg.relay.peer_list = new.relay.peer_list;
+        self.cfg.relay.peer_list_state = new.relay.peer_list_state;
         self.cfg.relay.authorities = new.relay.authorities;
         self.cfg.relay.authority_threshold = new.relay.authority_threshold;
         Ok(())
@@ -478,6 +503,9 @@ impl Daemon {
             return Err(anyhow!("the new peer list changes the network parameters (CELL/H_MAX); restart the relay to apply them"));
         }
         let onion = load_onion_keys(&self.cfg)?;
+        // Record the serial before applying the list: a list whose serial cannot be
+        // recorded is not applied, so a restart can never fall back below it.
+        record_serial(&self.cfg, list.serial)?;
         let peers = peers_of(&list);
         self.keyring.update(secrets(&onion), sys::now_ms());
         let keyring = self.keyring.clone();
