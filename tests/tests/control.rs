@@ -1,7 +1,9 @@
 //! The real `shroudctl` binary against real `shroud-relay` processes: live status
 //! (table and JSON), `top`, reload/rotate/drain/shutdown, exit codes, onion-key
-//! rotation with `shroudctl daemon --once` under traffic (no cell lost), and the
-//! Prometheus endpoint checked by a real parser.
+//! rotation with `shroudctl daemon --once` under traffic (no cell lost), the
+//! Prometheus endpoint checked by a real parser, the admin socket's permissions and
+//! peer-credential check against another user, the peer-list rollback state across
+//! restarts, and a peer list expiring while the relay runs.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -900,4 +902,77 @@ fn peer_list_state_survives_restarts_and_must_be_usable() {
     assert!(e.contains("cannot record peer-list serial 4"), "{e}");
     let s = net.admin(0, json!({"cmd": "status"}));
     assert_eq!(s["result"]["peer_list"]["serial"], 3, "{s}");
+}
+
+#[test]
+fn an_expired_peer_list_stops_new_circuits_until_a_reload() {
+    let mut opts = NetOpts::new(48, 1);
+    opts.metrics = true;
+    opts.list_valid_for = 8;
+    let mut net = TestNet::start(opts);
+    let (dest, _echo) = echo(48);
+    let s = sock(&net, 0);
+    let metrics = net.relays[0].metrics.expect("metrics");
+    let status = |net: &TestNet| net.admin(0, json!({"cmd": "status"}))["result"].clone();
+    let mut c = net.client();
+    let id = c
+        .build_circuit(&net.path(&[0]), dest, T)
+        .unwrap_or_else(|e| panic!("circuit before expiry: {e}\n{}", net.log(0)));
+    let v = status(&net);
+    assert_eq!(v["peer_list"]["expired"], false, "{v}");
+    assert_eq!(v["accepting"], true, "{v}");
+    assert!(scrape(metrics).contains("shroud_peer_list_expired 0\n"));
+
+    // Past valid_until (plus two daemon ticks).
+    let expires = net.list.valid_until;
+    while now_s() < expires + 2 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v = status(&net);
+    assert_eq!(v["peer_list"]["expired"], true, "{v}");
+    assert_eq!(v["accepting"], false, "{v}");
+    assert!(scrape(metrics).contains("shroud_peer_list_expired 1\n"));
+    let table = run(&["status", "--socket", &s, "--interval", "0"]).ok();
+    assert!(table.contains("PEER LIST EXPIRED"), "{table}");
+    // The existing circuit keeps working.
+    c.send(id, b"after expiry").expect("send");
+    assert_eq!(c.recv(T).expect("reply").1, b"after expiry");
+    // A new one is refused by the relay.
+    let refused = net.drops(0, "capacity");
+    let mut c2 = net.client();
+    assert!(
+        c2.build_circuit(&net.path(&[0]), dest, Duration::from_secs(2))
+            .is_err(),
+        "a circuit was built on an expired peer list"
+    );
+    assert!(net.drops(0, "capacity") > refused);
+    // Logged once, not at every tick.
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = net.log(0);
+    assert_eq!(
+        log.matches("the peer list in force has expired").count(),
+        1,
+        "{log}"
+    );
+
+    // A reload of the same, expired list changes nothing.
+    assert_eq!(net.admin(0, json!({"cmd": "reload"}))["ok"], false);
+    assert_eq!(status(&net)["accepting"], false);
+    // A fresh list and a reload: new circuits again.
+    let mut l = net.list.clone();
+    l.serial = 2;
+    l.valid_until = now_s() + 3600;
+    net.set_list(l);
+    assert_eq!(net.admin(0, json!({"cmd": "reload"}))["ok"], true);
+    let v = status(&net);
+    assert_eq!(v["peer_list"]["expired"], false, "{v}");
+    assert_eq!(v["accepting"], true, "{v}");
+    assert!(scrape(metrics).contains("shroud_peer_list_expired 0\n"));
+    let mut c3 = net.client();
+    let id3 = c3
+        .build_circuit(&net.path(&[0]), dest, T)
+        .unwrap_or_else(|e| panic!("circuit after the reload: {e}\n{}", net.log(0)));
+    c3.send(id3, b"fresh").expect("send");
+    assert_eq!(c3.recv(T).expect("reply").1, b"fresh");
+    assert!(net.log(0).contains("a valid peer list is in force again"));
 }

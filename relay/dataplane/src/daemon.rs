@@ -301,6 +301,9 @@ pub struct Daemon {
     workers: Vec<WorkerHandle>,
     started: Instant,
     draining: bool,
+    /// The peer list in force reached its `valid_until` while running: new circuits
+    /// are refused until a reload brings a valid list.
+    list_expired: bool,
     info: Arc<Mutex<RelayInfo>>,
     /// Admin connections refused for their peer credentials ([`serve_admin`]).
     admin_refused: Arc<AtomicU64>,
@@ -412,6 +415,7 @@ impl Daemon {
             workers,
             started: Instant::now(),
             draining: false,
+            list_expired: false,
             info: Arc::new(Mutex::new(RelayInfo::default())),
             admin_refused: Arc::new(AtomicU64::new(0)),
         };
@@ -436,6 +440,7 @@ impl Daemon {
                 .collect(),
             peer_list_serial: self.loaded.peers.serial,
             peer_list_valid_until: self.loaded.peers.valid_until,
+            peer_list_expired: self.list_expired,
             draining: self.draining,
         };
         match self.info.lock() {
@@ -463,6 +468,26 @@ impl Daemon {
     /// [`serve_admin`].
     pub fn admin_refused(&self) -> Arc<AtomicU64> {
         self.admin_refused.clone()
+    }
+
+    /// Notices when the peer list in force expires while the relay runs: logs it
+    /// once, shows it in `status` and the metrics, and makes every worker refuse new
+    /// circuits (existing ones keep forwarding) until [`Self::reload`] brings a valid
+    /// list. A relay must not keep admitting circuits on a directory nobody vouches
+    /// for any more (relays removed since, onion keys replaced).
+    fn check_peer_list_expiry(&mut self) {
+        if self.list_expired || now_s() < self.loaded.peers.valid_until {
+            return;
+        }
+        self.list_expired = true;
+        tracing::error!(
+            serial = self.loaded.peers.serial,
+            valid_until = self.loaded.peers.valid_until,
+            "the peer list in force has expired: refusing new circuits (existing ones keep \
+             working) until a reload brings a valid peer list"
+        );
+        self.broadcast(|| Control::SetAccepting(false));
+        self.publish_info();
     }
 
     fn broadcast(&self, make: impl Fn() -> Control) {
@@ -513,6 +538,14 @@ impl Daemon {
         self.broadcast(|| Control::SetOnionKeys(keyring.clone()));
         self.loaded.peers = list;
         self.loaded.onion = onion;
+        if self.list_expired {
+            // verified above: the new list is within its validity window.
+            self.list_expired = false;
+            if !self.draining {
+                self.broadcast(|| Control::SetAccepting(true));
+            }
+            tracing::info!("a valid peer list is in force again: accepting new circuits");
+        }
         self.publish_info();
         tracing::info!(
             serial = self.loaded.peers.serial,
@@ -581,6 +614,7 @@ impl Daemon {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),
             "draining": self.draining,
+            "accepting": !self.draining && !self.list_expired,
             "admin_refused": self.admin_refused.load(Ordering::Relaxed),
             "cell": self.layout.cell,
             "h_max": self.layout.h_max,
@@ -590,6 +624,7 @@ impl Daemon {
             "peer_list": {
                 "serial": self.loaded.peers.serial,
                 "valid_until": self.loaded.peers.valid_until,
+                "expired": self.list_expired,
                 "relays": self.loaded.peers.relays.len(),
             },
             "onion_keys": self.onion_json(),
@@ -631,6 +666,7 @@ impl Daemon {
             if self.workers.iter().all(|w| w.thread.is_finished()) {
                 break;
             }
+            self.check_peer_list_expiry();
             match events.recv_timeout(tick) {
                 Ok(Event::Reload(reply)) => {
                     let r = self.reload();

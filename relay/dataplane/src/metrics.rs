@@ -42,6 +42,8 @@ pub struct RelayInfo {
     pub peer_list_serial: u64,
     /// End of validity of the peer list in use, Unix seconds.
     pub peer_list_valid_until: u64,
+    /// Whether that list expired while the relay ran (new circuits are refused).
+    pub peer_list_expired: bool,
     /// Whether the relay is draining.
     pub draining: bool,
 }
@@ -51,7 +53,7 @@ pub struct RelayInfo {
 pub struct RelayMetrics {
     /// `(port, counters)` per worker, by worker index.
     pub workers: Vec<(u16, Arc<WorkerStats>)>,
-    /// Updated by the daemon on start, reload, rotate and drain.
+    /// Updated by the daemon on start, reload, rotate, drain and peer-list expiry.
     pub info: Arc<Mutex<RelayInfo>>,
     /// Admin connections refused for their peer credentials.
     pub admin_refused: Arc<AtomicU64>,
@@ -337,6 +339,17 @@ pub fn render_metrics(
     );
     header(
         &mut o,
+        "shroud_peer_list_expired",
+        "gauge",
+        "1 while the peer list in use has expired (new circuits refused until a reload brings a valid list), else 0.",
+    );
+    let _ = writeln!(
+        o,
+        "shroud_peer_list_expired {}",
+        u8::from(info.peer_list_expired)
+    );
+    header(
+        &mut o,
         "shroud_admin_refused_total",
         "counter",
         "Admin socket connections refused because the peer is neither the relay's user nor root.",
@@ -376,6 +389,7 @@ mod tests {
             ],
             peer_list_serial: 7,
             peer_list_valid_until: 1_764_086_400,
+            peer_list_expired: true,
             draining: false,
         };
         let text = render_metrics(&[(9000, w.clone()), (9001, w)], &info, 3);
@@ -390,6 +404,7 @@ mod tests {
         assert!(text.contains("shroud_onion_keys 2\n"));
         assert!(text.contains("shroud_peer_list_serial 7\n"));
         assert!(text.contains("shroud_peer_list_expiry_timestamp_seconds 1764086400\n"));
+        assert!(text.contains("shroud_peer_list_expired 1\n"));
         assert!(text.contains("shroud_admin_refused_total 3\n"));
         assert!(text.contains("shroud_draining 0\n"));
         assert!(text.contains(
