@@ -534,6 +534,32 @@ authorities = ["AAAA"]
     }
 
     #[test]
+    fn shipped_example_parses_and_rotates_onion_keys() {
+        // deploy/relay.toml leaves the authorities for the operator to fill in.
+        let text = include_str!("../../../deploy/relay.toml");
+        let e = Config::parse(text, Path::new("/etc/shroud/relay.toml")).unwrap_err();
+        assert!(e.to_string().contains("relay.authorities"), "{e}");
+        let text = text.replace("authorities = []", "authorities = [\"AAAA\"]");
+        let c = Config::parse(&text, Path::new("/etc/shroud/relay.toml")).unwrap();
+        assert_eq!(
+            c.relay.onion_key_dir,
+            Some(PathBuf::from("/var/lib/shroud/onion-keys"))
+        );
+        assert!(c.relay.onion_keys.is_empty());
+        assert_eq!(
+            c.relay.peer_list_state,
+            PathBuf::from(DEFAULT_PEER_LIST_STATE)
+        );
+        // Every value shown is the default, as the file says.
+        let d = Config::parse(MIN, Path::new("/etc/shroud/relay.toml")).unwrap();
+        assert_eq!(format!("{:?}", c.network), format!("{:?}", d.network));
+        assert_eq!(format!("{:?}", c.limits), format!("{:?}", d.limits));
+        assert_eq!(format!("{:?}", c.io), format!("{:?}", d.io));
+        assert_eq!(c.admin.socket, d.admin.socket);
+        assert_eq!(c.log.level, d.log.level);
+    }
+
+    #[test]
     fn bad_configs_are_refused_with_the_key_named() {
         let cases = [
             (
