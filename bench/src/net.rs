@@ -242,7 +242,7 @@ impl LocalNet {
             std::fs::write(
                 &cfg,
                 format!(
-                    "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\nsetup_journal = \"setup.journal\"\npeer_list = {list:?}\nauthorities = [{auth:?}]\nexit_policy = [{policy}]\n\n\
+                    "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\npeer_list = {list:?}\npeer_list_state = \"peer-list.serial\"\nsetup_journal = \"setup.journal\"\nauthorities = [{auth:?}]\nexit_policy = [{policy}]\n\n\
                      [network]\nlisten = [\"{addr}\"]\nbase_port = 9000\nworkers = {w}\ncpus = [{cpus}]\nsocket_buffer_bytes = 16777216\n\n\
                      [limits]\nsetup_rate = 100000\nsetup_burst = 100000\n\n\
                      [io]\ncrypto = \"{crypto}\"\ngro_gso = {gro}\nzero_copy_send = {zc}\n\n[admin]\nsocket = \"admin.sock\"\n\n[log]\nlevel = \"warn\"\n",

@@ -139,8 +139,9 @@ pub enum Command {
     /// Show a relay's workers, cells/s, circuits, drops and key expiry (admin socket)
     #[command(
         long_about = "Show a running relay's state from its admin socket: version, uptime, \
-            draining or not, the peer list in use, its onion keys and when each expires, and \
-            per worker its port, I/O driver, cells/s received and sent, setups/s, drops/s, \
+            draining or not (or refusing new circuits: its peer list expired), the peer list in \
+            use, its onion keys and when each expires, and per worker its port, I/O driver, \
+            cells/s received and sent, setups/s, drops/s, \
             live circuits and 99th-percentile batch latency; then drops by reason.\n\n\
             Rates come from two status samples --interval seconds apart (default 1; 0 takes one \
             sample and shows no rates).\n\n\

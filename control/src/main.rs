@@ -113,7 +113,16 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     exit::FAILURE
 }
 
+/// Whether `err` is standard output closed by its reader. A broken pipe on the
+/// admin socket (the relay closed the connection, e.g. refusing this user) is not:
+/// that one is reported.
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    if err
+        .chain()
+        .any(|c| c.downcast_ref::<AdminError>().is_some())
+    {
+        return false;
+    }
     err.chain().any(|cause| {
         cause
             .downcast_ref::<io::Error>()

@@ -106,6 +106,9 @@ pub struct PeerListStatus {
     pub valid_until: u64,
     /// Relays listed.
     pub relays: u64,
+    /// Whether it expired while the relay ran (the relay then refuses new circuits
+    /// until a reload brings a valid list).
+    pub expired: bool,
 }
 
 /// One onion key in [`Status`].
@@ -327,6 +330,8 @@ pub fn render_status(s: &Status, rates: Option<&Rates>, now: u64) -> String {
         s.h_max,
         if s.draining {
             "DRAINING (refusing new circuits)"
+        } else if s.peer_list.expired {
+            "PEER LIST EXPIRED (refusing new circuits until a reload brings a valid list)"
         } else {
             "accepting circuits"
         }
@@ -547,6 +552,14 @@ mod tests {
             .find(|l| l.trim_start().starts_with("bad_tag"))
             .expect("drops");
         assert!(drop_row.ends_with("3    1.0"), "{drop_row:?}");
+        assert!(t.contains("  accepting circuits\n"), "{t}");
+        let mut expired = b.clone();
+        expired.peer_list.expired = true;
+        let t = render_status(&expired, None, 1_764_043_200);
+        assert!(
+            t.contains("  PEER LIST EXPIRED (refusing new circuits until a reload"),
+            "{t}"
+        );
         // Without rates, rate columns show '-'.
         let t = render_status(&b, None, 1_764_043_200);
         assert!(!t.contains("rates over"), "{t}");

@@ -13,7 +13,9 @@
 //!
 //! Options: [`NetOpts::onion_key_dir`] gives each relay an onion key directory
 //! (`relay<i>/keys`, the layout `shroudctl daemon` keeps) instead of key files, and
-//! [`NetOpts::metrics`] serves Prometheus metrics on `127.0.<net>.<i+1>:9478`.
+//! [`NetOpts::metrics`] serves Prometheus metrics on `127.0.<net>.<i+1>:9478`, and
+//! [`NetOpts::list_valid_for`] sets how long the peer list stays valid. Each relay
+//! keeps its peer-list rollback state in `relay<i>/peer-list.serial`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -53,6 +55,8 @@ pub struct NetOpts {
     pub onion_key_dir: bool,
     /// Serve metrics on `<relay address>:9478`.
     pub metrics: bool,
+    /// Seconds from the start until the peer list expires (default one hour).
+    pub list_valid_for: u64,
 }
 
 impl NetOpts {
@@ -69,6 +73,7 @@ impl NetOpts {
             setup_burst: 400,
             onion_key_dir: false,
             metrics: false,
+            list_valid_for: 3600,
         }
     }
 }
@@ -101,6 +106,8 @@ pub struct RelayProc {
     pub key_dir: PathBuf,
     /// Metrics endpoint (when [`NetOpts::metrics`] is set).
     pub metrics: Option<SocketAddr>,
+    /// Its peer-list rollback state (`relay.peer_list_state`).
+    pub peer_list_state: PathBuf,
 }
 
 /// A running test network.
@@ -189,7 +196,12 @@ impl TestNet {
         let dir = temp_dir(&format!("net{}", opts.net));
         let authority = IdentityKey::generate(&mut OsRng);
         let now = now_s();
-        let mut list = PeerList::new(1, now - 60, now + 3600, NetworkParams::default());
+        let mut list = PeerList::new(
+            1,
+            now - 60,
+            now + opts.list_valid_for,
+            NetworkParams::default(),
+        );
         let mut relays = Vec::new();
         let mut identities = Vec::new();
         for i in 0..opts.relays {
@@ -233,6 +245,7 @@ impl TestNet {
                 identity_key: rdir.join("identity.key"),
                 key_dir,
                 metrics: opts.metrics.then(|| SocketAddr::new(addr, 9478)),
+                peer_list_state: rdir.join("peer-list.serial"),
             });
             identities.push(id);
         }
@@ -285,6 +298,7 @@ identity_key = "identity.key"
 setup_journal = "setup.journal"
 {onion_line}
 peer_list = {list:?}
+peer_list_state = "peer-list.serial"
 authorities = [{auth:?}]
 exit_policy = [{policy}]
 
@@ -324,7 +338,9 @@ socket = "admin.sock"
         std::fs::write(&r.config, text).unwrap();
     }
 
-    fn spawn(&mut self, i: usize) {
+    /// Starts relay `i`'s process without waiting for it (see [`TestNet::restart`]
+    /// to wait until it answers, [`TestNet::wait_exit`] for one that should fail).
+    pub fn spawn(&mut self, i: usize) {
         let r = &mut self.relays[i];
         let log = std::fs::File::create(&r.log).unwrap();
         let child = Command::new(relay_bin())

@@ -1,7 +1,9 @@
 //! The real `shroudctl` binary against real `shroud-relay` processes: live status
 //! (table and JSON), `top`, reload/rotate/drain/shutdown, exit codes, onion-key
-//! rotation with `shroudctl daemon --once` under traffic (no cell lost), and the
-//! Prometheus endpoint checked by a real parser.
+//! rotation with `shroudctl daemon --once` under traffic (no cell lost), the
+//! Prometheus endpoint checked by a real parser, the admin socket's permissions and
+//! peer-credential check against another user, the peer-list rollback state across
+//! restarts, and a peer list expiring while the relay runs.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -756,4 +758,221 @@ fn daemon_without_once_runs_steps_in_a_loop() {
     );
     assert!(stdout.contains("shroudctl daemon: next: "), "{stdout}");
     assert_eq!(key_files(&r.key_dir).len(), 2);
+}
+
+/// `shroudctl` run as user nobody (65534), with `setpriv` or `runuser`; `None` when
+/// this test does not run as root (it cannot switch users then).
+fn ctl_as_nobody() -> Option<Command> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return None;
+    }
+    let setpriv = Command::new("setpriv").arg("--version").output();
+    let mut c = if setpriv.is_ok_and(|o| o.status.success()) {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        c
+    } else {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--"]);
+        c
+    };
+    c.arg(shroudctl_bin())
+        .env_remove("SHROUD_ADMIN_SOCKET")
+        .stdin(Stdio::null());
+    Some(c)
+}
+
+fn admin_refused(net: &TestNet, i: usize) -> u64 {
+    let s = net.admin(i, json!({"cmd": "status"}));
+    s["result"]["admin_refused"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no admin_refused in {s}"))
+}
+
+#[test]
+fn admin_socket_is_owner_only_and_refuses_other_users() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let net = TestNet::start(NetOpts::new(46, 1));
+    let path = &net.relays[0].admin;
+    let meta = std::fs::symlink_metadata(path).expect("admin socket");
+    assert!(meta.file_type().is_socket(), "{meta:?}");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    let Some(mut nobody) = ctl_as_nobody() else {
+        eprintln!("SKIPPED: not root, so no client can be run as another user");
+        return;
+    };
+    let s = sock(&net, 0);
+    let status_as_nobody = |c: &mut Command| {
+        Run::from(
+            c.args(["status", "--json", "--interval", "0", "--socket", &s])
+                .output()
+                .expect("run shroudctl as nobody"),
+        )
+    };
+    // Mode 0600: another user cannot even connect.
+    let r = status_as_nobody(&mut nobody);
+    assert!(r.stdout.is_empty(), "{r:#?}");
+    r.fails(
+        1,
+        &["cannot reach the relay's admin socket", "Permission denied"],
+    );
+    assert_eq!(admin_refused(&net, 0), 0);
+
+    // Loosened by mistake, the socket lets nobody connect: the relay reads its peer
+    // credentials and closes the connection unanswered.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let mut nobody = ctl_as_nobody().expect("as nobody");
+    let r = status_as_nobody(&mut nobody);
+    assert!(r.stdout.is_empty(), "{r:#?}");
+    let err = r.fails(1, &[&s]);
+    assert!(!err.contains("relay_id"), "{err}");
+    assert_eq!(admin_refused(&net, 0), 1);
+    let log = net.log(0);
+    assert_eq!(
+        log.matches("refused an admin connection").count(),
+        1,
+        "{log}"
+    );
+    // The peer's identity stays out of the log above debug level.
+    assert!(!log.contains("65534"), "{log}");
+    // The relay's own user (root here) is still served.
+    let out = run(&["status", "--socket", &s, "--json", "--interval", "0"]).ok();
+    assert!(out.contains("relay_id"), "{out}");
+}
+
+#[test]
+fn peer_list_state_survives_restarts_and_must_be_usable() {
+    let mut net = TestNet::start(NetOpts::new(47, 1));
+    let state = net.relays[0].peer_list_state.clone();
+    let read_state = || std::fs::read_to_string(&state).expect("state file");
+    // Missing at the first start: created with the serial in force.
+    assert_eq!(read_state(), "1\n");
+    let with_serial = |net: &mut TestNet, serial: u64| {
+        let mut l = net.list.clone();
+        l.serial = serial;
+        net.set_list(l);
+    };
+    with_serial(&mut net, 3);
+    assert_eq!(net.admin(0, json!({"cmd": "reload"}))["ok"], true);
+    assert_eq!(read_state(), "3\n");
+
+    // After a restart, an older (validly signed) list is refused: exit 78.
+    with_serial(&mut net, 2);
+    let start_fails = |net: &mut TestNet, needles: &[&str]| {
+        net.kill(0);
+        net.spawn(0);
+        let code = net.wait_exit(0, Duration::from_secs(20));
+        let log = net.log(0);
+        assert_eq!(code, Some(78), "{log}");
+        for n in needles {
+            assert!(log.contains(n), "{n:?} missing: {log}");
+        }
+    };
+    start_fails(
+        &mut net,
+        &["serial 2 is older than the last accepted serial 3"],
+    );
+    assert_eq!(read_state(), "3\n");
+
+    // A corrupt or unreadable state file stops the start, naming the file.
+    with_serial(&mut net, 3);
+    let name = state.display().to_string();
+    std::fs::write(&state, "three\n").expect("write");
+    start_fails(&mut net, &["relay.peer_list_state", &name, "corrupt"]);
+    std::fs::remove_file(&state).expect("rm");
+    std::fs::create_dir(&state).expect("mkdir");
+    start_fails(&mut net, &["relay.peer_list_state", &name]);
+    std::fs::remove_dir(&state).expect("rmdir");
+    std::fs::write(&state, "3\n").expect("write");
+    net.restart(0);
+
+    // A reload whose serial cannot be recorded is refused: the relay keeps its list.
+    let cfg = std::fs::read_to_string(&net.relays[0].config).expect("config");
+    let moved = cfg.replace(
+        "peer_list_state = \"peer-list.serial\"",
+        "peer_list_state = \"missing/peer-list.serial\"",
+    );
+    assert_ne!(cfg, moved);
+    std::fs::write(&net.relays[0].config, moved).expect("config");
+    with_serial(&mut net, 4);
+    let r = net.admin(0, json!({"cmd": "reload"}));
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().expect("error");
+    assert!(e.contains("cannot record peer-list serial 4"), "{e}");
+    let s = net.admin(0, json!({"cmd": "status"}));
+    assert_eq!(s["result"]["peer_list"]["serial"], 3, "{s}");
+}
+
+#[test]
+fn an_expired_peer_list_stops_new_circuits_until_a_reload() {
+    let mut opts = NetOpts::new(48, 1);
+    opts.metrics = true;
+    opts.list_valid_for = 8;
+    let mut net = TestNet::start(opts);
+    let (dest, _echo) = echo(48);
+    let s = sock(&net, 0);
+    let metrics = net.relays[0].metrics.expect("metrics");
+    let status = |net: &TestNet| net.admin(0, json!({"cmd": "status"}))["result"].clone();
+    let mut c = net.client();
+    let id = c
+        .build_circuit(&net.path(&[0]), dest, T)
+        .unwrap_or_else(|e| panic!("circuit before expiry: {e}\n{}", net.log(0)));
+    let v = status(&net);
+    assert_eq!(v["peer_list"]["expired"], false, "{v}");
+    assert_eq!(v["accepting"], true, "{v}");
+    assert!(scrape(metrics).contains("shroud_peer_list_expired 0\n"));
+
+    // Past valid_until (plus two daemon ticks).
+    let expires = net.list.valid_until;
+    while now_s() < expires + 2 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let v = status(&net);
+    assert_eq!(v["peer_list"]["expired"], true, "{v}");
+    assert_eq!(v["accepting"], false, "{v}");
+    assert!(scrape(metrics).contains("shroud_peer_list_expired 1\n"));
+    let table = run(&["status", "--socket", &s, "--interval", "0"]).ok();
+    assert!(table.contains("PEER LIST EXPIRED"), "{table}");
+    // The existing circuit keeps working.
+    c.send(id, b"after expiry").expect("send");
+    assert_eq!(c.recv(T).expect("reply").1, b"after expiry");
+    // A new one is refused by the relay.
+    let refused = net.drops(0, "capacity");
+    let mut c2 = net.client();
+    assert!(
+        c2.build_circuit(&net.path(&[0]), dest, Duration::from_secs(2))
+            .is_err(),
+        "a circuit was built on an expired peer list"
+    );
+    assert!(net.drops(0, "capacity") > refused);
+    // Logged once, not at every tick.
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = net.log(0);
+    assert_eq!(
+        log.matches("the peer list in force has expired").count(),
+        1,
+        "{log}"
+    );
+
+    // A reload of the same, expired list changes nothing.
+    assert_eq!(net.admin(0, json!({"cmd": "reload"}))["ok"], false);
+    assert_eq!(status(&net)["accepting"], false);
+    // A fresh list and a reload: new circuits again.
+    let mut l = net.list.clone();
+    l.serial = 2;
+    l.valid_until = now_s() + 3600;
+    net.set_list(l);
+    assert_eq!(net.admin(0, json!({"cmd": "reload"}))["ok"], true);
+    let v = status(&net);
+    assert_eq!(v["peer_list"]["expired"], false, "{v}");
+    assert_eq!(v["accepting"], true, "{v}");
+    assert!(scrape(metrics).contains("shroud_peer_list_expired 0\n"));
+    let mut c3 = net.client();
+    let id3 = c3
+        .build_circuit(&net.path(&[0]), dest, T)
+        .unwrap_or_else(|e| panic!("circuit after the reload: {e}\n{}", net.log(0)));
+    c3.send(id3, b"fresh").expect("send");
+    assert_eq!(c3.recv(T).expect("reply").1, b"fresh");
+    assert!(net.log(0).contains("a valid peer list is in force again"));
 }

@@ -102,7 +102,9 @@ where
         eprintln!("shroud-relay: cannot install signal handlers: {e:#}");
         return ExitCode::FAILURE;
     }
-    if let Err(e) = daemon::serve_admin(&cfg.admin.socket, events_tx.clone()) {
+    if let Err(e) =
+        daemon::serve_admin(&cfg.admin.socket, events_tx.clone(), daemon.admin_refused())
+    {
         eprintln!("shroud-relay: {e:#}");
         return ExitCode::FAILURE;
     }

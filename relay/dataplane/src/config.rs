@@ -94,9 +94,11 @@ pub struct RelaySection {
     #[serde(default = "one")]
     pub authority_threshold: usize,
     /// Where the last accepted peer-list serial is kept (rollback protection across
-    /// restarts). Optional.
-    #[serde(default)]
-    pub peer_list_state: Option<PathBuf>,
+    /// restarts); default [`DEFAULT_PEER_LIST_STATE`]. A missing file is created at
+    /// the first start; an unreadable or corrupt one is a configuration error, and so
+    /// is failing to write it (see [`crate::daemon::load_peer_list`]).
+    #[serde(default = "default_peer_list_state")]
+    pub peer_list_state: PathBuf,
     /// Exit policy rules, first match wins; empty = not an exit.
     #[serde(default)]
     pub exit_policy: Vec<String>,
@@ -113,6 +115,14 @@ fn one() -> usize {
 
 fn default_setup_journal() -> PathBuf {
     PathBuf::from("/var/lib/shroud/setup-journal")
+}
+
+/// Default of `relay.peer_list_state`: beside the peer list in the relay's state
+/// directory (systemd `StateDirectory=shroud`).
+pub const DEFAULT_PEER_LIST_STATE: &str = "/var/lib/shroud/peer-list.serial";
+
+fn default_peer_list_state() -> PathBuf {
+    PathBuf::from(DEFAULT_PEER_LIST_STATE)
 }
 
 /// `[network]`: where to listen.
@@ -316,9 +326,7 @@ impl Config {
         if let Some(p) = c.relay.onion_key_dir.as_mut() {
             abs(p);
         }
-        if let Some(p) = c.relay.peer_list_state.as_mut() {
-            abs(p);
-        }
+        abs(&mut c.relay.peer_list_state);
         abs(&mut c.relay.setup_journal);
         abs(&mut c.admin.socket);
         c.validate()?;
@@ -516,7 +524,49 @@ authorities = ["AAAA"]
         assert_eq!(c.network.workers, 1);
         assert_eq!(c.network.base_port, 9000);
         assert_eq!(c.relay.identity_key, PathBuf::from("/etc/shroud/id.key"));
+        assert_eq!(
+            c.relay.peer_list_state,
+            PathBuf::from("/var/lib/shroud/peer-list.serial")
+        );
+        let c = Config::parse(
+            &MIN.replace(
+                "authorities",
+                "peer_list_state = \"state/serial\"\nauthorities",
+            ),
+            Path::new("/etc/shroud/relay.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.relay.peer_list_state,
+            PathBuf::from("/etc/shroud/state/serial")
+        );
         assert_eq!(c.io.driver, DriverChoice::Auto);
+    }
+
+    #[test]
+    fn shipped_example_parses_and_rotates_onion_keys() {
+        // deploy/relay.toml leaves the authorities for the operator to fill in.
+        let text = include_str!("../../../deploy/relay.toml");
+        let e = Config::parse(text, Path::new("/etc/shroud/relay.toml")).unwrap_err();
+        assert!(e.to_string().contains("relay.authorities"), "{e}");
+        let text = text.replace("authorities = []", "authorities = [\"AAAA\"]");
+        let c = Config::parse(&text, Path::new("/etc/shroud/relay.toml")).unwrap();
+        assert_eq!(
+            c.relay.onion_key_dir,
+            Some(PathBuf::from("/var/lib/shroud/onion-keys"))
+        );
+        assert!(c.relay.onion_keys.is_empty());
+        assert_eq!(
+            c.relay.peer_list_state,
+            PathBuf::from(DEFAULT_PEER_LIST_STATE)
+        );
+        // Every value shown is the default, as the file says.
+        let d = Config::parse(MIN, Path::new("/etc/shroud/relay.toml")).unwrap();
+        assert_eq!(format!("{:?}", c.network), format!("{:?}", d.network));
+        assert_eq!(format!("{:?}", c.limits), format!("{:?}", d.limits));
+        assert_eq!(format!("{:?}", c.io), format!("{:?}", d.io));
+        assert_eq!(c.admin.socket, d.admin.socket);
+        assert_eq!(c.log.level, d.log.level);
     }
 
     #[test]

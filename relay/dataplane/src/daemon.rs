@@ -13,6 +13,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -141,26 +142,49 @@ pub fn trust_policy(cfg: &Config) -> anyhow::Result<TrustPolicy> {
     })
 }
 
-fn last_serial(cfg: &Config) -> Option<u64> {
-    let p = cfg.relay.peer_list_state.as_ref()?;
-    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+/// The serial recorded in `relay.peer_list_state`: `None` if the file does not exist
+/// (a first start); an error naming the file if it cannot be read or does not hold
+/// one serial. Never "ignore and accept anything": that would reopen the rollback
+/// the file is there to prevent.
+pub fn recorded_serial(cfg: &Config) -> anyhow::Result<Option<u64>> {
+    let p = &cfg.relay.peer_list_state;
+    shroud_control::peerfile::read_state(p).map_err(|e| {
+        anyhow::Error::new(e).context(format!(
+            "relay.peer_list_state: cannot use the peer-list rollback state {} (it must \
+             hold the serial of the last accepted peer list and a newline; restore it, \
+             or remove it to accept any serial once)",
+            p.display()
+        ))
+    })
+}
+
+/// Records `serial` in `relay.peer_list_state` (atomically: temporary file, fsync,
+/// rename), unless the file already holds it. A missing file is created; its
+/// directory must exist.
+pub fn record_serial(cfg: &Config, serial: u64) -> anyhow::Result<()> {
+    if recorded_serial(cfg)? == Some(serial) {
+        return Ok(());
+    }
+    let p = &cfg.relay.peer_list_state;
+    shroud_control::peerfile::write_state(p, serial).map_err(|e| {
+        anyhow::Error::new(e).context(format!(
+            "relay.peer_list_state: cannot record peer-list serial {serial} in {}",
+            p.display()
+        ))
+    })
 }
 
 /// Reads and verifies the peer list (signatures and threshold, validity window, no
-/// rollback below `last`, network parameters).
+/// rollback below `last` nor below the serial recorded in `relay.peer_list_state`,
+/// network parameters). Writes nothing: the caller records the serial
+/// ([`record_serial`]) once it commits to the list.
 pub fn load_peer_list(cfg: &Config, last: Option<u64>) -> anyhow::Result<PeerList> {
+    let floor = last.max(recorded_serial(cfg)?);
     let text = std::fs::read_to_string(&cfg.relay.peer_list)
         .with_context(|| format!("cannot read peer list {}", cfg.relay.peer_list.display()))?;
     let policy = trust_policy(cfg)?;
-    let list =
-        PeerList::parse_and_verify(&text, &policy, now_s(), last.or_else(|| last_serial(cfg)))
-            .map_err(|e| anyhow!("peer list {} refused: {e}", cfg.relay.peer_list.display()))?;
-    if let Some(p) = &cfg.relay.peer_list_state {
-        if let Err(e) = std::fs::write(p, format!("{}\n", list.serial)) {
-            tracing::warn!(path = %p.display(), error = %e, "cannot record the peer-list serial");
-        }
-    }
-    Ok(list)
+    PeerList::parse_and_verify(&text, &policy, now_s(), floor)
+        .map_err(|e| anyhow!("peer list {} refused: {e}", cfg.relay.peer_list.display()))
 }
 
 /// Loads keys and the peer list.
@@ -288,7 +312,12 @@ pub struct Daemon {
     workers: Vec<WorkerHandle>,
     started: Instant,
     draining: bool,
+    /// The peer list in force reached its `valid_until` while running: new circuits
+    /// are refused until a reload brings a valid list.
+    list_expired: bool,
     info: Arc<Mutex<RelayInfo>>,
+    /// Admin connections refused for their peer credentials ([`serve_admin`]).
+    admin_refused: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -318,6 +347,7 @@ impl Daemon {
     /// Loads everything, binds every worker's sockets and starts the workers.
     pub fn start(cfg: Config) -> Result<Daemon, StartError> {
         let loaded = load(&cfg).map_err(StartError::Config)?;
+        record_serial(&cfg, loaded.peers.serial).map_err(StartError::Config)?;
         let layout = loaded
             .peers
             .params
@@ -396,7 +426,9 @@ impl Daemon {
             workers,
             started: Instant::now(),
             draining: false,
+            list_expired: false,
             info: Arc::new(Mutex::new(RelayInfo::default())),
+            admin_refused: Arc::new(AtomicU64::new(0)),
         };
         d.publish_info();
         Ok(d)
@@ -419,6 +451,7 @@ impl Daemon {
                 .collect(),
             peer_list_serial: self.loaded.peers.serial,
             peer_list_valid_until: self.loaded.peers.valid_until,
+            peer_list_expired: self.list_expired,
             draining: self.draining,
         };
         match self.info.lock() {
@@ -440,6 +473,32 @@ impl Daemon {
                     .map(|e| e.valid_until)
             })
             .collect()
+    }
+
+    /// The counter of admin connections refused for their peer credentials, for
+    /// [`serve_admin`].
+    pub fn admin_refused(&self) -> Arc<AtomicU64> {
+        self.admin_refused.clone()
+    }
+
+    /// Notices when the peer list in force expires while the relay runs: logs it
+    /// once, shows it in `status` and the metrics, and makes every worker refuse new
+    /// circuits (existing ones keep forwarding) until [`Self::reload`] brings a valid
+    /// list. A relay must not keep admitting circuits on a directory nobody vouches
+    /// for any more (relays removed since, onion keys replaced).
+    fn check_peer_list_expiry(&mut self) {
+        if self.list_expired || now_s() < self.loaded.peers.valid_until {
+            return;
+        }
+        self.list_expired = true;
+        tracing::error!(
+            serial = self.loaded.peers.serial,
+            valid_until = self.loaded.peers.valid_until,
+            "the peer list in force has expired: refusing new circuits (existing ones keep \
+             working) until a reload brings a valid peer list"
+        );
+        self.broadcast(|| Control::SetAccepting(false));
+        self.publish_info();
     }
 
     fn broadcast(&self, make: impl Fn() -> Control) {
@@ -466,6 +525,7 @@ impl Daemon {
         self.cfg.relay.onion_keys = new.relay.onion_keys;
         self.cfg.relay.onion_key_dir = new.relay.onion_key_dir;
         self.cfg.relay.peer_list = new.relay.peer_list;
+        self.cfg.relay.peer_list_state = new.relay.peer_list_state;
         self.cfg.relay.authorities = new.relay.authorities;
         self.cfg.relay.authority_threshold = new.relay.authority_threshold;
         Ok(())
@@ -479,6 +539,9 @@ impl Daemon {
             return Err(anyhow!("the new peer list changes the network parameters (CELL/H_MAX); restart the relay to apply them"));
         }
         let onion = load_onion_keys(&self.cfg)?;
+        // Record the serial before applying the list: a list whose serial cannot be
+        // recorded is not applied, so a restart can never fall back below it.
+        record_serial(&self.cfg, list.serial)?;
         let peers = peers_of(&list);
         self.keyring.update(secrets(&onion), sys::now_ms());
         let keyring = self.keyring.clone();
@@ -486,6 +549,14 @@ impl Daemon {
         self.broadcast(|| Control::SetOnionKeys(keyring.clone()));
         self.loaded.peers = list;
         self.loaded.onion = onion;
+        if self.list_expired {
+            // verified above: the new list is within its validity window.
+            self.list_expired = false;
+            if !self.draining {
+                self.broadcast(|| Control::SetAccepting(true));
+            }
+            tracing::info!("a valid peer list is in force again: accepting new circuits");
+        }
         self.publish_info();
         tracing::info!(
             serial = self.loaded.peers.serial,
@@ -554,6 +625,8 @@ impl Daemon {
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),
             "draining": self.draining,
+            "accepting": !self.draining && !self.list_expired,
+            "admin_refused": self.admin_refused.load(Ordering::Relaxed),
             "cell": self.layout.cell,
             "h_max": self.layout.h_max,
             "circuits": circuits,
@@ -562,6 +635,7 @@ impl Daemon {
             "peer_list": {
                 "serial": self.loaded.peers.serial,
                 "valid_until": self.loaded.peers.valid_until,
+                "expired": self.list_expired,
                 "relays": self.loaded.peers.relays.len(),
             },
             "onion_keys": self.onion_json(),
@@ -590,6 +664,7 @@ impl Daemon {
                 .map(|w| (w.port, w.stats.clone()))
                 .collect(),
             info: self.info.clone(),
+            admin_refused: self.admin_refused.clone(),
         }
     }
 
@@ -602,6 +677,7 @@ impl Daemon {
             if self.workers.iter().all(|w| w.thread.is_finished()) {
                 break;
             }
+            self.check_peer_list_expiry();
             match events.recv_timeout(tick) {
                 Ok(Event::Reload(reply)) => {
                     let r = self.reload();
@@ -685,21 +761,112 @@ fn sd_watchdog() -> Option<Duration> {
     Some(Duration::from_micros(usec))
 }
 
+/// Creates the admin socket at `path`, owner-only (0600) from the moment the path
+/// exists, replacing a stale socket left by an earlier run.
+///
+/// Binding at `path` and then `chmod`ing would leave a window in which the socket
+/// exists with the permissions the umask allows (typically 0755, and connecting
+/// needs only write permission on the socket, so a 0757 or 0777 one would be open
+/// to everyone). Setting the umask around `bind` is not safe either: the umask is
+/// process-wide, and other threads create files meanwhile. Instead the socket is
+/// bound inside a fresh directory that only this user can enter (0700), set to 0600
+/// there, and renamed into place; `rename` is atomic, so `path` goes from "absent
+/// or the old socket" to "the new socket, 0600" with nothing in between.
+pub fn bind_admin_socket(path: &Path) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("admin socket {}: not a file name", path.display()))?;
+    let mut attempt = 0;
+    let private = loop {
+        let mut r = [0u8; 8];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut r);
+        let d = dir.join(format!(
+            ".{}.{:016x}.tmp",
+            name.to_string_lossy(),
+            u64::from_le_bytes(r)
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => break d,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => attempt += 1,
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot create a private directory in {}",
+                    dir.display()
+                )))
+            }
+        }
+    };
+    let inner = private.join(name);
+    let result = (|| -> anyhow::Result<UnixListener> {
+        // The umask may have taken bits from 0700; it can only have taken them.
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))?;
+        let listener = UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&private);
+    result.with_context(|| format!("cannot bind admin socket {}", path.display()))
+}
+
+/// Whether a peer of the admin socket running as `peer_uid` may use it: only the
+/// relay's own user (`own_uid`) and root. The socket's mode (0600) already keeps
+/// other users out; this holds even if the mode or the directory is loosened by
+/// mistake (a `chmod`, a shared runtime directory).
+pub fn admin_peer_allowed(peer_uid: u32, own_uid: u32) -> bool {
+    peer_uid == own_uid || peer_uid == 0
+}
+
+/// Checks the peer credentials (`SO_PEERCRED`, fixed at `connect`) of an accepted
+/// admin connection. `Err` carries what to log at debug level.
+fn check_admin_peer(conn: &UnixStream) -> Result<(), String> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let cred = getsockopt(conn, PeerCredentials)
+        .map_err(|e| format!("cannot read its credentials: {e}"))?;
+    if admin_peer_allowed(cred.uid(), nix::unistd::geteuid().as_raw()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "uid {} gid {} pid {}",
+            cred.uid(),
+            cred.gid(),
+            cred.pid()
+        ))
+    }
+}
+
 /// Serves the admin socket: one JSON object per line in, one per line out.
 /// Commands: `status`, `stats`, `peers`, `reload`, `rotate`, `drain` (optional
-/// `timeout_s`, default 30), `shutdown`. The socket is created owner-only (0600).
-pub fn serve_admin(path: &Path, events: Sender<Event>) -> anyhow::Result<JoinHandle<()>> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot bind admin socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+/// `timeout_s`, default 30), `shutdown`. The socket is created owner-only (0600,
+/// [`bind_admin_socket`]), and every connection whose peer is neither the relay's
+/// user nor root is closed unanswered and counted in `refused`.
+pub fn serve_admin(
+    path: &Path,
+    events: Sender<Event>,
+    refused: Arc<AtomicU64>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let listener = bind_admin_socket(path)?;
     Ok(std::thread::Builder::new()
         .name("shroud-admin".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
+                if let Err(who) = check_admin_peer(&conn) {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "refused an admin connection from a process that is neither the \
+                         relay's user nor root"
+                    );
+                    tracing::debug!(peer = %who, "refused admin connection");
+                    drop(conn);
+                    continue;
+                }
                 let events = events.clone();
                 let _ = std::thread::Builder::new()
                     .name("shroud-admin-conn".into())
@@ -838,6 +1005,132 @@ mod tests {
         std::fs::create_dir(&k).unwrap();
         let e = format!("{:#}", load_onion_keys(&cfg).unwrap_err());
         assert!(e.contains("no onion key file"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn admin_socket_is_created_0600_in_place_of_a_stale_file() {
+        let d = temp("admin-bind");
+        let path = d.join("run").join("admin.sock");
+        std::fs::create_dir_all(d.join("run")).unwrap();
+        std::fs::write(&path, "stale").unwrap();
+        let listener = bind_admin_socket(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(meta.file_type().is_socket(), "{meta:?}");
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+        // The private directory it was bound in is gone; nothing else was left.
+        let names: Vec<_> = std::fs::read_dir(d.join("run"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("admin.sock")]);
+        // It is the listening socket.
+        let _c = UnixStream::connect(&path).unwrap();
+        listener.accept().unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn admin_peers_are_the_relays_user_and_root() {
+        assert!(admin_peer_allowed(998, 998));
+        assert!(admin_peer_allowed(0, 998));
+        assert!(admin_peer_allowed(0, 0));
+        assert!(!admin_peer_allowed(65534, 998));
+        assert!(!admin_peer_allowed(998, 0));
+    }
+
+    /// Environment variable telling [`admin_peer_child`] which socket to try.
+    const CHILD_SOCKET: &str = "SHROUD_TEST_ADMIN_PEER_SOCKET";
+
+    /// Not a test by itself: [`admin_socket_refuses_other_users`] runs this test
+    /// binary again under another uid with only this test, which connects to the
+    /// admin socket, asks for `status` and prints what it got.
+    #[test]
+    #[ignore = "run by admin_socket_refuses_other_users as another user"]
+    fn admin_peer_child() {
+        let Some(path) = std::env::var_os(CHILD_SOCKET) else {
+            return;
+        };
+        let result = (|| -> std::io::Result<String> {
+            let mut s = UnixStream::connect(&path)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            writeln!(s, "{}", json!({"cmd": "status"}))?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            Ok(line)
+        })();
+        match result {
+            Ok(line) if !line.is_empty() => println!("CHILD-RESULT reply {}", line.trim()),
+            Ok(_) => println!("CHILD-RESULT no reply (end of stream)"),
+            Err(e) => println!("CHILD-RESULT no reply ({e})"),
+        }
+    }
+
+    #[test]
+    fn admin_socket_refuses_other_users() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root to run a client as another user");
+            return;
+        }
+        let d = temp("admin-peer");
+        // Loosen every permission so that only the peer-credential check stands
+        // between the other user and the relay.
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let path = d.join("admin.sock");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let refused = Arc::new(AtomicU64::new(0));
+        serve_admin(&path, tx, refused.clone()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let answered = Arc::new(AtomicU64::new(0));
+        let n = answered.clone();
+        std::thread::spawn(move || {
+            for ev in rx {
+                if let Event::Query(_, reply) = ev {
+                    n.fetch_add(1, Ordering::Relaxed);
+                    let _ = reply.send(json!({"ok": true, "result": {"relay_id": "x"}}));
+                }
+            }
+        });
+        // Runs `admin_peer_child` from this test binary, under `wrapper` if given.
+        let ask = |wrapper: &[&str]| -> String {
+            let exe = std::env::current_exe().unwrap();
+            let mut cmd = match wrapper.split_first() {
+                None => std::process::Command::new(&exe),
+                Some((program, args)) => {
+                    let mut c = std::process::Command::new(program);
+                    c.args(args).arg(&exe);
+                    c
+                }
+            };
+            let out = cmd
+                .args(["--exact", "daemon::tests::admin_peer_child"])
+                .args(["--ignored", "--nocapture"])
+                .env(CHILD_SOCKET, &path)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "{out:?}");
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("CHILD-RESULT "))
+                .unwrap_or_else(|| panic!("the child did not report: {stdout}"))
+                .to_owned()
+        };
+        // The relay's own user gets its answer.
+        let mine = ask(&[]);
+        assert!(mine.starts_with("reply {\"ok\":true"), "{mine}");
+        assert_eq!(refused.load(Ordering::Relaxed), 0);
+        // nobody (65534) reaches the socket but is refused without an answer.
+        let other = ask(&[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ]);
+        assert!(other.starts_with("no reply"), "{other}");
+        assert_eq!(refused.load(Ordering::Relaxed), 1);
+        assert_eq!(answered.load(Ordering::Relaxed), 1);
         std::fs::remove_dir_all(&d).unwrap();
     }
 

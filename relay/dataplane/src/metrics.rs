@@ -13,6 +13,7 @@
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +42,8 @@ pub struct RelayInfo {
     pub peer_list_serial: u64,
     /// End of validity of the peer list in use, Unix seconds.
     pub peer_list_valid_until: u64,
+    /// Whether that list expired while the relay ran (new circuits are refused).
+    pub peer_list_expired: bool,
     /// Whether the relay is draining.
     pub draining: bool,
 }
@@ -50,8 +53,10 @@ pub struct RelayInfo {
 pub struct RelayMetrics {
     /// `(port, counters)` per worker, by worker index.
     pub workers: Vec<(u16, Arc<WorkerStats>)>,
-    /// Updated by the daemon on start, reload, rotate and drain.
+    /// Updated by the daemon on start, reload, rotate, drain and peer-list expiry.
     pub info: Arc<Mutex<RelayInfo>>,
+    /// Admin connections refused for their peer credentials.
+    pub admin_refused: Arc<AtomicU64>,
 }
 
 /// Serves Prometheus text on `GET /metrics`.
@@ -94,7 +99,11 @@ fn metrics_conn(mut conn: std::net::TcpStream, metrics: &RelayMetrics) -> std::i
             .lock()
             .map(|i| i.clone())
             .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
-        render_metrics(&metrics.workers, &info)
+        render_metrics(
+            &metrics.workers,
+            &info,
+            metrics.admin_refused.load(Ordering::Relaxed),
+        )
     } else {
         let msg = "not found: try /metrics\n";
         write!(conn, "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{msg}", msg.len())?;
@@ -138,8 +147,13 @@ fn header(o: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-/// The Prometheus text exposition of the worker counters and the relay info.
-pub fn render_metrics(workers: &[(u16, Arc<WorkerStats>)], info: &RelayInfo) -> String {
+/// The Prometheus text exposition of the worker counters, the relay info and the
+/// count of refused admin connections.
+pub fn render_metrics(
+    workers: &[(u16, Arc<WorkerStats>)],
+    info: &RelayInfo,
+    admin_refused: u64,
+) -> String {
     let mut o = String::new();
     let snaps: Vec<(u16, StatsSnapshot)> =
         workers.iter().map(|(p, s)| (*p, s.snapshot())).collect();
@@ -325,6 +339,24 @@ pub fn render_metrics(workers: &[(u16, Arc<WorkerStats>)], info: &RelayInfo) -> 
     );
     header(
         &mut o,
+        "shroud_peer_list_expired",
+        "gauge",
+        "1 while the peer list in use has expired (new circuits refused until a reload brings a valid list), else 0.",
+    );
+    let _ = writeln!(
+        o,
+        "shroud_peer_list_expired {}",
+        u8::from(info.peer_list_expired)
+    );
+    header(
+        &mut o,
+        "shroud_admin_refused_total",
+        "counter",
+        "Admin socket connections refused because the peer is neither the relay's user nor root.",
+    );
+    let _ = writeln!(o, "shroud_admin_refused_total {admin_refused}");
+    header(
+        &mut o,
         "shroud_draining",
         "gauge",
         "1 while the relay drains (refuses new circuits), else 0.",
@@ -357,9 +389,10 @@ mod tests {
             ],
             peer_list_serial: 7,
             peer_list_valid_until: 1_764_086_400,
+            peer_list_expired: true,
             draining: false,
         };
-        let text = render_metrics(&[(9000, w.clone()), (9001, w)], &info);
+        let text = render_metrics(&[(9000, w.clone()), (9001, w)], &info, 3);
         assert!(
             text.contains("shroud_cells_total{worker=\"0\",port=\"9000\",direction=\"rx\"} 10\n")
         );
@@ -371,6 +404,9 @@ mod tests {
         assert!(text.contains("shroud_onion_keys 2\n"));
         assert!(text.contains("shroud_peer_list_serial 7\n"));
         assert!(text.contains("shroud_peer_list_expiry_timestamp_seconds 1764086400\n"));
+        assert!(text.contains("shroud_peer_list_expired 1\n"));
+        assert!(text.contains("shroud_admin_refused_total 3\n"));
+        assert!(text.contains("shroud_draining 0\n"));
         assert!(text.contains(
             "shroud_batch_latency_seconds_bucket{worker=\"0\",port=\"9000\",le=\"0.000001\"} 0\n"
         ));

@@ -23,6 +23,9 @@ pub enum Control {
     /// New onion keys (newest first), as the process-wide keyring whose seen-filters
     /// every worker shares: circuits are untouched.
     SetOnionKeys(OnionKeyring),
+    /// Accept new circuits or refuse them (while the peer list in force has expired);
+    /// existing circuits are untouched. Ignored once draining: a drain never resumes.
+    SetAccepting(bool),
     /// Refuse new circuits; exit when the last circuit is gone or at the deadline
     /// (unix ms).
     Drain {
@@ -136,6 +139,11 @@ impl<A: Aead> Shared<'_, A> {
             match self.ctl.try_recv() {
                 Ok(Control::SetPeers(p)) => self.engine.relay.set_peers(p),
                 Ok(Control::SetOnionKeys(k)) => self.engine.relay.set_keyring(k),
+                Ok(Control::SetAccepting(accepting)) => {
+                    if self.drain_deadline.is_none() {
+                        self.engine.relay.set_accepting(accepting);
+                    }
+                }
                 Ok(Control::Drain { deadline_ms }) => {
                     self.engine.relay.set_accepting(false);
                     self.drain_deadline = Some(deadline_ms);

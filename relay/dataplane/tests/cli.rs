@@ -1,5 +1,5 @@
 //! The `shroud-relay` binary's command line: help, `--verify-config`, and exit code 78
-//! for every kind of bad configuration.
+//! for every kind of bad configuration (including the peer-list rollback state).
 
 use std::process::Command;
 
@@ -48,7 +48,7 @@ fn config(s: &Setup, extra: &str) -> std::path::PathBuf {
     std::fs::write(
         &p,
         format!(
-            "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\npeer_list = \"peers.list\"\nsetup_journal = \"setup.journal\"\nauthorities = [\"{}\"]\n{extra}",
+            "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\npeer_list = \"peers.list\"\npeer_list_state = \"peer-list.serial\"\nsetup_journal = \"setup.journal\"\nauthorities = [\"{}\"]\n{extra}",
             s.authority.public().to_base64()
         ),
     )
@@ -86,6 +86,8 @@ fn verify_config_accepts_a_good_configuration() {
         text.contains("configuration OK") && text.contains("serial 7"),
         "{text}"
     );
+    // Checking records nothing: only a started relay writes the rollback state.
+    assert!(!s.dir.join("peer-list.serial").exists());
 }
 
 #[test]
@@ -139,6 +141,24 @@ fn bad_configurations_exit_78_with_a_clear_message() {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .unwrap();
+    // A corrupt peer-list rollback state, or one recording a later serial.
+    let state = s.dir.join("peer-list.serial");
+    for (content, want) in [("seven\n", "corrupt"), ("8\n", "rollback")] {
+        std::fs::write(&state, content).unwrap();
+        let out = relay()
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--verify-config")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78), "{content}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{content}: {err}");
+        if want == "corrupt" {
+            assert!(err.contains(&state.display().to_string()), "{err}");
+        }
+    }
+    std::fs::remove_file(&state).unwrap();
     // A tampered peer list.
     let list = std::fs::read_to_string(s.dir.join("peers.list")).unwrap();
     std::fs::write(
