@@ -57,6 +57,10 @@ pub struct NetOpts {
     pub metrics: bool,
     /// Seconds from the start until the peer list expires (default one hour).
     pub list_valid_for: u64,
+    /// Client links one source prefix may hold (default: the whole table, 256).
+    pub links_per_prefix: u32,
+    /// Circuits one source prefix may hold (default: the whole table, 1024).
+    pub circuits_per_prefix: u32,
 }
 
 impl NetOpts {
@@ -74,6 +78,8 @@ impl NetOpts {
             onion_key_dir: false,
             metrics: false,
             list_valid_for: 3600,
+            links_per_prefix: 256,
+            circuits_per_prefix: 1024,
         }
     }
 }
@@ -311,6 +317,8 @@ socket_buffer_bytes = 4194304
 [limits]
 max_circuits = 1024
 max_links = 256
+links_per_prefix = {lpp}
+circuits_per_prefix = {cpp}
 setup_rate = {rate}
 setup_burst = {burst}
 exit_sockets = 256
@@ -332,6 +340,8 @@ socket = "admin.sock"
             workers = self.opts.workers,
             rate = self.opts.setup_rate,
             burst = self.opts.setup_burst,
+            lpp = self.opts.links_per_prefix,
+            cpp = self.opts.circuits_per_prefix,
             driver = self.opts.driver,
             zc = self.opts.zero_copy_send,
         );

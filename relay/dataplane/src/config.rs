@@ -159,17 +159,24 @@ impl Default for NetworkSection {
 pub struct LimitsSection {
     /// Circuits per worker.
     pub max_circuits: usize,
-    /// Links (peer ports and clients) per worker.
+    /// Client links per worker (peer links have their own table, sized from the
+    /// peer list).
     pub max_links: usize,
+    /// Client links one source prefix (IPv4 /24, IPv6 /64) may hold per worker.
+    pub links_per_prefix: u32,
+    /// Circuits the clients of one source prefix may hold per worker.
+    pub circuits_per_prefix: u32,
     /// Idle seconds before a circuit expires.
     pub circuit_idle_secs: u64,
+    /// Idle seconds before a link with no circuits is forgotten.
+    pub link_idle_secs: u64,
     /// Accepted setup clock skew, seconds.
     pub setup_skew_secs: u64,
     /// Setups remembered per onion key and filter generation.
     pub setup_filter_capacity: usize,
-    /// Setups per second per source IP.
+    /// Setups per second per source prefix.
     pub setup_rate: u32,
-    /// Setup burst per source IP.
+    /// Setup burst per source prefix.
     pub setup_burst: u32,
     /// Exit sockets per worker (one per exit circuit).
     pub exit_sockets: usize,
@@ -181,7 +188,10 @@ impl Default for LimitsSection {
         LimitsSection {
             max_circuits: d.max_circuits,
             max_links: d.max_links,
+            links_per_prefix: d.links_per_prefix,
+            circuits_per_prefix: d.circuits_per_prefix,
             circuit_idle_secs: d.circuit_idle_ms / 1000,
+            link_idle_secs: d.link_idle_ms / 1000,
             setup_skew_secs: d.setup_skew_s,
             setup_filter_capacity: d.setup_filter_capacity,
             setup_rate: d.setup_rate,
@@ -481,8 +491,12 @@ impl Config {
         let l = &self.limits;
         RelayLimits {
             max_circuits: l.max_circuits,
+            max_exit_circuits: l.exit_sockets,
             max_links: l.max_links,
+            links_per_prefix: l.links_per_prefix,
+            circuits_per_prefix: l.circuits_per_prefix,
             circuit_idle_ms: l.circuit_idle_secs * 1000,
+            link_idle_ms: l.link_idle_secs * 1000,
             setup_skew_s: l.setup_skew_secs,
             setup_filter_capacity: l.setup_filter_capacity,
             setup_rate: l.setup_rate,

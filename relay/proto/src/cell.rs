@@ -26,7 +26,7 @@
 //! here takes a slice already checked by [`Layout::check`] and never panics on content.
 
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
-use aes::Aes256;
+use aes::Aes256Enc as Aes256;
 
 /// Length of the protected cell header.
 pub const HEADER_LEN: usize = 16;

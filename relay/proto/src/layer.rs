@@ -29,7 +29,7 @@
 //! onion; `docs/PROTOCOL.md` derives why the fillers make every hop's tag verifiable.
 
 use aes::cipher::{BlockCipherEncrypt, KeyInit};
-use aes::Aes256;
+use aes::Aes256Enc as Aes256;
 
 use crate::aead::{Aead, BadTag, NONCE_LEN, TAG_LEN};
 use crate::cell::{counter_add, counter_sub, Command, Layout, H_MAX_LIMIT, SLOT_LEN};

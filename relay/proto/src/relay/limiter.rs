@@ -1,59 +1,195 @@
-//! The per-source setup rate limiter: a token bucket per source address, in a table
-//! of fixed capacity.
+//! Per-prefix budgets: every client source prefix (IPv4 /24, IPv6 /64) gets a setup
+//! token bucket and a share of the link and circuit tables, so that one host, or one
+//! network, with many addresses or source ports cannot fill them. Peers of the signed
+//! list are not counted here. The table of prefixes has a fixed capacity; a prefix
+//! with nothing in the tables and a full bucket is forgotten when room is needed.
 
 use std::net::IpAddr;
 
 use super::HashMap;
 
-struct Bucket {
-    tokens: f64,
-    last_ms: u64,
+/// The prefix a source address is accounted under: IPv4 /24, IPv6 /64 (an
+/// IPv4-mapped IPv6 address counts as its IPv4 address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) enum Prefix {
+    V4([u8; 3]),
+    V6([u8; 8]),
 }
 
-/// Token buckets for setups, one per source IP, at most `capacity` sources.
-pub(super) struct SetupLimiter {
-    buckets: HashMap<IpAddr, Bucket>,
+impl Prefix {
+    pub(super) fn of(ip: IpAddr) -> Prefix {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match ip {
+            IpAddr::V4(a) => {
+                let o = a.octets();
+                Prefix::V4([o[0], o[1], o[2]])
+            }
+            IpAddr::V6(a) => {
+                let mut p = [0u8; 8];
+                p.copy_from_slice(&a.octets()[..8]);
+                Prefix::V6(p)
+            }
+        }
+    }
+}
+
+struct Entry {
+    tokens: f64,
+    last_ms: u64,
+    links: u32,
+    circuits: u32,
+}
+
+/// Budgets per source prefix.
+pub(super) struct PrefixTable {
+    entries: HashMap<Prefix, Entry>,
     rate: f64,
     burst: f64,
     capacity: usize,
+    links_per_prefix: u32,
+    circuits_per_prefix: u32,
 }
 
-impl SetupLimiter {
-    /// `rate` setups per second with bursts of `burst`, for at most `capacity` sources.
-    pub(super) fn new(rate: u32, burst: u32, capacity: usize) -> Self {
-        SetupLimiter {
-            buckets: HashMap::with_capacity_and_hasher(capacity, ahash::RandomState::new()),
+impl PrefixTable {
+    /// `rate` setups per second with bursts of `burst` per prefix, at most `capacity`
+    /// prefixes, and these shares of the link and circuit tables per prefix.
+    pub(super) fn new(
+        rate: u32,
+        burst: u32,
+        capacity: usize,
+        links_per_prefix: u32,
+        circuits_per_prefix: u32,
+    ) -> Self {
+        PrefixTable {
+            entries: HashMap::with_capacity_and_hasher(capacity, ahash::RandomState::new()),
             rate: f64::from(rate),
             burst: f64::from(burst),
             capacity,
+            links_per_prefix,
+            circuits_per_prefix,
         }
     }
 
-    /// Takes a token of `ip`'s bucket; false if it has none or the table is full.
-    pub(super) fn allow(&mut self, ip: IpAddr, now_ms: u64) -> bool {
+    fn entry(&mut self, p: Prefix, now_ms: u64) -> Option<&mut Entry> {
         let (rate, burst) = (self.rate, self.burst);
-        if !self.buckets.contains_key(&ip) && self.buckets.len() >= self.capacity {
-            // Table full: forget sources whose bucket has refilled (they would start
-            // full anyway); if none, refuse the newcomer rather than grow.
-            self.buckets.retain(|_, b| {
-                b.tokens + (now_ms.saturating_sub(b.last_ms) as f64 / 1000.0) * rate < burst
+        if !self.entries.contains_key(&p) && self.entries.len() >= self.capacity {
+            // Full: forget prefixes that hold nothing and whose bucket has refilled
+            // (they would start afresh anyway); if none, refuse the newcomer.
+            self.entries.retain(|_, e| {
+                e.links > 0
+                    || e.circuits > 0
+                    || e.tokens + (now_ms.saturating_sub(e.last_ms) as f64 / 1000.0) * rate < burst
             });
-            if self.buckets.len() >= self.capacity {
-                return false;
+            if self.entries.len() >= self.capacity {
+                return None;
             }
         }
-        let b = self.buckets.entry(ip).or_insert(Bucket {
+        Some(self.entries.entry(p).or_insert(Entry {
             tokens: burst,
             last_ms: now_ms,
-        });
-        b.tokens =
-            (b.tokens + (now_ms.saturating_sub(b.last_ms) as f64 / 1000.0) * rate).min(burst);
-        b.last_ms = now_ms;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+            links: 0,
+            circuits: 0,
+        }))
+    }
+
+    /// Takes a setup token of `ip`'s prefix; false if it has none or the table is full.
+    pub(super) fn allow_setup(&mut self, ip: IpAddr, now_ms: u64) -> bool {
+        let (rate, burst) = (self.rate, self.burst);
+        let Some(e) = self.entry(Prefix::of(ip), now_ms) else {
+            return false;
+        };
+        e.tokens =
+            (e.tokens + (now_ms.saturating_sub(e.last_ms) as f64 / 1000.0) * rate).min(burst);
+        e.last_ms = now_ms;
+        if e.tokens >= 1.0 {
+            e.tokens -= 1.0;
             true
         } else {
             false
         }
+    }
+
+    /// True if `ip`'s prefix may have one more client link.
+    pub(super) fn link_allowed(&self, ip: IpAddr) -> bool {
+        self.entries
+            .get(&Prefix::of(ip))
+            .is_none_or(|e| e.links < self.links_per_prefix)
+    }
+
+    /// True if `ip`'s prefix may have one more circuit.
+    pub(super) fn circuit_allowed(&self, ip: IpAddr) -> bool {
+        self.entries
+            .get(&Prefix::of(ip))
+            .is_none_or(|e| e.circuits < self.circuits_per_prefix)
+    }
+
+    /// Counts a new client link of `ip`'s prefix.
+    pub(super) fn add_link(&mut self, ip: IpAddr, now_ms: u64) {
+        if let Some(e) = self.entry(Prefix::of(ip), now_ms) {
+            e.links += 1;
+        }
+    }
+
+    /// Counts a client link of `ip`'s prefix gone.
+    pub(super) fn release_link(&mut self, ip: IpAddr) {
+        if let Some(e) = self.entries.get_mut(&Prefix::of(ip)) {
+            e.links = e.links.saturating_sub(1);
+        }
+    }
+
+    /// Counts a new circuit from a client of `ip`'s prefix.
+    pub(super) fn add_circuit(&mut self, ip: IpAddr, now_ms: u64) {
+        if let Some(e) = self.entry(Prefix::of(ip), now_ms) {
+            e.circuits += 1;
+        }
+    }
+
+    /// Counts a circuit of a client of `ip`'s prefix gone.
+    pub(super) fn release_circuit(&mut self, ip: IpAddr) {
+        if let Some(e) = self.entries.get_mut(&Prefix::of(ip)) {
+            e.circuits = e.circuits.saturating_sub(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_group_ipv4_by_24_and_ipv6_by_64() {
+        let p = |s: &str| Prefix::of(s.parse().unwrap());
+        assert_eq!(p("10.1.2.3"), p("10.1.2.200"));
+        assert_ne!(p("10.1.2.3"), p("10.1.3.3"));
+        assert_eq!(p("::ffff:10.1.2.3"), p("10.1.2.9"));
+        assert_eq!(p("2001:db8:1:2::1"), p("2001:db8:1:2:ffff::9"));
+        assert_ne!(p("2001:db8:1:2::1"), p("2001:db8:1:3::1"));
+    }
+
+    #[test]
+    fn shares_and_buckets_are_per_prefix() {
+        let mut t = PrefixTable::new(10, 2, 4, 2, 3);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let a2: IpAddr = "10.0.0.2".parse().unwrap();
+        let b: IpAddr = "10.0.1.1".parse().unwrap();
+        assert!(t.allow_setup(a, 0));
+        assert!(t.allow_setup(a2, 0));
+        assert!(!t.allow_setup(a, 0), "the /24 shares one bucket");
+        assert!(t.allow_setup(b, 0));
+        assert!(t.allow_setup(a, 100), "refilled at 10/s");
+        t.add_link(a, 0);
+        t.add_link(a2, 0);
+        assert!(!t.link_allowed(a));
+        assert!(t.link_allowed(b));
+        t.release_link(a);
+        assert!(t.link_allowed(a2));
+        for _ in 0..3 {
+            t.add_circuit(a, 0);
+        }
+        assert!(!t.circuit_allowed(a2));
+        assert!(t.circuit_allowed(b));
     }
 }

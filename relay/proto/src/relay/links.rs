@@ -2,9 +2,11 @@
 //!
 //! A link is one remote `SocketAddr` with the header-protection keys of that link: a
 //! peer relay's port (keys from the two identity keys, [`peer_link_keys`]) or a client
-//! (keys from the link seed it sent in its first setup, [`client_link_keys`]). The
-//! [`LinkTable`] has a fixed number of slots allocated at start; a link's index is
-//! stable while it lives and is what circuits refer to.
+//! (keys from the link seed it sent in its first setup, [`client_link_keys`]). Peer
+//! links and client links live in separate tables ([`Links`]), so clients can never
+//! take the slots relays need: the peer table has one slot per port of the peer list,
+//! the client table a fixed number allocated at start. A link's id is stable while it
+//! lives and is what circuits refer to.
 
 use std::net::SocketAddr;
 
@@ -100,6 +102,11 @@ impl LinkTable {
         Some(idx)
     }
 
+    /// True if no slot is free.
+    pub(super) fn is_full(&self) -> bool {
+        self.free.is_empty()
+    }
+
     /// Frees a link's slot (its circuits must already be gone).
     pub(super) fn remove(&mut self, link: u32) -> Option<Link> {
         let l = self.slots.get_mut(link as usize)?.take()?;
@@ -114,6 +121,94 @@ impl LinkTable {
             .iter()
             .enumerate()
             .filter_map(|(i, l)| l.as_ref().map(|l| (i as u32, l)))
+    }
+
+    /// Adds free slots up to `capacity` (never shrinks: live links keep their index).
+    pub(super) fn grow(&mut self, capacity: usize) {
+        let old = self.slots.len();
+        if capacity <= old {
+            return;
+        }
+        self.slots.resize_with(capacity, || None);
+        self.free.extend((old as u32..capacity as u32).rev());
+        self.by_addr.reserve(capacity - old);
+    }
+}
+
+/// Link ids with this bit set name a peer link, others a client link.
+const PEER_BIT: u32 = 1 << 31;
+
+/// The peer and client link tables behind one id space.
+pub(super) struct Links {
+    peers: LinkTable,
+    clients: LinkTable,
+}
+
+impl Links {
+    /// `peers` peer slots (one per port of the peer list) and `clients` client slots.
+    pub(super) fn new(peers: usize, clients: usize) -> Self {
+        Links {
+            peers: LinkTable::new(peers),
+            clients: LinkTable::new(clients),
+        }
+    }
+
+    fn split(id: u32) -> (bool, u32) {
+        (id & PEER_BIT != 0, id & !PEER_BIT)
+    }
+
+    pub(super) fn find(&self, addr: &SocketAddr) -> Option<u32> {
+        self.peers
+            .find(addr)
+            .map(|i| i | PEER_BIT)
+            .or_else(|| self.clients.find(addr))
+    }
+
+    pub(super) fn get(&self, id: u32) -> Option<&Link> {
+        match Self::split(id) {
+            (true, i) => self.peers.get(i),
+            (false, i) => self.clients.get(i),
+        }
+    }
+
+    pub(super) fn get_mut(&mut self, id: u32) -> Option<&mut Link> {
+        match Self::split(id) {
+            (true, i) => self.peers.get_mut(i),
+            (false, i) => self.clients.get_mut(i),
+        }
+    }
+
+    /// Installs a link in the table of its kind; `None` when that table is full.
+    pub(super) fn insert(&mut self, link: Link) -> Option<u32> {
+        match link.kind {
+            LinkKind::Peer => self.peers.insert(link).map(|i| i | PEER_BIT),
+            LinkKind::Client => self.clients.insert(link),
+        }
+    }
+
+    pub(super) fn remove(&mut self, id: u32) -> Option<Link> {
+        match Self::split(id) {
+            (true, i) => self.peers.remove(i),
+            (false, i) => self.clients.remove(i),
+        }
+    }
+
+    /// True if the client table has no free slot.
+    pub(super) fn clients_full(&self) -> bool {
+        self.clients.is_full()
+    }
+
+    /// Every live link with its id.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (u32, &Link)> {
+        self.peers
+            .iter()
+            .map(|(i, l)| (i | PEER_BIT, l))
+            .chain(self.clients.iter())
+    }
+
+    /// Makes room for at least `capacity` peer links.
+    pub(super) fn grow_peers(&mut self, capacity: usize) {
+        self.peers.grow(capacity);
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! [`Relay`] owns everything one data-plane worker needs: its links (peer relays from
 //! the signed peer list, and clients), a fixed-capacity circuit table, the onion keys
-//! with their setup seen-filters, a per-source setup rate limiter and the exit policy.
+//! with their setup seen-filters, per-prefix budgets and the exit policy.
 //! All tables are allocated in [`Relay::new`] and never grow: when full, the relay
 //! refuses with a counted [`DropReason`].
 //!
@@ -44,8 +44,8 @@ use crate::policy::ExitPolicy;
 use crate::replay::WindowCheck;
 
 use circuits::{CircuitTable, Direction, Hop};
-use limiter::SetupLimiter;
-use links::{peer_link_keys as derive_peer_link_keys, Link, LinkKind, LinkTable};
+use limiter::PrefixTable;
+use links::{peer_link_keys as derive_peer_link_keys, Link, LinkKind, Links};
 
 /// Why a cell was dropped. Each is a counter in the data plane, never a log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -187,21 +187,30 @@ pub struct Peer {
 pub struct RelayLimits {
     /// Circuits this worker can hold.
     pub max_circuits: usize,
-    /// Links (peer ports and clients) this worker can hold.
+    /// Of those, circuits for which this worker is the exit (one exit socket each): a
+    /// setup beyond it is refused before CREATED, so no circuit is announced open
+    /// without room for its socket.
+    pub max_exit_circuits: usize,
+    /// Client links this worker can hold (peer links have a table of their own, one
+    /// slot per port of the peer list).
     pub max_links: usize,
+    /// Client links one source prefix (IPv4 /24, IPv6 /64) may hold.
+    pub links_per_prefix: u32,
+    /// Circuits the clients of one source prefix may hold.
+    pub circuits_per_prefix: u32,
     /// Idle time after which a circuit is expired (ms).
     pub circuit_idle_ms: u64,
-    /// Idle time after which a client link with no circuits is forgotten (ms).
+    /// Idle time after which a link (client or peer) with no circuits is forgotten (ms).
     pub link_idle_ms: u64,
     /// Accepted setup clock skew (s).
     pub setup_skew_s: u64,
     /// Setups remembered per onion key and filter generation.
     pub setup_filter_capacity: usize,
-    /// Setups per second allowed per source IP (token bucket rate).
+    /// Setups per second allowed per source prefix (token bucket rate).
     pub setup_rate: u32,
-    /// Token bucket burst per source IP.
+    /// Token bucket burst per source prefix.
     pub setup_burst: u32,
-    /// Source IPs tracked by the setup limiter.
+    /// Source prefixes tracked.
     pub setup_sources: usize,
 }
 
@@ -209,7 +218,10 @@ impl Default for RelayLimits {
     fn default() -> Self {
         RelayLimits {
             max_circuits: 16384,
+            max_exit_circuits: 1024,
             max_links: 4096,
+            links_per_prefix: 256,
+            circuits_per_prefix: 1024,
             circuit_idle_ms: 300_000,
             link_idle_ms: 600_000,
             setup_skew_s: 120,
@@ -252,12 +264,16 @@ pub struct Relay<A: Aead> {
     peers: Vec<Peer>,
     peer_by_id: HashMap<RelayId, usize>,
     policy: ExitPolicy,
-    links: LinkTable,
+    links: Links,
+    /// Header keys of the link to each peer (same index as `peers`), derived once.
+    peer_keys: Vec<(HeaderKey, HeaderKey)>,
     circuits: CircuitTable<A>,
-    limiter: SetupLimiter,
+    prefixes: PrefixTable,
     stats: RelayStats,
     setup_budget: u32,
     accepting: bool,
+    /// Live circuits for which this worker is the exit.
+    exit_circuits: usize,
     /// Draws the cookies of CREATED replies to clients: AES-256 of a counter under a
     /// key drawn at start.
     cookies: CookieSource,
@@ -327,12 +343,20 @@ impl<A: Aead> Relay<A> {
             peers: Vec::new(),
             peer_by_id: HashMap::default(),
             policy,
-            links: LinkTable::new(limits.max_links),
+            links: Links::new(0, limits.max_links),
+            peer_keys: Vec::new(),
             circuits: CircuitTable::new(limits.max_circuits),
-            limiter: SetupLimiter::new(limits.setup_rate, limits.setup_burst, limits.setup_sources),
+            prefixes: PrefixTable::new(
+                limits.setup_rate,
+                limits.setup_burst,
+                limits.setup_sources,
+                limits.links_per_prefix,
+                limits.circuits_per_prefix,
+            ),
             stats: RelayStats::default(),
             setup_budget: u32::MAX,
             accepting: true,
+            exit_circuits: 0,
             cookies: CookieSource::new(),
             limits,
         };
@@ -362,6 +386,10 @@ impl<A: Aead> Relay<A> {
 
     /// Replaces the peer list. Links to relays that left are closed with their
     /// circuits; links and circuits of relays that stay are kept.
+    ///
+    /// The link keys of every peer are derived here (one X25519 each), so a link to a
+    /// peer's port, or a cell spoofed from one, costs no public-key work later; the
+    /// peer link table grows to one slot per port of the list.
     pub fn set_peers(&mut self, peers: Vec<Peer>) {
         self.peers = peers.into_iter().filter(|p| p.id != self.me).collect();
         self.peer_by_id = self
@@ -370,6 +398,17 @@ impl<A: Aead> Relay<A> {
             .enumerate()
             .map(|(i, p)| (p.id, i))
             .collect();
+        self.peer_keys = self
+            .peers
+            .iter()
+            .map(|p| derive_peer_link_keys(&self.identity, &p.identity))
+            .collect();
+        let ports: usize = self
+            .peers
+            .iter()
+            .map(|p| usize::from(p.ports.1.saturating_sub(p.ports.0)) + 1)
+            .sum();
+        self.links.grow_peers(ports);
         let stale: Vec<u32> = self
             .links
             .iter()
@@ -391,7 +430,11 @@ impl<A: Aead> Relay<A> {
         for slot in self.circuits.on_link(link) {
             self.remove_circuit(slot);
         }
-        self.links.remove(link);
+        if let Some(l) = self.links.remove(link) {
+            if l.kind == LinkKind::Client {
+                self.prefixes.release_link(l.addr.ip());
+            }
+        }
     }
 
     /// The link to a peer relay's port, created (with its keys) on first use.
@@ -400,7 +443,7 @@ impl<A: Aead> Relay<A> {
             return Some(l);
         }
         let p = self.peer_for_addr(addr)?;
-        let (tx, rx) = derive_peer_link_keys(&self.identity, &self.peers[p].identity);
+        let (tx, rx) = self.peer_keys[p].clone();
         self.links.insert(Link {
             addr,
             kind: LinkKind::Peer,
@@ -619,11 +662,17 @@ impl<A: Aead> Relay<A> {
         };
         if let Some(l) = self.links.get_mut(c.prev_link) {
             l.circuits = l.circuits.saturating_sub(1);
-        }
-        if let Hop::Relay { link, .. } = c.next {
-            if let Some(l) = self.links.get_mut(link) {
-                l.circuits = l.circuits.saturating_sub(1);
+            if l.kind == LinkKind::Client {
+                self.prefixes.release_circuit(l.addr.ip());
             }
+        }
+        match c.next {
+            Hop::Relay { link, .. } => {
+                if let Some(l) = self.links.get_mut(link) {
+                    l.circuits = l.circuits.saturating_sub(1);
+                }
+            }
+            Hop::Exit { .. } => self.exit_circuits -= 1,
         }
     }
 
@@ -680,8 +729,9 @@ impl<A: Aead> Relay<A> {
         Ok(l.addr)
     }
 
-    /// Removes circuits idle for longer than the limit and client links with no
-    /// circuits idle for longer than theirs. Calls `closed` for each removed circuit.
+    /// Removes circuits idle for longer than the limit and links (client or peer) with
+    /// no circuits idle for longer than theirs (a peer link is made again, without
+    /// public-key work, when next needed). Calls `closed` for each removed circuit.
     pub fn expire(&mut self, now_ms: u64, mut closed: impl FnMut(CircuitRef)) {
         for slot in self.circuits.idle(now_ms, self.limits.circuit_idle_ms) {
             let circuit = self.circuits.handle(slot);
@@ -693,11 +743,7 @@ impl<A: Aead> Relay<A> {
         let idle_links: Vec<u32> = self
             .links
             .iter()
-            .filter(|(_, l)| {
-                l.kind == LinkKind::Client
-                    && l.circuits == 0
-                    && now_ms.saturating_sub(l.last_active) > link_idle
-            })
+            .filter(|(_, l)| l.circuits == 0 && now_ms.saturating_sub(l.last_active) > link_idle)
             .map(|(i, _)| i)
             .collect();
         for l in idle_links {

@@ -202,6 +202,12 @@ impl<A: Aead> Relay<A> {
     }
 
     /// Handles a setup cell from `src`, arriving on `link` if the address is known.
+    ///
+    /// Order of checks: drain, per-batch budget and (for clients) the per-prefix setup
+    /// bucket, all before any public-key work; then the onion layer, the seen-filter
+    /// and journal, the version; then everything that can refuse (next hop, policy,
+    /// quotas, table space). A client link is created only once nothing refuses: a
+    /// refused setup leaves no state behind.
     pub(super) fn setup(
         &mut self,
         src: SocketAddr,
@@ -213,7 +219,10 @@ impl<A: Aead> Relay<A> {
         if !self.accepting {
             return self.drop(DropReason::Capacity);
         }
-        if self.setup_budget == 0 || !self.limiter.allow(src.ip(), now_ms) {
+        let from_peer = link
+            .and_then(|l| self.links.get(l))
+            .is_some_and(|l| l.kind == LinkKind::Peer);
+        if self.setup_budget == 0 || (!from_peer && !self.prefixes.allow_setup(src.ip(), now_ms)) {
             return self.drop(DropReason::RateLimited);
         }
         self.setup_budget -= 1;
@@ -241,15 +250,16 @@ impl<A: Aead> Relay<A> {
         if let Err(reason) = self.onion.check(k, &e, routing.timestamp, now_ms / 1000) {
             return self.drop(reason);
         }
-        // The incoming link: known, or a client introducing itself with a link seed.
-        let in_link = match link {
-            Some(l) => l,
+        // The incoming link: known, or a client introducing itself with a link seed
+        // (installed only at the end, once nothing refused).
+        let mut incoming = match link {
+            Some(l) => Incoming::Known(l),
             None => {
                 if routing.link_seed == [0; 16] {
                     return self.drop(DropReason::NotAPeer);
                 }
                 let (up, down) = client_link_keys(&routing.link_seed, &self.me);
-                let new = Link {
+                Incoming::New(Link {
                     addr: src,
                     kind: LinkKind::Client,
                     tx: down,
@@ -260,36 +270,45 @@ impl<A: Aead> Relay<A> {
                     validated: false,
                     // This setup cell is all the address has sent so far.
                     credit: cell.len() as u64,
-                };
-                match self.links.insert(new) {
-                    Some(l) => l,
-                    None => return self.drop(DropReason::Capacity),
-                }
+                })
             }
         };
-        if let Some(l) = self.links.get_mut(in_link) {
-            if l.kind == LinkKind::Client
-                && l.circuits == 0
-                && routing.link_seed != [0; 16]
-                && routing.link_seed != l.seed
-            {
-                // The client restarted with a new seed and holds no circuit here: adopt it,
-                // and make the address prove again that it receives (a spoofed setup
-                // must not inherit the real client's validation).
-                let (up, down) = client_link_keys(&routing.link_seed, &self.me);
-                l.tx = down;
-                l.rx = up;
-                l.seed = routing.link_seed;
-                l.validated = false;
-                l.credit = l.credit.min(cell.len() as u64);
+        if let Incoming::Known(in_link) = incoming {
+            if let Some(l) = self.links.get_mut(in_link) {
+                if l.kind == LinkKind::Client
+                    && l.circuits == 0
+                    && routing.link_seed != [0; 16]
+                    && routing.link_seed != l.seed
+                {
+                    // The client restarted with a new seed and holds no circuit here:
+                    // adopt it, and make the address prove again that it receives (a
+                    // spoofed setup must not inherit the real client's validation).
+                    let (up, down) = client_link_keys(&routing.link_seed, &self.me);
+                    l.tx = down;
+                    l.rx = up;
+                    l.seed = routing.link_seed;
+                    l.validated = false;
+                    l.credit = l.credit.min(cell.len() as u64);
+                }
             }
-        }
-        if self.circuits.id_in_use(in_link, routing.in_id) {
-            return self.drop(DropReason::Malformed);
+            if self.circuits.id_in_use(in_link, routing.in_id) {
+                return self.drop(DropReason::Malformed);
+            }
         }
         let fwd = secrets.forward::<A>();
         let bwd = secrets.backward::<A>();
-        let refuse = |relay: &mut Self, cell: &mut [u8], reason: DropReason| -> Action {
+        let to_client = match &incoming {
+            Incoming::New(_) => true,
+            Incoming::Known(l) => self
+                .links
+                .get(*l)
+                .is_some_and(|l| l.kind == LinkKind::Client),
+        };
+        let refuse = |relay: &mut Self,
+                      incoming: &mut Incoming,
+                      cell: &mut [u8],
+                      reason: DropReason|
+         -> Action {
             relay.stats.drops[reason as usize] += 1;
             write_control(&layout, cell, &[reason as u8]);
             cell[layout.stack_start()..layout.stack_end()].fill(0);
@@ -301,7 +320,11 @@ impl<A: Aead> Relay<A> {
                 bwd.shifted(0)
             };
             add_backward(&layout, &bwd, Command::Refused, counter, cell);
-            if let Some(l) = relay.links.get_mut(in_link) {
+            let l = match incoming {
+                Incoming::Known(i) => relay.links.get_mut(*i),
+                Incoming::New(l) => Some(l),
+            };
+            if let Some(l) = l {
                 if !l.spend(cell.len()) {
                     relay.stats.drops[DropReason::Unvalidated as usize] += 1;
                     return Action::Drop(reason);
@@ -318,23 +341,23 @@ impl<A: Aead> Relay<A> {
             Action::Refuse { to: src, reason }
         };
         if routing.version != PROTOCOL_VERSION {
-            return refuse(self, cell, DropReason::Version);
+            return refuse(self, &mut incoming, cell, DropReason::Version);
         }
         let next = match routing.next {
             Next::Relay { id, port, out_id } => {
                 let Some(&p) = self.peer_by_id.get(&id) else {
-                    return refuse(self, cell, DropReason::NotAPeer);
+                    return refuse(self, &mut incoming, cell, DropReason::NotAPeer);
                 };
                 let peer = &self.peers[p];
                 if port < peer.ports.0 || port > peer.ports.1 {
-                    return refuse(self, cell, DropReason::NotAPeer);
+                    return refuse(self, &mut incoming, cell, DropReason::NotAPeer);
                 }
                 let to = SocketAddr::new(peer.addr, port);
                 let Some(out_link) = self.peer_link(to, now_ms) else {
-                    return refuse(self, cell, DropReason::Capacity);
+                    return refuse(self, &mut incoming, cell, DropReason::Capacity);
                 };
                 if self.circuits.id_in_use(out_link, out_id) {
-                    return refuse(self, cell, DropReason::Malformed);
+                    return refuse(self, &mut incoming, cell, DropReason::Malformed);
                 }
                 Hop::Relay {
                     link: out_link,
@@ -345,18 +368,38 @@ impl<A: Aead> Relay<A> {
                 // The exit sends to the canonical form the policy judged (IPv4-mapped
                 // IPv6 becomes IPv4), never to the form the client wrote.
                 let Some(dest) = self.policy.permit(dest) else {
-                    return refuse(self, cell, DropReason::Policy);
+                    return refuse(self, &mut incoming, cell, DropReason::Policy);
                 };
+                if self.exit_circuits >= self.limits.max_exit_circuits {
+                    return refuse(self, &mut incoming, cell, DropReason::Capacity);
+                }
                 Hop::Exit { dest }
             }
         };
-        if self.circuits.is_full() {
-            return refuse(self, cell, DropReason::Capacity);
+        if to_client {
+            let quota_ok = self.prefixes.circuit_allowed(src.ip())
+                && (matches!(incoming, Incoming::Known(_)) || self.prefixes.link_allowed(src.ip()));
+            if !quota_ok {
+                return refuse(self, &mut incoming, cell, DropReason::Capacity);
+            }
         }
-        let to_client = self
-            .links
-            .get(in_link)
-            .is_some_and(|l| l.kind == LinkKind::Client);
+        if self.circuits.is_full()
+            || (matches!(incoming, Incoming::New(_)) && self.links.clients_full())
+        {
+            return refuse(self, &mut incoming, cell, DropReason::Capacity);
+        }
+        // Nothing refuses any more: install the client link if it is new.
+        let in_link = match incoming {
+            Incoming::Known(l) => l,
+            Incoming::New(new) => {
+                let l = self
+                    .links
+                    .insert(new)
+                    .unwrap_or_else(|| unreachable!("the client table had room a moment ago"));
+                self.prefixes.add_link(src.ip(), now_ms);
+                l
+            }
+        };
         let cookie = if to_client { self.cookies.draw() } else { 0 };
         let Some(circuit) = self.circuits.insert(Circuit {
             prev_link: in_link,
@@ -374,6 +417,12 @@ impl<A: Aead> Relay<A> {
         };
         if let Some(l) = self.links.get_mut(in_link) {
             l.circuits += 1;
+        }
+        if to_client {
+            self.prefixes.add_circuit(src.ip(), now_ms);
+        }
+        if matches!(next, Hop::Exit { .. }) {
+            self.exit_circuits += 1;
         }
         self.stats.setups += 1;
         match next {
@@ -431,4 +480,14 @@ impl<A: Aead> Relay<A> {
             }
         }
     }
+}
+
+/// Where a setup came from: a known link, or a new client (its link not installed
+/// until the setup is accepted).
+// One lives on the stack for the length of one setup; boxing the link would allocate
+// per setup for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Incoming {
+    Known(u32),
+    New(Link),
 }
