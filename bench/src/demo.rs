@@ -9,6 +9,7 @@
 //! its send time, so the sink measures one-way latency (same clock). Ctrl-C stops
 //! early and still tears everything down.
 
+use std::collections::VecDeque;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -123,6 +124,10 @@ impl Drop for Sink {
     }
 }
 
+/// How long a sent cell may take to reach the sink before the generator counts it as
+/// lost (far above the p99.9 latency of a loaded local network).
+const LOSS_AFTER: Duration = Duration::from_millis(200);
+
 /// What one [`Session::drive`] measured.
 #[derive(Debug, Clone)]
 pub struct Drive {
@@ -173,6 +178,16 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Starts `relays` relay processes on `127.0.<net>.x`, the sink and the generator.
     pub fn start(relays: usize, cell: u16, net: u8) -> anyhow::Result<Session> {
+        Self::start_with(relays, cell, net, RelaySpec::default())
+    }
+
+    /// [`Session::start`] with every relay configured as `spec`.
+    pub fn start_with(
+        relays: usize,
+        cell: u16,
+        net: u8,
+        spec: RelaySpec,
+    ) -> anyhow::Result<Session> {
         let params = shroud_proto::peerlist::NetworkParams {
             cell,
             ..Default::default()
@@ -185,7 +200,7 @@ impl Session {
                 RelayCommand::SelfExe
             }
         };
-        let specs = vec![RelaySpec::default(); relays];
+        let specs = vec![spec; relays];
         let local = LocalNet::start(net, &specs, &[], &cmd, cell)?;
         eprintln!("relays started: pids {:?}", local.pids());
         let epoch = Instant::now();
@@ -280,9 +295,23 @@ impl Session {
         let mut last_report = started;
         let mut k = 0usize;
         let limit = Duration::from_secs_f64(duration);
+        // (time, cells sent by then): a cell sent more than LOSS_AFTER ago is delivered
+        // or lost, so it no longer holds a place in the window. Without this, every
+        // lost cell held its place for the rest of the run, and a window's worth of
+        // losses stopped the generator for good.
+        let mut checkpoints: VecDeque<(Instant, u64)> = VecDeque::with_capacity(1 << 16);
+        let mut settled = 0u64;
         while started.elapsed() < limit && !stop.load(Relaxed) {
             let delivered = self.sink.payloads.load(Relaxed) - base_delivered;
-            let in_flight = sent.saturating_sub(delivered);
+            let now = Instant::now();
+            while let Some(&(t, n)) = checkpoints.front() {
+                if now.duration_since(t) < LOSS_AFTER {
+                    break;
+                }
+                settled = n;
+                checkpoints.pop_front();
+            }
+            let in_flight = sent.saturating_sub(delivered.max(settled));
             let allowed = if rate > 0.0 {
                 (started.elapsed().as_secs_f64() * rate) as u64
             } else {
@@ -302,6 +331,7 @@ impl Session {
                     self.generator.seal_one(c, &data, &mut buf[start..])?;
                 }
                 sent += gso_send(&self.generator.sock, c.first, &buf, layout.cell) as u64;
+                checkpoints.push_back((Instant::now(), sent));
             }
             if last_report.elapsed() > Duration::from_millis(250) {
                 last_report = Instant::now();

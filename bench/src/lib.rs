@@ -3,12 +3,13 @@
 //! The benchmark and local-network launcher: [`net`] starts relays as processes,
 //! [`demo`] runs a local network with traffic ([`demo::Session`]), [`circuit`] sweeps
 //! offered load through it,
-//! [`flow`] generates and sinks traffic, [`relaybench`] measures one relay against
+//! [`flood`] measures the demo under a garbage flood, [`flow`] generates and sinks traffic, [`relaybench`] measures one relay against
 //! in-run baselines, [`report`] describes the machine and writes JSON. The criterion
 //! micro-benchmarks live in `benches/`.
 
 pub mod circuit;
 pub mod demo;
+pub mod flood;
 pub mod flow;
 pub mod net;
 pub mod plot;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use shroud_bench::{circuit, demo, relaybench, report};
+use shroud_bench::{circuit, demo, flood, relaybench, report};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -110,6 +110,32 @@ enum Cmd {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// The demo's traffic under a garbage flood at the relays, against the same flood
+    /// at a sink in the same run; from 1 and 256 sources, started before and after
+    /// the circuits are built.
+    Flood {
+        /// Seconds of traffic per case (8 cases).
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Flood datagrams per second, all sources together.
+        #[arg(long, default_value_t = 90000)]
+        rate: u64,
+        /// Circuits of 3 hops.
+        #[arg(long, default_value_t = 6)]
+        circuits: usize,
+        /// Most cells in flight.
+        #[arg(long, default_value_t = 1024)]
+        window: u64,
+        /// Flood source counts to run (comma separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,256")]
+        sources: Vec<usize>,
+        /// Third octet of the loopback block the relays use (127.0.NET.x).
+        #[arg(long, default_value_t = 66)]
+        net: u8,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// (internal) Run a relay with the same code as shroud-relay.
     #[command(name = "__relay", hide = true, disable_help_flag = true)]
     RelayProcess {
@@ -204,6 +230,26 @@ fn main() -> ExitCode {
                 net,
             };
             circuit::run(&opts, &stop).and_then(|r| emit(&r, circuit::print, json, plot))
+        }
+        Cmd::Flood {
+            duration,
+            rate,
+            circuits,
+            window,
+            sources,
+            net,
+            json,
+        } => {
+            let stop = stop_on_signals();
+            let opts = flood::Opts {
+                duration,
+                rate,
+                circuits,
+                window,
+                net,
+                sources,
+            };
+            flood::run(&opts, &stop).and_then(|r| emit(&r, flood::print, json, None))
         }
         Cmd::Relay {
             duration,

@@ -43,6 +43,10 @@ pub struct RelaySpec {
     pub zero_copy_send: bool,
     /// Exit policy rules.
     pub exit_policy: Vec<String>,
+    /// Setups per second (and burst) per source prefix. The default is far above the
+    /// shipped 200/400, so that one generator can measure setup rates; the flood
+    /// benchmark uses the shipped values.
+    pub setup_rate: u32,
 }
 
 impl Default for RelaySpec {
@@ -54,6 +58,7 @@ impl Default for RelaySpec {
             gro_gso: true,
             zero_copy_send: false,
             exit_policy: vec!["accept 127.0.0.0/8:*".into()],
+            setup_rate: 100000,
         }
     }
 }
@@ -244,7 +249,7 @@ impl LocalNet {
                 format!(
                     "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\npeer_list = {list:?}\npeer_list_state = \"peer-list.serial\"\nsetup_journal = \"setup.journal\"\nauthorities = [{auth:?}]\nexit_policy = [{policy}]\n\n\
                      [network]\nlisten = [\"{addr}\"]\nbase_port = 9000\nworkers = {w}\ncpus = [{cpus}]\nsocket_buffer_bytes = 16777216\n\n\
-                     [limits]\nsetup_rate = 100000\nsetup_burst = 100000\n\n\
+                     [limits]\nsetup_rate = {rate}\nsetup_burst = {burst}\n\n\
                      [io]\ncrypto = \"{crypto}\"\ngro_gso = {gro}\nzero_copy_send = {zc}\n\n[admin]\nsocket = \"admin.sock\"\n\n[log]\nlevel = \"warn\"\n",
                     list = list_path.display().to_string(),
                     auth = authority.public().to_base64(),
@@ -255,6 +260,8 @@ impl LocalNet {
                     crypto = spec.crypto,
                     gro = spec.gro_gso,
                     zc = spec.zero_copy_send,
+                    rate = spec.setup_rate,
+                    burst = spec.setup_rate.saturating_mul(2),
                 ),
             )?;
             let log = std::fs::File::create(&p.log)?;

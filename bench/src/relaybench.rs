@@ -126,6 +126,7 @@ fn run_variant_with<A: Aead>(
         gro_gso,
         zero_copy_send,
         exit_policy: Vec::new(),
+        ..RelaySpec::default()
     };
     let net = LocalNet::start(net_no, &[spec], &[&sink], &RelayCommand::SelfExe, opts.cell)?;
     let peers = shroud_relay::daemon::peers_of(&net.list);

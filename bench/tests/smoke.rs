@@ -219,3 +219,50 @@ fn circuit_benchmark_reports_sweep_per_hop_latency_and_setups() {
     let _ = std::fs::remove_file(json);
     let _ = std::fs::remove_file(tmp("circuit.svg"));
 }
+
+#[test]
+fn flood_reports_every_case_and_ratio() {
+    let json = tmp("flood.json");
+    let out = bench()
+        .args([
+            "flood",
+            "--duration",
+            "1",
+            "--sources",
+            "1",
+            "--rate",
+            "5000",
+            "--net",
+            "64",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["schema"], "shroud-bench/flood/1");
+    let cases = r["cases"].as_array().expect("cases");
+    // 1 source x {after, before} circuits x {sink, relays}.
+    assert_eq!(cases.len(), 4, "{r}");
+    for c in cases {
+        assert!(c["flood_datagrams"].as_u64().unwrap() > 0, "{c}");
+        assert!(c["payload_mb_per_sec"].as_f64().is_some(), "{c}");
+        assert!(c["udp_rcvbuf_errors"].as_u64().is_some(), "{c}");
+        if c["flood_at"] == "relays" && c.get("error").is_none() {
+            let drops = c["relay_drops"].as_object().expect("relay drop counters");
+            let counted: u64 = drops.values().filter_map(Value::as_u64).sum();
+            assert!(counted > 0, "the relays counted none of the flood: {c}");
+        }
+    }
+    let ratios = r["ratios"].as_array().expect("ratios");
+    assert_eq!(ratios.len(), 2);
+    for x in ratios {
+        assert!(x["ratio"].as_f64().is_some(), "{x}");
+    }
+    assert!(r["min_ratio"].as_f64().is_some());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("lowest ratio"), "{stdout}");
+    let _ = std::fs::remove_file(&json);
+}

@@ -120,16 +120,16 @@ fn round_trips(c: &mut Client, id: shroud_client::CircuitId, n: usize) {
 #[test]
 fn setup_and_data_replayed_to_every_port_and_after_a_restart_deliver_nothing_twice() {
     const N: usize = 10;
-    let mut opts = NetOpts::new(60, 1);
+    let mut opts = NetOpts::new(70, 1);
     opts.workers = 2;
     let mut net = TestNet::start(opts);
-    let (dest, echo) = udp_echo_server("127.0.60.250:0".parse().unwrap()).unwrap();
+    let (dest, echo) = udp_echo_server("127.0.70.250:0".parse().unwrap()).unwrap();
     let r = &net.relays[0];
     let ports: Vec<SocketAddr> = (r.ports.0..=r.ports.1)
         .map(|p| SocketAddr::new(r.addr, p))
         .collect();
     assert_eq!(ports.len(), 2);
-    let tap = Tap::start("127.0.60.150:0", ports[0]);
+    let tap = Tap::start("127.0.70.150:0", ports[0]);
     let mut c = net.client();
     let mut path = net.path(&[0]);
     path[0].addr = tap.addr;
@@ -142,7 +142,7 @@ fn setup_and_data_replayed_to_every_port_and_after_a_restart_deliver_nothing_twi
         "one setup and {N} data cells captured"
     );
     assert_eq!(echo.datagrams(), N as u64);
-    let other = UdpSocket::bind("127.0.60.151:0").unwrap();
+    let other = UdpSocket::bind("127.0.70.151:0").unwrap();
 
     // Every captured datagram to every port, from the client's address (through the
     // tap's socket) and from another; nothing may come back to either.
@@ -193,7 +193,7 @@ fn setup_and_data_replayed_to_every_port_and_after_a_restart_deliver_nothing_twi
 /// address.
 #[test]
 fn exit_policy_holds_for_every_spelling_of_a_local_destination() {
-    let mut opts = NetOpts::new(61, 1);
+    let mut opts = NetOpts::new(71, 1);
     opts.exit_policy = vec!["reject 127.0.0.0/8:*".into(), "accept *:*".into()];
     let net = TestNet::start(opts);
     let (v4, echo4) = udp_echo_server("0.0.0.0:0".parse().unwrap()).unwrap();
@@ -207,8 +207,8 @@ fn exit_policy_holds_for_every_spelling_of_a_local_destination() {
         format!("[::1]:{p}"),
         format!("[::ffff:127.0.0.1]:{p}"),
         format!("[::ffff:0.0.0.0]:{p}"),
-        format!("[::ffff:127.0.61.1]:{p}"),
-        format!("127.0.61.1:{p}"),
+        format!("[::ffff:127.0.71.1]:{p}"),
+        format!("127.0.71.1:{p}"),
     ];
     for f in &forms {
         let dest: SocketAddr = f.parse().unwrap();
@@ -228,7 +228,7 @@ fn exit_policy_holds_for_every_spelling_of_a_local_destination() {
     // The same relay with loopback named explicitly: the mapped form is delivered to
     // the IPv4 address.
     drop(net);
-    let mut opts = NetOpts::new(62, 1);
+    let mut opts = NetOpts::new(72, 1);
     opts.exit_policy = vec!["accept 127.0.0.0/8:*".into()];
     let net = TestNet::start(opts);
     let mut c = net.client();
@@ -253,10 +253,10 @@ fn a_spoofed_setup_and_a_reflector_send_the_victim_no_more_than_the_attacker_spe
     use shroud_proto::client::{ClientCircuit, ClientLink};
     use shroud_proto::{Layout, RingAead};
 
-    let net = TestNet::start(NetOpts::new(63, 1));
+    let net = TestNet::start(NetOpts::new(73, 1));
     let hop = net.path(&[0])[0];
-    let victim = UdpSocket::bind("127.0.63.77:0").unwrap();
-    let reflector = UdpSocket::bind("127.0.63.78:0").unwrap();
+    let victim = UdpSocket::bind("127.0.73.77:0").unwrap();
+    let reflector = UdpSocket::bind("127.0.73.78:0").unwrap();
     reflector
         .set_read_timeout(Some(Duration::from_secs(3)))
         .unwrap();
@@ -315,7 +315,7 @@ fn a_spoofed_setup_and_a_reflector_send_the_victim_no_more_than_the_attacker_spe
     );
 
     // A real client of the same relay validates its address and gets every reply.
-    let (dest, _echo) = udp_echo_server("127.0.63.250:0".parse().unwrap()).unwrap();
+    let (dest, _echo) = udp_echo_server("127.0.73.250:0".parse().unwrap()).unwrap();
     let mut real = net.client();
     let id = real
         .build_circuit(&net.path(&[0]), dest, T)
@@ -344,11 +344,11 @@ fn setups_from_thousands_of_ports_of_one_address_do_not_lock_others_out() {
     use shroud_proto::client::{ClientCircuit, ClientLink};
     use shroud_proto::{Layout, RingAead};
 
-    let mut opts = NetOpts::new(64, 2);
+    let mut opts = NetOpts::new(74, 2);
     opts.links_per_prefix = 16;
     opts.circuits_per_prefix = 64;
     let net = TestNet::start(opts);
-    let (dest, _echo) = udp_echo_server("127.0.64.250:0".parse().unwrap()).unwrap();
+    let (dest, _echo) = udp_echo_server("127.0.74.250:0".parse().unwrap()).unwrap();
     let hop = net.path(&[0])[0];
     let pid = net.relays[0].child.as_ref().unwrap().id();
     let data_before = mem_kib(pid, "VmData");
@@ -356,7 +356,7 @@ fn setups_from_thousands_of_ports_of_one_address_do_not_lock_others_out() {
     let flood = || {
         let mut cell = vec![0u8; layout.cell];
         for _ in 0..2000 {
-            let sock = UdpSocket::bind("127.0.164.9:0").unwrap();
+            let sock = UdpSocket::bind("127.0.174.9:0").unwrap();
             let link = ClientLink::new(&hop.id, hop.addr, &mut OsRng);
             let _c = ClientCircuit::<RingAead>::build(
                 &layout,
@@ -401,8 +401,10 @@ fn setups_from_thousands_of_ports_of_one_address_do_not_lock_others_out() {
         data_after <= data_before + 8192,
         "relay heap grew from {data_before} KiB to {data_after} KiB"
     );
+    // Resident memory grows only as far as the tables allocated at start fill: the
+    // setup seen-filter (2 x 65,536 ids) touches pages as setups land in it.
     assert!(
-        rss_second <= rss_first + 1024,
+        rss_second <= rss_first + 4096,
         "relay resident memory grew from {rss_first} KiB to {rss_second} KiB on a repeated flood"
     );
 }

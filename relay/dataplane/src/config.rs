@@ -178,6 +178,9 @@ pub struct LimitsSection {
     pub setup_rate: u32,
     /// Setup burst per source prefix.
     pub setup_burst: u32,
+    /// Setups per second given public-key work from addresses without a link, all
+    /// together.
+    pub newcomer_setup_rate: u32,
     /// Exit sockets per worker (one per exit circuit).
     pub exit_sockets: usize,
 }
@@ -196,6 +199,7 @@ impl Default for LimitsSection {
             setup_filter_capacity: d.setup_filter_capacity,
             setup_rate: d.setup_rate,
             setup_burst: d.setup_burst,
+            newcomer_setup_rate: d.newcomer_setup_rate,
             exit_sockets: IoConfig::default().exit_sockets,
         }
     }
@@ -501,6 +505,7 @@ impl Config {
             setup_filter_capacity: l.setup_filter_capacity,
             setup_rate: l.setup_rate,
             setup_burst: l.setup_burst,
+            newcomer_setup_rate: l.newcomer_setup_rate,
             ..RelayLimits::default()
         }
     }

@@ -640,3 +640,40 @@ fn setup_with_stale_timestamp_is_expired() {
         Action::Drop(DropReason::Expired)
     );
 }
+
+/// Random garbage from one source costs at most its prefix's setup budget in
+/// public-key work: the rest is refused as rate_limited before any X25519.
+#[test]
+fn garbage_from_one_source_gets_public_key_work_only_up_to_its_budget() {
+    let layout = Layout::default();
+    let mut r = rng(77);
+    let net = Net::<RingAead>::new(layout, 1, &mut r);
+    let mut relay = Relay::<RingAead>::new(
+        layout,
+        net.identities[0].clone(),
+        vec![net.onions[0].clone()],
+        net.peers.clone(),
+        ExitPolicy::default(),
+        RelayLimits {
+            setup_rate: 200,
+            setup_burst: 400,
+            ..RelayLimits::default()
+        },
+        NOW_MS,
+    );
+    let src: std::net::SocketAddr = "127.200.0.1:5555".parse().unwrap();
+    let mut work = 0;
+    for k in 0..5000u64 {
+        let mut cell = vec![0u8; layout.cell];
+        rand_core::RngCore::fill_bytes(&mut r, &mut cell);
+        relay.begin_batch(16);
+        // 5000 cells over 5 seconds: 400 burst + 200/s * 5 s = 1400 may get work.
+        match relay.handle(src, &mut cell, NOW_MS + k) {
+            Action::Drop(DropReason::RateLimited) => {}
+            Action::Drop(_) => work += 1,
+            other => panic!("garbage accepted: {other:?}"),
+        }
+    }
+    assert!(work <= 1400, "public-key work for {work} garbage cells");
+    assert!(work >= 400, "{work}");
+}

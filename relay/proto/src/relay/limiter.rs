@@ -43,9 +43,13 @@ struct Entry {
     circuits: u32,
 }
 
-/// Budgets per source prefix.
+/// Budgets per source prefix, and one shared by all addresses the relay has no link
+/// with yet.
 pub(super) struct PrefixTable {
     entries: HashMap<Prefix, Entry>,
+    /// Setups from addresses without a link (all of them together): tokens, last refill.
+    newcomers: (f64, u64),
+    newcomer_rate: f64,
     rate: f64,
     burst: f64,
     capacity: usize,
@@ -65,6 +69,8 @@ impl PrefixTable {
     ) -> Self {
         PrefixTable {
             entries: HashMap::with_capacity_and_hasher(capacity, ahash::RandomState::new()),
+            newcomers: (0.0, 0),
+            newcomer_rate: 0.0,
             rate: f64::from(rate),
             burst: f64::from(burst),
             capacity,
@@ -93,6 +99,27 @@ impl PrefixTable {
             links: 0,
             circuits: 0,
         }))
+    }
+
+    /// Sets the budget shared by setups from addresses without a link: `rate` per
+    /// second, bursts of one second's worth.
+    pub(super) fn set_newcomer_rate(&mut self, rate: u32, now_ms: u64) {
+        self.newcomer_rate = f64::from(rate);
+        self.newcomers = (self.newcomer_rate, now_ms);
+    }
+
+    /// Takes a token of the budget shared by setups from addresses without a link.
+    pub(super) fn allow_newcomer(&mut self, now_ms: u64) -> bool {
+        let (tokens, last) = self.newcomers;
+        let t = (tokens + (now_ms.saturating_sub(last) as f64 / 1000.0) * self.newcomer_rate)
+            .min(self.newcomer_rate.max(1.0));
+        if t >= 1.0 {
+            self.newcomers = (t - 1.0, now_ms);
+            true
+        } else {
+            self.newcomers = (t, now_ms);
+            false
+        }
     }
 
     /// Takes a setup token of `ip`'s prefix; false if it has none or the table is full.

@@ -212,6 +212,9 @@ pub struct RelayLimits {
     pub setup_burst: u32,
     /// Source prefixes tracked.
     pub setup_sources: usize,
+    /// Setups per second given public-key work, all addresses without a link
+    /// together (a garbage flood from many prefixes costs at most this much).
+    pub newcomer_setup_rate: u32,
 }
 
 impl Default for RelayLimits {
@@ -229,6 +232,7 @@ impl Default for RelayLimits {
             setup_rate: 200,
             setup_burst: 400,
             setup_sources: 4096,
+            newcomer_setup_rate: 250,
         }
     }
 }
@@ -360,6 +364,8 @@ impl<A: Aead> Relay<A> {
             cookies: CookieSource::new(),
             limits,
         };
+        r.prefixes
+            .set_newcomer_rate(r.limits.newcomer_setup_rate, now_ms);
         r.set_peers(peers);
         r
     }
@@ -462,9 +468,10 @@ impl<A: Aead> Relay<A> {
         Action::Drop(r)
     }
 
-    /// Starts a batch of received cells: at most `setup_budget` setup cells of this
-    /// batch get the public-key work; further setups are dropped as
-    /// [`DropReason::RateLimited`], so setups cannot starve data cells.
+    /// Starts a batch of received cells: at most `setup_budget` client setup cells of
+    /// this batch get the public-key work; further ones are dropped as
+    /// [`DropReason::RateLimited`], so setups cannot starve data cells. Setups from
+    /// peer relays are not counted: clients cannot starve them either.
     pub fn begin_batch(&mut self, setup_budget: u32) {
         self.setup_budget = setup_budget;
     }

@@ -222,10 +222,22 @@ impl<A: Aead> Relay<A> {
         let from_peer = link
             .and_then(|l| self.links.get(l))
             .is_some_and(|l| l.kind == LinkKind::Peer);
-        if self.setup_budget == 0 || (!from_peer && !self.prefixes.allow_setup(src.ip(), now_ms)) {
-            return self.drop(DropReason::RateLimited);
+        // Setups from peer relays (authenticated by their link's header key) carry
+        // circuits another relay already admitted: client traffic, garbage included,
+        // must not starve them, so only client setups spend the per-batch budget and
+        // their prefix's tokens.
+        // A setup from an address with no link yet (a new client, or garbage) also
+        // needs a token of the budget all such addresses share, so that a flood
+        // from many prefixes costs at most that much public-key work.
+        if !from_peer {
+            if self.setup_budget == 0
+                || !self.prefixes.allow_setup(src.ip(), now_ms)
+                || (link.is_none() && !self.prefixes.allow_newcomer(now_ms))
+            {
+                return self.drop(DropReason::RateLimited);
+            }
+            self.setup_budget -= 1;
         }
-        self.setup_budget -= 1;
         let mut opened = None;
         let mut bad_point = false;
         for (k, entry) in self.onion.entries.iter().enumerate() {
