@@ -30,7 +30,7 @@ use hkdf::Hkdf;
 use rand_core::{CryptoRng, RngCore};
 use sha2::Sha256;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::aead::{Aead, BadTag, NONCE_LEN};
 use crate::cell::{Layout, PROTOCOL_VERSION, ROUTING_SLOT_LEN};
@@ -313,17 +313,19 @@ impl Ephemeral {
         })
     }
 
-    /// X25519 with a relay's onion public key.
-    pub fn agree(&self, onion_pub: &[u8; 32]) -> [u8; 32] {
+    /// X25519 with a relay's onion public key (wiped on drop).
+    pub fn agree(&self, onion_pub: &[u8; 32]) -> Zeroizing<[u8; 32]> {
         let s = x25519_dalek::StaticSecret::from(self.secret);
-        s.diffie_hellman(&x25519_dalek::PublicKey::from(*onion_pub))
-            .to_bytes()
+        Zeroizing::new(
+            s.diffie_hellman(&x25519_dalek::PublicKey::from(*onion_pub))
+                .to_bytes(),
+        )
     }
 }
 
-/// Relay side: X25519 between the onion secret and a representative. `None` if the
-/// result is the all-zero point (low-order input).
-pub fn relay_agree(onion: &OnionSecret, representative: &[u8; 32]) -> Option<[u8; 32]> {
+/// Relay side: X25519 between the onion secret and a representative (wiped on drop).
+/// `None` if the result is the all-zero point (low-order input).
+pub fn relay_agree(onion: &OnionSecret, representative: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
     // Elligator2 maps straight to the Montgomery u-coordinate; going through the
     // Edwards form (`from_representative`) gives the same point at the cost of an
     // extra field inversion (the equality is a unit test below).
@@ -503,9 +505,9 @@ pub fn open_setup<A: Aead>(
     tag.copy_from_slice(&cell[layout.setup_tag()..layout.setup_tag() + 16]);
     let region_start = layout.setup_region();
     // Decrypt a copy first: a failed attempt (wrong onion key during rotation) must
-    // leave the cell intact for the next key.
+    // leave the cell intact for the next key. The copy is wiped on every return.
     let a = A::new(&secrets.k_setup);
-    let mut tmp = [0u8; 8192];
+    let mut tmp = Zeroizing::new([0u8; 8192]);
     let region = &mut tmp[..layout.cell - region_start];
     region.copy_from_slice(&cell[region_start..]);
     a.open(&SETUP_NONCE, &e, region, &tag)?;

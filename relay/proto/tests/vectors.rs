@@ -84,7 +84,7 @@ fn elligator() -> String {
         line(&mut o, "onion_secret", &arr32(99));
         line(&mut o, "onion_pub", onion.public().as_bytes());
         line(&mut o, "representative", &e.representative);
-        line(&mut o, "shared", &relay);
+        line(&mut o, "shared", &relay[..]);
         o.push('\n');
     }
     o
