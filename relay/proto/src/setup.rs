@@ -313,13 +313,15 @@ impl Ephemeral {
         })
     }
 
-    /// X25519 with a relay's onion public key (wiped on drop).
-    pub fn agree(&self, onion_pub: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    /// X25519 with a relay's onion public key (wiped on drop). `None` if the result is
+    /// all zeros: the onion key is a low-order point and the relay's key would not
+    /// contribute to the circuit keys.
+    pub fn agree(&self, onion_pub: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
         let s = x25519_dalek::StaticSecret::from(self.secret);
-        Zeroizing::new(
-            s.diffie_hellman(&x25519_dalek::PublicKey::from(*onion_pub))
-                .to_bytes(),
-        )
+        let shared = s.diffie_hellman(&x25519_dalek::PublicKey::from(*onion_pub));
+        shared
+            .was_contributory()
+            .then(|| Zeroizing::new(shared.to_bytes()))
     }
 }
 
@@ -355,16 +357,26 @@ pub struct SetupHop {
 /// or before `t`, which an honest client's stamps never are.
 pub const TIMESTAMP_JITTER_S: u64 = 30;
 
+/// The client refuses to build a setup through a hop whose onion key is a low-order
+/// point (X25519 with it is all zeros, whatever the ephemeral).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the onion key of hop {hop} is a low-order point")]
+pub struct LowOrderOnionKey {
+    /// Which hop (0-based).
+    pub hop: usize,
+}
+
 /// Client: builds a setup cell for `hops` (first hop first) into `cell` (the header is
 /// left for the caller to protect) and returns every hop's secrets. `now` is the
-/// client's clock (unix seconds); see [`TIMESTAMP_JITTER_S`].
+/// client's clock (unix seconds); see [`TIMESTAMP_JITTER_S`]. Fails, before writing
+/// to `cell`, if a hop's onion key is a low-order point.
 pub fn build_setup<A: Aead, R: RngCore + CryptoRng>(
     layout: &Layout,
     hops: &[SetupHop],
     now: u64,
     rng: &mut R,
     cell: &mut [u8],
-) -> Vec<HopSecrets> {
+) -> Result<Vec<HopSecrets>, LowOrderOnionKey> {
     let ephemerals: Vec<Ephemeral> = hops.iter().map(|_| Ephemeral::generate(rng)).collect();
     build_setup_with::<A, R>(layout, hops, &ephemerals, now, rng, cell)
 }
@@ -377,7 +389,7 @@ pub fn build_setup_with<A: Aead, R: RngCore + CryptoRng>(
     now: u64,
     rng: &mut R,
     cell: &mut [u8],
-) -> Vec<HopSecrets> {
+) -> Result<Vec<HopSecrets>, LowOrderOnionKey> {
     let h = layout.h_max;
     let l = hops.len();
     assert!(l >= 1 && l <= h && ephemerals.len() == l, "1..=H_MAX hops");
@@ -386,13 +398,19 @@ pub fn build_setup_with<A: Aead, R: RngCore + CryptoRng>(
     let rl = layout.routing_len();
     let region_len = layout.cell - layout.setup_region();
 
-    let secrets: Vec<HopSecrets> = hops
+    let secrets = hops
         .iter()
         .zip(ephemerals)
-        .map(|(hop, e)| {
-            HopSecrets::derive(&e.agree(&hop.onion_pub), &e.representative, &hop.onion_pub)
+        .enumerate()
+        .map(|(i, (hop, e))| {
+            let shared = e.agree(&hop.onion_pub).ok_or(LowOrderOnionKey { hop: i })?;
+            Ok(HopSecrets::derive(
+                &shared,
+                &e.representative,
+                &hop.onion_pub,
+            ))
         })
-        .collect();
+        .collect::<Result<Vec<HopSecrets>, LowOrderOnionKey>>()?;
     let aeads: Vec<A> = secrets.iter().map(|s| A::new(&s.k_setup)).collect();
     // Keystream of each hop over the routing stack: the encryption of zeros.
     let ks: Vec<Vec<u8>> = aeads
@@ -463,7 +481,7 @@ pub fn build_setup_with<A: Aead, R: RngCore + CryptoRng>(
     cell[layout.setup_tag()..layout.setup_tag() + 16].copy_from_slice(&t0);
     cell[layout.setup_region()..layout.setup_region() + rl].copy_from_slice(&beta);
     cell[layout.setup_region() + rl..].copy_from_slice(&rest);
-    secrets
+    Ok(secrets)
 }
 
 /// Why a relay refused a setup cell.
