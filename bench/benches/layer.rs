@@ -244,7 +244,8 @@ fn setup(c: &mut Criterion) {
         b.iter_batched_ref(
             || {
                 let mut cell = vec![0u8; layout.cell];
-                build_setup::<RingAead, _>(&layout, &hops, NOW_MS / 1000, &mut OsRng, &mut cell);
+                build_setup::<RingAead, _>(&layout, &hops, NOW_MS / 1000, &mut OsRng, &mut cell)
+                    .expect("valid onion keys");
                 cell
             },
             |cell| {

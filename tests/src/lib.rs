@@ -431,7 +431,7 @@ socket = "admin.sock"
     /// A path through relays `idx` (in order), each at its first port.
     pub fn path(&self, idx: &[usize]) -> Vec<PathHop> {
         let ids: Vec<RelayId> = idx.iter().map(|&i| self.relays[i].id).collect();
-        shroud_client::path_from_ids(&self.list, &ids).expect("path")
+        shroud_client::path_from_ids(&self.list, &ids, now_s()).expect("path")
     }
 
     /// Kills relay `i` (SIGKILL).

@@ -174,7 +174,12 @@ fn bad_input_is_dropped_and_counted_while_a_circuit_keeps_delivering() {
     rogue_list.normalize();
     let mut path = net.path(&[0]);
     path.extend(
-        shroud_client::path_from_ids(&rogue_list, &[outsider.public().relay_id()]).unwrap(),
+        shroud_client::path_from_ids(
+            &rogue_list,
+            &[outsider.public().relay_id()],
+            shroud_tests::now_s(),
+        )
+        .unwrap(),
     );
     let mut rogue = net.client();
     match rogue.build_circuit(&path, dest, T) {

@@ -6,9 +6,10 @@
 //!   would let it correlate both positions);
 //! - every hop's address is the relay's listed address with a port inside its listed
 //!   range (the relays refuse anything else as `not_a_peer`);
-//! - every hop's onion key is the relay's listed key with the latest `valid_until`
-//!   (the peer list keeps keys sorted by expiry; during rotation the newest key is the
-//!   one that stays valid longest).
+//! - every hop's onion key is, among the relay's listed keys still valid at the
+//!   caller's `now` (`now < valid_until`), the one with the latest `valid_until` (during
+//!   rotation the newest key is the one that stays valid longest). A relay whose keys
+//!   have all expired is never used.
 //!
 //! [`choose_path`] additionally picks relays at random, weighted by their `weight`
 //! (zero weight: never picked), ports uniformly within each relay's range, and, when
@@ -19,7 +20,7 @@ use rand_core::{CryptoRng, RngCore};
 use std::net::SocketAddr;
 
 use shroud_proto::client::PathHop;
-use shroud_proto::keys::RelayId;
+use shroud_proto::keys::{OnionPublic, RelayId};
 use shroud_proto::peerlist::{PeerList, RelayDescriptor};
 
 /// Why no path could be made from a peer list.
@@ -36,16 +37,22 @@ pub enum PathError {
     /// Fewer usable relays than hops.
     #[error(
         "a {hops}-hop path needs {hops} distinct relays, but the peer list has only {usable} \
-         usable ones (non-zero weight, an onion key, a valid port range)"
+         usable ones (non-zero weight, an unexpired onion key, a valid port range); \
+         {expired} relays list only expired onion keys"
     )]
     NotEnoughRelays {
         /// Hops requested.
         hops: usize,
         /// Usable relays in the list.
         usable: usize,
+        /// Relays left out because every onion key they list has expired.
+        expired: usize,
     },
     /// An exit was required and no usable relay has the exit flag.
-    #[error("no usable exit relay in the peer list (exit flag, non-zero weight, an onion key)")]
+    #[error(
+        "no usable exit relay in the peer list (exit flag, non-zero weight, an unexpired \
+         onion key)"
+    )]
     NoExit,
     /// A requested relay is not in the peer list.
     #[error("relay {0} is not in the peer list")]
@@ -56,10 +63,36 @@ pub enum PathError {
     /// A requested relay cannot be used (no onion key or an empty port range).
     #[error("relay {0} is unusable: it lists no onion key or an empty port range")]
     Unusable(RelayId),
+    /// Every onion key a requested relay lists has expired.
+    #[error(
+        "relay {relay} has no valid onion key: the latest expired at {valid_until}, now is \
+         {now} (a newer peer list is needed)"
+    )]
+    OnionKeysExpired {
+        /// The relay.
+        relay: RelayId,
+        /// The latest `valid_until` among its keys.
+        valid_until: u64,
+        /// The `now` the path was asked for.
+        now: u64,
+    },
 }
 
-fn usable(r: &RelayDescriptor) -> bool {
-    !r.onion_keys.is_empty() && r.ports.0 != 0 && r.ports.0 <= r.ports.1
+fn ports_ok(r: &RelayDescriptor) -> bool {
+    r.ports.0 != 0 && r.ports.0 <= r.ports.1
+}
+
+/// Among `r`'s onion keys still valid at `now`, the one valid longest.
+fn onion_key(r: &RelayDescriptor, now: u64) -> Option<OnionPublic> {
+    r.onion_keys
+        .iter()
+        .filter(|k| now < k.valid_until)
+        .max_by_key(|k| k.valid_until)
+        .map(|k| k.key)
+}
+
+fn usable(r: &RelayDescriptor, now: u64) -> bool {
+    ports_ok(r) && onion_key(r, now).is_some()
 }
 
 /// A uniform integer in `0..n` (`n > 0`), by rejection (no modulo bias).
@@ -98,13 +131,7 @@ fn take_weighted<R: RngCore + ?Sized>(
     pool.remove(k)
 }
 
-fn hop(r: &RelayDescriptor, port: u16) -> PathHop {
-    let onion = r
-        .onion_keys
-        .iter()
-        .max_by_key(|k| k.valid_until)
-        .map(|k| k.key)
-        .unwrap_or_else(|| unreachable!("callers check usable()"));
+fn hop(r: &RelayDescriptor, onion: OnionPublic, port: u16) -> PathHop {
     PathHop {
         id: r.relay_id(),
         onion,
@@ -125,21 +152,29 @@ fn check_len(list: &PeerList, hops: usize) -> Result<(), PathError> {
 /// With `exit_required`, the last hop is drawn (weighted) among relays with the exit
 /// flag, the others among all remaining relays; without it, any relay may be last.
 /// Each hop's port is uniform in the relay's port range (which spreads circuits over
-/// the relay's workers) and its onion key is the listed key with the latest expiry.
+/// the relay's workers) and its onion key is the key valid longest among those not
+/// expired at `now` (Unix seconds); relays whose keys have all expired are left out.
 pub fn choose_path<R: RngCore + CryptoRng + ?Sized>(
     list: &PeerList,
     hops: usize,
     exit_required: bool,
+    now: u64,
     rng: &mut R,
 ) -> Result<Vec<PathHop>, PathError> {
     check_len(list, hops)?;
     let mut pool: Vec<usize> = (0..list.relays.len())
-        .filter(|&i| usable(&list.relays[i]) && list.relays[i].weight > 0)
+        .filter(|&i| usable(&list.relays[i], now) && list.relays[i].weight > 0)
         .collect();
     if pool.len() < hops {
+        let expired = list
+            .relays
+            .iter()
+            .filter(|r| !r.onion_keys.is_empty() && onion_key(r, now).is_none())
+            .count();
         return Err(PathError::NotEnoughRelays {
             hops,
             usable: pool.len(),
+            expired,
         });
     }
     let exit = if exit_required {
@@ -169,7 +204,8 @@ pub fn choose_path<R: RngCore + CryptoRng + ?Sized>(
             let span = u64::from(r.ports.1 - r.ports.0) + 1;
             // `below(span) < span <= 65535 - first + 1`, so the sum stays a u16.
             let port = r.ports.0 + below(rng, span) as u16;
-            hop(r, port)
+            let onion = onion_key(r, now).unwrap_or_else(|| unreachable!("the pool is usable"));
+            hop(r, onion, port)
         })
         .collect())
 }
@@ -177,9 +213,15 @@ pub fn choose_path<R: RngCore + CryptoRng + ?Sized>(
 /// The path through the relays `ids` (first hop first), as listed in `list`.
 ///
 /// Deterministic: each hop uses the first port of its relay's range (change
-/// `PathHop::addr` to use another port of the range). No flag is required of the last
-/// relay; a non-exit there refuses the circuit with reason `policy`.
-pub fn path_from_ids(list: &PeerList, ids: &[RelayId]) -> Result<Vec<PathHop>, PathError> {
+/// `PathHop::addr` to use another port of the range) and the onion key valid longest
+/// among those not expired at `now` (Unix seconds); a relay whose keys have all expired
+/// is an error. No flag is required of the last relay; a non-exit there refuses the
+/// circuit with reason `policy`.
+pub fn path_from_ids(
+    list: &PeerList,
+    ids: &[RelayId],
+    now: u64,
+) -> Result<Vec<PathHop>, PathError> {
     check_len(list, ids.len())?;
     for (i, id) in ids.iter().enumerate() {
         if ids[..i].contains(id) {
@@ -189,10 +231,20 @@ pub fn path_from_ids(list: &PeerList, ids: &[RelayId]) -> Result<Vec<PathHop>, P
     ids.iter()
         .map(|id| {
             let r = list.relay_by_id(id).ok_or(PathError::UnknownRelay(*id))?;
-            if !usable(r) {
+            if !ports_ok(r) || r.onion_keys.is_empty() {
                 return Err(PathError::Unusable(*id));
             }
-            Ok(hop(r, r.ports.0))
+            let onion = onion_key(r, now).ok_or_else(|| PathError::OnionKeysExpired {
+                relay: *id,
+                valid_until: r
+                    .onion_keys
+                    .iter()
+                    .map(|k| k.valid_until)
+                    .max()
+                    .unwrap_or(0),
+                now,
+            })?;
+            Ok(hop(r, onion, r.ports.0))
         })
         .collect()
 }

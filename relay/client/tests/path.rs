@@ -40,6 +40,9 @@ fn list(specs: &[Spec]) -> PeerList {
     l
 }
 
+/// The clock the tests build paths at: every listed onion key is still valid.
+const NOW: u64 = 1_500;
+
 fn spec(exit: bool, weight: u32) -> Spec {
     Spec { exit, weight }
 }
@@ -61,7 +64,7 @@ fn paths_are_distinct_end_in_an_exit_and_use_listed_endpoints_and_newest_keys() 
     let mut seen_ports = HashSet::new();
     for hops in 1..=5 {
         for _ in 0..200 {
-            let p = choose_path(&l, hops, true, &mut OsRng).unwrap();
+            let p = choose_path(&l, hops, true, NOW, &mut OsRng).unwrap();
             assert_eq!(p.len(), hops);
             let ids: HashSet<RelayId> = p.iter().map(|h| h.id).collect();
             assert_eq!(ids.len(), hops, "distinct relays");
@@ -91,13 +94,13 @@ fn without_exit_requirement_any_usable_relay_may_be_last() {
         spec(true, 0),
     ]);
     for _ in 0..100 {
-        let p = choose_path(&l, 3, false, &mut OsRng).unwrap();
+        let p = choose_path(&l, 3, false, NOW, &mut OsRng).unwrap();
         let ids: HashSet<RelayId> = p.iter().map(|h| h.id).collect();
         assert_eq!(ids.len(), 3);
         assert!(p.iter().all(|h| !l.relay_by_id(&h.id).unwrap().exit));
     }
     assert_eq!(
-        choose_path(&l, 3, true, &mut OsRng),
+        choose_path(&l, 3, true, NOW, &mut OsRng),
         Err(PathError::NoExit),
         "the only exit has weight 0"
     );
@@ -107,20 +110,24 @@ fn without_exit_requirement_any_usable_relay_may_be_last() {
 fn impossible_paths_are_errors() {
     let l = list(&[spec(true, 1), spec(false, 1), spec(false, 0)]);
     assert_eq!(
-        choose_path(&l, 0, true, &mut OsRng),
+        choose_path(&l, 0, true, NOW, &mut OsRng),
         Err(PathError::Length { got: 0, max: 8 })
     );
     assert_eq!(
-        choose_path(&l, 9, true, &mut OsRng),
+        choose_path(&l, 9, true, NOW, &mut OsRng),
         Err(PathError::Length { got: 9, max: 8 })
     );
     assert_eq!(
-        choose_path(&l, 3, true, &mut OsRng),
-        Err(PathError::NotEnoughRelays { hops: 3, usable: 2 })
+        choose_path(&l, 3, true, NOW, &mut OsRng),
+        Err(PathError::NotEnoughRelays {
+            hops: 3,
+            usable: 2,
+            expired: 0
+        })
     );
-    let p = choose_path(&l, 2, true, &mut OsRng).unwrap();
+    let p = choose_path(&l, 2, true, NOW, &mut OsRng).unwrap();
     assert!(l.relay_by_id(&p[1].id).unwrap().exit);
-    let msg = choose_path(&l, 3, false, &mut OsRng)
+    let msg = choose_path(&l, 3, false, NOW, &mut OsRng)
         .unwrap_err()
         .to_string();
     assert!(msg.contains("only 2 usable"), "{msg}");
@@ -130,7 +137,7 @@ fn impossible_paths_are_errors() {
 fn path_from_ids_follows_the_ids() {
     let l = list(&[spec(true, 1), spec(false, 1), spec(false, 0)]);
     let ids: Vec<RelayId> = l.relays.iter().map(|r| r.relay_id()).rev().collect();
-    let p = path_from_ids(&l, &ids).unwrap();
+    let p = path_from_ids(&l, &ids, NOW).unwrap();
     for (h, id) in p.iter().zip(&ids) {
         let r = l.relay_by_id(id).unwrap();
         assert_eq!(h.id, *id);
@@ -139,16 +146,96 @@ fn path_from_ids_follows_the_ids() {
         assert_eq!(h.onion, r.onion_keys.last().unwrap().key);
     }
     assert_eq!(
-        path_from_ids(&l, &[ids[0], ids[1], ids[0]]),
+        path_from_ids(&l, &[ids[0], ids[1], ids[0]], NOW),
         Err(PathError::Duplicate(ids[0]))
     );
     let stranger = IdentityKey::generate(&mut OsRng).public().relay_id();
     assert_eq!(
-        path_from_ids(&l, &[ids[0], stranger]),
+        path_from_ids(&l, &[ids[0], stranger], NOW),
         Err(PathError::UnknownRelay(stranger))
     );
     assert_eq!(
-        path_from_ids(&l, &[]),
+        path_from_ids(&l, &[], NOW),
         Err(PathError::Length { got: 0, max: 8 })
     );
+}
+
+#[test]
+fn expired_onion_keys_are_never_used() {
+    let mut l = list(&[spec(false, 1), spec(false, 1), spec(true, 1)]);
+    // Relay 0's keys expire at 4_000 and 7_000, the others' at 5_000 and 9_000.
+    for (k, until) in l.relays[0].onion_keys.iter_mut().zip([4_000, 7_000]) {
+        k.valid_until = until;
+    }
+    let stale = l.relays[0].relay_id();
+    let ids: Vec<RelayId> = l.relays.iter().map(|r| r.relay_id()).collect();
+    let key_until = |id: &RelayId, key| {
+        let r = l.relay_by_id(id).unwrap();
+        r.onion_keys
+            .iter()
+            .find(|k| k.key == key)
+            .unwrap()
+            .valid_until
+    };
+
+    // Until 7_000 (exclusive) relay 0 is used with its 7_000 key, the others with their
+    // 9_000 keys; an expired key is never picked.
+    for now in [3_999, 4_000, 6_999] {
+        for _ in 0..50 {
+            for h in choose_path(&l, 3, false, now, &mut OsRng).unwrap() {
+                let until = key_until(&h.id, h.onion);
+                assert!(now < until, "key valid until {until} used at {now}");
+                assert_eq!(until, if h.id == stale { 7_000 } else { 9_000 });
+            }
+        }
+        let p = path_from_ids(&l, &ids, now).unwrap();
+        assert_eq!(key_until(&stale, p[0].onion), 7_000);
+    }
+
+    // From 7_000 relay 0 has no valid key: never chosen, and a clear error by id.
+    let now = 7_000;
+    for _ in 0..50 {
+        let p = choose_path(&l, 2, true, now, &mut OsRng).unwrap();
+        assert!(
+            p.iter().all(|h| h.id != stale),
+            "relay with expired keys chosen"
+        );
+    }
+    assert_eq!(
+        choose_path(&l, 3, false, now, &mut OsRng),
+        Err(PathError::NotEnoughRelays {
+            hops: 3,
+            usable: 2,
+            expired: 1
+        })
+    );
+    assert_eq!(
+        path_from_ids(&l, &ids, now),
+        Err(PathError::OnionKeysExpired {
+            relay: stale,
+            valid_until: 7_000,
+            now
+        })
+    );
+    assert!(path_from_ids(&l, &ids[1..], now).is_ok());
+
+    // From 9_000 nothing is usable.
+    let err = choose_path(&l, 1, false, 9_000, &mut OsRng).unwrap_err();
+    assert_eq!(
+        err,
+        PathError::NotEnoughRelays {
+            hops: 1,
+            usable: 0,
+            expired: 3
+        }
+    );
+    assert!(
+        err.to_string()
+            .contains("3 relays list only expired onion keys"),
+        "{err}"
+    );
+    let msg = path_from_ids(&l, &ids[1..2], 9_000)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("has no valid onion key"), "{msg}");
 }

@@ -253,6 +253,16 @@ mod tests {
         gcm_spec_vectors::<RustCryptoAead>();
     }
 
+    /// AES key schedules are wiped on drop: `aes` and `aes-gcm` are built with their
+    /// `zeroize` feature (without it these types do not implement `ZeroizeOnDrop` and
+    /// this test does not compile). `ring` offers no way to wipe its keys.
+    #[test]
+    fn rustcrypto_key_schedules_are_wiped_on_drop() {
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        wiped_on_drop::<aes::Aes256>();
+        wiped_on_drop::<aes_gcm::Aes256Gcm>();
+    }
+
     #[test]
     fn backends_agree() {
         let a = RingAead::new(&[1u8; 32]);

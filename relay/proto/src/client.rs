@@ -129,6 +129,13 @@ pub enum ClientError {
     /// The counter space is exhausted; build a new circuit.
     #[error("circuit counter exhausted")]
     Exhausted,
+    /// A hop's onion key is a low-order point: X25519 with it is all zeros, so the
+    /// relay would contribute nothing to the circuit keys. Nothing was built.
+    #[error("the onion key of hop {hop} is a low-order point; refusing to build")]
+    BadOnionKey {
+        /// Which hop (0-based).
+        hop: usize,
+    },
 }
 
 /// Lifecycle of a client circuit.
@@ -211,6 +218,7 @@ impl<A: Aead> ClientCircuit<A> {
     /// Builds a circuit through `path` (first hop first, reached over `link`) to the
     /// exit destination `dest`, writing the setup cell into `cell`. Send `cell` to
     /// `link.relay()`; the circuit opens when [`ClientCircuit::open`] sees CREATED.
+    /// A low-order onion key in `path` is refused ([`ClientError::BadOnionKey`]).
     pub fn build<R: RngCore + CryptoRng>(
         layout: &Layout,
         link: &ClientLink,
@@ -250,7 +258,8 @@ impl<A: Aead> ClientCircuit<A> {
                 link_seed: if i == 0 { link.seed } else { [0; 16] },
             })
             .collect();
-        let secrets = build_setup::<A, R>(layout, &hops, now_ms / 1000, rng, cell);
+        let secrets = build_setup::<A, R>(layout, &hops, now_ms / 1000, rng, cell)
+            .map_err(|e| ClientError::BadOnionKey { hop: e.hop })?;
         if link.linked {
             link.up.protect(
                 cell,
@@ -463,4 +472,66 @@ fn random_junk<R: RngCore>(rng: &mut R) -> [[u8; 16]; H_MAX_LIMIT] {
         s.copy_from_slice(chunk);
     }
     j
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aead::RingAead;
+    use crate::keys::OnionSecret;
+
+    /// The encodings of the low-order points of Curve25519 and its twist (0, 1, the two
+    /// points of order 8, p-1, p, p+1), each also with bit 255 set (X25519 ignores it).
+    /// Checked offline: OpenSSL's X25519 refuses every one as an all-zero result.
+    const LOW_ORDER: [&str; 7] = [
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    ];
+
+    fn path(n: u8) -> Vec<PathHop> {
+        (0..n)
+            .map(|i| PathHop {
+                id: RelayId([i + 1; 16]),
+                onion: OnionSecret::from_bytes(&[i + 40; 32]).public(),
+                addr: SocketAddr::from(([127, 0, 0, i + 1], 9000)),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn build_refuses_low_order_onion_keys() {
+        let layout = Layout::default();
+        let mut rng = rand_core::OsRng;
+        let good = path(3);
+        let link = ClientLink::new(&good[0].id, good[0].addr, &mut rng);
+        let dest = SocketAddr::from(([127, 0, 0, 9], 7));
+        let mut cell = vec![0u8; layout.cell];
+        ClientCircuit::<RingAead>::build(&layout, &link, &good, dest, 0, &mut rng, &mut cell)
+            .expect("a path of valid keys builds");
+        for (n, text) in LOW_ORDER.iter().enumerate() {
+            for high_bit in [0u8, 0x80] {
+                let mut key = [0u8; 32];
+                hex::decode_to_slice(text, &mut key).expect("hex");
+                key[31] |= high_bit;
+                let hop = n % 3;
+                let mut bad = good.clone();
+                bad[hop].onion = OnionPublic(key);
+                let mut cell = vec![0x5au8; layout.cell];
+                let got = ClientCircuit::<RingAead>::build(
+                    &layout, &link, &bad, dest, 0, &mut rng, &mut cell,
+                );
+                assert_eq!(
+                    got.map(|c| c.id()),
+                    Err(ClientError::BadOnionKey { hop }),
+                    "low-order key {text} (bit 255: {high_bit}) at hop {hop}"
+                );
+                assert!(cell.iter().all(|&b| b == 0x5a), "nothing was written");
+            }
+        }
+    }
 }

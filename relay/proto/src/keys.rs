@@ -450,14 +450,17 @@ impl OnionSecret {
         OnionPublic(x25519_dalek::PublicKey::from(&self.0).to_bytes())
     }
 
-    /// Raw x25519 with the peer's Montgomery-form public key.
+    /// Raw x25519 with the peer's Montgomery-form public key (wiped on drop).
     ///
     /// The output is all zeros when the peer key is a low-order point;
     /// protocols that need a contributory exchange should use
     /// [`Self::diffie_hellman_checked`] instead.
-    pub fn diffie_hellman(&self, peer_montgomery_bytes: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {
+    pub fn diffie_hellman(
+        &self,
+        peer_montgomery_bytes: &[u8; KEY_LEN],
+    ) -> Zeroizing<[u8; KEY_LEN]> {
         let peer = x25519_dalek::PublicKey::from(*peer_montgomery_bytes);
-        self.0.diffie_hellman(&peer).to_bytes()
+        Zeroizing::new(self.0.diffie_hellman(&peer).to_bytes())
     }
 
     /// Like [`Self::diffie_hellman`] but refuses a non-contributory
@@ -465,11 +468,11 @@ impl OnionSecret {
     pub fn diffie_hellman_checked(
         &self,
         peer_montgomery_bytes: &[u8; KEY_LEN],
-    ) -> Result<[u8; KEY_LEN], KeyError> {
+    ) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
         let peer = x25519_dalek::PublicKey::from(*peer_montgomery_bytes);
         let shared = self.0.diffie_hellman(&peer);
         if shared.was_contributory() {
-            Ok(shared.to_bytes())
+            Ok(Zeroizing::new(shared.to_bytes()))
         } else {
             Err(KeyError::NonContributory)
         }
@@ -711,7 +714,7 @@ mod tests {
         let b = secret
             .diffie_hellman(&x25519_dalek::PublicKey::from(onion.public().0))
             .to_bytes();
-        assert_eq!(a, b);
+        assert_eq!(*a, b);
     }
 
     #[test]
@@ -722,7 +725,7 @@ mod tests {
         let ab = a.diffie_hellman(&b.public().0);
         assert_eq!(ab, b.diffie_hellman(&a.public().0));
         assert_eq!(a.diffie_hellman_checked(&b.public().0), Ok(ab));
-        assert_eq!(a.diffie_hellman(&[0; 32]), [0; 32]);
+        assert_eq!(*a.diffie_hellman(&[0; 32]), [0; 32]);
         assert_eq!(
             a.diffie_hellman_checked(&[0; 32]),
             Err(KeyError::NonContributory)

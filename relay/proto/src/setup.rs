@@ -30,7 +30,7 @@ use hkdf::Hkdf;
 use rand_core::{CryptoRng, RngCore};
 use sha2::Sha256;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::aead::{Aead, BadTag, NONCE_LEN};
 use crate::cell::{Layout, PROTOCOL_VERSION, ROUTING_SLOT_LEN};
@@ -313,17 +313,21 @@ impl Ephemeral {
         })
     }
 
-    /// X25519 with a relay's onion public key.
-    pub fn agree(&self, onion_pub: &[u8; 32]) -> [u8; 32] {
+    /// X25519 with a relay's onion public key (wiped on drop). `None` if the result is
+    /// all zeros: the onion key is a low-order point and the relay's key would not
+    /// contribute to the circuit keys.
+    pub fn agree(&self, onion_pub: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
         let s = x25519_dalek::StaticSecret::from(self.secret);
-        s.diffie_hellman(&x25519_dalek::PublicKey::from(*onion_pub))
-            .to_bytes()
+        let shared = s.diffie_hellman(&x25519_dalek::PublicKey::from(*onion_pub));
+        shared
+            .was_contributory()
+            .then(|| Zeroizing::new(shared.to_bytes()))
     }
 }
 
-/// Relay side: X25519 between the onion secret and a representative. `None` if the
-/// result is the all-zero point (low-order input).
-pub fn relay_agree(onion: &OnionSecret, representative: &[u8; 32]) -> Option<[u8; 32]> {
+/// Relay side: X25519 between the onion secret and a representative (wiped on drop).
+/// `None` if the result is the all-zero point (low-order input).
+pub fn relay_agree(onion: &OnionSecret, representative: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
     // Elligator2 maps straight to the Montgomery u-coordinate; going through the
     // Edwards form (`from_representative`) gives the same point at the cost of an
     // extra field inversion (the equality is a unit test below).
@@ -353,16 +357,26 @@ pub struct SetupHop {
 /// or before `t`, which an honest client's stamps never are.
 pub const TIMESTAMP_JITTER_S: u64 = 30;
 
+/// The client refuses to build a setup through a hop whose onion key is a low-order
+/// point (X25519 with it is all zeros, whatever the ephemeral).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the onion key of hop {hop} is a low-order point")]
+pub struct LowOrderOnionKey {
+    /// Which hop (0-based).
+    pub hop: usize,
+}
+
 /// Client: builds a setup cell for `hops` (first hop first) into `cell` (the header is
 /// left for the caller to protect) and returns every hop's secrets. `now` is the
-/// client's clock (unix seconds); see [`TIMESTAMP_JITTER_S`].
+/// client's clock (unix seconds); see [`TIMESTAMP_JITTER_S`]. Fails, before writing
+/// to `cell`, if a hop's onion key is a low-order point.
 pub fn build_setup<A: Aead, R: RngCore + CryptoRng>(
     layout: &Layout,
     hops: &[SetupHop],
     now: u64,
     rng: &mut R,
     cell: &mut [u8],
-) -> Vec<HopSecrets> {
+) -> Result<Vec<HopSecrets>, LowOrderOnionKey> {
     let ephemerals: Vec<Ephemeral> = hops.iter().map(|_| Ephemeral::generate(rng)).collect();
     build_setup_with::<A, R>(layout, hops, &ephemerals, now, rng, cell)
 }
@@ -375,7 +389,7 @@ pub fn build_setup_with<A: Aead, R: RngCore + CryptoRng>(
     now: u64,
     rng: &mut R,
     cell: &mut [u8],
-) -> Vec<HopSecrets> {
+) -> Result<Vec<HopSecrets>, LowOrderOnionKey> {
     let h = layout.h_max;
     let l = hops.len();
     assert!(l >= 1 && l <= h && ephemerals.len() == l, "1..=H_MAX hops");
@@ -384,13 +398,19 @@ pub fn build_setup_with<A: Aead, R: RngCore + CryptoRng>(
     let rl = layout.routing_len();
     let region_len = layout.cell - layout.setup_region();
 
-    let secrets: Vec<HopSecrets> = hops
+    let secrets = hops
         .iter()
         .zip(ephemerals)
-        .map(|(hop, e)| {
-            HopSecrets::derive(&e.agree(&hop.onion_pub), &e.representative, &hop.onion_pub)
+        .enumerate()
+        .map(|(i, (hop, e))| {
+            let shared = e.agree(&hop.onion_pub).ok_or(LowOrderOnionKey { hop: i })?;
+            Ok(HopSecrets::derive(
+                &shared,
+                &e.representative,
+                &hop.onion_pub,
+            ))
         })
-        .collect();
+        .collect::<Result<Vec<HopSecrets>, LowOrderOnionKey>>()?;
     let aeads: Vec<A> = secrets.iter().map(|s| A::new(&s.k_setup)).collect();
     // Keystream of each hop over the routing stack: the encryption of zeros.
     let ks: Vec<Vec<u8>> = aeads
@@ -461,7 +481,7 @@ pub fn build_setup_with<A: Aead, R: RngCore + CryptoRng>(
     cell[layout.setup_tag()..layout.setup_tag() + 16].copy_from_slice(&t0);
     cell[layout.setup_region()..layout.setup_region() + rl].copy_from_slice(&beta);
     cell[layout.setup_region() + rl..].copy_from_slice(&rest);
-    secrets
+    Ok(secrets)
 }
 
 /// Why a relay refused a setup cell.
@@ -503,9 +523,9 @@ pub fn open_setup<A: Aead>(
     tag.copy_from_slice(&cell[layout.setup_tag()..layout.setup_tag() + 16]);
     let region_start = layout.setup_region();
     // Decrypt a copy first: a failed attempt (wrong onion key during rotation) must
-    // leave the cell intact for the next key.
+    // leave the cell intact for the next key. The copy is wiped on every return.
     let a = A::new(&secrets.k_setup);
-    let mut tmp = [0u8; 8192];
+    let mut tmp = Zeroizing::new([0u8; 8192]);
     let region = &mut tmp[..layout.cell - region_start];
     region.copy_from_slice(&cell[region_start..]);
     a.open(&SETUP_NONCE, &e, region, &tag)?;

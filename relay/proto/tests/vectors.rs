@@ -78,13 +78,13 @@ fn elligator() -> String {
     let onion = OnionSecret::from_bytes(&arr32(99));
     for seed in [3u8, 40, 77] {
         let e = ephemeral(seed);
-        let client = e.agree(onion.public().as_bytes());
+        let client = e.agree(onion.public().as_bytes()).unwrap();
         let relay = relay_agree(&onion, &e.representative).unwrap();
         assert_eq!(client, relay);
         line(&mut o, "onion_secret", &arr32(99));
         line(&mut o, "onion_pub", onion.public().as_bytes());
         line(&mut o, "representative", &e.representative);
-        line(&mut o, "shared", &relay);
+        line(&mut o, "shared", &relay[..]);
         o.push('\n');
     }
     o
@@ -177,7 +177,8 @@ fn setup() -> String {
     let mut cell = vec![0u8; layout.cell];
     let mut r = common::rng(77);
     let secrets =
-        build_setup_with::<RingAead, _>(&layout, &hops, &eph, 1_764_000_000, &mut r, &mut cell);
+        build_setup_with::<RingAead, _>(&layout, &hops, &eph, 1_764_000_000, &mut r, &mut cell)
+            .expect("valid onion keys");
     line(&mut o, "onion_secret_0", &arr32(50));
     line(&mut o, "onion_secret_1", &arr32(51));
     line(&mut o, "setup_cell", &cell[16..]);
