@@ -418,6 +418,20 @@ socket = "admin.sock"
     /// it answers on its admin socket.
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
+        // The kernel tears a dead process's io_uring down asynchronously, and sockets
+        // its in-flight operations hold stay bound until then: wait until every port
+        // can be bound again.
+        let r = &self.relays[i];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for port in r.ports.0..=r.ports.1 {
+            while std::net::UdpSocket::bind(SocketAddr::new(r.addr, port)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "port {port} of relay {i} stays bound"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         self.spawn(i);
         self.wait_ready(i);
     }
