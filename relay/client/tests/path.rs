@@ -163,11 +163,18 @@ fn path_from_ids_follows_the_ids() {
 #[test]
 fn expired_onion_keys_are_never_used() {
     let mut l = list(&[spec(false, 1), spec(false, 1), spec(true, 1)]);
-    // Relay 0's keys expire at 4_000 and 7_000, the others' at 5_000 and 9_000.
-    for (k, until) in l.relays[0].onion_keys.iter_mut().zip([4_000, 7_000]) {
+    // A non-exit relay's keys expire at 4_000 and 7_000, the others' at 5_000 and
+    // 9_000. (The list is sorted by identity, so find a non-exit one: with the exit
+    // stale, no path with an exit would remain.)
+    let s = l
+        .relays
+        .iter()
+        .position(|r| !r.exit)
+        .expect("a non-exit relay");
+    for (k, until) in l.relays[s].onion_keys.iter_mut().zip([4_000, 7_000]) {
         k.valid_until = until;
     }
-    let stale = l.relays[0].relay_id();
+    let stale = l.relays[s].relay_id();
     let ids: Vec<RelayId> = l.relays.iter().map(|r| r.relay_id()).collect();
     let key_until = |id: &RelayId, key| {
         let r = l.relay_by_id(id).unwrap();
@@ -178,7 +185,7 @@ fn expired_onion_keys_are_never_used() {
             .valid_until
     };
 
-    // Until 7_000 (exclusive) relay 0 is used with its 7_000 key, the others with their
+    // Until 7_000 (exclusive) the stale relay is used with its 7_000 key, the others with their
     // 9_000 keys; an expired key is never picked.
     for now in [3_999, 4_000, 6_999] {
         for _ in 0..50 {
@@ -189,7 +196,7 @@ fn expired_onion_keys_are_never_used() {
             }
         }
         let p = path_from_ids(&l, &ids, now).unwrap();
-        assert_eq!(key_until(&stale, p[0].onion), 7_000);
+        assert_eq!(key_until(&stale, p[s].onion), 7_000);
     }
 
     // From 7_000 relay 0 has no valid key: never chosen, and a clear error by id.
@@ -217,7 +224,8 @@ fn expired_onion_keys_are_never_used() {
             now
         })
     );
-    assert!(path_from_ids(&l, &ids[1..], now).is_ok());
+    let fresh: Vec<RelayId> = ids.iter().copied().filter(|id| *id != stale).collect();
+    assert!(path_from_ids(&l, &fresh, now).is_ok());
 
     // From 9_000 nothing is usable.
     let err = choose_path(&l, 1, false, 9_000, &mut OsRng).unwrap_err();
