@@ -529,7 +529,7 @@ impl<A: Aead> Relay<A> {
         match self.circuits.lookup(link, hdr.circuit) {
             None => self.drop(DropReason::UnknownCircuit),
             Some((slot, Direction::Forward)) => self.forward(slot, hdr, cell, now_ms),
-            Some((slot, Direction::Backward)) => self.backward(slot, hdr, cell, now_ms),
+            Some((slot, Direction::Backward)) => self.backward(slot, hdr, cell),
         }
     }
 
@@ -608,7 +608,10 @@ impl<A: Aead> Relay<A> {
         }
     }
 
-    fn backward(&mut self, slot: u32, hdr: Header, cell: &mut [u8], now_ms: u64) -> Action {
+    /// A backward cell: add this hop's layer and relay it. It does not refresh the
+    /// circuit's idle timer (backward traffic alone does not keep a circuit alive: a
+    /// destination or a reflector could otherwise hold it open forever).
+    fn backward(&mut self, slot: u32, hdr: Header, cell: &mut [u8]) -> Action {
         let layout = self.layout;
         if hdr.command == Command::Setup {
             return self.drop(DropReason::Malformed);
@@ -624,17 +627,25 @@ impl<A: Aead> Relay<A> {
             return self.drop(DropReason::Replay);
         }
         c.win_bwd.commit(counter);
-        // Backward traffic alone does not keep a circuit alive (a destination or a
-        // reflector could otherwise hold it open forever).
         add_backward(&layout, &c.bwd, hdr.command, counter, cell);
         let (prev_link, prev_id) = (c.prev_link, c.prev_id);
         let cookie = c.cookie;
-        let _ = now_ms;
+        // A DESTROY or REFUSED ends the circuit here whether or not it can be sent on.
+        let event = if matches!(hdr.command, Command::Destroy | Command::Refused) {
+            self.remove_circuit(slot);
+            Some(Event::Closed { circuit })
+        } else {
+            None
+        };
         let Some(l) = self.links.get_mut(prev_link) else {
             return self.drop(DropReason::UnknownCircuit);
         };
         if !l.spend(cell.len()) {
-            return self.drop(DropReason::Unvalidated);
+            self.stats.drops[DropReason::Unvalidated as usize] += 1;
+            return match event {
+                Some(e) => Action::Consumed { event: Some(e) },
+                None => Action::Drop(DropReason::Unvalidated),
+            };
         }
         // To a client, a CREATED carries the cookie in place of the counter (the
         // client knows the counter of a CREATED without it).
@@ -653,12 +664,6 @@ impl<A: Aead> Relay<A> {
             },
         );
         self.stats.cells_backward += 1;
-        let event = if matches!(hdr.command, Command::Destroy | Command::Refused) {
-            self.remove_circuit(slot);
-            Some(Event::Closed { circuit })
-        } else {
-            None
-        };
         Action::Send { to, event }
     }
 
@@ -686,13 +691,17 @@ impl<A: Aead> Relay<A> {
     /// Exit: wraps `payload` (a datagram from the circuit's destination) into a
     /// backward data cell in `cell` and returns where to send it. Fails with
     /// [`DropReason::UnknownCircuit`] for a stale handle and [`DropReason::Malformed`]
-    /// for a payload longer than one cell carries.
+    /// for a payload longer than one cell carries, and with
+    /// [`DropReason::Unvalidated`] when the circuit's client has not yet proved its
+    /// address and received as much as it sent. A reply does not refresh the
+    /// circuit's idle timer (`_now_ms` is unused): backward traffic alone does not
+    /// keep a circuit alive.
     pub fn exit_reply(
         &mut self,
         circuit: CircuitRef,
         payload: &[u8],
         cell: &mut [u8],
-        now_ms: u64,
+        _now_ms: u64,
     ) -> Result<SocketAddr, DropReason> {
         let layout = self.layout;
         if cell.len() != layout.cell || payload.len() > layout.payload_max() {
@@ -707,9 +716,6 @@ impl<A: Aead> Relay<A> {
             self.stats.drops[DropReason::UnknownCircuit as usize] += 1;
             return Err(DropReason::UnknownCircuit);
         };
-        // Replies do not refresh `last_active`: backward traffic alone does not keep
-        // a circuit alive.
-        let _ = now_ms;
         let counter = c.bwd.shifted(c.exit_counter);
         let (prev_link, prev_id) = (c.prev_link, c.prev_id);
         let Some(l) = self.links.get_mut(prev_link) else {
