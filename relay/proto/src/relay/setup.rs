@@ -252,7 +252,10 @@ impl<A: Aead> Relay<A> {
             }
         }
         let Some((k, (secrets, routing))) = opened else {
-            return self.drop(if bad_point {
+            // From an address with no link, a cell no onion key opens is garbage (or a
+            // setup made with a retired key): `malformed`. `bad_tag` stays the signal of
+            // tampering on a link the relay knows.
+            return self.drop(if bad_point || link.is_none() {
                 DropReason::Malformed
             } else {
                 DropReason::BadTag
