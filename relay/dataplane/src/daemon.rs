@@ -1073,6 +1073,30 @@ mod tests {
         assert!(!admin_peer_allowed(998, 0));
     }
 
+    #[test]
+    fn admin_request_lines_parse_to_commands_or_error_replies() {
+        assert_eq!(
+            parse_admin_request(r#"{"cmd":"stats"}"#),
+            Ok(AdminRequest::Query("stats".into()))
+        );
+        assert_eq!(
+            parse_admin_request(r#"{"cmd":"drain"}"#),
+            Ok(AdminRequest::Drain(Duration::from_secs(30)))
+        );
+        assert_eq!(
+            parse_admin_request(r#"{"cmd":"drain","timeout_s":5}"#),
+            Ok(AdminRequest::Drain(Duration::from_secs(5)))
+        );
+        assert_eq!(
+            parse_admin_request(r#"{"cmd":"shutdown"}"#),
+            Ok(AdminRequest::Shutdown)
+        );
+        for bad in ["not json", r#"{"cmd":1}"#, r#"{"cmd":"nope"}"#, "[]"] {
+            let reply = parse_admin_request(bad).unwrap_err();
+            assert_eq!(reply["ok"], false, "{bad}: {reply}");
+        }
+    }
+
     /// Environment variable telling [`admin_peer_child`] which socket to try.
     const CHILD_SOCKET: &str = "SHROUD_TEST_ADMIN_PEER_SOCKET";
 
