@@ -25,7 +25,11 @@ fuzz_target!(|data: &[u8]| {
     let mut cell = vec![0u8; 1024];
     let n = body.len().min(1024);
     cell[..n].copy_from_slice(&body[..n]);
+    // Time moves on per input and every input is its own batch, so the setup rate
+    // limits and the per-batch setup budget refill and the deep paths stay reachable.
+    let now = common::tick();
     let mut r = common::relay().lock().unwrap();
-    let _ = r.handle(src, &mut buf, common::NOW_MS);
-    let _ = r.handle(src, &mut cell, common::NOW_MS);
+    r.begin_batch(16);
+    let _ = r.handle(src, &mut buf, now);
+    let _ = r.handle(src, &mut cell, now);
 });

@@ -1,5 +1,6 @@
 // Shared fixture: one relay with fixed keys, built once per process.
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use shroud_proto::keys::{IdentityKey, OnionSecret};
@@ -8,6 +9,19 @@ use shroud_proto::relay::{Peer, Relay, RelayLimits};
 use shroud_proto::{Layout, RingAead};
 
 pub const NOW_MS: u64 = 1_764_000_000_000;
+
+/// Milliseconds the fuzz clock advances per input.
+pub const TICK_MS: u64 = 100;
+
+/// The fuzz clock: starts at [`NOW_MS`] and moves [`TICK_MS`] per call, so rate
+/// limits and timeouts in the shared relay keep refilling and expiring (a constant
+/// clock leaves every setup `rate_limited` after a few hundred inputs). The time an
+/// input sees depends only on how many inputs came before it in this process.
+#[allow(dead_code)]
+pub fn tick() -> u64 {
+    static CLOCK: AtomicU64 = AtomicU64::new(NOW_MS);
+    CLOCK.fetch_add(TICK_MS, Ordering::Relaxed) + TICK_MS
+}
 
 pub fn peer_addr() -> SocketAddr {
     "127.0.0.2:9000".parse().unwrap()

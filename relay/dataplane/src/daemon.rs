@@ -892,27 +892,60 @@ fn admin_conn(conn: UnixStream, events: Sender<Event>) {
     }
 }
 
-fn handle_admin(line: &str, events: &Sender<Event>) -> Value {
+/// One admin request, as parsed from its line by [`parse_admin_request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminRequest {
+    /// `status`, `stats` or `peers` (the command name).
+    Query(String),
+    /// `reload`.
+    Reload,
+    /// `rotate`.
+    Rotate,
+    /// `drain`, with `timeout_s` (default 30 s).
+    Drain(Duration),
+    /// `shutdown`.
+    Shutdown,
+}
+
+/// Parses one admin request line (a JSON object with `"cmd"`). `Err` is the JSON
+/// error reply to send back.
+pub fn parse_admin_request(line: &str) -> Result<AdminRequest, Value> {
     let req: Value = match serde_json::from_str(line) {
         Ok(v) => v,
-        Err(e) => return json!({"ok": false, "error": format!("not JSON: {e}")}),
+        Err(e) => return Err(json!({"ok": false, "error": format!("not JSON: {e}")})),
     };
     let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
-        return json!({"ok": false, "error": "missing \"cmd\""});
+        return Err(json!({"ok": false, "error": "missing \"cmd\""}));
     };
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let ev = match cmd {
-        "status" | "stats" | "peers" => Event::Query(cmd.to_string(), tx),
-        "reload" => Event::Reload(Some(tx)),
-        "rotate" => Event::Rotate(Some(tx)),
+    Ok(match cmd {
+        "status" | "stats" | "peers" => AdminRequest::Query(cmd.to_string()),
+        "reload" => AdminRequest::Reload,
+        "rotate" => AdminRequest::Rotate,
         "drain" => {
             let t = req.get("timeout_s").and_then(Value::as_u64).unwrap_or(30);
-            Event::Drain(Duration::from_secs(t), Some(tx))
+            AdminRequest::Drain(Duration::from_secs(t))
         }
-        "shutdown" => Event::Stop(Some(tx)),
+        "shutdown" => AdminRequest::Shutdown,
         other => {
-            return json!({"ok": false, "error": format!("unknown command {other:?} (status, stats, peers, reload, rotate, drain, shutdown)")})
+            return Err(
+                json!({"ok": false, "error": format!("unknown command {other:?} (status, stats, peers, reload, rotate, drain, shutdown)")}),
+            )
         }
+    })
+}
+
+fn handle_admin(line: &str, events: &Sender<Event>) -> Value {
+    let req = match parse_admin_request(line) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let ev = match req {
+        AdminRequest::Query(cmd) => Event::Query(cmd, tx),
+        AdminRequest::Reload => Event::Reload(Some(tx)),
+        AdminRequest::Rotate => Event::Rotate(Some(tx)),
+        AdminRequest::Drain(t) => Event::Drain(t, Some(tx)),
+        AdminRequest::Shutdown => Event::Stop(Some(tx)),
     };
     if events.send(ev).is_err() {
         return json!({"ok": false, "error": "relay is shutting down"});
@@ -1038,6 +1071,30 @@ mod tests {
         assert!(admin_peer_allowed(0, 0));
         assert!(!admin_peer_allowed(65534, 998));
         assert!(!admin_peer_allowed(998, 0));
+    }
+
+    #[test]
+    fn admin_request_lines_parse_to_commands_or_error_replies() {
+        assert_eq!(
+            parse_admin_request(r#"{"cmd":"stats"}"#),
+            Ok(AdminRequest::Query("stats".into()))
+        );
+        assert_eq!(
+            parse_admin_request(r#"{"cmd":"drain"}"#),
+            Ok(AdminRequest::Drain(Duration::from_secs(30)))
+        );
+        assert_eq!(
+            parse_admin_request(r#"{"cmd":"drain","timeout_s":5}"#),
+            Ok(AdminRequest::Drain(Duration::from_secs(5)))
+        );
+        assert_eq!(
+            parse_admin_request(r#"{"cmd":"shutdown"}"#),
+            Ok(AdminRequest::Shutdown)
+        );
+        for bad in ["not json", r#"{"cmd":1}"#, r#"{"cmd":"nope"}"#, "[]"] {
+            let reply = parse_admin_request(bad).unwrap_err();
+            assert_eq!(reply["ok"], false, "{bad}: {reply}");
+        }
     }
 
     /// Environment variable telling [`admin_peer_child`] which socket to try.
