@@ -258,6 +258,13 @@ fn process_keyring(cfg: &Config, keys: &[OnionKey], start_ms: u64) -> anyhow::Re
     Ok(k.with_journal(Arc::new(journal)))
 }
 
+/// The unix-ms deadline of a drain of `timeout` from `now_ms`; an absurd timeout (an
+/// admin request may ask for u64::MAX seconds) saturates instead of wrapping into the
+/// past, which would end the drain at once.
+fn drain_deadline(now_ms: u64, timeout: Duration) -> u64 {
+    now_ms.saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Sleeps until the wall clock has left the second of `start_ms`, so that no setup
 /// stamped in that second is ever accepted by this process (see [`process_keyring`]).
 fn wait_for_next_second(start_ms: u64) {
@@ -696,7 +703,7 @@ impl Daemon {
                 Ok(Event::Drain(timeout, reply)) => {
                     self.draining = true;
                     self.publish_info();
-                    let deadline_ms = sys::now_ms() + timeout.as_millis() as u64;
+                    let deadline_ms = drain_deadline(sys::now_ms(), timeout);
                     self.broadcast(|| Control::Drain { deadline_ms });
                     tracing::info!(
                         timeout_s = timeout.as_secs(),
@@ -980,6 +987,17 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
+
+    #[test]
+    fn a_huge_drain_timeout_saturates_instead_of_wrapping() {
+        let now = 1_800_000_000_000;
+        assert_eq!(drain_deadline(now, Duration::from_secs(30)), now + 30_000);
+        // {"cmd":"drain","timeout_s":18446744073709551615} once wrapped the deadline
+        // into the past (release) or panicked the main thread (debug).
+        assert_eq!(drain_deadline(now, Duration::from_secs(u64::MAX)), u64::MAX);
+        let req = parse_admin_request(r#"{"cmd":"drain","timeout_s":18446744073709551615}"#);
+        assert!(req.is_ok());
+    }
 
     fn temp(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("shroud-daemon-{tag}-{}", std::process::id()));
