@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use shroud_proto::aead::RingAead;
 use shroud_proto::client::PathHop;
 
+use crate::background::Background;
 use crate::flow::{enable_gro, gso_send, set_buffers, Circ, Generator};
 use crate::net::{relay_binary, LocalNet, RelayCommand, RelaySpec};
 use crate::report::machine;
@@ -56,8 +57,7 @@ struct Sink {
     bytes: Arc<AtomicU64>,
     payloads: Arc<AtomicU64>,
     hist: Arc<Mutex<Histogram<u64>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _thread: Background,
 }
 
 impl Sink {
@@ -76,51 +76,38 @@ impl Sink {
         let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
             1, 60_000_000, 3,
         )?));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (b, p, h, s) = (bytes.clone(), payloads.clone(), hist.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("demo-sink".into())
-            .spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                let mut k = 0u64;
-                while !s.load(Relaxed) {
-                    let Ok(n) = sock.recv(&mut buf) else { continue };
-                    // GRO may coalesce equal-size payloads: each segment is one payload.
-                    let seg = payload.min(n).max(1);
-                    for chunk in buf[..n].chunks(seg) {
-                        p.fetch_add(1, Relaxed);
-                        k += 1;
-                        // Every 16th payload is a latency sample, recorded straight into
-                        // the shared histogram (an uncontended lock) so a drive sees all
-                        // of its samples however short it is.
-                        if k.is_multiple_of(16) && chunk.len() >= 8 {
-                            let sent = u64::from_le_bytes(chunk[..8].try_into().unwrap_or([0; 8]));
-                            let lat_us = now_ns(epoch).saturating_sub(sent) / 1000;
-                            let _ = h.lock().map(|mut g| g.record(lat_us.max(1)));
-                        }
+        let (b, p, h) = (bytes.clone(), payloads.clone(), hist.clone());
+        let thread = Background::spawn("demo-sink", move |s| {
+            let mut buf = vec![0u8; 65536];
+            let mut k = 0u64;
+            while !s.load(Relaxed) {
+                let Ok(n) = sock.recv(&mut buf) else { continue };
+                // GRO may coalesce equal-size payloads: each segment is one payload.
+                let seg = payload.min(n).max(1);
+                for chunk in buf[..n].chunks(seg) {
+                    p.fetch_add(1, Relaxed);
+                    k += 1;
+                    // Every 16th payload is a latency sample, recorded straight into
+                    // the shared histogram (an uncontended lock) so a drive sees all
+                    // of its samples however short it is.
+                    if k.is_multiple_of(16) && chunk.len() >= 8 {
+                        let sent = u64::from_le_bytes(chunk[..8].try_into().unwrap_or([0; 8]));
+                        let lat_us = now_ns(epoch).saturating_sub(sent) / 1000;
+                        let _ = h.lock().map(|mut g| g.record(lat_us.max(1)));
                     }
-                    b.fetch_add(n as u64, Relaxed);
                 }
-            })?;
+                b.fetch_add(n as u64, Relaxed);
+            }
+        })?;
         Ok((
             addr,
             Sink {
                 bytes,
                 payloads,
                 hist,
-                stop,
-                thread: Some(thread),
+                _thread: thread,
             },
         ))
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.stop.store(true, Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -17,12 +17,12 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rand_core::{OsRng, RngCore};
 use serde_json::{json, Value};
 
+use crate::background::Background;
 use crate::demo::Session;
 use crate::report::machine;
 
@@ -45,9 +45,8 @@ pub struct Opts {
 
 /// The attacker: a thread spraying garbage from `sources` sockets at `targets`.
 struct Flood {
-    stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
+    thread: Background,
 }
 
 impl Flood {
@@ -70,59 +69,39 @@ impl Flood {
             OsRng.fill_bytes(&mut b);
             pool.push(b);
         }
-        let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
-        let (st, count) = (stop.clone(), sent.clone());
-        let thread = std::thread::Builder::new()
-            .name("flood".into())
-            .spawn(move || {
-                let started = Instant::now();
-                let mut n = 0u64;
-                while !st.load(Relaxed) {
-                    // Pace to `rate`: send what is due, then sleep a millisecond.
-                    let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
-                    while n < due {
-                        let k = n as usize;
-                        let s = &socks[k % socks.len()];
-                        let to = targets[(k / socks.len()) % targets.len()];
-                        let _ = s.send_to(&pool[k % pool.len()], to);
-                        n += 1;
-                    }
-                    count.store(n, Relaxed);
-                    std::thread::sleep(Duration::from_millis(1));
+        let count = sent.clone();
+        let thread = Background::spawn("flood", move |st| {
+            let started = Instant::now();
+            let mut n = 0u64;
+            while !st.load(Relaxed) {
+                // Pace to `rate`: send what is due, then sleep a millisecond.
+                let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+                while n < due {
+                    let k = n as usize;
+                    let s = &socks[k % socks.len()];
+                    let to = targets[(k / socks.len()) % targets.len()];
+                    let _ = s.send_to(&pool[k % pool.len()], to);
+                    n += 1;
                 }
-            })?;
-        Ok(Flood {
-            stop,
-            sent,
-            thread: Some(thread),
-        })
+                count.store(n, Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })?;
+        Ok(Flood { sent, thread })
     }
 
     /// Stops the flood; returns the datagrams it sent.
     fn finish(mut self) -> u64 {
-        self.stop.store(true, Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread.stop();
         self.sent.load(Relaxed)
-    }
-}
-
-impl Drop for Flood {
-    fn drop(&mut self) {
-        self.stop.store(true, Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
 /// A socket that reads and discards whatever reaches it (the baseline's target).
 struct Discard {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: Background,
 }
 
 impl Discard {
@@ -130,28 +109,16 @@ impl Discard {
         let sock = UdpSocket::bind(at)?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let addr = sock.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let st = stop.clone();
-        let thread = std::thread::spawn(move || {
+        let thread = Background::spawn("flood-sink", move |stop| {
             let mut buf = vec![0u8; 65536];
-            while !st.load(Relaxed) {
+            while !stop.load(Relaxed) {
                 let _ = sock.recv_from(&mut buf);
             }
-        });
+        })?;
         Ok(Discard {
             addr,
-            stop,
-            thread: Some(thread),
+            _thread: thread,
         })
-    }
-}
-
-impl Drop for Discard {
-    fn drop(&mut self) {
-        self.stop.store(true, Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

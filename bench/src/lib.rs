@@ -7,6 +7,7 @@
 //! in-run baselines, [`report`] describes the machine and writes JSON. The criterion
 //! micro-benchmarks live in `benches/`.
 
+pub mod background;
 pub mod circuit;
 pub mod demo;
 pub mod flood;
