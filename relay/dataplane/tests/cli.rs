@@ -16,6 +16,16 @@ struct Setup {
     authority: IdentityKey,
 }
 
+/// Runs `shroud-relay --config CFG --verify-config`.
+fn verify(cfg: &std::path::Path) -> std::process::Output {
+    relay()
+        .arg("--config")
+        .arg(cfg)
+        .arg("--verify-config")
+        .output()
+        .unwrap()
+}
+
 fn setup(tag: &str) -> Setup {
     let dir = temp_dir(tag);
     let mut rng = rand_core::OsRng;
@@ -70,12 +80,7 @@ fn help_names_the_signals_and_exit_codes() {
 #[test]
 fn verify_config_accepts_a_good_configuration() {
     let s = setup("verify-ok");
-    let out = relay()
-        .arg("--config")
-        .arg(config(&s, ""))
-        .arg("--verify-config")
-        .output()
-        .unwrap();
+    let out = verify(&config(&s, ""));
     assert!(
         out.status.success(),
         "{}",
@@ -100,12 +105,7 @@ fn bad_configurations_exit_78_with_a_clear_message() {
         ("[relay]\n".into(), "duplicate"),
     ];
     for (extra, want) in cases {
-        let out = relay()
-            .arg("--config")
-            .arg(config(&s, &extra))
-            .arg("--verify-config")
-            .output()
-            .unwrap();
+        let out = verify(&config(&s, &extra));
         assert_eq!(out.status.code(), Some(78), "{extra}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{extra}: {err}");
@@ -124,12 +124,7 @@ fn bad_configurations_exit_78_with_a_clear_message() {
         std::os::unix::fs::PermissionsExt::from_mode(0o644),
     )
     .unwrap();
-    let out = relay()
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--verify-config")
-        .output()
-        .unwrap();
+    let out = verify(&cfg);
     assert_eq!(out.status.code(), Some(78));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("chmod"),
@@ -145,12 +140,7 @@ fn bad_configurations_exit_78_with_a_clear_message() {
     let state = s.dir.join("peer-list.serial");
     for (content, want) in [("seven\n", "corrupt"), ("8\n", "rollback")] {
         std::fs::write(&state, content).unwrap();
-        let out = relay()
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--verify-config")
-            .output()
-            .unwrap();
+        let out = verify(&cfg);
         assert_eq!(out.status.code(), Some(78), "{content}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{content}: {err}");
@@ -166,12 +156,7 @@ fn bad_configurations_exit_78_with_a_clear_message() {
         list.replace("weight 1", "weight 2"),
     )
     .unwrap();
-    let out = relay()
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--verify-config")
-        .output()
-        .unwrap();
+    let out = verify(&cfg);
     assert_eq!(out.status.code(), Some(78));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("peer list"),
