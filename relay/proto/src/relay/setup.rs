@@ -312,13 +312,8 @@ impl<A: Aead> Relay<A> {
         }
         let fwd = secrets.forward::<A>();
         let bwd = secrets.backward::<A>();
-        let to_client = match &incoming {
-            Incoming::New(_) => true,
-            Incoming::Known(l) => self
-                .links
-                .get(*l)
-                .is_some_and(|l| l.kind == LinkKind::Client),
-        };
+        // A setup comes from a peer relay's link or from a client (new or known).
+        let to_client = !from_peer;
         let refuse = |relay: &mut Self,
                       incoming: &mut Incoming,
                       cell: &mut [u8],
