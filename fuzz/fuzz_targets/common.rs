@@ -1,4 +1,6 @@
 // Shared fixture: one relay with fixed keys, built once per process.
+// Each target uses part of it.
+#![allow(dead_code)]
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -17,7 +19,6 @@ pub const TICK_MS: u64 = 100;
 /// limits and timeouts in the shared relay keep refilling and expiring (a constant
 /// clock leaves every setup `rate_limited` after a few hundred inputs). The time an
 /// input sees depends only on how many inputs came before it in this process.
-#[allow(dead_code)]
 pub fn tick() -> u64 {
     static CLOCK: AtomicU64 = AtomicU64::new(NOW_MS);
     CLOCK.fetch_add(TICK_MS, Ordering::Relaxed) + TICK_MS
