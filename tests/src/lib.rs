@@ -61,6 +61,9 @@ pub struct NetOpts {
     pub links_per_prefix: u32,
     /// Circuits one source prefix may hold (default: the whole table, 1024).
     pub circuits_per_prefix: u32,
+    /// Setups per second given public-key work from addresses with no link, all
+    /// together, per worker (default 250); beyond it they get a RETRY.
+    pub newcomer_setup_rate: u32,
 }
 
 impl NetOpts {
@@ -80,6 +83,7 @@ impl NetOpts {
             list_valid_for: 3600,
             links_per_prefix: 256,
             circuits_per_prefix: 1024,
+            newcomer_setup_rate: 250,
         }
     }
 }
@@ -319,6 +323,7 @@ max_circuits = 1024
 max_links = 256
 links_per_prefix = {lpp}
 circuits_per_prefix = {cpp}
+newcomer_setup_rate = {newcomer}
 setup_rate = {rate}
 setup_burst = {burst}
 exit_sockets = 256
@@ -342,6 +347,7 @@ socket = "admin.sock"
             burst = self.opts.setup_burst,
             lpp = self.opts.links_per_prefix,
             cpp = self.opts.circuits_per_prefix,
+            newcomer = self.opts.newcomer_setup_rate,
             driver = self.opts.driver,
             zc = self.opts.zero_copy_send,
         );
@@ -404,6 +410,24 @@ socket = "admin.sock"
         s["result"]["drops"][reason]
             .as_u64()
             .unwrap_or_else(|| panic!("relay {i} reports no drop counter {reason:?}: {s}"))
+    }
+
+    /// Sum of worker counter `name` (a field of the `status` document's
+    /// `workers[].stats`, e.g. `setup_dh`) over relay `i`'s workers. Panics if a
+    /// worker reports no such counter.
+    pub fn worker_stat(&self, i: usize, name: &str) -> u64 {
+        let s = self.admin(i, serde_json::json!({"cmd": "status"}));
+        let workers = s["result"]["workers"]
+            .as_array()
+            .unwrap_or_else(|| panic!("relay {i} reports no workers: {s}"));
+        workers
+            .iter()
+            .map(|w| {
+                w["stats"][name]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("relay {i} reports no worker counter {name:?}: {s}"))
+            })
+            .sum()
     }
 
     /// Live circuits at relay `i`, over all its workers.

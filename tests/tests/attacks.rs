@@ -379,8 +379,13 @@ fn setups_from_thousands_of_ports_of_one_address_do_not_lock_others_out() {
         circuits <= 64,
         "one /24 holds {circuits} circuits, more than its share of 64"
     );
-    let refused = net.drops(0, "capacity") + net.drops(0, "rate_limited");
-    assert!(refused >= 2000 - 64, "setups refused: {refused}");
+    // Not admitted: refused for the /24's share or its rate, or (beyond the budget
+    // of public-key work for new addresses) answered with a RETRY this attacker
+    // does not read.
+    let refused = net.drops(0, "capacity")
+        + net.drops(0, "rate_limited")
+        + net.worker_stat(0, "retries_sent");
+    assert!(refused >= 2000 - 64, "setups not admitted: {refused}");
     // A fresh client elsewhere, 1 hop and through a relay-to-relay link.
     let mut c = net.client();
     let id = c.build_circuit(&net.path(&[0]), dest, T).expect("1 hop");
@@ -406,5 +411,104 @@ fn setups_from_thousands_of_ports_of_one_address_do_not_lock_others_out() {
     assert!(
         rss_second <= rss_first + 4096,
         "relay resident memory grew from {rss_first} KiB to {rss_second} KiB on a repeated flood"
+    );
+}
+
+/// Issue "Protocol v2" item 3, the cookie reply under load: an attacker floods the
+/// first hop with setup-shaped garbage from 255 source prefixes (addresses it does not
+/// read from, as if spoofed), 400 times the relay's budget of public-key work for new
+/// addresses. Beyond that budget the relay answers each with a one-cell RETRY instead
+/// of an X25519, so the flood costs it no more public-key work than the budget; ten new
+/// clients (each a new address), which do receive the RETRY and send their setup
+/// again with its token, all build their circuits (1 and 2 hops) meanwhile.
+#[test]
+fn a_setup_flood_from_many_prefixes_costs_no_public_key_work_beyond_the_budget() {
+    let mut opts = NetOpts::new(75, 2);
+    opts.newcomer_setup_rate = 50;
+    let net = TestNet::start(opts);
+    let (dest, _echo) = udp_echo_server("127.0.75.250:0".parse().unwrap()).unwrap();
+    let target = net.path(&[0])[0].addr;
+    let dh_before = net.worker_stat(0, "setup_dh");
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let flood = {
+        let (stop, sent) = (stop.clone(), sent.clone());
+        std::thread::spawn(move || {
+            let socks: Vec<UdpSocket> = (1..=255u8)
+                .map(|k| UdpSocket::bind(format!("127.{k}.75.1:0")).unwrap())
+                .collect();
+            let mut cell = vec![0u8; 1024];
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            // About 20,000 cells a second, 8 every 400 µs, round robin over the
+            // sources: 400 times the relay's budget of public-key work for new
+            // addresses, spread evenly so that no quiet gap leaves a token for
+            // others, without simply taking the CPU the relays need on a 2-core
+            // machine.
+            let round = Duration::from_micros(400);
+            let mut next = Instant::now();
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) {
+                next += round;
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+                for _ in 0..8 {
+                    for chunk in cell.chunks_mut(8) {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        chunk.copy_from_slice(&x.to_le_bytes());
+                    }
+                    k = (k + 1) % socks.len();
+                    if socks[k].send_to(&cell, target).is_ok() {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut retried = 0;
+    for k in 0..10 {
+        let mut c = net.client();
+        let path = if k % 2 == 0 {
+            net.path(&[0])
+        } else {
+            net.path(&[0, 1])
+        };
+        let id = c
+            .build_circuit(&path, dest, T)
+            .unwrap_or_else(|e| panic!("new client {k} under the flood: {e}"));
+        round_trips(&mut c, id, 3);
+        retried += c.stats().retries_received;
+    }
+    // Keep the flood going for two seconds at least.
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(start.elapsed()));
+    stop.store(true, Ordering::Relaxed);
+    flood.join().unwrap();
+    let elapsed = start.elapsed().as_secs_f64();
+    let flood_cells = sent.load(Ordering::Relaxed) as u64;
+    let dh = net.worker_stat(0, "setup_dh") - dh_before;
+    let retries = net.worker_stat(0, "retries_sent");
+    eprintln!(
+        "flood: {flood_cells} cells in {elapsed:.1} s; relay: {dh} X25519, {retries} RETRY, {} rate_limited; clients retried {retried} times",
+        net.drops(0, "rate_limited")
+    );
+    // Public-key work: the newcomer budget (50/s, burst 50) plus the ten clients'
+    // setups (those that came back with a token skip the budget).
+    let budget = (50.0 * elapsed) as u64 + 50 + 10;
+    assert!(
+        dh <= budget,
+        "{dh} X25519 for a flood of {flood_cells} cells in {elapsed:.1} s (budget {budget})"
+    );
+    assert!(
+        flood_cells > 20 * budget,
+        "the flood ({flood_cells} cells) did not exceed the budget much; the test proves nothing"
+    );
+    assert!(retries > 10 * budget, "{retries} RETRY replies");
+    assert!(
+        retried >= 5,
+        "only {retried} of 10 new clients were asked to retry"
     );
 }

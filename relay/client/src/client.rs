@@ -38,7 +38,12 @@ use shroud_proto::client::{
 use shroud_proto::keys::RelayId;
 use shroud_proto::peerlist::{ParamsError, PeerList};
 use shroud_proto::relay::DropReason;
+use shroud_proto::retry::{apply_token, open_retry, retry_key, TOKEN_LEN};
 use shroud_proto::DefaultAead;
+
+/// `RETRY`s answered per setup attempt: a relay that asks again for a token it was
+/// just sent is not worth more round trips within one attempt.
+pub const MAX_RETRIES: u32 = 2;
 
 /// Largest UDP payload; the receive buffer holds one whole datagram.
 const MAX_DATAGRAM: usize = 65536;
@@ -186,6 +191,9 @@ pub struct ClientStats {
     pub setups_timed_out: u64,
     /// Teardowns received from a hop (DESTROY, or REFUSED on an open circuit).
     pub destroyed_received: u64,
+    /// `RETRY` replies received (a relay under load asked for its token; the setup
+    /// was sent again with it).
+    pub retries_received: u64,
 }
 
 struct LinkEntry {
@@ -217,6 +225,16 @@ enum Incoming {
     Refused(CircuitId, usize, u8),
     /// A hop tore the circuit down (already forgotten).
     Closed(CircuitId, usize),
+    /// The first hop answered the pending setup with a `RETRY` carrying this token.
+    Retry(CircuitId, [u8; TOKEN_LEN]),
+}
+
+/// The setup [`Client::build_circuit`] is waiting on: a `RETRY` from its first hop
+/// names it by its `E`, so the cell is kept to check the reply and to send it again.
+struct Pending {
+    id: u64,
+    first_hop: SocketAddr,
+    cell: Vec<u8>,
 }
 
 /// The client state other than the socket and its buffer (so both can be borrowed at
@@ -228,6 +246,7 @@ struct Core {
     queue: VecDeque<Queued>,
     queue_limit: usize,
     stats: ClientStats,
+    pending: Option<Pending>,
 }
 
 impl Core {
@@ -237,6 +256,18 @@ impl Core {
             self.stats.unknown += 1;
             return Incoming::Nothing;
         };
+        // Before the relay has answered on this link, a cell from it may be a RETRY
+        // for the setup being built (it is not header-protected: the relay did not
+        // open the setup, so it does not know the link keys yet).
+        if let Some(p) = self.pending.as_ref().filter(|p| p.first_hop == src) {
+            if !entry.link.is_linked() {
+                let key: DefaultAead = retry_key(&entry.relay);
+                let mut copy = cell.to_vec();
+                if let Some(token) = open_retry(&self.layout, &key, &p.cell, &mut copy) {
+                    return Incoming::Retry(CircuitId(p.id), token);
+                }
+            }
+        }
         let Ok(hdr) = entry.link.read_header(cell) else {
             self.stats.unknown += 1;
             return Incoming::Nothing;
@@ -361,6 +392,7 @@ impl Client {
                 queue: VecDeque::new(),
                 queue_limit: config.queue_limit,
                 stats: ClientStats::default(),
+                pending: None,
             },
             config,
             rx: vec![0u8; MAX_DATAGRAM],
@@ -498,7 +530,10 @@ impl Client {
                 self.core.enqueue(Queued::Data(id, v));
             }
             Incoming::Closed(id, hop) => self.core.enqueue(Queued::Closed(id, hop)),
-            Incoming::Nothing | Incoming::Created(_) | Incoming::Refused(..) => {}
+            Incoming::Nothing
+            | Incoming::Created(_)
+            | Incoming::Refused(..)
+            | Incoming::Retry(..) => {}
         }
     }
 
@@ -539,7 +574,23 @@ impl Client {
     ///
     /// Errors: [`ClientError::Refused`] names the refusing hop and reason,
     /// [`ClientError::SetupTimeout`] when no attempt was answered.
+    ///
+    /// A first hop under load may answer a setup from a new link with a `RETRY`
+    /// (`docs/PROTOCOL.md` §5.5): the same setup is sent again at once with the token
+    /// (at most [`MAX_RETRIES`] times per attempt), and later setups on that link carry
+    /// it too.
     pub fn build_circuit(
+        &mut self,
+        path: &[PathHop],
+        dest: SocketAddr,
+        timeout: Duration,
+    ) -> Result<CircuitId, ClientError> {
+        let r = self.build_circuit_inner(path, dest, timeout);
+        self.core.pending = None;
+        r
+    }
+
+    fn build_circuit_inner(
         &mut self,
         path: &[PathHop],
         dest: SocketAddr,
@@ -589,6 +640,12 @@ impl Client {
                 },
             );
             tried.push(id);
+            self.core.pending = Some(Pending {
+                id,
+                first_hop: path[0].addr,
+                cell: self.tx.clone(),
+            });
+            let mut retries = 0;
             // Attempt k of n waits until k/n of the timeout has passed.
             let until = if k == attempts {
                 timeout
@@ -625,6 +682,23 @@ impl Client {
                     // A teardown of an attempt: that attempt is gone (already
                     // forgotten); the caller never saw its id, so nothing to report.
                     Ok((Incoming::Closed(c, _), _)) if tried.contains(&c.0) => {}
+                    Ok((Incoming::Retry(c, token), _)) if c.0 == id && retries < MAX_RETRIES => {
+                        retries += 1;
+                        self.core.stats.retries_received += 1;
+                        if let Some(l) = self.core.links.get_mut(&path[0].addr) {
+                            l.link.set_retry_token(token, unix_ms());
+                        }
+                        let Some(p) = self.core.pending.as_mut() else {
+                            continue;
+                        };
+                        apply_token(&token, &mut p.cell);
+                        self.tx.copy_from_slice(&p.cell);
+                        if let Err(e) = self.send_tx(path[0].addr) {
+                            self.abandon(&tried, None);
+                            return Err(e);
+                        }
+                        self.core.stats.setups_sent += 1;
+                    }
                     Ok((inc, at)) => self.queue_payload(inc, at),
                 }
             }
@@ -726,7 +800,7 @@ impl Client {
                     // A refusal for a setup no longer waited for.
                     self.core.circuits.remove(&c.0);
                 }
-                (Incoming::Nothing | Incoming::Created(_), _) => {}
+                (Incoming::Nothing | Incoming::Created(_) | Incoming::Retry(..), _) => {}
             }
         }
     }

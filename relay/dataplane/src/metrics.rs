@@ -253,6 +253,27 @@ pub fn render_metrics(
         "Circuit setups accepted (the setup rate is rate(shroud_setups_total[1m])).",
         &|s| vec![(String::new(), s.setups)],
     );
+    per_worker(
+        &mut o,
+        "shroud_setup_dh_total",
+        "counter",
+        "X25519 operations spent on setup cells (one per onion key tried).",
+        &|s| vec![(String::new(), s.setup_dh)],
+    );
+    per_worker(
+        &mut o,
+        "shroud_setup_retries_total",
+        "counter",
+        "RETRY replies sent: setups from new addresses, under load, asked for a retry token instead of being opened.",
+        &|s| vec![(String::new(), s.retries_sent)],
+    );
+    per_worker(
+        &mut o,
+        "shroud_circuits_expired_total",
+        "counter",
+        "Circuits removed for idleness.",
+        &|s| vec![(String::new(), s.expired_circuits)],
+    );
     per_worker(&mut o, "shroud_circuits", "gauge", "Live circuits.", &|s| {
         vec![(String::new(), s.circuits)]
     });

@@ -56,6 +56,12 @@ pub struct WorkerStats {
     pub exit_replies: AtomicU64,
     /// Setups accepted.
     pub setups: AtomicU64,
+    /// X25519 operations spent on setup cells.
+    pub setup_dh: AtomicU64,
+    /// `RETRY` replies sent to new addresses under load.
+    pub retries_sent: AtomicU64,
+    /// Circuits expired for idleness.
+    pub expired_circuits: AtomicU64,
     /// Live circuits (gauge).
     pub circuits: AtomicU64,
     /// Drops by reason (`DropReason as usize`).
@@ -180,6 +186,9 @@ impl WorkerStats {
         self.cells_forward.store(s.cells_forward, Relaxed);
         self.cells_backward.store(s.cells_backward, Relaxed);
         self.setups.store(s.setups, Relaxed);
+        self.setup_dh.store(s.setup_dh, Relaxed);
+        self.retries_sent.store(s.retries_sent, Relaxed);
+        self.expired_circuits.store(s.expired_circuits, Relaxed);
         self.circuits.store(circuits as u64, Relaxed);
     }
 
@@ -196,6 +205,9 @@ impl WorkerStats {
             exit_delivered: self.exit_delivered.load(Relaxed),
             exit_replies: self.exit_replies.load(Relaxed),
             setups: self.setups.load(Relaxed),
+            setup_dh: self.setup_dh.load(Relaxed),
+            retries_sent: self.retries_sent.load(Relaxed),
+            expired_circuits: self.expired_circuits.load(Relaxed),
             circuits: self.circuits.load(Relaxed),
             drops: DropReason::ALL
                 .iter()
@@ -231,6 +243,12 @@ pub struct StatsSnapshot {
     pub exit_replies: u64,
     /// Setups accepted.
     pub setups: u64,
+    /// X25519 operations spent on setup cells.
+    pub setup_dh: u64,
+    /// `RETRY` replies sent.
+    pub retries_sent: u64,
+    /// Circuits expired for idleness.
+    pub expired_circuits: u64,
     /// Live circuits.
     pub circuits: u64,
     /// Drops by reason name.

@@ -46,6 +46,8 @@ pub struct ClientLink {
     up: HeaderKey,
     down: HeaderKey,
     linked: bool,
+    /// The relay's retry token and when it arrived (ms).
+    token: Option<([u8; crate::retry::TOKEN_LEN], u64)>,
 }
 
 impl core::fmt::Debug for ClientLink {
@@ -71,6 +73,7 @@ impl ClientLink {
             up,
             down,
             linked: false,
+            token: None,
         }
     }
 
@@ -90,6 +93,21 @@ impl ClientLink {
     /// True once the relay has answered on this link.
     pub fn is_linked(&self) -> bool {
         self.linked
+    }
+
+    /// Remembers the token of a `RETRY` from the relay (received at `now_ms`): until
+    /// the link is established, setups built on it carry the token in place of their
+    /// random header, for as long as the relay accepts it (one epoch,
+    /// [`crate::retry::RETRY_EPOCH_S`]).
+    pub fn set_retry_token(&mut self, token: [u8; crate::retry::TOKEN_LEN], now_ms: u64) {
+        self.token = Some((token, now_ms));
+    }
+
+    /// The retry token to use at `now_ms`, if one is held and still accepted.
+    pub fn retry_token(&self, now_ms: u64) -> Option<[u8; crate::retry::TOKEN_LEN]> {
+        self.token
+            .filter(|&(_, at)| now_ms.saturating_sub(at) < crate::retry::RETRY_EPOCH_S * 1000)
+            .map(|(t, _)| t)
     }
 }
 
@@ -269,6 +287,8 @@ impl<A: Aead> ClientCircuit<A> {
                     command: Command::Setup,
                 },
             );
+        } else if let Some(token) = link.retry_token(now_ms) {
+            crate::retry::apply_token(&token, cell);
         } else {
             rng.fill_bytes(&mut cell[..crate::cell::HEADER_LEN]);
         }

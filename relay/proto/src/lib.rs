@@ -12,6 +12,7 @@
 //! - [`layer`]: stripping and adding onion layers in place, in batches;
 //! - [`setup`]: the one-round-trip, Sphinx-style circuit setup with Elligator2 keys;
 //! - [`replay`]: data-cell sliding windows and the setup seen-filter;
+//! - [`retry`]: the stateless retry token a relay under load asks new clients for;
 //! - [`relay`]: the relay as a state machine, `handle(src, cell, now) -> Action`;
 //! - [`client`]: building circuits, sealing and opening cells;
 //! - [`keys`], [`peerlist`]: keys and the signed network directory;
@@ -28,6 +29,7 @@ pub mod peerlist;
 pub mod policy;
 pub mod relay;
 pub mod replay;
+pub mod retry;
 pub mod setup;
 
 pub use aead::{Aead, DefaultAead, RingAead, RustCryptoAead};

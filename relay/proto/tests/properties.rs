@@ -650,8 +650,11 @@ fn setup_with_stale_timestamp_is_expired() {
     );
 }
 
-/// Random garbage from one source costs at most its prefix's setup budget in
-/// public-key work: the rest is refused as rate_limited before any X25519.
+/// Random garbage from one source costs at most its prefix's setup budget (and the
+/// newcomer budget) in public-key work, counted by the relay itself (`setup_dh`):
+/// beyond the newcomer budget every cell gets a one-cell RETRY that opens only against
+/// the cell it answers, and beyond the prefix budget it is refused as rate_limited,
+/// both before any X25519.
 #[test]
 fn garbage_from_one_source_gets_public_key_work_only_up_to_its_budget() {
     let layout = Layout::default();
@@ -666,23 +669,159 @@ fn garbage_from_one_source_gets_public_key_work_only_up_to_its_budget() {
         RelayLimits {
             setup_rate: 200,
             setup_burst: 400,
+            newcomer_setup_rate: 100,
             ..RelayLimits::default()
         },
         NOW_MS,
     );
+    let key: RingAead = shroud_proto::retry::retry_key(&relay.id());
     let src: std::net::SocketAddr = "127.200.0.1:5555".parse().unwrap();
-    let mut work = 0;
+    let (mut work, mut retries, mut limited) = (0, 0, 0);
     for k in 0..5000u64 {
         let mut cell = vec![0u8; layout.cell];
         rand_core::RngCore::fill_bytes(&mut r, &mut cell);
+        let sent = cell.clone();
         relay.begin_batch(16);
-        // 5000 cells over 5 seconds: 400 burst + 200/s * 5 s = 1400 may get work.
+        // 5000 cells over 5 seconds: the prefix allows 400 + 200/s * 5 s = 1400, of
+        // which the newcomer budget gives work to 100 + 100/s * 5 s = 600.
         match relay.handle(src, &mut cell, NOW_MS + k) {
-            Action::Drop(DropReason::RateLimited) => {}
+            Action::Drop(DropReason::RateLimited) => limited += 1,
             Action::Drop(_) => work += 1,
+            Action::Send { to, event: None } if to == src => {
+                let token = shroud_proto::retry::open_retry(&layout, &key, &sent, &mut cell);
+                assert!(token.is_some(), "a reply to garbage that is not its RETRY");
+                retries += 1;
+            }
             other => panic!("garbage accepted: {other:?}"),
         }
     }
-    assert!(work <= 1400, "public-key work for {work} garbage cells");
-    assert!(work >= 400, "{work}");
+    let dh = relay.stats().setup_dh;
+    assert_eq!(dh, work, "one X25519 per cell that got work");
+    assert!(
+        (550..=600).contains(&work),
+        "public-key work for {work} garbage cells"
+    );
+    // (The token buckets refill in floating point: allow a token of rounding.)
+    assert!(
+        (1399..=1400).contains(&(work + retries)),
+        "{work} + {retries}"
+    );
+    assert_eq!(limited, 5000 - work - retries);
+    assert_eq!(relay.stats().retries_sent, retries);
+}
+
+/// Under load (the newcomer budget spent), a setup from a new address gets a RETRY
+/// instead of public-key work; the same setup sent again with the token is opened,
+/// skips the budget and starts a validated link (the exit may answer before any
+/// forward data). A token is good only for its address and for one to two epochs.
+#[test]
+fn retry_token_under_load_admits_a_client_that_receives_and_no_one_else() {
+    use shroud_proto::relay::Event;
+    use shroud_proto::retry::{apply_token, open_retry, retry_key, RETRY_EPOCH_S};
+    let layout = Layout::default();
+    let mut r = rng(91);
+    let net = Net::<RingAead>::new(layout, 1, &mut r);
+    let mut relay = Relay::<RingAead>::new(
+        layout,
+        net.identities[0].clone(),
+        vec![net.onions[0].clone()],
+        net.peers.clone(),
+        ExitPolicy::parse(&["accept 127.0.0.0/8:1-65535"]).unwrap(),
+        RelayLimits {
+            newcomer_setup_rate: 1,
+            ..RelayLimits::default()
+        },
+        NOW_MS,
+    );
+    let key: RingAead = retry_key(&relay.id());
+    // A spoofed setup takes the one newcomer token.
+    let mut garbage = vec![7u8; layout.cell];
+    assert_eq!(
+        relay.handle("127.9.9.9:1".parse().unwrap(), &mut garbage, NOW_MS),
+        Action::Drop(DropReason::Malformed)
+    );
+    assert_eq!(relay.stats().setup_dh, 1);
+
+    let mut link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    let mut cell = vec![0u8; layout.cell];
+    let _first = ClientCircuit::<RingAead>::build(
+        &layout,
+        &link,
+        &net.hops[..1],
+        DEST,
+        NOW_MS,
+        &mut r,
+        &mut cell,
+    )
+    .unwrap();
+    let setup = cell.clone();
+    assert_eq!(
+        relay.handle(CLIENT, &mut cell, NOW_MS),
+        Action::Send {
+            to: CLIENT,
+            event: None
+        }
+    );
+    assert_eq!(relay.stats().setup_dh, 1, "a RETRY costs no X25519");
+    assert_eq!(relay.stats().retries_sent, 1);
+    let token = open_retry(&layout, &key, &setup, &mut cell).expect("a RETRY for our setup");
+
+    // The token from another address, or too late, is worth another RETRY only.
+    let mut stolen = setup.clone();
+    apply_token(&token, &mut stolen);
+    let thief: std::net::SocketAddr = "127.0.0.101:40000".parse().unwrap();
+    assert_eq!(
+        relay.handle(thief, &mut stolen.clone(), NOW_MS + 1),
+        Action::Send {
+            to: thief,
+            event: None
+        }
+    );
+    let late = NOW_MS + 2 * RETRY_EPOCH_S * 1000;
+    // (The newcomer budget has refilled by then: spend it again.)
+    let mut garbage = vec![8u8; layout.cell];
+    relay.handle("127.9.9.9:1".parse().unwrap(), &mut garbage, late);
+    let mut stale = stolen.clone();
+    assert!(matches!(
+        relay.handle(CLIENT, &mut stale, late),
+        Action::Send {
+            to: CLIENT,
+            event: None
+        }
+    ));
+    assert_eq!(relay.stats().setup_dh, 2);
+    assert_eq!(relay.stats().retries_sent, 3);
+
+    // The client builds again (the token goes in place of the random header).
+    link.set_retry_token(token, NOW_MS);
+    let mut c = ClientCircuit::<RingAead>::build(
+        &layout,
+        &link,
+        &net.hops[..1],
+        DEST,
+        NOW_MS,
+        &mut r,
+        &mut cell,
+    )
+    .unwrap();
+    assert_eq!(&cell[..16], &token[..]);
+    let circuit = match relay.handle(CLIENT, &mut cell, NOW_MS + 2) {
+        Action::Send {
+            to: CLIENT,
+            event: Some(Event::ExitOpened { circuit, .. }),
+        } => circuit,
+        other => panic!("expected CREATED, got {other:?}"),
+    };
+    assert_eq!(relay.stats().setup_dh, 3);
+    let hdr = link.read_header(&cell).unwrap();
+    assert_eq!(c.open(&hdr, &mut cell), Ok(Received::Created));
+    // Validated at once: the exit's replies are not held to the client's credit.
+    for _ in 0..5 {
+        let mut reply = vec![0u8; layout.cell];
+        assert_eq!(
+            relay.exit_reply(circuit, b"early", &mut reply, NOW_MS + 3),
+            Ok(CLIENT)
+        );
+    }
+    assert_eq!(relay.stats().drops[DropReason::Unvalidated as usize], 0);
 }

@@ -239,6 +239,40 @@ fn links() -> String {
     o
 }
 
+fn retry<A: Aead>() -> String {
+    use shroud_proto::retry::{retry_key, write_retry, TokenKey, R_LEN};
+    let mut o = String::from(
+        "# Retry under load (PROTOCOL.md 5.5): the token (two-block CBC-MAC under AES-256 of ip||port||epoch) and a RETRY cell for a 1024-byte setup, k_retry = HKDF-SHA256(salt=\"shroud-v2 retry\", ikm=relay id)\n\n",
+    );
+    let tk = TokenKey::new(&arr32(80));
+    let v4: std::net::SocketAddr = "192.0.2.1:4000".parse().unwrap();
+    let v6: std::net::SocketAddr = "[2001:db8::7]:443".parse().unwrap();
+    line(&mut o, "token_key", &arr32(80));
+    line(
+        &mut o,
+        "token_192.0.2.1:4000_epoch_29400000",
+        &tk.token(v4, 29_400_000),
+    );
+    line(
+        &mut o,
+        "token_[2001:db8::7]:443_epoch_29400001",
+        &tk.token(v6, 29_400_001),
+    );
+    let relay = RelayId([7; 16]);
+    let key: A = retry_key(&relay);
+    let setup = pattern(1024, 5);
+    let mut r = [0u8; R_LEN];
+    r.copy_from_slice(&pattern(R_LEN, 6));
+    let token = tk.token(v4, 29_400_000);
+    let mut cell = setup.clone();
+    write_retry(&Layout::default(), &key, &token, &r, &mut cell);
+    line(&mut o, "relay_id", &relay.0);
+    line(&mut o, "setup_e", &setup[16..48]);
+    line(&mut o, "r", &r);
+    line(&mut o, "retry_cell", &cell);
+    o
+}
+
 fn all() -> Vec<(&'static str, String)> {
     let ring = layers::<RingAead>();
     assert_eq!(
@@ -253,6 +287,11 @@ fn all() -> Vec<(&'static str, String)> {
         ("layer.txt", ring),
         ("setup.txt", setup()),
         ("links.txt", links()),
+        ("retry.txt", {
+            let ring = retry::<RingAead>();
+            assert_eq!(ring, retry::<RustCryptoAead>(), "backends must agree");
+            ring
+        }),
     ]
 }
 

@@ -256,6 +256,10 @@ pub struct RelayStats {
     pub expired_circuits: u64,
     /// Cover cells that ended here (exit).
     pub cover_received: u64,
+    /// X25519 operations spent on setup cells (one per onion key tried).
+    pub setup_dh: u64,
+    /// `RETRY` replies sent (setups from new addresses, under load, without a token).
+    pub retries_sent: u64,
 }
 
 /// One relay worker's protocol state.
@@ -281,6 +285,9 @@ pub struct Relay<A: Aead> {
     /// Draws the cookies of CREATED replies to clients: AES-256 of a counter under a
     /// key drawn at start.
     cookies: CookieSource,
+    /// Retry tokens: the secret MAC key, and the (public) key of `RETRY` replies.
+    tokens: crate::retry::TokenKey,
+    retry_key: A,
 }
 
 /// Unpredictable 48-bit cookies: `AES-256(key, n)` for `n = 0, 1, …`, key from the OS.
@@ -299,14 +306,26 @@ impl CookieSource {
         }
     }
 
-    fn draw(&mut self) -> u64 {
+    fn block(&mut self) -> [u8; 16] {
         self.next += 1;
         let mut b = [0u8; 16];
         b[8..].copy_from_slice(&self.next.to_be_bytes());
-        let out = self.key.encrypt_block(b);
+        self.key.encrypt_block(b)
+    }
+
+    fn draw(&mut self) -> u64 {
+        let out = self.block();
         let mut c = [0u8; 8];
         c[2..].copy_from_slice(&out[..6]);
         u64::from_be_bytes(c)
+    }
+
+    /// An unpredictable nonce for a `RETRY` reply (never the same twice).
+    fn retry_nonce(&mut self) -> [u8; crate::retry::R_LEN] {
+        let out = self.block();
+        let mut n = [0u8; crate::retry::R_LEN];
+        n.copy_from_slice(&out[..crate::retry::R_LEN]);
+        n
     }
 }
 
@@ -362,6 +381,12 @@ impl<A: Aead> Relay<A> {
             accepting: true,
             exit_circuits: 0,
             cookies: CookieSource::new(),
+            tokens: {
+                let mut k = zeroize::Zeroizing::new([0u8; 32]);
+                rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, k.as_mut());
+                crate::retry::TokenKey::new(&k)
+            },
+            retry_key: crate::retry::retry_key(&me),
             limits,
         };
         r.prefixes

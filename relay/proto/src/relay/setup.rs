@@ -22,6 +22,7 @@ use crate::cell::{Command, Header, PROTOCOL_VERSION};
 use crate::keys::{OnionPublic, OnionSecret};
 use crate::layer::{add_backward, write_control};
 use crate::replay::{ReplayWindow, SetupCheck, SetupFilter};
+use crate::retry::{write_retry, RETRY_EPOCH_S};
 use crate::setup::{forward_setup, open_setup, setup_ephemeral, Next, SetupError};
 
 /// Onion keys held at once (current, next, previous).
@@ -229,11 +230,24 @@ impl<A: Aead> Relay<A> {
         // A setup from an address with no link yet (a new client, or garbage) also
         // needs a token of the budget all such addresses share, so that a flood
         // from many prefixes costs at most that much public-key work.
+        // Under load (that budget spent), a new address must first prove that it
+        // receives: it gets a RETRY with a token instead of the public-key work, and
+        // a setup whose header is its address's token skips the shared budget and
+        // starts a validated link (`retry`).
+        let mut proven = false;
         if !from_peer {
-            if self.setup_budget == 0
-                || !self.prefixes.allow_setup(src.ip(), now_ms)
-                || (link.is_none() && !self.prefixes.allow_newcomer(now_ms))
-            {
+            if !self.prefixes.allow_setup(src.ip(), now_ms) {
+                return self.drop(DropReason::RateLimited);
+            }
+            if link.is_none() {
+                proven = self.tokens.check(cell, src, now_ms);
+                let admitted =
+                    proven || (self.setup_budget > 0 && self.prefixes.allow_newcomer(now_ms));
+                if !admitted {
+                    return self.retry(src, cell, now_ms);
+                }
+            }
+            if self.setup_budget == 0 {
                 return self.drop(DropReason::RateLimited);
             }
             self.setup_budget -= 1;
@@ -241,6 +255,7 @@ impl<A: Aead> Relay<A> {
         let mut opened = None;
         let mut bad_point = false;
         for (k, entry) in self.onion.entries.iter().enumerate() {
+            self.stats.setup_dh += 1;
             match open_setup::<A>(&layout, &entry.secret, entry.public.as_bytes(), cell) {
                 Ok(x) => {
                     opened = Some((k, x));
@@ -282,7 +297,8 @@ impl<A: Aead> Relay<A> {
                     seed: routing.link_seed,
                     circuits: 0,
                     last_active: now_ms,
-                    validated: false,
+                    // A token proved that the address receives.
+                    validated: proven,
                     // This setup cell is all the address has sent so far.
                     credit: cell.len() as u64,
                 })
@@ -488,6 +504,22 @@ impl<A: Aead> Relay<A> {
                     event: Some(Event::ExitOpened { circuit, dest }),
                 }
             }
+        }
+    }
+}
+
+impl<A: Aead> Relay<A> {
+    /// Answers a setup from a new address, under load and without a valid token, with
+    /// a `RETRY` carrying the address's token, in the same buffer (one cell for one
+    /// cell: no amplification). No public-key work is spent on it.
+    fn retry(&mut self, src: SocketAddr, cell: &mut [u8], now_ms: u64) -> Action {
+        let token = self.tokens.token(src, now_ms / 1000 / RETRY_EPOCH_S);
+        let r = self.cookies.retry_nonce();
+        write_retry(&self.layout, &self.retry_key, &token, &r, cell);
+        self.stats.retries_sent += 1;
+        Action::Send {
+            to: src,
+            event: None,
         }
     }
 }
