@@ -64,6 +64,10 @@ pub struct NetOpts {
     /// Setups per second given public-key work from addresses with no link, all
     /// together, per worker (default 250); beyond it they get a RETRY.
     pub newcomer_setup_rate: u32,
+    /// Seconds without a forward cell after which a circuit is expired (default 300).
+    pub circuit_idle_secs: u64,
+    /// Seconds after which a link with no circuits is forgotten (default 600).
+    pub link_idle_secs: u64,
 }
 
 impl NetOpts {
@@ -84,6 +88,8 @@ impl NetOpts {
             links_per_prefix: 256,
             circuits_per_prefix: 1024,
             newcomer_setup_rate: 250,
+            circuit_idle_secs: 300,
+            link_idle_secs: 600,
         }
     }
 }
@@ -324,6 +330,8 @@ max_links = 256
 links_per_prefix = {lpp}
 circuits_per_prefix = {cpp}
 newcomer_setup_rate = {newcomer}
+circuit_idle_secs = {circuit_idle}
+link_idle_secs = {link_idle}
 setup_rate = {rate}
 setup_burst = {burst}
 exit_sockets = 256
@@ -348,6 +356,8 @@ socket = "admin.sock"
             lpp = self.opts.links_per_prefix,
             cpp = self.opts.circuits_per_prefix,
             newcomer = self.opts.newcomer_setup_rate,
+            circuit_idle = self.opts.circuit_idle_secs,
+            link_idle = self.opts.link_idle_secs,
             driver = self.opts.driver,
             zc = self.opts.zero_copy_send,
         );

@@ -377,3 +377,190 @@ fn drain_refuses_new_circuits_and_shutdown_exits_cleanly() {
         net.log(0)
     );
 }
+
+/// Sets relay process `pid`'s open-file limit (soft and hard) with util-linux's
+/// `prlimit`.
+fn set_nofile(pid: u32, soft: u64, hard: u64) {
+    let ok = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:{hard}"))
+        .status()
+        .expect("prlimit (util-linux) runs")
+        .success();
+    assert!(ok, "prlimit --pid={pid} --nofile={soft}:{hard}");
+}
+
+/// The exit's socket is opened before its CREATED is sent: an exit that cannot open
+/// it (here: out of file descriptors) answers REFUSED `capacity` instead, which
+/// travels back through the middle hop (removing the circuit there too), so the
+/// client learns at once rather than by timeout, and nothing is left behind. Once
+/// the exit can open sockets again, circuits build as before.
+#[test]
+fn an_exit_that_cannot_open_its_socket_refuses_the_circuit() {
+    let net = TestNet::start(NetOpts::new(76, 2));
+    let (dest, _echo) = echo(76);
+    let pid = net.relays[1].child.as_ref().expect("running").id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let (soft, hard) = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            Some((*v.first()?, *v.get(1)?))
+        })
+        .expect("Max open files in /proc/PID/limits");
+    // No new descriptor at all (the limit bounds descriptor numbers, and the
+    // process's table may have gaps below its count).
+    set_nofile(pid, 0, hard);
+    let mut c = net.client();
+    let refused = c.build_circuit(&net.path(&[0, 1]), dest, T);
+    set_nofile(pid, soft, hard);
+    match refused {
+        Err(ClientError::Refused {
+            hop: 1,
+            reason_name: "capacity",
+            ..
+        }) => {}
+        other => panic!("expected REFUSED capacity from the exit, got {other:?}"),
+    }
+    assert_eq!(
+        net.circuits(0),
+        0,
+        "the middle hop removed the refused circuit"
+    );
+    assert_eq!(net.circuits(1), 0, "the exit removed it");
+    assert_eq!(net.drops(1, "capacity"), 1);
+    let id = c
+        .build_circuit(&net.path(&[0, 1]), dest, T)
+        .expect("builds once sockets can be opened");
+    round_trips(&mut c, id, 4, 9);
+}
+
+/// Idle expiry: a circuit with no forward cell for `circuit_idle_secs` is removed at
+/// every hop, and its first hop tells the client with a DESTROY (reason `expired`),
+/// so the client learns it at once instead of by a timeout; backward traffic alone
+/// does not keep it alive. Then the links, with no circuits left, are forgotten
+/// after `link_idle_secs`, and the same client builds again through a new link.
+#[test]
+fn idle_circuits_expire_the_client_is_told_and_idle_links_are_forgotten() {
+    let mut opts = NetOpts::new(77, 2);
+    opts.circuit_idle_secs = 1;
+    opts.link_idle_secs = 2;
+    let net = TestNet::start(opts);
+    let (dest, _echo) = echo(77);
+    let mut c = net.client();
+    let id = c.build_circuit(&net.path(&[0, 1]), dest, T).expect("build");
+    round_trips(&mut c, id, 2, 3);
+    assert_eq!(net.worker_stat(0, "client_links"), 1);
+    assert_eq!(net.worker_stat(0, "peer_links"), 1);
+    // No forward cell from now on: within a few ticks after one second the first hop
+    // expires the circuit and says so.
+    match c.recv(Duration::from_secs(10)) {
+        Err(ClientError::CircuitClosed { circuit, hop: 0 }) => assert_eq!(circuit, id),
+        other => panic!("expected the first hop's DESTROY, got {other:?}"),
+    }
+    assert_eq!(net.circuits(0), 0);
+    assert_eq!(net.worker_stat(0, "expired_circuits"), 1);
+    // The exit's own timer removes it there (no hop can forward a teardown).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.circuits(1) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(net.circuits(1), 0, "the exit expired the circuit too");
+    assert_eq!(net.worker_stat(1, "expired_circuits"), 1);
+    // Links idle out once they hold no circuits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (net.worker_stat(0, "client_links")
+        + net.worker_stat(0, "peer_links")
+        + net.worker_stat(1, "peer_links"))
+        > 0
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        net.worker_stat(0, "client_links"),
+        0,
+        "client link forgotten"
+    );
+    assert_eq!(net.worker_stat(0, "peer_links"), 0, "peer link forgotten");
+    assert_eq!(
+        net.worker_stat(1, "peer_links"),
+        0,
+        "peer link forgotten at the exit"
+    );
+    // The client still believes in its link; the relay treats its next setup as a
+    // new client's and installs the link again.
+    let id = c
+        .build_circuit(&net.path(&[0, 1]), dest, T)
+        .expect("rebuild");
+    round_trips(&mut c, id, 2, 4);
+    assert_eq!(net.worker_stat(0, "client_links"), 1);
+}
+
+/// A client of protocol version 1 (its routing slot's version byte is 0; its key
+/// schedule's first 192 bytes are those of version 2, and it knows no counter shifts)
+/// gets a REFUSED with reason `version` that it can read: header counter 0, layer
+/// sealed with the unshifted counter 0. The relay counts it, builds no circuit and
+/// keeps no link.
+#[test]
+fn a_version_1_setup_gets_a_refusal_the_old_client_can_read() {
+    use rand_core::{OsRng, RngCore};
+    use shroud_proto::cell::Command;
+    use shroud_proto::layer::{open_backward, LayerKeys, ORIGIN_MARKER_LEN};
+    use shroud_proto::relay::{client_link_keys, DropReason};
+    use shroud_proto::setup::{build_setup_with, Ephemeral, Next, SetupHop};
+    use shroud_proto::{Layout, RingAead};
+
+    let net = TestNet::start(NetOpts::new(78, 1));
+    let (dest, _echo) = echo(78);
+    let hop = net.path(&[0])[0];
+    let layout = Layout::default();
+    let mut seed = [0u8; 16];
+    OsRng.fill_bytes(&mut seed);
+    seed[0] |= 1;
+    let in_id = OsRng.next_u64() | 1;
+    let hops = [SetupHop {
+        onion_pub: *hop.onion.as_bytes(),
+        next: Next::Exit { dest },
+        in_id,
+        link_seed: seed,
+    }];
+    let mut cell = vec![0u8; layout.cell];
+    let secrets = build_setup_with::<RingAead, _>(
+        &layout,
+        &hops,
+        &[Ephemeral::generate(&mut OsRng)],
+        0,
+        shroud_tests::now_s(),
+        &mut OsRng,
+        &mut cell,
+    )
+    .unwrap();
+    OsRng.fill_bytes(&mut cell[..16]);
+    let sock = UdpSocket::bind("127.0.78.200:0").unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    sock.send_to(&cell, hop.addr).unwrap();
+    let mut reply = vec![0u8; 2 * layout.cell];
+    let (n, from) = sock.recv_from(&mut reply).expect("a reply, not silence");
+    assert_eq!((n, from), (layout.cell, hop.addr));
+    reply.truncate(n);
+    let (_, down) = client_link_keys(&seed, &hop.id);
+    let hdr = down.unprotect(&reply).expect("header under the link key");
+    assert_eq!(hdr.command, Command::Refused);
+    assert_eq!(hdr.counter, 0, "unshifted counter 0");
+    assert_eq!(hdr.circuit, in_id);
+    // Version 1 peeled with the plain keys and counter 0.
+    let v1_keys = [LayerKeys::<RingAead>::new(&secrets[0].kb, &secrets[0].sb)];
+    let opened = open_backward(&layout, &v1_keys, Command::Refused, 0, &mut reply)
+        .expect("the layer opens with version 1's keys");
+    assert_eq!(opened.layers, 1);
+    let reason = reply[layout.stack_end() + ORIGIN_MARKER_LEN];
+    assert_eq!(reason, DropReason::Version as u8);
+    assert_eq!(net.drops(0, "version"), 1);
+    assert_eq!(net.circuits(0), 0);
+    assert_eq!(net.worker_stat(0, "client_links"), 0, "no link kept");
+}

@@ -305,7 +305,7 @@ impl Core {
                         Incoming::Refused(id, hop, reason)
                     }
                     // A hop of an open circuit can only mean "gone": same as DESTROY.
-                    Received::Refused { hop, .. } | Received::Destroyed { hop } => {
+                    Received::Refused { hop, .. } | Received::Destroyed { hop, .. } => {
                         self.stats.destroyed_received += 1;
                         self.circuits.remove(&hdr.circuit);
                         Incoming::Closed(id, hop)

@@ -428,6 +428,12 @@ impl Config {
                 "max_circuits, max_links and setup_filter_capacity must be positive",
             ));
         }
+        if l.circuit_idle_secs == 0 || l.link_idle_secs == 0 {
+            return Err(self.invalid(
+                "limits",
+                "circuit_idle_secs and link_idle_secs must be at least 1 (0 would expire every circuit at once)",
+            ));
+        }
         if self.io.recv_slots == 0 || self.io.send_slots == 0 {
             return Err(self.invalid("io", "recv_slots and send_slots must be positive"));
         }
@@ -619,6 +625,14 @@ authorities = ["AAAA"]
                 "relay.exit_policy",
             ),
             (format!("{MIN}\n[log]\nlevel = \"loud\"\n"), "log.level"),
+            (
+                format!("{MIN}\n[limits]\ncircuit_idle_secs = 0\n"),
+                "circuit_idle_secs",
+            ),
+            (
+                format!("{MIN}\n[limits]\nlink_idle_secs = 0\n"),
+                "link_idle_secs",
+            ),
         ];
         for (text, key) in cases {
             let e = Config::parse(&text, Path::new("r.toml"))

@@ -14,6 +14,7 @@ use shroud_proto::aead::Aead;
 use shroud_proto::relay::{Action, CircuitRef, DropReason, Event, Relay};
 use shroud_proto::Layout;
 
+use crate::exits::Exits;
 use crate::stats::WorkerStats;
 
 /// Where a cell to send lives.
@@ -105,7 +106,8 @@ pub enum Side {
         /// Payload range in the slot's buffer.
         range: core::ops::Range<usize>,
     },
-    /// An exit circuit opened: create its socket.
+    /// An exit circuit opened and its socket exists (the engine opened it before
+    /// planning the CREATED): start receiving on it.
     Opened {
         /// Circuit.
         circuit: CircuitRef,
@@ -141,6 +143,12 @@ impl<A: Aead> std::fmt::Debug for Engine<A> {
 
 impl<A: Aead> Engine<A> {
     /// Handles one received datagram held in receive slot `slot`.
+    ///
+    /// A setup that makes this relay a circuit's exit gets its exit socket here, before
+    /// its CREATED is planned; if the socket cannot be opened the CREATED becomes a
+    /// REFUSED (`capacity`), so no client is told a circuit is open that cannot carry
+    /// anything. `nonblocking` is the mode of the exit sockets.
+    #[allow(clippy::too_many_arguments)]
     pub fn on_datagram(
         &mut self,
         src: SocketAddr,
@@ -148,6 +156,8 @@ impl<A: Aead> Engine<A> {
         buf: &mut [u8],
         plan: &mut Plan,
         side: &mut Vec<Side>,
+        exits: &mut Exits,
+        nonblocking: bool,
         now_ms: u64,
     ) {
         let cell = self.layout.cell;
@@ -169,6 +179,23 @@ impl<A: Aead> Engine<A> {
                 off: off as u32,
             };
             match self.relay.handle(src, c, now_ms) {
+                Action::Send {
+                    to,
+                    event: Some(Event::ExitOpened { circuit, dest }),
+                } => match exits.open(circuit, dest, nonblocking) {
+                    Ok(Some(_)) => {
+                        plan.push(to, loc);
+                        side.push(Side::Opened { circuit, dest });
+                    }
+                    failed => {
+                        if let Err(e) = failed {
+                            tracing::debug!(error = %e, %dest, "exit socket failed; refusing the circuit");
+                        }
+                        if let Some(to) = self.relay.refuse_exit(circuit, c) {
+                            plan.push(to, loc);
+                        }
+                    }
+                },
                 Action::Send { to, event } => {
                     plan.push(to, loc);
                     if let Some(e) = event {
@@ -225,10 +252,43 @@ impl<A: Aead> Engine<A> {
         }
     }
 
+    /// The periodic tick: expires idle circuits and links. Each removed circuit's exit
+    /// socket is released through `side`; a client whose first hop this is gets a
+    /// `DESTROY` (from the transmit arena, planned in `plan`) telling it so.
+    pub fn expire(
+        &mut self,
+        now_ms: u64,
+        arena: &mut crate::exits::TxArena,
+        plan: &mut Plan,
+        side: &mut Vec<Side>,
+    ) {
+        let mut full = 0;
+        self.relay.expire(
+            now_ms,
+            |circuit| side.push(Side::Closed { circuit }),
+            |write| {
+                let Some(idx) = arena.alloc() else {
+                    full += 1;
+                    return;
+                };
+                match write(arena.cell_mut(idx)) {
+                    Some(to) => plan.push(to, Loc::Tx { idx }),
+                    None => arena.release(idx),
+                }
+            },
+        );
+        if full > 0 {
+            self.relay.count_drop(DropReason::QueueFull, full);
+        }
+    }
+
     /// Copies the relay's counters to the shared stats.
     pub fn publish(&self) {
-        self.stats
-            .publish(self.relay.stats(), self.relay.circuit_count());
+        self.stats.publish(
+            self.relay.stats(),
+            self.relay.circuit_count(),
+            self.relay.link_counts(),
+        );
     }
 }
 

@@ -279,6 +279,18 @@ pub fn render_metrics(
     });
     per_worker(
         &mut o,
+        "shroud_links",
+        "gauge",
+        "Live links, by kind (client, or peer relay).",
+        &|s| {
+            vec![
+                ("kind=\"client\"".into(), s.client_links),
+                ("kind=\"peer\"".into(), s.peer_links),
+            ]
+        },
+    );
+    per_worker(
+        &mut o,
         "shroud_send_errors_total",
         "counter",
         "Send operations the kernel failed.",

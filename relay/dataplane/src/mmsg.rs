@@ -168,11 +168,8 @@ impl Driver {
         let side = std::mem::take(&mut self.side);
         for s in &side {
             match s {
-                Side::Opened { circuit, dest } => match self.exits.open(*circuit, *dest, true) {
-                    Ok(Some(_)) => {}
-                    Ok(None) => shared.engine.relay.count_drop(DropReason::Capacity, 1),
-                    Err(_) => shared.engine.relay.count_drop(DropReason::Policy, 1),
-                },
+                // The engine opened the socket; reads poll every open socket.
+                Side::Opened { .. } => {}
                 Side::Closed { circuit } => {
                     if let Some(x) = self.exits.detach(circuit) {
                         self.exits.free(x);
@@ -313,6 +310,8 @@ impl Driver {
                                     buf,
                                     &mut self.plan,
                                     &mut self.side,
+                                    &mut self.exits,
+                                    true,
                                     now,
                                 );
                             }
@@ -336,11 +335,9 @@ impl Driver {
             }
             if now.saturating_sub(last_tick) >= 100 {
                 last_tick = now;
-                let mut closed = Vec::new();
-                shared.engine.relay.expire(now, |c| closed.push(c));
-                for c in closed {
-                    self.side.push(Side::Closed { circuit: c });
-                }
+                shared
+                    .engine
+                    .expire(now, &mut self.arena, &mut self.plan, &mut self.side);
                 self.flush(shared);
             }
         }

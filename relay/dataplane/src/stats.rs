@@ -64,6 +64,10 @@ pub struct WorkerStats {
     pub expired_circuits: AtomicU64,
     /// Live circuits (gauge).
     pub circuits: AtomicU64,
+    /// Live client links (gauge).
+    pub client_links: AtomicU64,
+    /// Live peer links (gauge).
+    pub peer_links: AtomicU64,
     /// Drops by reason (`DropReason as usize`).
     pub drops: [AtomicU64; DropReason::ALL.len()],
     /// Send operations that failed in the kernel.
@@ -179,7 +183,9 @@ impl WorkerStats {
     }
 
     /// Copies the protocol counters of the worker's relay.
-    pub fn publish(&self, s: &RelayStats, circuits: usize) {
+    pub fn publish(&self, s: &RelayStats, circuits: usize, (clients, peers): (usize, usize)) {
+        self.client_links.store(clients as u64, Relaxed);
+        self.peer_links.store(peers as u64, Relaxed);
         for (a, v) in self.drops.iter().zip(s.drops.iter()) {
             a.store(*v, Relaxed);
         }
@@ -209,6 +215,8 @@ impl WorkerStats {
             retries_sent: self.retries_sent.load(Relaxed),
             expired_circuits: self.expired_circuits.load(Relaxed),
             circuits: self.circuits.load(Relaxed),
+            client_links: self.client_links.load(Relaxed),
+            peer_links: self.peer_links.load(Relaxed),
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.name(), self.drops[*r as usize].load(Relaxed)))
@@ -251,6 +259,10 @@ pub struct StatsSnapshot {
     pub expired_circuits: u64,
     /// Live circuits.
     pub circuits: u64,
+    /// Live client links.
+    pub client_links: u64,
+    /// Live peer links.
+    pub peer_links: u64,
     /// Drops by reason name.
     pub drops: Vec<(&'static str, u64)>,
     /// Kernel send failures.

@@ -299,14 +299,11 @@ impl Driver {
         let side = std::mem::take(&mut self.side);
         for s in &side {
             match s {
-                Side::Opened { circuit, dest } => match self.exits.open(*circuit, *dest, false) {
-                    Ok(Some(x)) => self.arm_exit_recv(x)?,
-                    Ok(None) => shared.engine.relay.count_drop(DropReason::Capacity, 1),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "exit socket failed");
-                        shared.engine.relay.count_drop(DropReason::Policy, 1);
+                Side::Opened { circuit, .. } => {
+                    if let Some(x) = self.exits.get(circuit) {
+                        self.arm_exit_recv(x)?;
                     }
-                },
+                }
                 Side::Closed { circuit } => {
                     if let Some(x) = self.exits.detach(circuit) {
                         let e = opcode::AsyncCancel::new(ud(K_XRECV, u64::from(x)))
@@ -422,6 +419,8 @@ impl Driver {
                                         buf,
                                         &mut self.plan,
                                         &mut self.side,
+                                        &mut self.exits,
+                                        false,
                                         now,
                                     );
                                 }
@@ -489,12 +488,11 @@ impl Driver {
             }
             if now.saturating_sub(last_tick) >= 100 {
                 last_tick = now;
-                let mut closed = Vec::new();
-                shared.engine.relay.expire(now, |c| closed.push(c));
-                for c in closed {
-                    self.side.push(Side::Closed { circuit: c });
-                }
+                shared
+                    .engine
+                    .expire(now, &mut self.arena, &mut self.plan, &mut self.side);
                 self.on_side(shared)?;
+                self.flush(shared)?;
             }
         }
     }

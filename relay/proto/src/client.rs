@@ -194,6 +194,8 @@ pub enum Received {
     Destroyed {
         /// Which hop (0-based).
         hop: usize,
+        /// Reason code (`expired` when the circuit idled out at that hop).
+        reason: u8,
     },
 }
 
@@ -469,7 +471,8 @@ impl<A: Aead> ClientCircuit<A> {
             }
             Command::Destroy => {
                 self.state = CircuitState::Closed;
-                Received::Destroyed { hop }
+                let reason = cell[self.layout.stack_end() + ORIGIN_MARKER_LEN];
+                Received::Destroyed { hop, reason }
             }
             _ => return Err(ClientError::Rejected("unexpected command")),
         })

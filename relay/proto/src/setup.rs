@@ -378,14 +378,17 @@ pub fn build_setup<A: Aead, R: RngCore + CryptoRng>(
     cell: &mut [u8],
 ) -> Result<Vec<HopSecrets>, LowOrderOnionKey> {
     let ephemerals: Vec<Ephemeral> = hops.iter().map(|_| Ephemeral::generate(rng)).collect();
-    build_setup_with::<A, R>(layout, hops, &ephemerals, now, rng, cell)
+    build_setup_with::<A, R>(layout, hops, &ephemerals, PROTOCOL_VERSION, now, rng, cell)
 }
 
-/// [`build_setup`] with caller-chosen ephemerals (test vectors).
+/// [`build_setup`] with caller-chosen ephemerals (test vectors) and the version byte
+/// to write in every routing slot ([`PROTOCOL_VERSION`], or what a client of another
+/// version writes there, to test the refusal it gets).
 pub fn build_setup_with<A: Aead, R: RngCore + CryptoRng>(
     layout: &Layout,
     hops: &[SetupHop],
     ephemerals: &[Ephemeral],
+    version: u8,
     now: u64,
     rng: &mut R,
     cell: &mut [u8],
@@ -451,7 +454,7 @@ pub fn build_setup_with<A: Aead, R: RngCore + CryptoRng>(
             (e, t)
         });
         let routing = Routing {
-            version: PROTOCOL_VERSION,
+            version,
             next: hops[i].next,
             timestamp: now + u64::from(rng.next_u32()) % (TIMESTAMP_JITTER_S + 1),
             in_id: hops[i].in_id,

@@ -176,9 +176,16 @@ fn setup() -> String {
     let eph = [ephemeral(10), ephemeral(60)];
     let mut cell = vec![0u8; layout.cell];
     let mut r = common::rng(77);
-    let secrets =
-        build_setup_with::<RingAead, _>(&layout, &hops, &eph, 1_764_000_000, &mut r, &mut cell)
-            .expect("valid onion keys");
+    let secrets = build_setup_with::<RingAead, _>(
+        &layout,
+        &hops,
+        &eph,
+        shroud_proto::cell::PROTOCOL_VERSION,
+        1_764_000_000,
+        &mut r,
+        &mut cell,
+    )
+    .expect("valid onion keys");
     line(&mut o, "onion_secret_0", &arr32(50));
     line(&mut o, "onion_secret_1", &arr32(51));
     line(&mut o, "setup_cell", &cell[16..]);

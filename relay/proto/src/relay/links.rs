@@ -102,6 +102,11 @@ impl LinkTable {
         Some(idx)
     }
 
+    /// Live links.
+    pub(super) fn len(&self) -> usize {
+        self.by_addr.len()
+    }
+
     /// True if no slot is free.
     pub(super) fn is_full(&self) -> bool {
         self.free.is_empty()
@@ -191,6 +196,11 @@ impl Links {
             (true, i) => self.peers.remove(i),
             (false, i) => self.clients.remove(i),
         }
+    }
+
+    /// Live links: `(clients, peers)`.
+    pub(super) fn counts(&self) -> (usize, usize) {
+        (self.clients.len(), self.peers.len())
     }
 
     /// True if the client table has no free slot.

@@ -39,7 +39,7 @@ use std::net::{IpAddr, SocketAddr};
 use crate::aead::Aead;
 use crate::cell::{counter_sub, Command, Header, HeaderKey, Layout};
 use crate::keys::{IdentityKey, IdentityPublic, OnionSecret, RelayId};
-use crate::layer::{add_backward, read_body, strip_forward, write_payload, Body};
+use crate::layer::{add_backward, read_body, strip_forward, write_control, write_payload, Body};
 use crate::policy::ExitPolicy;
 use crate::replay::WindowCheck;
 
@@ -415,6 +415,11 @@ impl<A: Aead> Relay<A> {
         self.circuits.len()
     }
 
+    /// Live links: `(client links, peer links)`.
+    pub fn link_counts(&self) -> (usize, usize) {
+        self.links.counts()
+    }
+
     /// Replaces the peer list. Links to relays that left are closed with their
     /// circuits; links and circuits of relays that stay are kept.
     ///
@@ -767,12 +772,95 @@ impl<A: Aead> Relay<A> {
         Ok(l.addr)
     }
 
+    /// Writes the backward `DESTROY` (origin marker, reason `expired`) that tells the
+    /// client of the circuit in `slot` that it idled out; sequence number 0 of this
+    /// hop, like a `REFUSED`. Returns the client's address, or `None` if the address
+    /// may not be sent another cell (unvalidated and out of credit).
+    fn write_expired(&mut self, slot: u32, cell: &mut [u8]) -> Option<SocketAddr> {
+        let layout = self.layout;
+        if cell.len() != layout.cell {
+            return None;
+        }
+        let c = self.circuits.get_mut(slot)?;
+        let l = self.links.get_mut(c.prev_link)?;
+        if !l.spend(layout.cell) {
+            self.stats.drops[DropReason::Unvalidated as usize] += 1;
+            return None;
+        }
+        cell[..layout.stack_end()].fill(0);
+        write_control(&layout, cell, &[DropReason::Expired as u8]);
+        let counter = c.bwd.shifted(0);
+        add_backward(&layout, &c.bwd, Command::Destroy, counter, cell);
+        l.tx.protect(
+            cell,
+            &Header {
+                circuit: c.prev_id,
+                counter,
+                command: Command::Destroy,
+            },
+        );
+        Some(l.addr)
+    }
+
+    /// Exit: the socket for `circuit`, whose CREATED is in `cell`, could not be opened.
+    /// Rewrites `cell` into a REFUSED (`capacity`) for the client instead, removes the
+    /// circuit and returns where to send the cell (`None` for a stale handle). The
+    /// CREATED was never sent, so the client learns the circuit failed at once.
+    pub fn refuse_exit(&mut self, circuit: CircuitRef, cell: &mut [u8]) -> Option<SocketAddr> {
+        let layout = self.layout;
+        let reason = DropReason::Capacity;
+        let slot = circuit.slot;
+        let c = self
+            .circuits
+            .get_ref_mut(circuit)
+            .filter(|c| matches!(c.next, Hop::Exit { .. }))?;
+        write_control(&layout, cell, &[reason as u8]);
+        cell[layout.stack_start()..layout.stack_end()].fill(0);
+        let counter = c.bwd.shifted(0);
+        add_backward(&layout, &c.bwd, Command::Refused, counter, cell);
+        let (prev_link, prev_id) = (c.prev_link, c.prev_id);
+        self.remove_circuit(slot);
+        self.stats.drops[reason as usize] += 1;
+        // The CREATED this replaces already spent the address's credit.
+        let l = self.links.get(prev_link)?;
+        l.tx.protect(
+            cell,
+            &Header {
+                circuit: prev_id,
+                counter,
+                command: Command::Refused,
+            },
+        );
+        Some(l.addr)
+    }
+
     /// Removes circuits idle for longer than the limit and links (client or peer) with
     /// no circuits idle for longer than theirs (a peer link is made again, without
     /// public-key work, when next needed). Calls `closed` for each removed circuit.
-    pub fn expire(&mut self, now_ms: u64, mut closed: impl FnMut(CircuitRef)) {
+    ///
+    /// The client is told: for a circuit whose previous hop is a client (this relay is
+    /// its first hop, and the first to see it idle, since every hop's timer is
+    /// refreshed by the same forward cells), `tell` is called with a writer that puts a
+    /// backward `DESTROY` (reason `expired`) for the client into a cell and returns
+    /// where to send it (`None`: not sendable, e.g. the address has no credit left).
+    /// Later hops cannot be told (a relay cannot make a forward layer); their own
+    /// timers remove the circuit.
+    pub fn expire(
+        &mut self,
+        now_ms: u64,
+        mut closed: impl FnMut(CircuitRef),
+        mut tell: impl FnMut(&mut dyn FnMut(&mut [u8]) -> Option<SocketAddr>),
+    ) {
         for slot in self.circuits.idle(now_ms, self.limits.circuit_idle_ms) {
             let circuit = self.circuits.handle(slot);
+            let to_client = self
+                .circuits
+                .get_mut(slot)
+                .and_then(|c| self.links.get(c.prev_link))
+                .is_some_and(|l| l.kind == LinkKind::Client);
+            if to_client {
+                tell(&mut |cell| self.write_expired(slot, cell));
+            }
             self.remove_circuit(slot);
             self.stats.expired_circuits += 1;
             closed(circuit);
