@@ -68,6 +68,11 @@ pub struct NetOpts {
     pub circuit_idle_secs: u64,
     /// Seconds after which a link with no circuits is forgotten (default 600).
     pub link_idle_secs: u64,
+    /// Cells a worker can originate at once (`[io] tx_cells`, default 1024).
+    pub tx_cells: usize,
+    /// Client setups given public-key work per receive batch (`[io] setup_budget`,
+    /// default 16).
+    pub setup_budget: u32,
 }
 
 impl NetOpts {
@@ -90,6 +95,8 @@ impl NetOpts {
             newcomer_setup_rate: 250,
             circuit_idle_secs: 300,
             link_idle_secs: 600,
+            tx_cells: 1024,
+            setup_budget: 16,
         }
     }
 }
@@ -341,6 +348,8 @@ driver = "{driver}"
 zero_copy_send = {zc}
 recv_slots = 16
 send_slots = 128
+tx_cells = {tx_cells}
+setup_budget = {setup_budget}
 
 [admin]
 socket = "admin.sock"
@@ -358,6 +367,8 @@ socket = "admin.sock"
             newcomer = self.opts.newcomer_setup_rate,
             circuit_idle = self.opts.circuit_idle_secs,
             link_idle = self.opts.link_idle_secs,
+            tx_cells = self.opts.tx_cells,
+            setup_budget = self.opts.setup_budget,
             driver = self.opts.driver,
             zc = self.opts.zero_copy_send,
         );

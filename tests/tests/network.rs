@@ -188,20 +188,60 @@ fn bad_input_is_dropped_and_counted_while_a_circuit_keeps_delivering() {
     }
     round_trips(&mut good, id, 5, 3);
 
-    // A flood of setup cells from one source: rate limited, the good circuit unharmed.
-    // Bounded by attempts, not time, so a slow machine cannot end it before the
-    // limit is reached.
-    let mut flood = net.client();
-    let mut attempts = 0;
-    while attempts < 600 && (attempts % 10 != 0 || net.drops(0, "rate_limited") == 0) {
-        let _ = flood.build_circuit(&net.path(&[0, 1]), dest, Duration::from_millis(30));
-        attempts += 1;
-    }
-    assert!(
-        net.drops(0, "rate_limited") >= 1,
-        "the flood was never limited in {attempts} attempts"
+    // A flood of 300 valid setup cells from one source, sent back to back: its
+    // prefix's bucket (burst 50, 50/s) admits at most the burst plus what refills
+    // while the flood lasts, the rest is refused as rate_limited before any
+    // public-key work, and the good circuit keeps delivering.
+    let layout = shroud_proto::Layout::default();
+    let flood_path = net.path(&[0, 1]);
+    let link = shroud_proto::client::ClientLink::new(
+        &flood_path[0].id,
+        flood_path[0].addr,
+        &mut rand_core::OsRng,
     );
+    let cells: Vec<Vec<u8>> = (0..300)
+        .map(|_| {
+            let mut cell = vec![0u8; layout.cell];
+            shroud_proto::client::ClientCircuit::<shroud_proto::RingAead>::build(
+                &layout,
+                &link,
+                &flood_path,
+                dest,
+                shroud_tests::now_s() * 1000,
+                &mut rand_core::OsRng,
+                &mut cell,
+            )
+            .unwrap();
+            cell
+        })
+        .collect();
+    let flood = UdpSocket::bind("127.0.14.202:0").unwrap();
+    let (setups_before, limited_before) =
+        (net.worker_stat(0, "setups"), net.drops(0, "rate_limited"));
+    let start = Instant::now();
+    for c in &cells {
+        flood.send_to(c, relay0).unwrap();
+    }
+    let spent = start.elapsed().as_secs_f64();
     round_trips(&mut good, id, 5, 4);
+    let admitted = net.worker_stat(0, "setups") - setups_before;
+    let limited = net.drops(0, "rate_limited") - limited_before;
+    let allowed = 50 + (50.0 * spent).ceil() as u64;
+    assert!(
+        admitted <= allowed,
+        "{admitted} of 300 setups from one source admitted in {spent:.3} s (bucket allows {allowed})"
+    );
+    // (The garbage and the refused setup above came from the same /24 and took
+    // some of its burst.)
+    assert!(
+        admitted >= 20,
+        "only {admitted} setups admitted: the burst is 50"
+    );
+    assert!(
+        limited >= 300 - allowed,
+        "{limited} setups refused as rate_limited of the {} over the bucket",
+        300 - admitted
+    );
 
     let malformed =
         net.drops(0, "malformed") + net.drops(0, "bad_tag") + net.drops(0, "unknown_circuit");
@@ -287,7 +327,9 @@ fn a_relay_killed_mid_stream_is_detected_without_hanging() {
         Err(ClientError::Timeout) => {}
         other => panic!("expected a timeout, got {other:?}"),
     }
-    assert!(started.elapsed() < Duration::from_secs(4), "recv hung");
+    // Returned by its deadline rather than hanging; the margin is wide because a busy
+    // 2-core machine can delay any thread by seconds.
+    assert!(started.elapsed() < Duration::from_secs(30), "recv hung");
     assert!(
         !c.check_alive(id, Duration::from_secs(1)),
         "circuit still looks alive"
@@ -563,4 +605,49 @@ fn a_version_1_setup_gets_a_refusal_the_old_client_can_read() {
     assert_eq!(net.drops(0, "version"), 1);
     assert_eq!(net.circuits(0), 0);
     assert_eq!(net.worker_stat(0, "client_links"), 0, "no link kept");
+}
+
+/// `queue_full`: an exit whose transmit arena (`[io] tx_cells`) is tiny gets bursts
+/// of replies from many circuits' destinations at once; what does not fit is dropped
+/// and counted, and every reply is accounted for: each one the destination sent
+/// either reached the client or was counted as queue_full.
+#[test]
+fn exit_replies_beyond_the_transmit_arena_are_counted_as_queue_full() {
+    let mut opts = NetOpts::new(79, 1);
+    opts.tx_cells = 2;
+    let net = TestNet::start(opts);
+    let (dest, echo) = echo(79);
+    let mut c = net.client();
+    let ids: Vec<_> = (0..16)
+        .map(|_| c.build_circuit(&net.path(&[0]), dest, T).expect("circuit"))
+        .collect();
+    let rounds = 20;
+    for r in 0..rounds {
+        for &id in &ids {
+            c.send(id, &[r as u8; 64]).expect("send");
+        }
+    }
+    let mut back = 0u64;
+    while c.recv(Duration::from_secs(2)).is_ok() {
+        back += 1;
+    }
+    let sent = (rounds * ids.len()) as u64;
+    let echoed = echo.datagrams();
+    let full = net.drops(0, "queue_full");
+    eprintln!("{sent} sent, {echoed} echoed, {back} back, {full} queue_full");
+    // (The echo server's receive buffer may overflow in a burst like this one; only
+    // the replies are under test.)
+    assert!(
+        echoed > sent / 2,
+        "{echoed} of {sent} payloads reached the destination"
+    );
+    assert!(
+        full > 0,
+        "a 2-cell arena never overflowed under {sent} replies"
+    );
+    assert_eq!(
+        back + full,
+        echoed,
+        "every reply either arrived or was counted"
+    );
 }

@@ -215,6 +215,9 @@ pub struct IoSection {
     pub recv_slots: usize,
     /// Send operations in flight per worker.
     pub send_slots: usize,
+    /// Cells a worker can originate and have in flight at once (exit replies,
+    /// expiry notices); beyond it they are dropped as queue_full.
+    pub tx_cells: usize,
     /// Setup cells given public-key work per batch (the rest are dropped as
     /// rate_limited so setups cannot starve data cells).
     pub setup_budget: u32,
@@ -233,6 +236,7 @@ impl Default for IoSection {
             driver: d.driver,
             recv_slots: d.recv_slots,
             send_slots: d.send_slots,
+            tx_cells: d.tx_cells,
             setup_budget: d.setup_budget,
             crypto: CryptoChoice::Ring,
             gro_gso: d.gro_gso,
@@ -434,8 +438,8 @@ impl Config {
                 "circuit_idle_secs and link_idle_secs must be at least 1 (0 would expire every circuit at once)",
             ));
         }
-        if self.io.recv_slots == 0 || self.io.send_slots == 0 {
-            return Err(self.invalid("io", "recv_slots and send_slots must be positive"));
+        if self.io.recv_slots == 0 || self.io.send_slots == 0 || self.io.tx_cells == 0 {
+            return Err(self.invalid("io", "recv_slots, send_slots and tx_cells must be positive"));
         }
         if !["error", "warn", "info", "debug", "trace"].contains(&self.log.level.as_str()) {
             return Err(self.invalid("log.level", "one of error, warn, info, debug, trace"));
@@ -522,7 +526,7 @@ impl Config {
             driver: self.io.driver,
             recv_slots: self.io.recv_slots,
             send_slots: self.io.send_slots,
-            tx_cells: IoConfig::default().tx_cells,
+            tx_cells: self.io.tx_cells,
             exit_sockets: self.limits.exit_sockets,
             setup_budget: self.io.setup_budget,
             gro_gso: self.io.gro_gso,

@@ -825,3 +825,72 @@ fn retry_token_under_load_admits_a_client_that_receives_and_no_one_else() {
     }
     assert_eq!(relay.stats().drops[DropReason::Unvalidated as usize], 0);
 }
+
+/// The per-batch budget: at most `setup_budget` client setups of one receive batch get
+/// public-key work, the rest of the batch's are refused as rate_limited before any
+/// (so setups cannot starve the batch's data cells), and the next batch starts afresh;
+/// a setup arriving from a peer relay is never charged to it.
+#[test]
+fn setup_budget_caps_client_setups_per_batch_but_not_peer_setups() {
+    let layout = Layout::default();
+    let mut r = rng(93);
+    let mut net = Net::<RingAead>::new(layout, 2, &mut r);
+    let setup_from = |net: &Net<RingAead>, path: &[usize], r: &mut TestRng| {
+        let link = ClientLink::new(&net.hops[path[0]].id, net.addrs[path[0]], r);
+        let hops: Vec<_> = path.iter().map(|&i| net.hops[i]).collect();
+        let mut cell = vec![0u8; layout.cell];
+        ClientCircuit::<RingAead>::build(&layout, &link, &hops, DEST, NOW_MS, r, &mut cell)
+            .unwrap();
+        cell
+    };
+    let client = |k: u8| -> std::net::SocketAddr { format!("127.0.{k}.100:4000").parse().unwrap() };
+    net.relays[0].begin_batch(2);
+    let mut outcomes = Vec::new();
+    for k in 0..4 {
+        let mut cell = setup_from(&net, &[0], &mut r);
+        outcomes.push(net.relays[0].handle(client(k), &mut cell, NOW_MS));
+    }
+    assert!(
+        matches!(outcomes[0], Action::Send { .. }),
+        "{:?}",
+        outcomes[0]
+    );
+    assert!(
+        matches!(outcomes[1], Action::Send { .. }),
+        "{:?}",
+        outcomes[1]
+    );
+    assert_eq!(outcomes[2], Action::Drop(DropReason::RateLimited));
+    assert_eq!(outcomes[3], Action::Drop(DropReason::RateLimited));
+    assert_eq!(
+        net.relays[0].stats().setup_dh,
+        2,
+        "no X25519 beyond the budget"
+    );
+    net.relays[0].begin_batch(2);
+    let mut cell = setup_from(&net, &[0], &mut r);
+    assert!(matches!(
+        net.relays[0].handle(client(9), &mut cell, NOW_MS),
+        Action::Send { .. }
+    ));
+
+    // At relay 1 with no budget left: a client's setup is refused, the setup relay 0
+    // forwards on its peer link is not.
+    let mut cell = setup_from(&net, &[0, 1], &mut r);
+    net.relays[0].begin_batch(1);
+    let Action::Send { to, .. } = net.relays[0].handle(client(20), &mut cell, NOW_MS) else {
+        panic!("hop 0 admits the 2-hop setup");
+    };
+    assert_eq!(to, net.addrs[1]);
+    net.relays[1].begin_batch(0);
+    let mut direct = setup_from(&net, &[1], &mut r);
+    assert_eq!(
+        net.relays[1].handle(client(21), &mut direct, NOW_MS),
+        Action::Drop(DropReason::RateLimited)
+    );
+    let from_peer = std::net::SocketAddr::new(net.addrs[0].ip(), net.addrs[0].port());
+    match net.relays[1].handle(from_peer, &mut cell, NOW_MS) {
+        Action::Send { to, .. } => assert_eq!(to, from_peer, "CREATED back to hop 0"),
+        other => panic!("a peer's setup was charged to the client budget: {other:?}"),
+    }
+}

@@ -241,9 +241,8 @@ impl<A: Aead> Relay<A> {
             }
             if link.is_none() {
                 proven = self.tokens.check(cell, src, now_ms);
-                let admitted =
-                    proven || (self.setup_budget > 0 && self.prefixes.allow_newcomer(now_ms));
-                if !admitted {
+                // (A batch whose budget is spent refuses below, token or not.)
+                if !proven && self.setup_budget > 0 && !self.prefixes.allow_newcomer(now_ms) {
                     return self.retry(src, cell, now_ms);
                 }
             }
