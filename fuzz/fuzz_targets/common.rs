@@ -52,6 +52,10 @@ pub fn relay() -> &'static Mutex<Relay<RingAead>> {
             RelayLimits {
                 max_circuits: 256,
                 max_links: 256,
+                // One setup from a new address a second gets the X25519 (one input in
+                // ten, at TICK_MS per input); the others take the RETRY path, which
+                // keeps long runs fast and fuzzes that path too.
+                newcomer_setup_rate: 1,
                 ..RelayLimits::default()
             },
             NOW_MS,
