@@ -181,6 +181,10 @@ pub struct LimitsSection {
     /// Setups per second given public-key work from addresses without a link, all
     /// together.
     pub newcomer_setup_rate: u32,
+    /// Once that is spent: RETRY replies per second per source prefix.
+    pub retry_prefix_rate: u32,
+    /// Once that is spent: RETRY replies per second, all prefixes together.
+    pub retry_rate: u32,
     /// Exit sockets per worker (one per exit circuit).
     pub exit_sockets: usize,
 }
@@ -200,6 +204,8 @@ impl Default for LimitsSection {
             setup_rate: d.setup_rate,
             setup_burst: d.setup_burst,
             newcomer_setup_rate: d.newcomer_setup_rate,
+            retry_prefix_rate: d.retry_prefix_rate,
+            retry_rate: d.retry_rate,
             exit_sockets: IoConfig::default().exit_sockets,
         }
     }
@@ -516,6 +522,8 @@ impl Config {
             setup_rate: l.setup_rate,
             setup_burst: l.setup_burst,
             newcomer_setup_rate: l.newcomer_setup_rate,
+            retry_prefix_rate: l.retry_prefix_rate,
+            retry_rate: l.retry_rate,
             ..RelayLimits::default()
         }
     }

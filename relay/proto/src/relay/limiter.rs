@@ -39,6 +39,9 @@ impl Prefix {
 struct Entry {
     tokens: f64,
     last_ms: u64,
+    /// RETRY replies the prefix may still get, and when that was last refilled.
+    retries: f64,
+    retries_ms: u64,
     links: u32,
     circuits: u32,
 }
@@ -50,6 +53,10 @@ pub(super) struct PrefixTable {
     /// Setups from addresses without a link (all of them together): tokens, last refill.
     newcomers: (f64, u64),
     newcomer_rate: f64,
+    /// RETRY replies for all prefixes together: tokens, last refill.
+    retries: (f64, u64),
+    retry_total_rate: f64,
+    retry_rate: f64,
     rate: f64,
     burst: f64,
     capacity: usize,
@@ -71,6 +78,9 @@ impl PrefixTable {
             entries: HashMap::with_capacity_and_hasher(capacity, ahash::RandomState::new()),
             newcomers: (0.0, 0),
             newcomer_rate: 0.0,
+            retries: (0.0, 0),
+            retry_total_rate: 0.0,
+            retry_rate: 0.0,
             rate: f64::from(rate),
             burst: f64::from(burst),
             capacity,
@@ -81,6 +91,7 @@ impl PrefixTable {
 
     fn entry(&mut self, p: Prefix, now_ms: u64) -> Option<&mut Entry> {
         let (rate, burst) = (self.rate, self.burst);
+        let retry_burst = 2.0 * self.retry_rate;
         if !self.entries.contains_key(&p) && self.entries.len() >= self.capacity {
             // Full: forget prefixes that hold nothing and whose bucket has refilled
             // (they would start afresh anyway); if none, refuse the newcomer.
@@ -96,6 +107,8 @@ impl PrefixTable {
         Some(self.entries.entry(p).or_insert(Entry {
             tokens: burst,
             last_ms: now_ms,
+            retries: retry_burst,
+            retries_ms: now_ms,
             links: 0,
             circuits: 0,
         }))
@@ -120,6 +133,42 @@ impl PrefixTable {
             self.newcomers = (t, now_ms);
             false
         }
+    }
+
+    /// Sets the RETRY budgets: `per_prefix` replies a second per prefix (bursts of two
+    /// seconds' worth) and `total` a second for all prefixes together (bursts of one
+    /// second's worth).
+    pub(super) fn set_retry_rates(&mut self, per_prefix: u32, total: u32, now_ms: u64) {
+        self.retry_rate = f64::from(per_prefix);
+        self.retry_total_rate = f64::from(total);
+        self.retries = (self.retry_total_rate, now_ms);
+    }
+
+    /// Takes a RETRY token of `ip`'s prefix and of the total budget (replies to setups
+    /// under load cost a send each: a spoofed flood from many prefixes must not turn
+    /// the relay into a sender of as many cells as it receives).
+    pub(super) fn allow_retry(&mut self, ip: IpAddr, now_ms: u64) -> bool {
+        let (tokens, last) = self.retries;
+        let total = (tokens
+            + (now_ms.saturating_sub(last) as f64 / 1000.0) * self.retry_total_rate)
+            .min(self.retry_total_rate.max(1.0));
+        self.retries = (total, now_ms);
+        if total < 1.0 {
+            return false;
+        }
+        let rate = self.retry_rate;
+        let Some(e) = self.entry(Prefix::of(ip), now_ms) else {
+            return false;
+        };
+        e.retries = (e.retries + (now_ms.saturating_sub(e.retries_ms) as f64 / 1000.0) * rate)
+            .min(2.0 * rate);
+        e.retries_ms = now_ms;
+        if e.retries < 1.0 {
+            return false;
+        }
+        e.retries -= 1.0;
+        self.retries.0 -= 1.0;
+        true
     }
 
     /// Takes a setup token of `ip`'s prefix; false if it has none or the table is full.

@@ -215,6 +215,12 @@ pub struct RelayLimits {
     /// Setups per second given public-key work, all addresses without a link
     /// together (a garbage flood from many prefixes costs at most this much).
     pub newcomer_setup_rate: u32,
+    /// RETRY replies per second per source prefix (bursts of two seconds' worth),
+    /// once the newcomer budget is spent.
+    pub retry_prefix_rate: u32,
+    /// RETRY replies per second for all prefixes together (bursts of one second's
+    /// worth); beyond either budget a setup is refused (`rate_limited`) unanswered.
+    pub retry_rate: u32,
 }
 
 impl Default for RelayLimits {
@@ -232,7 +238,9 @@ impl Default for RelayLimits {
             setup_rate: 200,
             setup_burst: 400,
             setup_sources: 4096,
-            newcomer_setup_rate: 250,
+            newcomer_setup_rate: 50,
+            retry_prefix_rate: 8,
+            retry_rate: 10_000,
         }
     }
 }
@@ -391,6 +399,8 @@ impl<A: Aead> Relay<A> {
         };
         r.prefixes
             .set_newcomer_rate(r.limits.newcomer_setup_rate, now_ms);
+        r.prefixes
+            .set_retry_rates(r.limits.retry_prefix_rate, r.limits.retry_rate, now_ms);
         r.set_peers(peers);
         r
     }

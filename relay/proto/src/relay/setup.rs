@@ -510,8 +510,12 @@ impl<A: Aead> Relay<A> {
 impl<A: Aead> Relay<A> {
     /// Answers a setup from a new address, under load and without a valid token, with
     /// a `RETRY` carrying the address's token, in the same buffer (one cell for one
-    /// cell: no amplification). No public-key work is spent on it.
+    /// cell: no amplification), within the RETRY budgets of its prefix and of the
+    /// relay (else `rate_limited`, unanswered). No public-key work is spent on it.
     fn retry(&mut self, src: SocketAddr, cell: &mut [u8], now_ms: u64) -> Action {
+        if !self.prefixes.allow_retry(src.ip(), now_ms) {
+            return self.drop(DropReason::RateLimited);
+        }
         let token = self.tokens.token(src, now_ms / 1000 / RETRY_EPOCH_S);
         let r = self.cookies.retry_nonce();
         write_retry(&self.layout, &self.retry_key, &token, &r, cell);
