@@ -496,16 +496,29 @@ fn idle_circuits_expire_the_client_is_told_and_idle_links_are_forgotten() {
     let mut c = net.client();
     let id = c.build_circuit(&net.path(&[0, 1]), dest, T).expect("build");
     round_trips(&mut c, id, 2, 3);
+    // A 1-hop circuit too: there the first hop is the exit, whose DESTROY must pass
+    // the client's window over the exit's sequence numbers.
+    let one = c
+        .build_circuit(&net.path(&[0]), dest, T)
+        .expect("build 1 hop");
+    round_trips(&mut c, one, 2, 5);
     assert_eq!(net.worker_stat(0, "client_links"), 1);
     assert_eq!(net.worker_stat(0, "peer_links"), 1);
     // No forward cell from now on: within a few ticks after one second the first hop
-    // expires the circuit and says so.
-    match c.recv(Duration::from_secs(10)) {
-        Err(ClientError::CircuitClosed { circuit, hop: 0 }) => assert_eq!(circuit, id),
-        other => panic!("expected the first hop's DESTROY, got {other:?}"),
+    // expires both circuits and says so.
+    let mut closed = Vec::new();
+    for _ in 0..2 {
+        match c.recv(Duration::from_secs(10)) {
+            Err(ClientError::CircuitClosed { circuit, hop: 0 }) => closed.push(circuit),
+            other => panic!("expected the first hop's DESTROY, got {other:?}"),
+        }
     }
+    closed.sort();
+    let mut want = vec![id, one];
+    want.sort();
+    assert_eq!(closed, want);
     assert_eq!(net.circuits(0), 0);
-    assert_eq!(net.worker_stat(0, "expired_circuits"), 1);
+    assert_eq!(net.worker_stat(0, "expired_circuits"), 2);
     // The exit's own timer removes it there (no hop can forward a teardown).
     let deadline = Instant::now() + Duration::from_secs(10);
     while net.circuits(1) > 0 && Instant::now() < deadline {

@@ -340,7 +340,7 @@ impl<A: Aead> ClientCircuit<A> {
         cell: &mut [u8],
         junk: &[[u8; 16]; H_MAX_LIMIT],
     ) -> Result<(), ClientError> {
-        if self.send_counter > MAX_CELLS {
+        if self.send_counter >= MAX_CELLS {
             return Err(ClientError::Exhausted);
         }
         let counter = counter_add(self.base, self.send_counter);

@@ -128,7 +128,7 @@ const FLAGS: [&str; 1] = ["exit"];
 #[non_exhaustive]
 pub enum ParamsError {
     /// The cell size is out of range or misaligned.
-    #[error("cell size {cell} must be a multiple of 16 between 768 and 8192")]
+    #[error("cell size {cell} must be a multiple of 16 between 192 and 8192, and at least 80 + 112 * h-max")]
     CellSize {
         /// The offending cell size.
         cell: u16,

@@ -783,8 +783,8 @@ impl<A: Aead> Relay<A> {
     }
 
     /// Writes the backward `DESTROY` (origin marker, reason `expired`) that tells the
-    /// client of the circuit in `slot` that it idled out; sequence number 0 of this
-    /// hop, like a `REFUSED`. Returns the client's address, or `None` if the address
+    /// client of the circuit in `slot` that it idled out (sequence number 0 of this
+    /// hop, like a `REFUSED`; an exit's next one). Returns the client's address, or `None` if the address
     /// may not be sent another cell (unvalidated and out of credit).
     fn write_expired(&mut self, slot: u32, cell: &mut [u8]) -> Option<SocketAddr> {
         let layout = self.layout;
@@ -799,7 +799,17 @@ impl<A: Aead> Relay<A> {
         }
         cell[..layout.stack_end()].fill(0);
         write_control(&layout, cell, &[DropReason::Expired as u8]);
-        let counter = c.bwd.shifted(0);
+        // An exit (a 1-hop circuit) has sent the client sequence numbers already, over
+        // which the client keeps a replay window: use its next one. Any other hop has
+        // originated nothing on this circuit: 0, like a REFUSED.
+        let sequence = match c.next {
+            Hop::Exit { .. } => {
+                c.exit_counter += 1;
+                c.exit_counter - 1
+            }
+            Hop::Relay { .. } => 0,
+        };
+        let counter = c.bwd.shifted(sequence);
         add_backward(&layout, &c.bwd, Command::Destroy, counter, cell);
         l.tx.protect(
             cell,
