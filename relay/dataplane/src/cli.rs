@@ -43,7 +43,7 @@ where
     let cfg = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("shroud-relay: configuration error: {e}");
+            crate::logging::fatal(format_args!("configuration error: {e}"));
             return ExitCode::from(EX_CONFIG as u8);
         }
     };
@@ -51,15 +51,10 @@ where
     if cfg.io.crypto == crate::worker::CryptoChoice::None
         && std::env::var("SHROUD_BENCH_NO_CRYPTO").as_deref() != Ok("I-understand-this-is-insecure")
     {
-        eprintln!("shroud-relay: configuration error: io.crypto = \"none\" forwards cells without encryption or authentication; it is for shroud-bench's baseline only");
+        crate::logging::fatal(format_args!("configuration error: io.crypto = \"none\" forwards cells without encryption or authentication; it is for shroud-bench's baseline only"));
         return ExitCode::from(EX_CONFIG as u8);
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SHROUD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::logging::init(&cfg.log.level, cfg.log.format);
 
     if args.verify_config {
         return match daemon::load(&cfg) {
@@ -80,7 +75,7 @@ where
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("shroud-relay: configuration error: {e:#}");
+                crate::logging::fatal(format_args!("configuration error: {e:#}"));
                 ExitCode::from(EX_CONFIG as u8)
             }
         };
@@ -90,27 +85,27 @@ where
     let daemon = match Daemon::start(cfg.clone()) {
         Ok(d) => d,
         Err(StartError::Config(e)) => {
-            eprintln!("shroud-relay: configuration error: {e:#}");
+            crate::logging::fatal(format_args!("configuration error: {e:#}"));
             return ExitCode::from(EX_CONFIG as u8);
         }
         Err(StartError::Runtime(e)) => {
-            eprintln!("shroud-relay: {e:#}");
+            crate::logging::fatal(format_args!("{e:#}"));
             return ExitCode::FAILURE;
         }
     };
     if let Err(e) = daemon::forward_signals(events_tx.clone()) {
-        eprintln!("shroud-relay: cannot install signal handlers: {e:#}");
+        crate::logging::fatal(format_args!("cannot install signal handlers: {e:#}"));
         return ExitCode::FAILURE;
     }
     if let Err(e) =
         daemon::serve_admin(&cfg.admin.socket, events_tx.clone(), daemon.admin_refused())
     {
-        eprintln!("shroud-relay: {e:#}");
+        crate::logging::fatal(format_args!("{e:#}"));
         return ExitCode::FAILURE;
     }
     if let Some(addr) = cfg.metrics.listen {
         if let Err(e) = crate::metrics::serve_metrics(addr, daemon.stats()) {
-            eprintln!("shroud-relay: {e:#}");
+            crate::logging::fatal(format_args!("{e:#}"));
             return ExitCode::FAILURE;
         }
     }
@@ -120,7 +115,7 @@ where
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("shroud-relay: {e:#}");
+            crate::logging::fatal(format_args!("{e:#}"));
             ExitCode::FAILURE
         }
     }

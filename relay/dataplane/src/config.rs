@@ -272,12 +272,28 @@ pub struct LogSection {
     /// `error`, `warn`, `info`, `debug` or `trace` (keys, payloads and client
     /// addresses are never logged above `debug`).
     pub level: String,
+    /// `text` (one line per event, for people and journald) or `json` (one JSON
+    /// object per line, for log shippers).
+    pub format: LogFormat,
+}
+
+/// How log lines are written (`[log] format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (coloured only on a terminal, see [`crate::logging`]).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields` (with `message`),
+    /// `target`.
+    Json,
 }
 
 impl Default for LogSection {
     fn default() -> Self {
         LogSection {
             level: "info".into(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -586,6 +602,7 @@ authorities = ["AAAA"]
         assert_eq!(format!("{:?}", c.io), format!("{:?}", d.io));
         assert_eq!(c.admin.socket, d.admin.socket);
         assert_eq!(c.log.level, d.log.level);
+        assert_eq!(c.log.format, d.log.format);
     }
 
     #[test]
@@ -619,6 +636,10 @@ authorities = ["AAAA"]
                 "relay.exit_policy",
             ),
             (format!("{MIN}\n[log]\nlevel = \"loud\"\n"), "log.level"),
+            (
+                format!("{MIN}\n[log]\nformat = \"xml\"\n"),
+                "unknown variant `xml`, expected `text` or `json`",
+            ),
         ];
         for (text, key) in cases {
             let e = Config::parse(&text, Path::new("r.toml"))
