@@ -57,6 +57,12 @@ where
     crate::logging::init(&cfg.log.level, cfg.log.format);
 
     if args.verify_config {
+        if let Some(p) = cfg.metrics.bearer_token_file.as_deref() {
+            if let Err(e) = crate::metrics::read_token(p) {
+                crate::logging::fatal(format_args!("configuration error: {e:#}"));
+                return ExitCode::from(EX_CONFIG as u8);
+            }
+        }
         return match daemon::load(&cfg) {
             Ok(l) => {
                 println!(
@@ -104,7 +110,22 @@ where
         return ExitCode::FAILURE;
     }
     if let Some(addr) = cfg.metrics.listen {
-        if let Err(e) = crate::metrics::serve_metrics(addr, daemon.stats()) {
+        let token = match cfg.metrics.bearer_token_file.as_deref() {
+            None => {
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(%addr, "the metrics endpoint listens beyond loopback without a bearer token (metrics.bearer_token_file)");
+                }
+                None
+            }
+            Some(p) => match crate::metrics::read_token(p) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    crate::logging::fatal(format_args!("configuration error: {e:#}"));
+                    return ExitCode::from(EX_CONFIG as u8);
+                }
+            },
+        };
+        if let Err(e) = crate::metrics::serve_metrics(addr, daemon.stats(), token) {
             crate::logging::fatal(format_args!("{e:#}"));
             return ExitCode::FAILURE;
         }

@@ -263,6 +263,9 @@ impl Default for AdminSection {
 pub struct MetricsSection {
     /// Address of the `/metrics` HTTP endpoint; absent = disabled.
     pub listen: Option<SocketAddr>,
+    /// A file holding the bearer token scrapers must send (`Authorization: Bearer
+    /// TOKEN`) for `/metrics`; absent = no token.
+    pub bearer_token_file: Option<PathBuf>,
 }
 
 /// `[log]`.
@@ -359,6 +362,9 @@ impl Config {
         abs(&mut c.relay.peer_list_state);
         abs(&mut c.relay.setup_journal);
         abs(&mut c.admin.socket);
+        if let Some(p) = c.metrics.bearer_token_file.as_mut() {
+            abs(p);
+        }
         c.validate()?;
         Ok(c)
     }

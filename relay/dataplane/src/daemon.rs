@@ -30,7 +30,7 @@ use crate::journal::FileJournal;
 use shroud_proto::Layout;
 
 use crate::config::Config;
-use crate::metrics::{OnionKeyInfo, RelayInfo, RelayMetrics};
+use crate::metrics::{OnionKeyInfo, RelayInfo, RelayMetrics, ReloadInfo};
 use crate::stats::WorkerStats;
 use crate::sys;
 use crate::worker::{self, Control, CryptoChoice, Exit, WorkerSpec};
@@ -325,6 +325,8 @@ pub struct Daemon {
     info: Arc<Mutex<RelayInfo>>,
     /// Admin connections refused for their peer credentials ([`serve_admin`]).
     admin_refused: Arc<AtomicU64>,
+    /// Reloads applied and refused, for the metrics.
+    reloads: ReloadInfo,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -436,6 +438,11 @@ impl Daemon {
             list_expired: false,
             info: Arc::new(Mutex::new(RelayInfo::default())),
             admin_refused: Arc::new(AtomicU64::new(0)),
+            reloads: ReloadInfo {
+                last_ok: true,
+                last_success_s: now_s(),
+                ..ReloadInfo::default()
+            },
         };
         d.publish_info();
         Ok(d)
@@ -460,6 +467,7 @@ impl Daemon {
             peer_list_valid_until: self.loaded.peers.valid_until,
             peer_list_expired: self.list_expired,
             draining: self.draining,
+            reloads: self.reloads.clone(),
         };
         match self.info.lock() {
             Ok(mut g) => *g = info,
@@ -688,9 +696,15 @@ impl Daemon {
             match events.recv_timeout(tick) {
                 Ok(Event::Reload(reply)) => {
                     let r = self.reload();
+                    self.reloads.last_ok = r.is_ok();
                     if let Err(e) = &r {
-                        tracing::error!(error = %e, "reload failed; keeping the last good peer list and keys");
+                        self.reloads.failed += 1;
+                        tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the last good peer list and keys");
+                    } else {
+                        self.reloads.succeeded += 1;
+                        self.reloads.last_success_s = now_s();
                     }
+                    self.publish_info();
                     answer(reply, r);
                 }
                 Ok(Event::Rotate(reply)) => {
