@@ -953,6 +953,26 @@ fn an_expired_peer_list_stops_new_circuits_until_a_reload() {
         "{log}"
     );
 
+    // Restarted on its expired list, the relay comes back (it used to exit 78 and
+    // stay down) and still refuses new circuits, saying why.
+    net.restart(0);
+    let v = status(&net);
+    assert_eq!(v["peer_list"]["expired"], true, "{v}");
+    assert_eq!(v["accepting"], false, "{v}");
+    assert!(scrape(metrics).contains("shroud_peer_list_expired 1\n"));
+    assert!(
+        net.log(0)
+            .contains("the peer list has expired: starting on it"),
+        "{}",
+        net.log(0)
+    );
+    let mut c2 = net.client();
+    assert!(
+        c2.build_circuit(&net.path(&[0]), dest, Duration::from_secs(2))
+            .is_err(),
+        "a circuit was built on an expired peer list after a restart"
+    );
+
     // A reload of the same, expired list changes nothing.
     assert_eq!(net.admin(0, json!({"cmd": "reload"}))["ok"], false);
     assert_eq!(status(&net)["accepting"], false);

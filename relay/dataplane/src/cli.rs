@@ -65,8 +65,17 @@ where
         }
         return match daemon::load(&cfg) {
             Ok(l) => {
+                let warnings = daemon::warnings(&cfg, &l);
+                for w in &warnings {
+                    eprintln!("shroud-relay: warning: {w}");
+                }
                 println!(
-                    "configuration OK: relay {} with {} worker(s) on {:?} ports {}-{}; peer list serial {} with {} relays (CELL={}, H_MAX={}); {}",
+                    "configuration OK{}: relay {} with {} worker(s) on {:?} ports {}-{}; peer list serial {} with {} relays (CELL={}, H_MAX={}); {}",
+                    if warnings.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" with {} warning(s)", warnings.len())
+                    },
                     l.identity.public().relay_id(),
                     cfg.network.workers,
                     cfg.network.listen,
