@@ -259,6 +259,24 @@ fn reload_rotate_drain_and_shutdown() {
     assert!(err.contains("forged") || err.contains("signature"), "{err}");
     std::fs::write(&net.list_path, &good).expect("write");
 
+    // The running relay's peer list, as `peers list` prints a file's.
+    let out = run(&["peers", "list", "--running", "--socket", &s]).ok();
+    let first = out.lines().next().unwrap_or_default();
+    assert_eq!(
+        first,
+        format!("peer list in use by the relay at {s}: serial 1"),
+        "{out}"
+    );
+    assert!(out.contains(&net.relays[0].id.to_string()), "{out}");
+    let out = run(&["peers", "list", "--running", "--socket", &s, "--json"]).ok();
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(v["serial"], 1, "{v}");
+    assert_eq!(
+        v["relays"][0]["relay_id"],
+        net.relays[0].id.to_string(),
+        "{v}"
+    );
+
     let out = run(&["drain", "--socket", &s, "--timeout", "30"]).ok();
     assert!(
         out.starts_with("draining: the relay refuses new circuits"),

@@ -766,15 +766,22 @@ impl Daemon {
         })
     }
 
+    /// The `peers` document: the list in force as its canonical signed text
+    /// (`document`, what `shroudctl peers list --running` parses), its serial,
+    /// validity and expiry, and its relays in short.
     fn peers_json(&self) -> Value {
-        Value::Array(
-            self.loaded
-                .peers
+        let list = &self.loaded.peers;
+        json!({
+            "serial": list.serial,
+            "valid_until": list.valid_until,
+            "expired": self.list_expired,
+            "document": list.encode(),
+            "relays": list
                 .relays
                 .iter()
                 .map(|r| json!({"id": r.relay_id().to_string(), "addr": r.addr.to_string(), "ports": [r.ports.0, r.ports.1], "exit": r.exit, "weight": r.weight}))
-                .collect(),
-        )
+                .collect::<Vec<_>>(),
+        })
     }
 
     /// What the metrics endpoint serves: every worker's counters and the relay info
