@@ -16,6 +16,7 @@ use crate::daemon::{self, Daemon, StartError};
 /// io_uring workers.
 #[derive(Debug, Parser)]
 #[command(
+    name = "shroud-relay",
     version,
     after_help = "Signals: SIGHUP reloads the peer list and onion keys, SIGINT drains (refuses new circuits, waits up to 30 s), SIGTERM stops.\nExit codes: 0 ok, 1 runtime failure, 2 usage, 78 bad configuration."
 )]
@@ -26,6 +27,11 @@ struct Args {
     /// Check the configuration, key files and peer list, print a summary, and exit.
     #[arg(long)]
     verify_config: bool,
+}
+
+/// The command-line grammar (for man pages and shell completions).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
 }
 
 /// Runs the relay daemon with command-line `args` (the first item is the program

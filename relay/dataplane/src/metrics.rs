@@ -436,11 +436,14 @@ pub struct ProcessStats {
 
 /// Parses `/proc/self/stat` (`stat`), `/proc/self/status` (`status`, for VmRSS)
 /// and the boot time `btime` (from `/proc/stat`), with `ticks` clock ticks a second.
+/// Without `btime` (systemd's `ProcSubset=pid` hides `/proc/stat`), the start time
+/// is `fallback_start_s`.
 pub fn parse_process_stats(
     stat: &str,
     status: &str,
-    btime: u64,
+    btime: Option<u64>,
     ticks: u64,
+    fallback_start_s: u64,
 ) -> Option<ProcessStats> {
     // The command name (field 2) is in parentheses and may hold spaces: fields
     // are counted from after its last ')'; `f[0]` is field 3 (state).
@@ -455,23 +458,31 @@ pub fn parse_process_stats(
     Some(ProcessStats {
         cpu_seconds: (num(11)? + num(12)?) as f64 / ticks as f64,
         threads: num(17)?,
-        start_time_s: btime + num(19)? / ticks,
+        start_time_s: match btime {
+            Some(b) => b + num(19)? / ticks,
+            None => fallback_start_s,
+        },
         virtual_bytes: num(20)?,
         resident_bytes: rss_kb * 1024,
     })
 }
 
+/// When the process started as far as the metrics know without `/proc/stat`: set
+/// by [`serve_metrics`] (at the relay's start) or at the first scrape.
+static PROCESS_START_S: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 fn read_process_stats() -> Option<ProcessStats> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let btime = std::fs::read_to_string("/proc/stat")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("btime "))?
-        .trim()
-        .parse()
-        .ok()?;
-    parse_process_stats(&stat, &status, btime, crate::sys::clock_ticks())
+    let btime = std::fs::read_to_string("/proc/stat").ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("btime "))?
+            .trim()
+            .parse()
+            .ok()
+    });
+    let fallback = *PROCESS_START_S.get_or_init(|| crate::sys::now_ms() / 1000);
+    parse_process_stats(&stat, &status, btime, crate::sys::clock_ticks(), fallback)
 }
 
 /// The soft limit on open files, from `/proc/self/limits`.
@@ -650,6 +661,7 @@ pub fn serve_metrics(
     metrics: RelayMetrics,
     token: Option<String>,
 ) -> anyhow::Result<SocketAddr> {
+    PROCESS_START_S.get_or_init(|| crate::sys::now_ms() / 1000);
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot bind metrics on {addr}"))?;
     listener.set_nonblocking(true)?;
@@ -803,13 +815,19 @@ mod tests {
         // A command name with spaces and parentheses, as the kernel writes it.
         let stat = "4242 (shroud (x) y) S 1 4242 4242 0 -1 4194560 500 0 0 0 250 50 0 0 20 0 7 0 1000 123456789 2048 18446744073709551615";
         let status = "Name:\tshroud\nVmRSS:\t   8192 kB\nThreads:\t7\n";
-        let p = parse_process_stats(stat, status, 1_700_000_000, 100).unwrap();
+        let p = parse_process_stats(stat, status, Some(1_700_000_000), 100, 5).unwrap();
         assert_eq!(p.cpu_seconds, 3.0);
         assert_eq!(p.threads, 7);
         assert_eq!(p.start_time_s, 1_700_000_010);
         assert_eq!(p.virtual_bytes, 123_456_789);
         assert_eq!(p.resident_bytes, 8192 * 1024);
-        assert_eq!(parse_process_stats("garbage", status, 0, 100), None);
+        assert_eq!(
+            parse_process_stats("garbage", status, Some(0), 100, 5),
+            None
+        );
+        // /proc/stat hidden (ProcSubset=pid): the fallback start time.
+        let p = parse_process_stats(stat, status, None, 100, 5).unwrap();
+        assert_eq!((p.start_time_s, p.threads), (5, 7));
         // And the live process reads.
         let live = read_process_stats().unwrap();
         assert!(live.threads >= 1 && live.resident_bytes > 0, "{live:?}");
