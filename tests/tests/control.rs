@@ -1029,3 +1029,138 @@ fn an_expired_peer_list_stops_new_circuits_until_a_reload() {
     assert_eq!(c3.recv(T).expect("reply").1, b"fresh");
     assert!(net.log(0).contains("a valid peer list is in force again"));
 }
+
+/// Kills the process on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// GET `path` from `addr`, returning the body of a 200 answer.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(T)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// Percent-encodes a query-string value.
+fn url_encode(v: &str) -> String {
+    v.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The value of an instant query's single sample, from Prometheus's HTTP API.
+fn prometheus_value(api: SocketAddr, query: &str) -> Option<f64> {
+    let body = http_get(api, &format!("/api/v1/query?query={}", url_encode(query)))?;
+    let v: Value = serde_json::from_str(&body).ok()?;
+    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+#[test]
+fn a_real_prometheus_scrapes_a_relay_carrying_traffic() {
+    if Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIPPED: no prometheus server (Debian package `prometheus`, which .ci/run installs)"
+        );
+        return;
+    }
+    let mut opts = NetOpts::new(82, 1);
+    opts.metrics = true;
+    opts.workers = 2;
+    let net = TestNet::start(opts);
+    let (dest, _echo) = echo(82);
+    let busy = traffic(&net, 0, dest);
+    let target = net.relays[0].metrics.expect("metrics");
+    let api: SocketAddr = "127.0.82.9:9090".parse().unwrap();
+    let dir = net.dir.join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: shroud\n    static_configs:\n      - targets: [\"{target}\"]\n\
+             rule_files: [\"{rules}\"]\n",
+            rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../deploy/monitoring/shroud.rules.yml")
+                .display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let _prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={api}"))
+            .arg("--log.level=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start prometheus"),
+    );
+    // Until Prometheus has scraped the relay and stored non-zero cell counters.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let cells = loop {
+        let rx = prometheus_value(
+            api,
+            "sum(shroud_cells_total{job=\"shroud\",direction=\"rx\"})",
+        );
+        if let Some(v) = rx.filter(|v| *v > 0.0) {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Prometheus never reported cells: {:?}\n{}",
+            rx,
+            std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(cells > 0.0);
+    assert_eq!(prometheus_value(api, "up{job=\"shroud\"}"), Some(1.0));
+    // The OpenMetrics exposition's families arrive with their names and labels.
+    assert_eq!(
+        prometheus_value(
+            api,
+            "count(shroud_batch_latency_seconds_bucket{le=\"+Inf\"})"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        prometheus_value(api, "shroud_build_info{job=\"shroud\"}"),
+        Some(1.0)
+    );
+    // The shipped rules loaded, and none fires for this healthy relay.
+    let rules = http_get(api, "/api/v1/rules").expect("rules API");
+    assert!(rules.contains("ShroudRelayDown"), "{rules}");
+    let alerts = http_get(api, "/api/v1/alerts").expect("alerts API");
+    assert!(!alerts.contains("\"state\":\"firing\""), "{alerts}");
+    assert!(busy.finish() > 0);
+}
