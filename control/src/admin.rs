@@ -48,7 +48,7 @@ pub fn socket_path(arg: Option<&Path>) -> PathBuf {
 #[non_exhaustive]
 pub enum AdminError {
     /// Nothing answers at the path (no relay, wrong path, no permission).
-    #[error("cannot reach the relay's admin socket {}: {source}", path.display())]
+    #[error("cannot reach the relay's admin socket {}", path.display())]
     Connect {
         /// The socket.
         path: PathBuf,
@@ -276,6 +276,13 @@ mod tests {
         assert_eq!(e.exit_code(), exit::FAILURE);
         assert!(e.to_string().contains("nobody.sock"), "{e}");
         assert!(e.hint().expect("hint").contains("--socket"));
+        // The OS error is said once, by the chain (it once repeated itself).
+        let full = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(
+            full.matches("No such file or directory").count(),
+            1,
+            "{full}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use shroud_proto::peerlist::{DEFAULT_CELL, DEFAULT_H_MAX};
 
 use crate::edit::{parse_onion_arg, parse_port_range, parse_relay_addr, OnionArg};
 use crate::keyfile::KeyKind;
-use crate::time::{parse_duration, parse_instant};
+use crate::time::{parse_duration, parse_instant, parse_instant_or_now};
 
 /// The exit-status table shown at the end of every `--help`.
 macro_rules! exit_codes {
@@ -454,10 +454,14 @@ pub enum PeersCommand {
     )]
     Import(ImportArgs),
 
-    /// Print the relays as a table, or as JSON with --json
+    /// Print the relays as a table, or as JSON with --json (of a file, or of a running relay)
     #[command(
         long_about = "Print the relays of a peer list: relay id, address, port range, exit \
             flag, weight, number of onion keys and when the last one expires.\n\n\
+            With --running instead of FILE, the list is the one a running relay uses, \
+            fetched over its admin socket (--socket, else $SHROUD_ADMIN_SOCKET, else \
+            /run/shroud/admin.sock); a first line says its serial and whether it has \
+            expired.\n\n\
             With --json, print one JSON object for scripts: {serial, valid_after, \
             valid_until, params: {cell, h_max}, signers: [base64], relays: [{relay_id, \
             identity, addr, port_first, port_last, exit, weight, onion_keys: [{key, \
@@ -526,8 +530,8 @@ pub struct NewArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub valid_for: u64,
 
-    /// Start of validity: Unix seconds or RFC 3339 UTC date [default: now]
-    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    /// Start of validity: Unix seconds or RFC 3339 UTC date or `now` [default: now]
+    #[arg(long, value_name = "TIME", value_parser = parse_instant_or_now)]
     pub valid_after: Option<u64>,
 
     /// Cell size in bytes (a multiple of 16, large enough for h-max hops, at most 8192)
@@ -615,17 +619,26 @@ pub struct ImportArgs {
 
 /// Arguments of `shroudctl peers list`.
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("source").required(true).args(["file", "running"])))]
 pub struct ListArgs {
     /// The peer-list file
     #[arg(value_name = "FILE")]
-    pub file: PathBuf,
+    pub file: Option<PathBuf>,
+
+    /// Show the peer list a running relay uses, from its admin socket, instead of a file
+    #[arg(long)]
+    pub running: bool,
+
+    /// The admin socket (with --running).
+    #[command(flatten)]
+    pub socket: SocketArg,
 
     /// Print JSON instead of a table
     #[arg(long)]
     pub json: bool,
 
-    /// Compute relative times for this time (Unix seconds or RFC 3339) [default: now]
-    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    /// Compute relative times for this time (Unix seconds or RFC 3339) or `now` [default: now]
+    #[arg(long, value_name = "TIME", value_parser = parse_instant_or_now)]
     pub now: Option<u64>,
 }
 
@@ -676,8 +689,8 @@ pub struct VerifyArgs {
     #[arg(long, value_name = "FILE")]
     pub state: Option<PathBuf>,
 
-    /// Check validity at this time (Unix seconds or RFC 3339) [default: now]
-    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    /// Check validity at this time (Unix seconds or RFC 3339) or `now` [default: now]
+    #[arg(long, value_name = "TIME", value_parser = parse_instant_or_now)]
     pub now: Option<u64>,
 }
 
@@ -688,8 +701,8 @@ pub struct ShowArgs {
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
 
-    /// Compute relative times and status for this time (Unix seconds or RFC 3339) [default: now]
-    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    /// Compute relative times and status for this time (Unix seconds or RFC 3339) or `now` [default: now]
+    #[arg(long, value_name = "TIME", value_parser = parse_instant_or_now)]
     pub now: Option<u64>,
 }
 

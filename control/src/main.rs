@@ -356,7 +356,38 @@ fn peers_remove(args: &RemoveArgs) -> Result<()> {
 }
 
 fn peers_list(args: &ListArgs) -> Result<()> {
-    let list = read_list(&args.file)?;
+    let (list, source) = match &args.file {
+        Some(file) if !args.running => (read_list(file)?, None),
+        _ => {
+            let path = socket(&args.socket);
+            let r = admin::request(&path, &json!({"cmd": "peers"}))?;
+            let doc = r["document"].as_str().ok_or_else(|| AdminError::BadReply {
+                path: path.clone(),
+                reason: "the peers reply has no \"document\" (a relay older than this shroudctl?)"
+                    .into(),
+            })?;
+            let list = PeerList::parse(doc).map_err(|e| AdminError::BadReply {
+                path: path.clone(),
+                reason: format!("the relay's peer list does not parse: {e}"),
+            })?;
+            let expired = r["expired"].as_bool().unwrap_or(false);
+            (list, Some((path, expired)))
+        }
+    };
+    if let Some((path, expired)) = &source {
+        if !args.json {
+            print(&format!(
+                "peer list in use by the relay at {}: serial {}{}\n",
+                path.display(),
+                list.serial,
+                if *expired {
+                    ", EXPIRED (new circuits refused until a reload brings a valid list)"
+                } else {
+                    ""
+                }
+            ))?;
+        }
+    }
     if args.json {
         let mut text =
             serde_json::to_string_pretty(&ListJson::new(&list)).context("cannot encode JSON")?;

@@ -3,7 +3,8 @@
 //! Shroud counts time in Unix seconds (`u64`), as the peer list does. This module
 //! turns command-line text into seconds ([`parse_instant`], [`parse_duration`]) and
 //! seconds into text for people ([`format_date`], [`format_relative`],
-//! [`format_span`]). Only [`now`] reads the clock; every other function is pure.
+//! [`format_span`]). Only [`now`] and [`parse_instant_or_now`] (for `now`) read the
+//! clock; every other function is pure.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +36,16 @@ pub fn parse_instant(text: &str) -> Result<u64, String> {
                  (e.g. 2025-11-24T16:00:00Z)"
             )
         })
+}
+
+/// [`parse_instant`], or `now` for the current time (what the options documented
+/// `[default: now]` also accept spelled out).
+pub fn parse_instant_or_now(text: &str) -> Result<u64, String> {
+    if text == "now" {
+        Ok(now())
+    } else {
+        parse_instant(text)
+    }
 }
 
 /// Parses a positive duration in whole seconds: `24h`, `7d`, `3600s`, `1h 30m`, ...
@@ -109,6 +120,13 @@ mod tests {
         assert!(parse_instant("-1").is_err());
         assert!(parse_instant("yesterday").is_err());
         assert!(parse_instant("99999999999999999999999").is_err());
+        // `now`, as the help's [default: now] suggests, only where it is offered.
+        assert!(parse_instant("now").is_err());
+        let before = now();
+        let t = parse_instant_or_now("now").unwrap();
+        assert!(t >= before && t <= now(), "{t}");
+        assert_eq!(parse_instant_or_now("1764000000"), Ok(1_764_000_000));
+        assert!(parse_instant_or_now("Now").is_err());
     }
 
     #[test]

@@ -833,3 +833,49 @@ fn peers_import_adds_a_signed_descriptor_and_refuses_a_forged_one() {
         .fails(1, &["cannot read descriptor"]);
     assert_eq!(d.read("L"), before);
 }
+
+#[test]
+fn time_options_accept_now_as_their_help_says() {
+    let d = Dir::new();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    d.run(&[
+        "peers",
+        "new",
+        "--out",
+        "l",
+        "--serial",
+        "1",
+        "--valid-for",
+        "1h",
+        "--valid-after",
+        "now",
+    ])
+    .ok();
+    let list = PeerList::parse(&d.read("l")).unwrap();
+    assert!(
+        list.valid_after >= before && list.valid_after <= before + 5,
+        "{}",
+        list.valid_after
+    );
+    assert_eq!(list.valid_until, list.valid_after + 3600);
+    d.run(&["peers", "list", "l", "--now", "now"]).ok();
+    // Anything else that is not a time is still a usage error naming the argument.
+    d.run(&[
+        "peers",
+        "new",
+        "--out",
+        "m",
+        "--serial",
+        "1",
+        "--valid-for",
+        "1h",
+        "--valid-after",
+        "tomorrow",
+    ])
+    .fails(2, &["--valid-after", "tomorrow"]);
+    // `peers list` needs a file or --running.
+    d.run(&["peers", "list"]).fails(2, &["--running"]);
+}

@@ -73,6 +73,11 @@ pub struct NetOpts {
     /// Client setups given public-key work per receive batch (`[io] setup_budget`,
     /// default 16).
     pub setup_budget: u32,
+    /// Relay `i`'s address (default, when empty: `127.0.<net>.<i+1>`).
+    pub addrs: Vec<IpAddr>,
+    /// A command relay `i` is started under, e.g. `["ip", "netns", "exec", NAME]`
+    /// (default, when empty: none).
+    pub launchers: Vec<Vec<String>>,
 }
 
 impl NetOpts {
@@ -97,6 +102,8 @@ impl NetOpts {
             link_idle_secs: 600,
             tx_cells: 1024,
             setup_budget: 16,
+            addrs: Vec::new(),
+            launchers: Vec::new(),
         }
     }
 }
@@ -230,7 +237,11 @@ impl TestNet {
         for i in 0..opts.relays {
             let id = IdentityKey::generate(&mut OsRng);
             let onion = OnionSecret::generate(&mut OsRng);
-            let addr = IpAddr::V4(Ipv4Addr::new(127, 0, opts.net, i as u8 + 1));
+            let addr = opts
+                .addrs
+                .get(i)
+                .copied()
+                .unwrap_or(IpAddr::V4(Ipv4Addr::new(127, 0, opts.net, i as u8 + 1)));
             let ports = (9000, 9000 + opts.workers as u16 - 1);
             let rdir = dir.join(format!("relay{i}"));
             std::fs::create_dir_all(&rdir).unwrap();
@@ -380,7 +391,15 @@ socket = "admin.sock"
     pub fn spawn(&mut self, i: usize) {
         let r = &mut self.relays[i];
         let log = std::fs::File::create(&r.log).unwrap();
-        let child = Command::new(relay_bin())
+        let mut cmd = match self.opts.launchers.get(i).and_then(|l| l.split_first()) {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(relay_bin());
+                c
+            }
+            None => Command::new(relay_bin()),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&r.config)
             .env("SHROUD_LOG", "info")

@@ -16,6 +16,7 @@ use crate::daemon::{self, Daemon, StartError};
 /// io_uring workers.
 #[derive(Debug, Parser)]
 #[command(
+    name = "shroud-relay",
     version,
     after_help = "Signals: SIGHUP reloads the peer list and onion keys, SIGINT drains (refuses new circuits, waits up to 30 s), SIGTERM stops.\nExit codes: 0 ok, 1 runtime failure, 2 usage, 78 bad configuration."
 )]
@@ -26,6 +27,11 @@ struct Args {
     /// Check the configuration, key files and peer list, print a summary, and exit.
     #[arg(long)]
     verify_config: bool,
+}
+
+/// The command-line grammar (for man pages and shell completions).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
 }
 
 /// Runs the relay daemon with command-line `args` (the first item is the program
@@ -43,7 +49,7 @@ where
     let cfg = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("shroud-relay: configuration error: {e}");
+            crate::logging::fatal(format_args!("configuration error: {e}"));
             return ExitCode::from(EX_CONFIG as u8);
         }
     };
@@ -51,21 +57,31 @@ where
     if cfg.io.crypto == crate::worker::CryptoChoice::None
         && std::env::var("SHROUD_BENCH_NO_CRYPTO").as_deref() != Ok("I-understand-this-is-insecure")
     {
-        eprintln!("shroud-relay: configuration error: io.crypto = \"none\" forwards cells without encryption or authentication; it is for shroud-bench's baseline only");
+        crate::logging::fatal(format_args!("configuration error: io.crypto = \"none\" forwards cells without encryption or authentication; it is for shroud-bench's baseline only"));
         return ExitCode::from(EX_CONFIG as u8);
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("SHROUD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    crate::logging::init(&cfg.log.level, cfg.log.format);
 
     if args.verify_config {
+        if let Some(p) = cfg.metrics.bearer_token_file.as_deref() {
+            if let Err(e) = crate::metrics::read_token(p) {
+                crate::logging::fatal(format_args!("configuration error: {e:#}"));
+                return ExitCode::from(EX_CONFIG as u8);
+            }
+        }
         return match daemon::load(&cfg) {
             Ok(l) => {
+                let warnings = daemon::warnings(&cfg, &l);
+                for w in &warnings {
+                    eprintln!("shroud-relay: warning: {w}");
+                }
                 println!(
-                    "configuration OK: relay {} with {} worker(s) on {:?} ports {}-{}; peer list serial {} with {} relays (CELL={}, H_MAX={}); {}",
+                    "configuration OK{}: relay {} with {} worker(s) on {:?} ports {}-{}; peer list serial {} with {} relays (CELL={}, H_MAX={}); {}",
+                    if warnings.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" with {} warning(s)", warnings.len())
+                    },
                     l.identity.public().relay_id(),
                     cfg.network.workers,
                     cfg.network.listen,
@@ -80,7 +96,7 @@ where
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("shroud-relay: configuration error: {e:#}");
+                crate::logging::fatal(format_args!("configuration error: {e:#}"));
                 ExitCode::from(EX_CONFIG as u8)
             }
         };
@@ -90,27 +106,42 @@ where
     let daemon = match Daemon::start(cfg.clone()) {
         Ok(d) => d,
         Err(StartError::Config(e)) => {
-            eprintln!("shroud-relay: configuration error: {e:#}");
+            crate::logging::fatal(format_args!("configuration error: {e:#}"));
             return ExitCode::from(EX_CONFIG as u8);
         }
         Err(StartError::Runtime(e)) => {
-            eprintln!("shroud-relay: {e:#}");
+            crate::logging::fatal(format_args!("{e:#}"));
             return ExitCode::FAILURE;
         }
     };
     if let Err(e) = daemon::forward_signals(events_tx.clone()) {
-        eprintln!("shroud-relay: cannot install signal handlers: {e:#}");
+        crate::logging::fatal(format_args!("cannot install signal handlers: {e:#}"));
         return ExitCode::FAILURE;
     }
     if let Err(e) =
         daemon::serve_admin(&cfg.admin.socket, events_tx.clone(), daemon.admin_refused())
     {
-        eprintln!("shroud-relay: {e:#}");
+        crate::logging::fatal(format_args!("{e:#}"));
         return ExitCode::FAILURE;
     }
     if let Some(addr) = cfg.metrics.listen {
-        if let Err(e) = crate::metrics::serve_metrics(addr, daemon.stats()) {
-            eprintln!("shroud-relay: {e:#}");
+        let token = match cfg.metrics.bearer_token_file.as_deref() {
+            None => {
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(%addr, "the metrics endpoint listens beyond loopback without a bearer token (metrics.bearer_token_file)");
+                }
+                None
+            }
+            Some(p) => match crate::metrics::read_token(p) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    crate::logging::fatal(format_args!("configuration error: {e:#}"));
+                    return ExitCode::from(EX_CONFIG as u8);
+                }
+            },
+        };
+        if let Err(e) = crate::metrics::serve_metrics(addr, daemon.stats(), token) {
+            crate::logging::fatal(format_args!("{e:#}"));
             return ExitCode::FAILURE;
         }
     }
@@ -120,7 +151,7 @@ where
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("shroud-relay: {e:#}");
+            crate::logging::fatal(format_args!("{e:#}"));
             ExitCode::FAILURE
         }
     }

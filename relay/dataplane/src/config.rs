@@ -273,6 +273,9 @@ impl Default for AdminSection {
 pub struct MetricsSection {
     /// Address of the `/metrics` HTTP endpoint; absent = disabled.
     pub listen: Option<SocketAddr>,
+    /// A file holding the bearer token scrapers must send (`Authorization: Bearer
+    /// TOKEN`) for `/metrics`; absent = no token.
+    pub bearer_token_file: Option<PathBuf>,
 }
 
 /// `[log]`.
@@ -282,12 +285,28 @@ pub struct LogSection {
     /// `error`, `warn`, `info`, `debug` or `trace` (keys, payloads and client
     /// addresses are never logged above `debug`).
     pub level: String,
+    /// `text` (one line per event, for people and journald) or `json` (one JSON
+    /// object per line, for log shippers).
+    pub format: LogFormat,
+}
+
+/// How log lines are written (`[log] format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (coloured only on a terminal, see [`crate::logging`]).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields` (with `message`),
+    /// `target`.
+    Json,
 }
 
 impl Default for LogSection {
     fn default() -> Self {
         LogSection {
             level: "info".into(),
+            format: LogFormat::Text,
         }
     }
 }
@@ -353,6 +372,9 @@ impl Config {
         abs(&mut c.relay.peer_list_state);
         abs(&mut c.relay.setup_journal);
         abs(&mut c.admin.socket);
+        if let Some(p) = c.metrics.bearer_token_file.as_mut() {
+            abs(p);
+        }
         c.validate()?;
         Ok(c)
     }
@@ -604,6 +626,7 @@ authorities = ["AAAA"]
         assert_eq!(format!("{:?}", c.io), format!("{:?}", d.io));
         assert_eq!(c.admin.socket, d.admin.socket);
         assert_eq!(c.log.level, d.log.level);
+        assert_eq!(c.log.format, d.log.format);
     }
 
     #[test]
@@ -644,6 +667,10 @@ authorities = ["AAAA"]
             (
                 format!("{MIN}\n[limits]\nlink_idle_secs = 0\n"),
                 "link_idle_secs",
+            ),
+            (
+                format!("{MIN}\n[log]\nformat = \"xml\"\n"),
+                "unknown variant `xml`, expected `text` or `json`",
             ),
         ];
         for (text, key) in cases {

@@ -30,7 +30,7 @@ use crate::journal::FileJournal;
 use shroud_proto::Layout;
 
 use crate::config::Config;
-use crate::metrics::{OnionKeyInfo, RelayInfo, RelayMetrics};
+use crate::metrics::{OnionKeyInfo, RelayInfo, RelayMetrics, ReloadInfo};
 use crate::stats::WorkerStats;
 use crate::sys;
 use crate::worker::{self, Control, CryptoChoice, Exit, WorkerSpec};
@@ -43,6 +43,9 @@ pub struct Loaded {
     pub onion: Vec<OnionKey>,
     /// The verified peer list.
     pub peers: PeerList,
+    /// The list is past its `valid_until` (everything else verified): the relay
+    /// starts on it but refuses new circuits until a reload brings a valid list.
+    pub expired: bool,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -187,12 +190,46 @@ pub fn load_peer_list(cfg: &Config, last: Option<u64>) -> anyhow::Result<PeerLis
         .map_err(|e| anyhow!("peer list {} refused: {e}", cfg.relay.peer_list.display()))
 }
 
-/// Loads keys and the peer list.
+/// Reads and verifies the peer list at start: as [`load_peer_list`], except that a
+/// list past its `valid_until` is accepted if it verifies in every other respect
+/// (signatures and threshold, rollback, parameters), and `true` says so. A relay
+/// restarted after its list expired comes back on that last good list, refusing new
+/// circuits until a reload brings a valid one, instead of staying down (as Tor
+/// starts from its cached consensus).
+pub fn load_peer_list_at_start(cfg: &Config) -> anyhow::Result<(PeerList, bool)> {
+    match load_peer_list(cfg, None) {
+        Ok(list) => Ok((list, false)),
+        Err(e) => {
+            let floor = recorded_serial(cfg)?;
+            let Ok(text) = std::fs::read_to_string(&cfg.relay.peer_list) else {
+                return Err(e);
+            };
+            let policy = trust_policy(cfg)?;
+            let now = now_s();
+            match PeerList::parse_and_verify(&text, &policy, now, floor) {
+                Err(shroud_proto::peerlist::PeerListError::Expired { until, .. }) => {
+                    // Verify again as of its last valid second: everything but
+                    // the expiry must still hold.
+                    let list =
+                        PeerList::parse_and_verify(&text, &policy, until.saturating_sub(1), floor)
+                            .map_err(|e2| {
+                                anyhow!("peer list {} refused: {e2}", cfg.relay.peer_list.display())
+                            })?;
+                    Ok((list, true))
+                }
+                _ => Err(e),
+            }
+        }
+    }
+}
+
+/// Loads keys and the peer list (an expired but otherwise valid list is accepted
+/// and flagged, see [`load_peer_list_at_start`]).
 pub fn load(cfg: &Config) -> anyhow::Result<Loaded> {
     let identity = shroud_control::keyfile::read_identity_key_file(&cfg.relay.identity_key)
         .map_err(anyhow::Error::new)?;
     let onion = load_onion_keys(cfg)?;
-    let peers = load_peer_list(cfg, None)?;
+    let (peers, expired) = load_peer_list_at_start(cfg)?;
     peers
         .params
         .layout()
@@ -201,7 +238,41 @@ pub fn load(cfg: &Config) -> anyhow::Result<Loaded> {
         identity,
         onion,
         peers,
+        expired,
     })
+}
+
+/// What is wrong with a configuration that still lets the relay start: said at
+/// start (log warnings) and by `--verify-config`.
+pub fn warnings(cfg: &Config, loaded: &Loaded) -> Vec<String> {
+    let mut out = Vec::new();
+    if loaded.expired {
+        out.push(format!(
+            "the peer list has expired (valid until {}): the relay starts on it but refuses \
+             new circuits until a reload brings a valid peer list",
+            loaded.peers.valid_until
+        ));
+    }
+    let me = loaded.identity.public().relay_id();
+    match loaded.peers.relay_by_id(&me) {
+        None => out.push(format!(
+            "this relay ({me}) is not in the peer list: clients cannot choose it"
+        )),
+        Some(d) => {
+            let want = (
+                cfg.network.base_port,
+                cfg.network.base_port + cfg.network.workers as u16 - 1,
+            );
+            if d.ports != want {
+                out.push(format!(
+                    "the peer list lists ports {}-{} for this relay, but base_port and workers \
+                     give {}-{}: clients will send to ports the relay does not serve",
+                    d.ports.0, d.ports.1, want.0, want.1
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// The peers of a list as the protocol core wants them.
@@ -298,6 +369,9 @@ fn spawn_with<A: Aead>(
         now_ms,
     );
     relay.set_keyring(keyring.clone());
+    if loaded.expired {
+        relay.set_accepting(false);
+    }
     worker::spawn(spec, relay, rx, stats)
 }
 
@@ -325,6 +399,12 @@ pub struct Daemon {
     info: Arc<Mutex<RelayInfo>>,
     /// Admin connections refused for their peer credentials ([`serve_admin`]).
     admin_refused: Arc<AtomicU64>,
+    /// Reloads applied and refused, for the metrics.
+    reloads: ReloadInfo,
+    /// Each worker's loop count when the watchdog last looked.
+    last_loops: Vec<u64>,
+    /// Workers that made no progress between the last two looks.
+    stalled: Vec<usize>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -361,18 +441,9 @@ impl Daemon {
             .layout()
             .map_err(|e| StartError::Config(anyhow!("{e}")))?;
         let me = loaded.identity.public().relay_id();
-        match loaded.peers.relay_by_id(&me) {
-            None => {
-                tracing::warn!(relay = %me, "this relay is not in the peer list: clients cannot choose it")
-            }
-            Some(d) => {
-                let want = (
-                    cfg.network.base_port,
-                    cfg.network.base_port + cfg.network.workers as u16 - 1,
-                );
-                if d.ports != want {
-                    tracing::warn!(listed = ?d.ports, configured = ?want, "the peer list lists other ports for this relay than base_port and workers give");
-                }
+        for w in warnings(&cfg, &loaded) {
+            if !w.starts_with("the peer list has expired") {
+                tracing::warn!(relay = %me, "{w}");
             }
         }
         let now_ms = sys::now_ms();
@@ -434,9 +505,27 @@ impl Daemon {
             started: Instant::now(),
             draining: false,
             list_expired: false,
+            last_loops: Vec::new(),
+            stalled: Vec::new(),
             info: Arc::new(Mutex::new(RelayInfo::default())),
             admin_refused: Arc::new(AtomicU64::new(0)),
+            reloads: ReloadInfo {
+                last_ok: true,
+                last_success_s: now_s(),
+                ..ReloadInfo::default()
+            },
         };
+        if d.loaded.expired {
+            tracing::error!(
+                serial = d.loaded.peers.serial,
+                valid_until = d.loaded.peers.valid_until,
+                "the peer list has expired: starting on it (the last good list) but refusing \
+                 new circuits until a reload brings a valid peer list"
+            );
+        }
+        let mut d = d;
+        d.list_expired = d.loaded.expired;
+        d.last_loops = d.workers.iter().map(|w| w.stats.loops()).collect();
         d.publish_info();
         Ok(d)
     }
@@ -460,6 +549,7 @@ impl Daemon {
             peer_list_valid_until: self.loaded.peers.valid_until,
             peer_list_expired: self.list_expired,
             draining: self.draining,
+            reloads: self.reloads.clone(),
         };
         match self.info.lock() {
             Ok(mut g) => *g = info,
@@ -506,6 +596,31 @@ impl Daemon {
         );
         self.broadcast(|| Control::SetAccepting(false));
         self.publish_info();
+    }
+
+    /// Compares each worker's loop count with the last look: workers that did not
+    /// loop since (and have not ended) are stalled; logs when that set changes.
+    fn look_at_workers(&mut self) {
+        let now: Vec<u64> = self.workers.iter().map(|w| w.stats.loops()).collect();
+        let ended: Vec<bool> = self
+            .workers
+            .iter()
+            .map(|w| w.thread.is_finished())
+            .collect();
+        let stalled = stalled_workers(&self.last_loops, &now, &ended);
+        if stalled != self.stalled {
+            if stalled.is_empty() {
+                tracing::info!("every worker makes progress again");
+            } else {
+                tracing::error!(
+                    workers = ?stalled,
+                    "worker(s) made no progress for a second: no longer feeding the systemd watchdog"
+                );
+            }
+            self.stalled = stalled;
+            self.publish_info();
+        }
+        self.last_loops = now;
     }
 
     fn broadcast(&self, make: impl Fn() -> Control) {
@@ -633,6 +748,7 @@ impl Daemon {
             "uptime_s": self.started.elapsed().as_secs(),
             "draining": self.draining,
             "accepting": !self.draining && !self.list_expired,
+            "stalled_workers": self.stalled,
             "admin_refused": self.admin_refused.load(Ordering::Relaxed),
             "cell": self.layout.cell,
             "h_max": self.layout.h_max,
@@ -650,15 +766,22 @@ impl Daemon {
         })
     }
 
+    /// The `peers` document: the list in force as its canonical signed text
+    /// (`document`, what `shroudctl peers list --running` parses), its serial,
+    /// validity and expiry, and its relays in short.
     fn peers_json(&self) -> Value {
-        Value::Array(
-            self.loaded
-                .peers
+        let list = &self.loaded.peers;
+        json!({
+            "serial": list.serial,
+            "valid_until": list.valid_until,
+            "expired": self.list_expired,
+            "document": list.encode(),
+            "relays": list
                 .relays
                 .iter()
                 .map(|r| json!({"id": r.relay_id().to_string(), "addr": r.addr.to_string(), "ports": [r.ports.0, r.ports.1], "exit": r.exit, "weight": r.weight}))
-                .collect(),
-        )
+                .collect::<Vec<_>>(),
+        })
     }
 
     /// What the metrics endpoint serves: every worker's counters and the relay info
@@ -680,6 +803,10 @@ impl Daemon {
         let watchdog = sd_watchdog();
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         let tick = watchdog.map(|w| w / 2).unwrap_or(Duration::from_secs(1));
+        // Workers loop at least every 50 ms (their I/O wait times out), so one
+        // second without a loop is a stuck worker.
+        let look_every = tick.min(Duration::from_secs(1));
+        let mut last_look = Instant::now();
         loop {
             if self.workers.iter().all(|w| w.thread.is_finished()) {
                 break;
@@ -688,9 +815,15 @@ impl Daemon {
             match events.recv_timeout(tick) {
                 Ok(Event::Reload(reply)) => {
                     let r = self.reload();
+                    self.reloads.last_ok = r.is_ok();
                     if let Err(e) = &r {
-                        tracing::error!(error = %e, "reload failed; keeping the last good peer list and keys");
+                        self.reloads.failed += 1;
+                        tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the last good peer list and keys");
+                    } else {
+                        self.reloads.succeeded += 1;
+                        self.reloads.last_success_s = now_s();
                     }
+                    self.publish_info();
                     answer(reply, r);
                 }
                 Ok(Event::Rotate(reply)) => {
@@ -739,8 +872,14 @@ impl Daemon {
                     self.broadcast(|| Control::Stop);
                 }
             }
-            if watchdog.is_some() {
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            if last_look.elapsed() >= look_every {
+                last_look = Instant::now();
+                self.look_at_workers();
+                // The watchdog is fed only while every worker makes progress: a stuck
+                // worker lets systemd restart the relay (WatchdogSec).
+                if watchdog.is_some() && self.stalled.is_empty() {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
             }
         }
         for (i, w) in self.workers.into_iter().enumerate() {
@@ -752,6 +891,17 @@ impl Daemon {
         }
         Ok(())
     }
+}
+
+/// The workers whose loop count did not move between two looks (`before`, `now`,
+/// by worker index), ended ones excepted. A worker missing from `before` (none
+/// looked yet) counts as moving.
+pub fn stalled_workers(before: &[u64], now: &[u64], ended: &[bool]) -> Vec<usize> {
+    now.iter()
+        .enumerate()
+        .filter(|&(i, n)| before.get(i) == Some(n) && !ended.get(i).copied().unwrap_or(false))
+        .map(|(i, _)| i)
+        .collect()
 }
 
 fn answer(reply: Option<Sender<Value>>, r: anyhow::Result<Value>) {
@@ -987,6 +1137,26 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
     use std::path::PathBuf;
+
+    #[test]
+    fn a_worker_is_stalled_when_its_loop_count_stands_still() {
+        assert_eq!(
+            stalled_workers(&[5, 9], &[6, 10], &[false, false]),
+            Vec::<usize>::new()
+        );
+        assert_eq!(stalled_workers(&[5, 9], &[6, 9], &[false, false]), vec![1]);
+        assert_eq!(
+            stalled_workers(&[5, 9], &[5, 9], &[false, false]),
+            vec![0, 1]
+        );
+        // An ended worker is not stalled (the relay is stopping).
+        assert_eq!(stalled_workers(&[5, 9], &[5, 9], &[true, false]), vec![1]);
+        // Nothing to compare with yet.
+        assert_eq!(
+            stalled_workers(&[], &[5, 9], &[false, false]),
+            Vec::<usize>::new()
+        );
+    }
 
     #[test]
     fn a_huge_drain_timeout_saturates_instead_of_wrapping() {

@@ -45,7 +45,7 @@ struct Generation {
 
 /// Why the journal could not be opened or read.
 #[derive(Debug, thiserror::Error)]
-#[error("setup journal {path}: {source}")]
+#[error("setup journal {path}")]
 pub struct JournalError {
     path: PathBuf,
     #[source]
@@ -209,5 +209,8 @@ mod tests {
         let keyring = OnionKeyring::new(120, 16);
         let e = FileJournal::open(&path, 120, &keyring, 0).unwrap_err();
         assert!(e.to_string().contains("setup journal"), "{e}");
+        // The OS error is said once, by the chain.
+        let full = format!("{:#}", anyhow::Error::new(e));
+        assert_eq!(full.matches("Is a directory").count(), 1, "{full}");
     }
 }

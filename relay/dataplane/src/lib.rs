@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod engine;
 pub mod exits;
 pub mod journal;
+pub mod logging;
 pub mod metrics;
 pub mod mmsg;
 pub mod stats;

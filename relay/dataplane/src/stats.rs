@@ -74,6 +74,9 @@ pub struct WorkerStats {
     pub send_errors: AtomicU64,
     /// Batches processed.
     pub batches: AtomicU64,
+    /// Worker loop iterations that polled the control channel: the watchdog's sign
+    /// that the worker is alive (it loops at least every 50 ms, idle or not).
+    pub loops: AtomicU64,
     /// Time from reaping a batch's completions to queueing its sends.
     pub batch_latency: BatchLatency,
     driver: AtomicU8,
@@ -168,6 +171,11 @@ impl LatencySnapshot {
 }
 
 impl WorkerStats {
+    /// The worker's loop count ([`Self::loops`]).
+    pub fn loops(&self) -> u64 {
+        self.loops.load(Relaxed)
+    }
+
     /// Records the driver in use.
     pub fn set_driver(&self, d: DriverKind) {
         self.driver.store(d as u8, Relaxed);

@@ -135,6 +135,11 @@ pub(crate) struct Shared<'a, A: Aead> {
 impl<A: Aead> Shared<'_, A> {
     /// Applies pending control messages; `Some(exit)` when the loop must end.
     pub fn poll_control(&mut self, now_ms: u64) -> Option<Exit> {
+        // The daemon's watchdog reads this to tell a live worker from a stuck one.
+        self.engine
+            .stats
+            .loops
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         loop {
             match self.ctl.try_recv() {
                 Ok(Control::SetPeers(p)) => self.engine.relay.set_peers(p),

@@ -27,6 +27,12 @@ fn verify(cfg: &std::path::Path) -> std::process::Output {
 }
 
 fn setup(tag: &str) -> Setup {
+    let now = now_s();
+    setup_valid(tag, now - 10, now + 3600)
+}
+
+/// As [`setup`], with the peer list valid from `after` until `until`.
+fn setup_valid(tag: &str, after: u64, until: u64) -> Setup {
     let dir = temp_dir(tag);
     let mut rng = rand_core::OsRng;
     let id = IdentityKey::generate(&mut rng);
@@ -35,7 +41,7 @@ fn setup(tag: &str) -> Setup {
     write_key(&dir.join("identity.key"), &id.to_bytes());
     write_key(&dir.join("onion.key"), &onion.to_bytes());
     let now = now_s();
-    let mut list = PeerList::new(7, now - 10, now + 3600, NetworkParams::default());
+    let mut list = PeerList::new(7, after, until, NetworkParams::default());
     list.relays.push(RelayDescriptor {
         identity: id.public(),
         addr: "127.0.0.1".parse().unwrap(),
@@ -162,5 +168,50 @@ fn bad_configurations_exit_78_with_a_clear_message() {
         String::from_utf8_lossy(&out.stderr).contains("peer list"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn verify_config_warns_about_a_port_mismatch_and_an_expired_list() {
+    // The list names ports 9000-9000; the configuration gives 9100-9101.
+    let s = setup("verify-warn");
+    let out = verify(&config(&s, "[network]\nbase_port = 9100\nworkers = 2\n"));
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("configuration OK with 1 warning(s)"),
+        "{text}"
+    );
+    assert!(
+        err.contains("lists ports 9000-9000") && err.contains("give 9100-9101"),
+        "{err}"
+    );
+    // Matching ports: no warning.
+    let out = verify(&config(&s, ""));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("configuration OK: "), "{text}");
+
+    // An expired but otherwise valid list: the relay would start on it (refusing new
+    // circuits), so the check passes with the warning; a forged expired list does not.
+    let now = now_s();
+    let s = setup_valid("verify-expired", now - 7200, now - 3600);
+    let cfg = config(&s, "");
+    let out = verify(&cfg);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the peer list has expired"), "{err}");
+    let list = std::fs::read_to_string(s.dir.join("peers.list")).unwrap();
+    std::fs::write(
+        s.dir.join("peers.list"),
+        list.replace("weight 1", "weight 2"),
+    )
+    .unwrap();
+    let out = verify(&cfg);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not verify") && !err.contains("has expired"),
+        "{err}"
     );
 }
