@@ -15,6 +15,7 @@ use shroud_proto::aead::Aead;
 use shroud_proto::client::{ClientCircuit, ClientLink, PathHop, Received};
 use shroud_proto::policy::ExitPolicy;
 use shroud_proto::relay::{Action, Peer, Relay, RelayLimits};
+use shroud_proto::retry::{apply_token, open_retry, retry_key};
 use shroud_proto::Layout;
 
 use crate::net::Virtual;
@@ -193,6 +194,10 @@ impl Generator {
                 &mut cell,
             )?;
             self.sock.send_to(&cell, first)?;
+            // A first hop under load answers a new link's setup with a RETRY
+            // (PROTOCOL.md 5.5): send the same setup again with its token.
+            let retry_key: A = retry_key(&path[0].id);
+            let mut retries = 0;
             let attempt_end = Instant::now() + Duration::from_millis(500);
             while Instant::now() < attempt_end {
                 self.sock
@@ -204,6 +209,17 @@ impl Generator {
                     continue;
                 }
                 for reply in buf[..n].chunks_exact_mut(self.layout.cell) {
+                    if !self.links[link].is_linked() && retries < 2 {
+                        let mut copy = reply.to_vec();
+                        if let Some(token) = open_retry(&self.layout, &retry_key, &cell, &mut copy)
+                        {
+                            retries += 1;
+                            self.links[link].set_retry_token(token, now_ms());
+                            apply_token(&token, &mut cell);
+                            self.sock.send_to(&cell, first)?;
+                            continue;
+                        }
+                    }
                     let Ok(h) = self.links[link].read_header(reply) else {
                         continue;
                     };
