@@ -27,7 +27,7 @@ for t in "${targets[@]}"; do
   cargo fuzz run -s "$san" "$t" "$corpus" -- -runs="$runs" -rss_limit_mb=4096 -print_final_stats=1 >"$log" 2>&1 ||
     { tail -n 40 "$log"; echo "fuzz $t: FAILED"; exit 1; }
   end=$(date +%s)
-  execs=$(awk -F: '/stat::number_of_executed_units/ { gsub(/ /, "", $2); print $2 }' "$log")
+  execs=$(awk '/stat::number_of_executed_units/ { print $NF }' "$log")
   echo "fuzz $t ($san): ${execs:-?} executions in $((end - start)) s, corpus $(ls "$corpus" | wc -l) inputs, no crash"
   rm -f "$log"
 done

@@ -41,6 +41,8 @@ pub struct Opts {
     pub net: u8,
     /// Source counts to try (1 and 256 by default).
     pub sources: Vec<usize>,
+    /// The relays' `[io] batch_wait_us`.
+    pub batch_wait_us: u32,
 }
 
 /// The attacker: a thread spraying garbage from `sources` sockets at `targets`.
@@ -174,6 +176,7 @@ fn case(
     // The shipped per-prefix setup budget (200/s, burst 400), not the benchmark's.
     let spec = crate::net::RelaySpec {
         setup_rate: 200,
+        batch_wait_us: opts.batch_wait_us,
         ..Default::default()
     };
     let mut session = Session::start_with(3, 1024, opts.net, spec)?;

@@ -132,6 +132,9 @@ enum Cmd {
         /// Third octet of the loopback block the relays use (127.0.NET.x).
         #[arg(long, default_value_t = 66)]
         net: u8,
+        /// The relays' `[io] batch_wait_us` (0 = wake for every completion).
+        #[arg(long, default_value_t = 50)]
+        batch_wait_us: u32,
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -238,10 +241,12 @@ fn main() -> ExitCode {
             window,
             sources,
             net,
+            batch_wait_us,
             json,
         } => {
             let stop = stop_on_signals();
             let opts = flood::Opts {
+                batch_wait_us,
                 duration,
                 rate,
                 circuits,

@@ -70,6 +70,8 @@ pub struct NetOpts {
     pub link_idle_secs: u64,
     /// Cells a worker can originate at once (`[io] tx_cells`, default 1024).
     pub tx_cells: usize,
+    /// Receive buffers per worker (`[io] recv_slots`, default 16).
+    pub recv_slots: usize,
     /// Client setups given public-key work per receive batch (`[io] setup_budget`,
     /// default 16).
     pub setup_budget: u32,
@@ -101,6 +103,7 @@ impl NetOpts {
             circuit_idle_secs: 300,
             link_idle_secs: 600,
             tx_cells: 1024,
+            recv_slots: 16,
             setup_budget: 16,
             addrs: Vec::new(),
             launchers: Vec::new(),
@@ -357,7 +360,7 @@ exit_sockets = 256
 [io]
 driver = "{driver}"
 zero_copy_send = {zc}
-recv_slots = 16
+recv_slots = {recv_slots}
 send_slots = 128
 tx_cells = {tx_cells}
 setup_budget = {setup_budget}
@@ -379,6 +382,7 @@ socket = "admin.sock"
             circuit_idle = self.opts.circuit_idle_secs,
             link_idle = self.opts.link_idle_secs,
             tx_cells = self.opts.tx_cells,
+            recv_slots = self.opts.recv_slots,
             setup_budget = self.opts.setup_budget,
             driver = self.opts.driver,
             zc = self.opts.zero_copy_send,

@@ -233,6 +233,9 @@ pub struct IoSection {
     pub gro_gso: bool,
     /// Zero-copy sends (`SENDMSG_ZC`, io_uring driver only).
     pub zero_copy_send: bool,
+    /// Microseconds a woken io_uring worker waits for more completions before
+    /// processing a batch (0 = none; needs Linux 6.12, ignored before).
+    pub batch_wait_us: u32,
 }
 
 impl Default for IoSection {
@@ -247,6 +250,7 @@ impl Default for IoSection {
             crypto: CryptoChoice::Ring,
             gro_gso: d.gro_gso,
             zero_copy_send: d.zero_copy_send,
+            batch_wait_us: d.batch_wait_us,
         }
     }
 }
@@ -469,6 +473,12 @@ impl Config {
         if self.io.recv_slots == 0 || self.io.send_slots == 0 || self.io.tx_cells == 0 {
             return Err(self.invalid("io", "recv_slots, send_slots and tx_cells must be positive"));
         }
+        if self.io.batch_wait_us > 10_000 {
+            return Err(self.invalid(
+                "io.batch_wait_us",
+                "at most 10000 (10 ms); it adds up to that much latency per hop",
+            ));
+        }
         if !["error", "warn", "info", "debug", "trace"].contains(&self.log.level.as_str()) {
             return Err(self.invalid("log.level", "one of error, warn, info, debug, trace"));
         }
@@ -561,6 +571,7 @@ impl Config {
             setup_budget: self.io.setup_budget,
             gro_gso: self.io.gro_gso,
             zero_copy_send: self.io.zero_copy_send,
+            batch_wait_us: self.io.batch_wait_us,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! code lives only in [`sys`], [`uring`] and [`mmsg`], each block with a SAFETY note.
 #![warn(missing_docs)]
 
+pub mod bufring;
 pub mod cli;
 pub mod config;
 pub mod daemon;

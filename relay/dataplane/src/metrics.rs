@@ -308,6 +308,18 @@ impl Collector for RelayMetrics {
         )?;
         counters(
             &mut enc,
+            "shroud_recv_errors",
+            "Receive operations the kernel failed.",
+            &per_worker(&|s| vec![(Vec::new(), s.recv_errors)]),
+        )?;
+        counters(
+            &mut enc,
+            "shroud_recv_ring_empty",
+            "Times the receive buffer ring ran dry (receiving paused until sends released buffers).",
+            &per_worker(&|s| vec![(Vec::new(), s.recv_ring_empty)]),
+        )?;
+        counters(
+            &mut enc,
             "shroud_batches",
             "Worker loop iterations (batches), including empty ones.",
             &per_worker(&|s| vec![(Vec::new(), s.batches)]),

@@ -298,7 +298,8 @@ impl Driver {
                     for i in 0..n as usize {
                         let h = &self.msgs[i].msg_hdr;
                         let len = self.msgs[i].msg_len as usize;
-                        let seg = sys::read_gro_cmsg(h).unwrap_or(len);
+                        let ctrl = &self.ctrls[i][..h.msg_controllen.min(CMSG_BUF)];
+                        let seg = sys::gro_segment(ctrl).unwrap_or(len);
                         let src = sys::from_sockaddr(&self.addrs[i], h.msg_namelen);
                         let trunc = h.msg_flags & libc::MSG_TRUNC != 0;
                         match src {

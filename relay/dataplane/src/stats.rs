@@ -72,6 +72,12 @@ pub struct WorkerStats {
     pub drops: [AtomicU64; DropReason::ALL.len()],
     /// Send operations that failed in the kernel.
     pub send_errors: AtomicU64,
+    /// Receive operations that failed in the kernel (not counting a buffer ring
+    /// that ran dry, which only delays the receive).
+    pub recv_errors: AtomicU64,
+    /// Times the receive buffer ring ran dry (io_uring driver): receiving paused
+    /// until buffers came back, datagrams waiting in the socket meanwhile.
+    pub recv_ring_empty: AtomicU64,
     /// Batches processed.
     pub batches: AtomicU64,
     /// Worker loop iterations that polled the control channel: the watchdog's sign
@@ -230,6 +236,8 @@ impl WorkerStats {
                 .map(|r| (r.name(), self.drops[*r as usize].load(Relaxed)))
                 .collect(),
             send_errors: self.send_errors.load(Relaxed),
+            recv_errors: self.recv_errors.load(Relaxed),
+            recv_ring_empty: self.recv_ring_empty.load(Relaxed),
             batches: self.batches.load(Relaxed),
             batch_latency: self.batch_latency.snapshot(),
         }
@@ -275,6 +283,10 @@ pub struct StatsSnapshot {
     pub drops: Vec<(&'static str, u64)>,
     /// Kernel send failures.
     pub send_errors: u64,
+    /// Kernel receive failures.
+    pub recv_errors: u64,
+    /// Times the receive buffer ring ran dry.
+    pub recv_ring_empty: u64,
     /// Batches.
     pub batches: u64,
     /// Batch latency histogram.

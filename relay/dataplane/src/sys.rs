@@ -135,41 +135,77 @@ pub fn from_sockaddr(s: &libc::sockaddr_storage, len: libc::socklen_t) -> Option
     }
 }
 
-/// Writes a `UDP_SEGMENT` cmsg for segment size `seg` into `buf`; returns the control
-/// length to put in the msghdr.
-pub fn write_gso_cmsg(buf: &mut [u8; CMSG_BUF], seg: u16) -> usize {
-    buf.fill(0);
-    // SAFETY: CMSG_SPACE of a u16 is far below CMSG_BUF; we build a msghdr view over
-    // `buf` only to use the CMSG_* macros, which stay inside the given control length.
-    unsafe {
-        let space = libc::CMSG_SPACE(size_of::<u16>() as u32) as usize;
-        let mut hdr: libc::msghdr = zeroed();
-        hdr.msg_control = buf.as_mut_ptr().cast();
-        hdr.msg_controllen = space;
-        let c = libc::CMSG_FIRSTHDR(&hdr);
-        (*c).cmsg_level = libc::SOL_UDP;
-        (*c).cmsg_type = UDP_SEGMENT;
-        (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
-        space
-    }
+/// Bytes of a `cmsghdr` (`cmsg_len`, `cmsg_level`, `cmsg_type`); the data follows.
+const CMSG_HDR: usize = size_of::<libc::cmsghdr>();
+const CMSG_LEVEL_AT: usize = std::mem::offset_of!(libc::cmsghdr, cmsg_level);
+const CMSG_TYPE_AT: usize = std::mem::offset_of!(libc::cmsghdr, cmsg_type);
+
+/// `CMSG_ALIGN`: control messages start at multiples of the word size.
+const fn cmsg_align(n: usize) -> usize {
+    (n + size_of::<usize>() - 1) & !(size_of::<usize>() - 1)
 }
 
-/// Finds the `UDP_GRO` segment size in a received control buffer.
-pub fn read_gro_cmsg(hdr: &libc::msghdr) -> Option<usize> {
-    // SAFETY: the kernel filled `msg_control` up to `msg_controllen`, and the CMSG_*
-    // macros never read past that length.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(hdr);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == UDP_GRO {
-                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
-                return usize::try_from(v).ok();
-            }
-            c = libc::CMSG_NXTHDR(hdr, c);
+/// Writes a `UDP_SEGMENT` cmsg for segment size `seg` into `buf`; returns the control
+/// length to put in the msghdr (`CMSG_SPACE` of a u16).
+///
+/// The header is written field by field as bytes, so `buf` needs no alignment (the
+/// kernel copies the control buffer before reading it).
+pub fn write_gso_cmsg(buf: &mut [u8; CMSG_BUF], seg: u16) -> usize {
+    buf.fill(0);
+    let len = CMSG_HDR + size_of::<u16>();
+    buf[..size_of::<usize>()].copy_from_slice(&len.to_ne_bytes());
+    buf[CMSG_LEVEL_AT..CMSG_LEVEL_AT + 4].copy_from_slice(&libc::SOL_UDP.to_ne_bytes());
+    buf[CMSG_TYPE_AT..CMSG_TYPE_AT + 4].copy_from_slice(&UDP_SEGMENT.to_ne_bytes());
+    buf[CMSG_HDR..CMSG_HDR + 2].copy_from_slice(&seg.to_ne_bytes());
+    cmsg_align(CMSG_HDR) + cmsg_align(size_of::<u16>())
+}
+
+/// Finds the `UDP_GRO` segment size in the control bytes the kernel returned
+/// (`msg_control[..msg_controllen]`). Reads bytes only, so the buffer needs no
+/// alignment; a malformed or truncated control message ends the search.
+pub fn gro_segment(control: &[u8]) -> Option<usize> {
+    let word = size_of::<usize>();
+    let mut at = 0;
+    while control.len().saturating_sub(at) >= CMSG_HDR {
+        let c = &control[at..];
+        let len = usize::from_ne_bytes(c[..word].try_into().ok()?);
+        if len < CMSG_HDR || len > c.len() {
+            return None;
         }
+        let level = i32::from_ne_bytes(c[CMSG_LEVEL_AT..CMSG_LEVEL_AT + 4].try_into().ok()?);
+        let kind = i32::from_ne_bytes(c[CMSG_TYPE_AT..CMSG_TYPE_AT + 4].try_into().ok()?);
+        if level == libc::SOL_UDP && kind == UDP_GRO && len >= CMSG_HDR + 4 {
+            let v = i32::from_ne_bytes(c[CMSG_HDR..CMSG_HDR + 4].try_into().ok()?);
+            return usize::try_from(v).ok();
+        }
+        at += cmsg_align(len);
     }
     None
+}
+
+/// Decodes a socket address the kernel wrote as bytes (a `sockaddr_in` or
+/// `sockaddr_in6`, as in a multishot receive's name field). v4-mapped IPv6 sources
+/// become plain IPv4, as in [`from_sockaddr`].
+pub fn sockaddr_from_bytes(b: &[u8]) -> Option<SocketAddr> {
+    let family = u16::from_ne_bytes(b.get(..2)?.try_into().ok()?);
+    let port = u16::from_be_bytes(b.get(2..4)?.try_into().ok()?);
+    match libc::c_int::from(family) {
+        libc::AF_INET if b.len() >= size_of::<libc::sockaddr_in>() => {
+            let ip: [u8; 4] = b[4..8].try_into().ok()?;
+            Some(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::from(ip), port)))
+        }
+        libc::AF_INET6 if b.len() >= size_of::<libc::sockaddr_in6>() => {
+            let flowinfo = u32::from_ne_bytes(b[4..8].try_into().ok()?);
+            let ip: [u8; 16] = b[8..24].try_into().ok()?;
+            let scope = u32::from_ne_bytes(b[24..28].try_into().ok()?);
+            let ip = Ipv6Addr::from(ip);
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
+                None => SocketAddr::V6(SocketAddrV6::new(ip, port, flowinfo, scope)),
+            })
+        }
+        _ => None,
+    }
 }
 
 /// Pins the calling thread to `cpu`.
@@ -203,5 +239,60 @@ pub fn clock_ticks() -> u64 {
         t as u64
     } else {
         100
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_cmsg_matches_the_libc_macros_and_parses_back() {
+        let mut buf = [0u8; CMSG_BUF];
+        let n = write_gso_cmsg(&mut buf, 1024);
+        // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic on their argument.
+        let (space, len) = unsafe { (libc::CMSG_SPACE(2) as usize, libc::CMSG_LEN(2) as usize) };
+        assert_eq!(n, space);
+        assert_eq!(usize::from_ne_bytes(buf[..8].try_into().unwrap()), len);
+        // The same bytes read as a UDP_GRO message carry the value back.
+        let mut gro = buf;
+        gro[CMSG_TYPE_AT..CMSG_TYPE_AT + 4].copy_from_slice(&UDP_GRO.to_ne_bytes());
+        let l = CMSG_HDR + 4;
+        gro[..8].copy_from_slice(&l.to_ne_bytes());
+        gro[CMSG_HDR..CMSG_HDR + 4].copy_from_slice(&1024i32.to_ne_bytes());
+        assert_eq!(gro_segment(&gro[..cmsg_align(l)]), Some(1024));
+        // Not GRO, truncated, or a length that points outside: nothing.
+        assert_eq!(gro_segment(&buf[..n]), None);
+        assert_eq!(gro_segment(&gro[..CMSG_HDR + 2]), None);
+        assert_eq!(gro_segment(&[]), None);
+        let mut bad = gro;
+        bad[..8].copy_from_slice(&4096usize.to_ne_bytes());
+        assert_eq!(gro_segment(&bad), None);
+        bad[..8].copy_from_slice(&3usize.to_ne_bytes());
+        assert_eq!(gro_segment(&bad), None);
+    }
+
+    #[test]
+    fn sockaddr_bytes_round_trip_through_sockaddr_storage() {
+        for a in [
+            "127.0.0.1:9000",
+            "[2001:db8::1]:443",
+            "[::ffff:10.0.0.1]:53",
+            "0.0.0.0:0",
+        ] {
+            let a: SocketAddr = a.parse().unwrap();
+            // SAFETY: all-zero is a valid sockaddr_storage.
+            let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+            let len = to_sockaddr(&a, &mut ss) as usize;
+            // SAFETY: `ss` is plain, fully initialised data (zeroed, then written).
+            let bytes = unsafe {
+                std::slice::from_raw_parts((&ss as *const libc::sockaddr_storage).cast::<u8>(), len)
+            };
+            let want = from_sockaddr(&ss, len as libc::socklen_t);
+            assert_eq!(sockaddr_from_bytes(bytes), want, "{a}");
+            assert!(sockaddr_from_bytes(&bytes[..len - 1]).is_none());
+        }
+        assert!(sockaddr_from_bytes(&[0u8; 28]).is_none());
+        assert!(sockaddr_from_bytes(&[]).is_none());
     }
 }

@@ -1,28 +1,35 @@
-//! The io_uring driver: `RecvMsg` with UDP GRO into fixed receive slots, one
-//! `SendMsg` with `UDP_SEGMENT` (GSO) per next hop and batch, cells sent from the
-//! buffer they arrived in, receive slots re-armed only after every send that points
-//! into them has completed.
+//! The io_uring driver: one multishot `RecvMsgMulti` per socket with UDP GRO into a
+//! provided-buffer ring ([`BufRing`]), one `SendMsg` with `UDP_SEGMENT` (GSO) per
+//! next hop and batch, cells sent from the buffer they arrived in, a buffer given back
+//! to the ring only after every send that points into it has completed.
 //!
 //! Memory: every buffer, msghdr, iovec and control buffer is allocated in
 //! [`Driver::new`] inside vectors that are never resized, so the addresses handed to
-//! the kernel stay valid for as long as an operation is in flight.
+//! the kernel stay valid for as long as an operation is in flight. The driver counts
+//! the operations in flight (an operation's last completion is the one without
+//! `IORING_CQE_F_MORE`); its `Drop` cancels them all and waits until the count is
+//! zero before any buffer is freed, and leaks the buffers if the kernel does not let
+//! go of them in time.
 
 use std::io;
-use std::mem::{size_of, zeroed};
+use std::mem::zeroed;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering::Relaxed;
 
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use shroud_proto::relay::DropReason;
 
+use crate::bufring::BufRing;
 use crate::engine::{Loc, Plan, Side};
 use crate::exits::{Exits, TxArena, EXIT_BUF};
 use crate::sys::{self, CMSG_BUF};
 use crate::worker::{Exit, Shared, WorkerSpec};
 use shroud_proto::aead::Aead;
 
-/// Bytes of one receive buffer: the largest GRO-coalesced datagram.
+/// Payload bytes of one receive buffer: the largest GRO-coalesced datagram.
 const RX_BUF: usize = 65536;
+/// The buffer group of the receive ring.
+const BGID: u16 = 0;
 /// Most cells per GSO send (the kernel's UDP_MAX_SEGMENTS is 64 on older kernels).
 const MAX_SEGS: usize = 64;
 
@@ -34,16 +41,6 @@ const K_CANCEL: u64 = 5;
 
 fn ud(kind: u64, idx: u64) -> u64 {
     (kind << 56) | idx
-}
-
-struct RecvSlot {
-    buf: Box<[u8]>,
-    iov: libc::iovec,
-    hdr: libc::msghdr,
-    addr: libc::sockaddr_storage,
-    ctrl: [u8; CMSG_BUF],
-    sock: usize,
-    refs: u32,
 }
 
 struct SendSlot {
@@ -59,7 +56,17 @@ struct SendSlot {
 pub struct Driver {
     ring: IoUring,
     sockets: Vec<std::net::UdpSocket>,
-    rx: Vec<RecvSlot>,
+    /// Receive buffers, shared by every socket's multishot receive.
+    bufs: BufRing,
+    /// Sends (and exit deliveries) still reading from each receive buffer.
+    refs: Vec<u32>,
+    /// The msghdr of the multishot receives (only its name and control lengths are
+    /// read, when each is armed).
+    recv_hdr: Box<libc::msghdr>,
+    /// Whether each socket's multishot receive is armed.
+    armed: Vec<bool>,
+    /// Operations submitted whose last completion has not been reaped.
+    inflight: usize,
     tx: Vec<SendSlot>,
     free_tx: Vec<u32>,
     arena: TxArena,
@@ -71,12 +78,15 @@ pub struct Driver {
     completions: Vec<(u64, i32, u32)>,
     zero_copy: bool,
     touched: Vec<u32>,
+    /// `min_wait_usec` for the wait (0 when unsupported or off).
+    batch_wait_us: u32,
 }
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("uring::Driver")
-            .field("rx", &self.rx.len())
+            .field("bufs", &self.bufs)
+            .field("inflight", &self.inflight)
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +103,11 @@ impl Driver {
             .setup_defer_taskrun()
             .build(entries)
             .or_else(|_| IoUring::builder().build(entries))?;
+        let batch_wait_us = if ring.params().is_feature_min_timeout() {
+            spec.io.batch_wait_us
+        } else {
+            0
+        };
         let mut sockets = Vec::with_capacity(spec.sockets.len());
         for s in &spec.sockets {
             let s = s.try_clone()?;
@@ -107,29 +122,11 @@ impl Driver {
         } else {
             1
         };
-        let n_rx = spec.io.recv_slots.max(sockets.len());
-        let mut rx: Vec<RecvSlot> = Vec::with_capacity(n_rx);
-        for i in 0..n_rx {
-            rx.push(RecvSlot {
-                buf: vec![0u8; RX_BUF].into_boxed_slice(),
-                // SAFETY: all-zero is a valid iovec/msghdr/sockaddr_storage; the
-                // pointers are set below, once the vector no longer moves.
-                iov: unsafe { zeroed() },
-                hdr: unsafe { zeroed() },
-                addr: unsafe { zeroed() },
-                ctrl: [0; CMSG_BUF],
-                sock: i % sockets.len(),
-                refs: 0,
-            });
-        }
-        for s in rx.iter_mut() {
-            s.iov.iov_base = s.buf.as_mut_ptr().cast();
-            s.iov.iov_len = RX_BUF;
-            s.hdr.msg_name = (&mut s.addr as *mut libc::sockaddr_storage).cast();
-            s.hdr.msg_iov = &mut s.iov;
-            s.hdr.msg_iovlen = 1;
-            s.hdr.msg_control = s.ctrl.as_mut_ptr().cast();
-        }
+        let bufs = BufRing::new(spec.io.recv_slots.max(2), RX_BUF, BGID)?;
+        // SAFETY: all-zero is a valid msghdr; only the two lengths are set.
+        let mut recv_hdr: Box<libc::msghdr> = Box::new(unsafe { zeroed() });
+        recv_hdr.msg_namelen = crate::bufring::NAME_LEN as libc::socklen_t;
+        recv_hdr.msg_controllen = crate::bufring::CTRL_LEN;
         let mut tx: Vec<SendSlot> = Vec::with_capacity(spec.io.send_slots);
         for _ in 0..spec.io.send_slots {
             tx.push(SendSlot {
@@ -146,7 +143,11 @@ impl Driver {
             ring,
             sockets,
             free_tx: (0..tx.len() as u32).rev().collect(),
-            rx,
+            refs: vec![0; bufs.len()],
+            armed: vec![false; spec.sockets.len()],
+            bufs,
+            recv_hdr,
+            inflight: 0,
             tx,
             arena: TxArena::new(spec.io.tx_cells, cell),
             exits: Exits::new(spec.io.exit_sockets),
@@ -157,10 +158,10 @@ impl Driver {
             completions: Vec::with_capacity(1024),
             zero_copy: spec.io.zero_copy_send,
             touched: Vec::with_capacity(64),
+            batch_wait_us,
         };
-        for i in 0..d.rx.len() {
-            d.arm_recv(i as u32)?;
-        }
+        d.bufs.register(&d.ring)?;
+        d.arm_receives()?;
         d.ring.submit()?;
         Ok(d)
     }
@@ -170,22 +171,29 @@ impl Driver {
             // SAFETY: every entry we push points at memory owned by `self` that stays
             // allocated and unmoved until its completion is reaped (module docs).
             if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                self.inflight += 1;
                 return Ok(());
             }
             self.ring.submit()?;
         }
     }
 
-    fn arm_recv(&mut self, i: u32) -> io::Result<()> {
-        let s = &mut self.rx[i as usize];
-        s.hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        s.hdr.msg_controllen = CMSG_BUF;
-        s.hdr.msg_flags = 0;
-        let fd = self.sockets[s.sock].as_raw_fd();
-        let e = opcode::RecvMsg::new(types::Fd(fd), &mut s.hdr)
-            .build()
-            .user_data(ud(K_RECV, u64::from(i)));
-        self.push(e)
+    /// Arms the multishot receive of every socket that has none, as long as the
+    /// ring has buffers (armed on an empty ring it would end at once with ENOBUFS;
+    /// meanwhile datagrams wait in the socket's receive buffer).
+    fn arm_receives(&mut self) -> io::Result<()> {
+        for i in 0..self.sockets.len() {
+            if self.armed[i] || self.bufs.available() == 0 {
+                continue;
+            }
+            let fd = self.sockets[i].as_raw_fd();
+            let e = opcode::RecvMsgMulti::new(types::Fd(fd), &*self.recv_hdr, self.bufs.bgid())
+                .build()
+                .user_data(ud(K_RECV, i as u64));
+            self.push(e)?;
+            self.armed[i] = true;
+        }
+        Ok(())
     }
 
     fn arm_exit_recv(&mut self, x: u32) -> io::Result<()> {
@@ -206,10 +214,10 @@ impl Driver {
     fn release(&mut self, loc: Loc) -> io::Result<()> {
         match loc {
             Loc::Rx { slot, .. } => {
-                let s = &mut self.rx[slot as usize];
-                s.refs -= 1;
-                if s.refs == 0 {
-                    self.arm_recv(slot)?;
+                let r = &mut self.refs[slot as usize];
+                *r -= 1;
+                if *r == 0 {
+                    self.bufs.provide(slot as u16);
                 }
             }
             Loc::Tx { idx } => self.arena.release(idx),
@@ -250,9 +258,8 @@ impl Driver {
                 for (k, &loc) in chunk.iter().enumerate() {
                     let ptr = match loc {
                         Loc::Rx { slot, off } => {
-                            let r = &mut self.rx[slot as usize];
-                            r.refs += 1;
-                            r.buf[off as usize..].as_ptr()
+                            self.refs[slot as usize] += 1;
+                            self.bufs.payload_ptr(slot as u16, off as usize)
                         }
                         Loc::Tx { idx } => self.arena.ptr(idx),
                     };
@@ -328,11 +335,10 @@ impl Driver {
                     let Some(sock) = self.exits.slots[x as usize].sock.as_ref() else {
                         continue;
                     };
-                    let r = &mut self.rx[*slot as usize];
-                    r.refs += 1;
+                    self.refs[*slot as usize] += 1;
                     let e = opcode::Send::new(
                         types::Fd(sock.as_raw_fd()),
-                        r.buf[range.start..].as_ptr(),
+                        self.bufs.payload_ptr(*slot as u16, range.start),
                         range.len() as u32,
                     )
                     .build()
@@ -369,8 +375,18 @@ impl Driver {
         let ts = types::Timespec::new().nsec(50_000_000);
         let mut last_tick = 0u64;
         loop {
-            let args = types::SubmitArgs::new().timespec(&ts);
-            match self.ring.submitter().submit_with_args(1, &args) {
+            // With a batch wait: sleep until the first completion, then gather more
+            // for up to `batch_wait_us` (or until a receive slot's worth arrive).
+            let (want, args) = if self.batch_wait_us > 0 {
+                let want = (self.bufs.len() / 2).max(2);
+                let args = types::SubmitArgs::new()
+                    .timespec(&ts)
+                    .min_wait_usec(self.batch_wait_us);
+                (want, args)
+            } else {
+                (1, types::SubmitArgs::new().timespec(&ts))
+            };
+            match self.ring.submitter().submit_with_args(want, &args) {
                 Ok(_) => {}
                 Err(e)
                     if e.raw_os_error() == Some(libc::ETIME)
@@ -390,44 +406,62 @@ impl Driver {
             let reaped = (!self.completions.is_empty()).then(std::time::Instant::now);
             let comps = std::mem::take(&mut self.completions);
             for &(u, res, flags) in &comps {
+                if !cqueue::more(flags) {
+                    self.inflight -= 1;
+                }
                 let idx = (u & ((1 << 56) - 1)) as u32;
                 match u >> 56 {
                     K_RECV => {
+                        // One completion per datagram; without MORE the multishot
+                        // receive has ended (ring ran dry, or an error) and is
+                        // re-armed at the end of the batch.
+                        if !cqueue::more(flags) {
+                            self.armed[idx as usize] = false;
+                        }
                         if res < 0 {
-                            self.arm_recv(idx)?;
+                            if res == -libc::ENOBUFS {
+                                shared.engine.stats.recv_ring_empty.fetch_add(1, Relaxed);
+                            } else if res != -libc::ECANCELED {
+                                shared.engine.stats.recv_errors.fetch_add(1, Relaxed);
+                            }
                             continue;
                         }
-                        let s = &mut self.rx[idx as usize];
-                        let len = res as usize;
-                        let src = sys::from_sockaddr(&s.addr, s.hdr.msg_namelen);
-                        let truncated = s.hdr.msg_flags & libc::MSG_TRUNC != 0;
+                        let Some(bid) = cqueue::buffer_select(flags) else {
+                            continue;
+                        };
+                        self.bufs.taken();
+                        self.touched.push(u32::from(bid));
+                        let filled =
+                            &self.bufs.buf(bid)[..(res as usize).min(self.bufs.buf(bid).len())];
+                        let Ok(out) = types::RecvMsgOut::parse(filled, &self.recv_hdr) else {
+                            shared.engine.relay.count_drop(DropReason::Malformed, 1);
+                            continue;
+                        };
+                        let src = sys::sockaddr_from_bytes(out.name_data());
+                        let len = out.payload_data().len();
+                        let seg = sys::gro_segment(out.control_data()).unwrap_or(len);
+                        let truncated = out.is_payload_truncated() || out.is_name_data_truncated();
                         match (src, truncated) {
-                            (Some(src), false) => {
-                                // GRO segments are whole datagrams; each must be a
-                                // whole number of cells, which the engine checks on
-                                // the concatenation (all segments but the last have
-                                // the GRO size, and cells never straddle them when
-                                // that size is a multiple of CELL).
-                                let seg = sys::read_gro_cmsg(&s.hdr).unwrap_or(len);
-                                if !seg.is_multiple_of(self.cell) {
-                                    shared.engine.relay.count_drop(DropReason::Malformed, 1);
-                                } else {
-                                    let buf = &mut s.buf[..len];
-                                    shared.engine.on_datagram(
-                                        src,
-                                        idx,
-                                        buf,
-                                        &mut self.plan,
-                                        &mut self.side,
-                                        &mut self.exits,
-                                        false,
-                                        now,
-                                    );
-                                }
+                            // GRO segments are whole datagrams; each must be a whole
+                            // number of cells, which the engine checks on the
+                            // concatenation (all segments but the last have the GRO
+                            // size, and cells never straddle them when that size is a
+                            // multiple of CELL).
+                            (Some(src), false) if seg.is_multiple_of(self.cell) => {
+                                let buf = &mut self.bufs.payload_mut(bid)[..len];
+                                shared.engine.on_datagram(
+                                    src,
+                                    u32::from(bid),
+                                    buf,
+                                    &mut self.plan,
+                                    &mut self.side,
+                                    &mut self.exits,
+                                    false,
+                                    now,
+                                );
                             }
                             _ => shared.engine.relay.count_drop(DropReason::Malformed, 1),
                         }
-                        self.touched.push(idx);
                     }
                     K_SEND => {
                         // SENDMSG_ZC completes twice: the result (flagged MORE), then
@@ -476,11 +510,15 @@ impl Driver {
             if let Some(t) = reaped {
                 shared.engine.stats.batch_latency.record(t.elapsed());
             }
-            for i in std::mem::take(&mut self.touched) {
-                if self.rx[i as usize].refs == 0 {
-                    self.arm_recv(i)?;
+            // Buffers that nothing points into go back to the ring at once (the
+            // rest when their sends complete); then re-arm ended receives.
+            for &bid in &self.touched {
+                if self.refs[bid as usize] == 0 {
+                    self.bufs.provide(bid as u16);
                 }
             }
+            self.touched.clear();
+            self.arm_receives()?;
             shared.engine.stats.batches.fetch_add(1, Relaxed);
             shared.engine.publish();
             if let Some(exit) = shared.poll_control(now) {
@@ -495,5 +533,46 @@ impl Driver {
                 self.flush(shared)?;
             }
         }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        // Cancel every operation (the multishot and exit receives would otherwise
+        // stay armed) and wait until the kernel has completed them all, so that no
+        // buffer it may still write into or read from is freed under it.
+        let cancel = types::CancelBuilder::any();
+        let _ = self
+            .ring
+            .submitter()
+            .register_sync_cancel(Some(types::Timespec::new().sec(1)), cancel);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while self.inflight > 0 && std::time::Instant::now() < deadline {
+            let ts = types::Timespec::new().nsec(10_000_000);
+            let args = types::SubmitArgs::new().timespec(&ts);
+            let _ = self.ring.submitter().submit_with_args(1, &args);
+            for c in self.ring.completion() {
+                if !cqueue::more(c.flags()) {
+                    self.inflight -= 1;
+                }
+            }
+        }
+        if self.inflight > 0 {
+            // The kernel still holds some operation: leak every buffer it could
+            // touch rather than free memory under it.
+            tracing::error!(
+                inflight = self.inflight,
+                "io_uring operations did not complete at shutdown; leaking their buffers"
+            );
+            self.bufs.leak();
+            std::mem::forget(std::mem::take(&mut self.tx));
+            std::mem::forget(std::mem::replace(
+                &mut self.arena,
+                TxArena::new(0, self.cell),
+            ));
+            std::mem::forget(std::mem::replace(&mut self.exits, Exits::new(0)));
+            return;
+        }
+        let _ = self.bufs.unregister(&self.ring);
     }
 }

@@ -84,6 +84,11 @@ pub struct IoConfig {
     /// from the receive buffers. Pays off with large GSO batches on a real NIC;
     /// loopback copies anyway.
     pub zero_copy_send: bool,
+    /// io_uring driver: once woken by a first completion, wait up to this many
+    /// microseconds for more before processing (`min_wait_usec`, Linux 6.12+), so a
+    /// trickle of datagrams is handled in batches rather than one wake-up each. 0
+    /// processes every completion at once.
+    pub batch_wait_us: u32,
 }
 
 impl Default for IoConfig {
@@ -97,6 +102,7 @@ impl Default for IoConfig {
             setup_budget: 16,
             gro_gso: true,
             zero_copy_send: false,
+            batch_wait_us: 50,
         }
     }
 }
