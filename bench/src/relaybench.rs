@@ -238,8 +238,19 @@ fn run_variant_with<A: Aead>(
         // Share of the timed windows the relay's cores were busy.
         "relay_cpu_share_of_timed": if timed.as_secs_f64() > 0.0 { cpu / opts.workers as f64 / timed.as_secs_f64() } else { 0.0 },
         "relay_drops": status["drops"],
+        "relay_send_errors": worker_sum(&status, "send_errors"),
+        "relay_recv_errors": worker_sum(&status, "recv_errors"),
+        "relay_recv_ring_empty": worker_sum(&status, "recv_ring_empty"),
         "driver": status["workers"][0]["stats"]["driver"],
     }))
+}
+
+/// A worker counter from an admin `status` reply, summed over the workers.
+fn worker_sum(status: &Value, name: &str) -> u64 {
+    status["workers"]
+        .as_array()
+        .map(|ws| ws.iter().filter_map(|w| w["stats"][name].as_u64()).sum())
+        .unwrap_or(0)
 }
 
 /// Runs the benchmark and returns the report.

@@ -22,6 +22,8 @@ const MAX_SEGS: usize = 64;
 /// The recvmmsg/sendmmsg driver of one worker.
 pub struct Driver {
     sockets: Vec<std::net::UdpSocket>,
+    /// Whether each socket is IPv4 ([`sys::ipv4_flags`]).
+    ipv4: Vec<bool>,
     bufs: Vec<Box<[u8]>>,
     iovs: Vec<libc::iovec>,
     addrs: Vec<libc::sockaddr_storage>,
@@ -59,6 +61,7 @@ impl Driver {
         let n = spec.io.recv_slots.max(1);
         let cell = spec.layout.cell;
         let mut d = Driver {
+            ipv4: sys::ipv4_flags(&sockets)?,
             sockets,
             bufs: (0..n)
                 .map(|_| vec![0u8; RX_BUF].into_boxed_slice())
@@ -107,11 +110,7 @@ impl Driver {
         dest: &std::net::SocketAddr,
         cells: &[Loc],
     ) {
-        let Some(sock) = self.sockets.iter().find(|s| {
-            s.local_addr()
-                .map(|a| a.is_ipv4() == dest.is_ipv4())
-                .unwrap_or(false)
-        }) else {
+        let Some(sock) = sys::socket_for(&self.ipv4, dest).map(|i| &self.sockets[i]) else {
             shared
                 .engine
                 .relay

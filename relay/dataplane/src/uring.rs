@@ -56,6 +56,8 @@ struct SendSlot {
 pub struct Driver {
     ring: IoUring,
     sockets: Vec<std::net::UdpSocket>,
+    /// Whether each socket is IPv4 ([`sys::ipv4_flags`]).
+    ipv4: Vec<bool>,
     /// Receive buffers, shared by every socket's multishot receive.
     bufs: BufRing,
     /// Sends (and exit deliveries) still reading from each receive buffer.
@@ -141,6 +143,7 @@ impl Driver {
         }
         let mut d = Driver {
             ring,
+            ipv4: sys::ipv4_flags(&sockets)?,
             sockets,
             free_tx: (0..tx.len() as u32).rev().collect(),
             refs: vec![0; bufs.len()],
@@ -225,19 +228,11 @@ impl Driver {
         Ok(())
     }
 
-    fn socket_for(&self, dest: &std::net::SocketAddr) -> Option<usize> {
-        self.sockets.iter().position(|s| {
-            s.local_addr()
-                .map(|a| a.is_ipv4() == dest.is_ipv4())
-                .unwrap_or(false)
-        })
-    }
-
     /// Submits one GSO send per next hop (in chunks of `max_segs` cells).
     fn flush<A: Aead>(&mut self, shared: &mut Shared<'_, A>) -> io::Result<()> {
         let plan = std::mem::take(&mut self.plan);
         for g in plan.groups() {
-            let sock = self.socket_for(&g.dest);
+            let sock = sys::socket_for(&self.ipv4, &g.dest);
             for chunk in g.cells.chunks(self.max_segs) {
                 let (Some(sock), Some(t)) = (sock, self.free_tx.pop()) else {
                     // No socket of that family, or every send slot busy: drop.

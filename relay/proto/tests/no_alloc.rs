@@ -1,0 +1,162 @@
+//! "No allocation on the data path", checked rather than claimed: a counting global
+//! allocator around every relay call a forwarded cell makes, forward through three
+//! hops (strip, deliver at the exit) and back (the exit's reply, add a layer at each
+//! hop), plus the drops a flood causes (bad tags, replays, unknown circuits, garbage).
+//! Setups are excluded: they are budgeted, not per cell.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
+use std::cell::Cell;
+
+use common::*;
+use shroud_proto::client::ClientLink;
+use shroud_proto::relay::{Action, DropReason};
+use shroud_proto::{Layout, RingAead};
+
+/// Counts allocations made by the current thread while `COUNTING` is set.
+struct Counting;
+
+thread_local! {
+    static COUNTING: Cell<bool> = const { Cell::new(false) };
+    static ALLOCS: Cell<u64> = const { Cell::new(0) };
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; the counters
+// are thread-local `Cell`s (no allocation, no locking).
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
+        note();
+        // SAFETY: forwarded with the caller's layout.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: AllocLayout) -> *mut u8 {
+        note();
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new: usize) -> *mut u8 {
+        note();
+        // SAFETY: as above; `ptr` came from this allocator, i.e. from System.
+        unsafe { System.realloc(ptr, layout, new) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+fn note() {
+    // `try_with`: the thread-locals may be gone while a thread shuts down.
+    let _ = COUNTING.try_with(|c| {
+        if c.get() {
+            let _ = ALLOCS.try_with(|a| a.set(a.get() + 1));
+        }
+    });
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Runs `f` and returns its result with the allocations it made on this thread.
+fn counted<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    ALLOCS.with(|a| a.set(0));
+    COUNTING.with(|c| c.set(true));
+    let out = f();
+    COUNTING.with(|c| c.set(false));
+    (out, ALLOCS.with(Cell::get))
+}
+
+#[test]
+fn the_counter_sees_an_allocation() {
+    let (v, n) = counted(|| vec![1u8; 100]);
+    assert_eq!(v.len(), 100);
+    assert!(n >= 1, "the counting allocator does not count");
+}
+
+#[test]
+fn forwarding_delivering_replying_and_dropping_cells_allocates_nothing() {
+    let layout = Layout::default();
+    let mut r = rng(9);
+    let mut net = Net::<RingAead>::new(layout, 3, &mut r);
+    let mut link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    let mut c = net.open_circuit(&[0, 1, 2], &mut link, &mut r);
+    // A first data cell through the whole network warms every table up.
+    let mut cell = vec![0u8; layout.cell];
+    c.seal_data(&link, b"warm-up", &mut cell, &mut r).unwrap();
+    net.send(CLIENT, net.addrs[0], cell);
+    assert_eq!(net.delivered.len(), 1);
+
+    // Cells sealed ahead (the client may allocate; the relays may not).
+    let n = 256;
+    let mut cells: Vec<Vec<u8>> = (0..n)
+        .map(|k| {
+            let mut cell = vec![0u8; layout.cell];
+            c.seal_data(&link, &[k as u8; 700], &mut cell, &mut r)
+                .unwrap();
+            cell
+        })
+        .collect();
+    let mut replayed: Vec<Vec<u8>> = cells[..16].to_vec();
+    let mut replies: Vec<Vec<u8>> = vec![vec![0u8; layout.cell]; n];
+    let mut exits = Vec::with_capacity(n);
+    let mut garbage = vec![0x5au8; layout.cell];
+    let mut short = vec![0u8; 100];
+    let echo = [7u8; 700];
+    let a = net.addrs.clone();
+    let from = [CLIENT, a[0], a[1]];
+    let relays = &mut net.relays;
+
+    let ((), allocs) = counted(|| {
+        // Forward: each hop in turn over the whole batch; the exit delivers.
+        for hop in 0..3 {
+            for cell in cells.iter_mut() {
+                match relays[hop].handle(from[hop], cell, NOW_MS) {
+                    Action::Send { to, .. } => assert_eq!(to, a[hop + 1]),
+                    Action::Deliver {
+                        circuit, payload, ..
+                    } => {
+                        assert_eq!((hop, payload.len()), (2, 700));
+                        exits.push(circuit);
+                    }
+                    other => panic!("hop {hop}: {other:?}"),
+                }
+            }
+        }
+        // Backward: the exit wraps a reply per delivered cell, the middle and first
+        // hops add their layers.
+        for (reply, &circuit) in replies.iter_mut().zip(&exits) {
+            let back = relays[2].exit_reply(circuit, &echo, reply, NOW_MS).unwrap();
+            assert_eq!(back, a[1]);
+        }
+        for (hop, src, next) in [(1, a[2], a[0]), (0, a[1], CLIENT)] {
+            for reply in replies.iter_mut() {
+                match relays[hop].handle(src, reply, NOW_MS) {
+                    Action::Send { to, .. } => assert_eq!(to, next),
+                    other => panic!("backward at hop {hop}: {other:?}"),
+                }
+            }
+        }
+        // The drops a flood causes: replays, garbage on a peer link, short datagrams.
+        for cell in replayed.iter_mut() {
+            let got = relays[0].handle(CLIENT, cell, NOW_MS);
+            assert_eq!(got, Action::Drop(DropReason::Replay));
+        }
+        for _ in 0..64 {
+            let got = relays[1].handle(a[0], &mut garbage, NOW_MS);
+            assert!(matches!(got, Action::Drop(_)), "{got:?}");
+            let got = relays[0].handle(CLIENT, &mut short, NOW_MS);
+            assert!(matches!(got, Action::Drop(_)), "{got:?}");
+        }
+    });
+    assert_eq!(exits.len(), n);
+    assert_eq!(allocs, 0, "{allocs} allocations on the data path");
+    // And the client can read every reply: the cells really went through.
+    for reply in &mut replies {
+        let hdr = link.read_header(reply).unwrap();
+        match c.open(&hdr, reply).unwrap() {
+            shroud_proto::client::Received::Data(p) => assert_eq!(reply[p], echo),
+            other => panic!("reply read as {other:?}"),
+        }
+    }
+}
