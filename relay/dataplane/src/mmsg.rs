@@ -224,8 +224,13 @@ impl Driver {
                     break;
                 };
                 let mut buf = [0u8; EXIT_BUF];
-                let Ok(n) = sock.recv(&mut buf) else {
-                    break;
+                let n = match sock.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        shared.engine.stats.recv_errors.fetch_add(1, Relaxed);
+                        break;
+                    }
                 };
                 shared.engine.exit_payload(
                     circuit,
@@ -289,7 +294,17 @@ impl Driver {
                             std::ptr::null_mut(),
                         )
                     };
-                    if n <= 0 {
+                    if n < 0 {
+                        let e = std::io::Error::last_os_error();
+                        if !matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                        ) {
+                            shared.engine.stats.recv_errors.fetch_add(1, Relaxed);
+                        }
+                        break;
+                    }
+                    if n == 0 {
                         break;
                     }
                     // Batch latency: from here to the sends being submitted.

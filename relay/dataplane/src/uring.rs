@@ -328,6 +328,11 @@ impl Driver {
                         continue;
                     };
                     let Some(sock) = self.exits.slots[x as usize].sock.as_ref() else {
+                        // The circuit's exit socket is already closing.
+                        shared
+                            .engine
+                            .relay
+                            .count_drop(DropReason::UnknownCircuit, 1);
                         continue;
                     };
                     self.refs[*slot as usize] += 1;
@@ -357,6 +362,11 @@ impl Driver {
     ) {
         let slot = &self.exits.slots[x as usize];
         let Some(circuit) = slot.circuit else {
+            // A reply racing its circuit's teardown.
+            shared
+                .engine
+                .relay
+                .count_drop(DropReason::UnknownCircuit, 1);
             return;
         };
         let payload = &slot.buf[..len.min(EXIT_BUF)];
@@ -491,6 +501,8 @@ impl Driver {
                         } else {
                             if res >= 0 {
                                 self.on_exit_reply(shared, idx, res as usize, now);
+                            } else {
+                                shared.engine.stats.recv_errors.fetch_add(1, Relaxed);
                             }
                             self.arm_exit_recv(idx)?;
                         }
