@@ -45,31 +45,14 @@ pub mod check;
 pub mod cli;
 pub mod descriptor;
 pub mod edit;
-pub mod keydir;
-pub mod keyfile;
-pub mod peerfile;
 pub mod render;
 pub mod rotate;
 pub mod status;
 pub mod time;
 
-pub use keyfile::{
-    read_identity_key_file, read_onion_key_file, read_secret_key_file, write_secret_key_file,
-    KeyFileError, KeyKind,
+// Key and peer-list files live in shroud-keystore (the relay daemon uses them too);
+// re-exported here so `shroud_control::keyfile` and friends keep working.
+pub use shroud_keystore::{
+    exit, keydir, keyfile, peerfile, read_identity_key_file, read_onion_key_file,
+    read_secret_key_file, write_secret_key_file, KeyFileError, KeyKind,
 };
-
-/// Process exit codes used by `shroudctl` (and meant for the relay daemon too).
-///
-/// They follow `sysexits.h` where it has a name for the case.
-pub mod exit {
-    /// Success.
-    pub const OK: u8 = 0;
-    /// The operation failed: verification failed, a file could not be read or
-    /// written, a relay was not found, ...
-    pub const FAILURE: u8 = 1;
-    /// The command line is wrong (clap's own code for usage errors).
-    pub const USAGE: u8 = 2;
-    /// `EX_CONFIG`: an input file is malformed (a peer list that does not parse, a
-    /// key file with a bad format or unsafe permissions, a corrupt state file).
-    pub const CONFIG: u8 = 78;
-}

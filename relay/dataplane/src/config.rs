@@ -12,7 +12,7 @@ use serde::Deserialize;
 use shroud_proto::policy::ExitPolicy;
 use shroud_proto::relay::RelayLimits;
 
-use shroud_control::keydir::{scan_key_dir, MAX_LOADED_KEYS};
+use shroud_keystore::keydir::{scan_key_dir, MAX_LOADED_KEYS};
 
 use crate::worker::{CryptoChoice, DriverChoice, IoConfig};
 

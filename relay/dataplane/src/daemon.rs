@@ -107,7 +107,7 @@ pub fn load_onion_keys(cfg: &Config) -> anyhow::Result<Vec<OnionKey>> {
     let mut keys: Vec<OnionKey> = Vec::with_capacity(sel.files.len());
     for f in &sel.files {
         let secret =
-            shroud_control::keyfile::read_onion_key_file(&f.path).map_err(anyhow::Error::new)?;
+            shroud_keystore::keyfile::read_onion_key_file(&f.path).map_err(anyhow::Error::new)?;
         let public = secret.public();
         if keys.iter().any(|k| k.public == public) {
             return Err(anyhow!(
@@ -151,7 +151,7 @@ pub fn trust_policy(cfg: &Config) -> anyhow::Result<TrustPolicy> {
 /// the file is there to prevent.
 pub fn recorded_serial(cfg: &Config) -> anyhow::Result<Option<u64>> {
     let p = &cfg.relay.peer_list_state;
-    shroud_control::peerfile::read_state(p).map_err(|e| {
+    shroud_keystore::peerfile::read_state(p).map_err(|e| {
         anyhow::Error::new(e).context(format!(
             "relay.peer_list_state: cannot use the peer-list rollback state {} (it must \
              hold the serial of the last accepted peer list and a newline; restore it, \
@@ -169,7 +169,7 @@ pub fn record_serial(cfg: &Config, serial: u64) -> anyhow::Result<()> {
         return Ok(());
     }
     let p = &cfg.relay.peer_list_state;
-    shroud_control::peerfile::write_state(p, serial).map_err(|e| {
+    shroud_keystore::peerfile::write_state(p, serial).map_err(|e| {
         anyhow::Error::new(e).context(format!(
             "relay.peer_list_state: cannot record peer-list serial {serial} in {}",
             p.display()
@@ -226,7 +226,7 @@ pub fn load_peer_list_at_start(cfg: &Config) -> anyhow::Result<(PeerList, bool)>
 /// Loads keys and the peer list (an expired but otherwise valid list is accepted
 /// and flagged, see [`load_peer_list_at_start`]).
 pub fn load(cfg: &Config) -> anyhow::Result<Loaded> {
-    let identity = shroud_control::keyfile::read_identity_key_file(&cfg.relay.identity_key)
+    let identity = shroud_keystore::keyfile::read_identity_key_file(&cfg.relay.identity_key)
         .map_err(anyhow::Error::new)?;
     let onion = load_onion_keys(cfg)?;
     let (peers, expired) = load_peer_list_at_start(cfg)?;

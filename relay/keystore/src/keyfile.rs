@@ -41,7 +41,8 @@ pub const MAX_KEY_FILE_BYTES: u64 = 1024;
 pub const FORBIDDEN_MODE_BITS: u32 = 0o077;
 
 /// The kind of a key: which algorithm its 32 secret bytes are for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum KeyKind {
     /// A long-term ed25519 identity key (a relay's or a directory authority's); it
     /// signs descriptors and peer lists. The secret is the 32-byte ed25519 seed.

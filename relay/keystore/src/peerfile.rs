@@ -128,7 +128,7 @@ fn read_limited(path: &Path, limit: usize) -> Result<(Vec<u8>, u64), FileError> 
 /// Returns [`FileError::PeerList`] (exit code 78) for anything
 /// [`PeerList::parse`] refuses, including a document over
 /// [`MAX_DOCUMENT_BYTES`] and bytes that are not ASCII. Signatures, validity times
-/// and parameters are *not* checked: see [`crate::check`].
+/// and parameters are *not* checked: see `shroud_control::check`.
 pub fn read_peer_list(path: impl AsRef<Path>) -> Result<PeerList, FileError> {
     let path = path.as_ref();
     let (bytes, size) = read_limited(path, MAX_DOCUMENT_BYTES)?;
@@ -162,7 +162,7 @@ pub fn read_peer_list(path: impl AsRef<Path>) -> Result<PeerList, FileError> {
 ///
 /// The list is written as it is; callers that built or edited it should
 /// [`PeerList::normalize`] and [`PeerList::validate`] it first (the functions of
-/// [`crate::edit`] do).
+/// `shroud_control::edit` do).
 pub fn write_peer_list(
     path: impl AsRef<Path>,
     list: &PeerList,
