@@ -28,24 +28,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Enables UDP GRO on a socket.
+/// Enables UDP GRO on a socket (the relay's own helper).
 pub fn enable_gro(s: &UdpSocket) -> std::io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: `one` outlives the call and its size is passed.
-    let r = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_UDP,
-            104,
-            (&one as *const libc::c_int).cast(),
-            4,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    shroud_relay::sys::enable_gro(s)
 }
 
 /// Sets SO_RCVBUF/SO_SNDBUF (best effort).
@@ -68,38 +53,30 @@ pub fn set_buffers(s: &UdpSocket, bytes: usize) {
 /// Sends `cells` (a whole number of `cell`-byte cells) to `dest`, up to 64 cells per
 /// `sendmsg` with `UDP_SEGMENT`. Returns the cells the kernel accepted.
 pub fn gso_send(sock: &UdpSocket, dest: SocketAddr, cells: &[u8], cell: usize) -> usize {
-    let SocketAddr::V4(d) = dest else { return 0 };
-    // SAFETY: all-zero is a valid sockaddr_in.
-    let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    sa.sin_family = libc::AF_INET as libc::sa_family_t;
-    sa.sin_port = d.port().to_be();
-    sa.sin_addr = libc::in_addr {
-        s_addr: u32::from_ne_bytes(d.ip().octets()),
-    };
+    use shroud_relay::sys;
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let namelen = sys::to_sockaddr(&dest, &mut addr);
     let per = 64.min(65000 / cell).max(1);
+    let mut ctrl = [0u8; sys::CMSG_BUF];
+    let ctrl_len = sys::write_gso_cmsg(&mut ctrl, cell as u16);
     let mut sent = 0;
     for chunk in cells.chunks(per * cell) {
         let mut iov = libc::iovec {
             iov_base: chunk.as_ptr() as *mut libc::c_void,
             iov_len: chunk.len(),
         };
-        let mut ctrl = [0u64; 4];
-        // SAFETY: every pointer refers to a live local for the duration of sendmsg; the
-        // CMSG macros stay within the 32-byte control buffer given.
+        // SAFETY: all-zero is a valid msghdr; every pointer set below refers to a live
+        // local (address, iovec, control bytes) for the duration of the sendmsg call.
         let r = unsafe {
             let mut h: libc::msghdr = std::mem::zeroed();
-            h.msg_name = (&mut sa as *mut libc::sockaddr_in).cast();
-            h.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+            h.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+            h.msg_namelen = namelen;
             h.msg_iov = &mut iov;
             h.msg_iovlen = 1;
             if chunk.len() > cell {
                 h.msg_control = ctrl.as_mut_ptr().cast();
-                h.msg_controllen = libc::CMSG_SPACE(2) as usize;
-                let c = libc::CMSG_FIRSTHDR(&h);
-                (*c).cmsg_level = libc::SOL_UDP;
-                (*c).cmsg_type = 103; // UDP_SEGMENT
-                (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
-                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), cell as u16);
+                h.msg_controllen = ctrl_len;
             }
             libc::sendmsg(sock.as_raw_fd(), &h, 0)
         };
