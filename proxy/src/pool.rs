@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -56,6 +56,8 @@ pub struct Entry {
     pub born: Instant,
     /// Streams open on it.
     pub streams: AtomicUsize,
+    /// Set once its failure was handled ([`Pool::failed`]).
+    reported: AtomicBool,
     _endpoint: quinn::Endpoint,
 }
 
@@ -249,6 +251,7 @@ impl Pool {
             circuit,
             born: Instant::now(),
             streams: AtomicUsize::new(0),
+            reported: AtomicBool::new(false),
             _endpoint: endpoint,
         }))
     }
@@ -262,11 +265,16 @@ impl Pool {
     /// was taken).
     pub async fn fill(self: &Arc<Self>) {
         loop {
-            let n = {
+            let (n, dead) = {
                 let Ok(mut s) = self.state.lock() else { return };
+                let dead: Vec<Arc<Entry>> =
+                    s.spare.iter().filter(|e| !e.alive()).cloned().collect();
                 s.spare.retain(|e| self.fresh(e));
-                s.spare.len()
+                (s.spare.len(), dead)
             };
+            for e in &dead {
+                self.failed(e).await;
+            }
             if n >= self.cfg.file.circuits.prebuild {
                 return;
             }
@@ -309,16 +317,21 @@ impl Pool {
         }
         let _g = self.building.lock().await;
         // Another task may have made one meanwhile.
-        let spare = {
+        let (spare, dead) = {
             let Ok(mut s) = self.state.lock() else {
                 anyhow::bail!("pool lock poisoned")
             };
             if let Some(e) = s.by_key.get(key).filter(|e| self.fresh(e)) {
                 return Ok(e.clone());
             }
+            let dead: Vec<Arc<Entry>> = s.spare.iter().filter(|e| !e.alive()).cloned().collect();
             s.spare.retain(|e| self.fresh(e));
-            s.spare.pop()
+            (s.spare.pop(), dead)
         };
+        // A dead spare's relays are checked before a new path is chosen.
+        for e in &dead {
+            self.failed(e).await;
+        }
         let e = match spare {
             Some(e) => e,
             None => self.build_entry().await?,
@@ -342,15 +355,12 @@ impl Pool {
     /// Reports that `e` failed a stream: it takes no more streams, its relays are
     /// checked, and the silent ones are avoided.
     pub async fn failed(self: &Arc<Self>, e: &Arc<Entry>) {
-        let first = {
-            let Ok(mut s) = self.state.lock() else { return };
-            let before = s.by_key.len() + s.spare.len();
+        if let Ok(mut s) = self.state.lock() {
             s.by_key.retain(|_, x| !Arc::ptr_eq(x, e));
             s.spare.retain(|x| !Arc::ptr_eq(x, e));
-            before != s.by_key.len() + s.spare.len()
-        };
+        }
         e.conn.close(0u32.into(), b"circuit failed");
-        if first {
+        if !e.reported.swap(true, Ordering::AcqRel) {
             self.stats.died.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 why = e
@@ -387,8 +397,8 @@ impl Pool {
         }
     }
 
-    /// Closes retired circuits whose streams have all ended, and drops dead spares
-    /// (call periodically).
+    /// Closes retired circuits whose streams have all ended (call periodically;
+    /// [`Pool::fill`] handles dead spares).
     pub fn sweep(&self) {
         let Ok(mut s) = self.state.lock() else { return };
         s.retired.retain(|e| {
@@ -399,7 +409,6 @@ impl Pool {
                 true
             }
         });
-        s.spare.retain(|e| e.alive());
     }
 
     /// Relays currently avoided.

@@ -396,7 +396,8 @@ fn udp_associate_round_trips_datagrams_through_a_circuit() {
     tcp.read_exact(&mut r).unwrap();
     assert_eq!(&r[..4], [5, 0, 0, 1]);
     let relay = SocketAddr::from(([r[4], r[5], r[6], r[7]], u16::from_be_bytes([r[8], r[9]])));
-    let udp = UdpSocket::bind("127.0.93.100:0").unwrap();
+    // The proxy takes datagrams only from the address of the client's TCP connection.
+    let udp = UdpSocket::bind(SocketAddr::new(tcp.local_addr().unwrap().ip(), 0)).unwrap();
     udp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let SocketAddr::V4(e) = echo else { panic!() };
     let mut header = vec![0, 0, 0, 1];
