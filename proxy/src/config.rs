@@ -435,6 +435,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_shipped_examples_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        // Everything up to the certificate file is valid.
+        let e = GatewayConfig::load(&root.join("deploy/gateway.toml")).unwrap_err();
+        assert_eq!(e.key, "gateway.cert", "{e}");
+        let text = std::fs::read_to_string(root.join("deploy/proxy.toml")).unwrap();
+        let f: ProxyFile = toml::from_str(&text).unwrap();
+        assert_eq!(f.proxy.listen, default_listen());
+        assert_eq!(f.circuits.hops, default_circuits().hops);
+        assert_eq!(
+            f.circuits.idle_timeout_ms,
+            default_circuits().idle_timeout_ms
+        );
+        assert_eq!(f.streams.attempts, default_streams().attempts);
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_the_key() {
         let dir = std::env::temp_dir().join(format!("shroud-proxy-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
