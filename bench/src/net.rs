@@ -100,6 +100,10 @@ pub struct LocalNet {
     pub relays: Vec<Proc>,
     /// The signed peer list.
     pub list: PeerList,
+    /// Its file.
+    pub list_path: PathBuf,
+    /// The authority that signed it (base64 public key).
+    pub authority: String,
 }
 
 fn now_s() -> u64 {
@@ -233,6 +237,8 @@ impl LocalNet {
             dir,
             relays: procs,
             list,
+            list_path: list_path.clone(),
+            authority: authority.public().to_base64(),
         };
         for (i, spec) in relays.iter().enumerate() {
             let p = &me.relays[i];
