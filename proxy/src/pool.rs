@@ -12,7 +12,11 @@
 //!   `CREATED` or `REFUSED`, is alive); the silent ones are avoided by every path
 //!   chosen for `dead_relay_secs`. If avoiding them leaves no path, they are not
 //!   avoided (a path through a maybe-dead relay beats none).
-//! - At most one circuit is built at a time per key; builds run on blocking threads
+//! - **Exit policies are honoured.** The peer list carries only the exit flag; an
+//!   exit that refuses a circuit's destination (`REFUSED`, reason `policy`, from the
+//!   last hop) is left out of later paths to that destination for
+//!   `dead_relay_secs`, and the build is retried on another path.
+//! - At most one stream circuit is built at a time; builds run on blocking threads
 //!   and never hold the pool's lock.
 
 use std::collections::HashMap;
@@ -88,6 +92,9 @@ pub struct Pool {
     max_packet: u16,
     state: Mutex<State>,
     dead: Mutex<HashMap<RelayId, Instant>>,
+    /// Exits that refused a destination by their exit policy (the peer list carries
+    /// only the exit flag, not the policy): avoided for that destination.
+    refused: Mutex<HashMap<(RelayId, SocketAddr), Instant>>,
     building: tokio::sync::Mutex<()>,
     /// Counters.
     pub stats: PoolStats,
@@ -148,6 +155,7 @@ impl Pool {
             max_packet,
             state: Mutex::new(State::default()),
             dead: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
             building: tokio::sync::Mutex::new(()),
             stats: PoolStats::default(),
         }))
@@ -162,13 +170,28 @@ impl Pool {
         d.keys().copied().collect()
     }
 
-    /// A path for a new circuit under the configured rules.
-    pub fn choose(&self, exit: Option<RelayId>) -> Result<Vec<PathHop>, PathError> {
+    fn refused_for(&self, dest: SocketAddr) -> Vec<RelayId> {
+        let keep = Duration::from_secs(self.cfg.file.circuits.dead_relay_secs);
+        let Ok(mut r) = self.refused.lock() else {
+            return Vec::new();
+        };
+        r.retain(|_, t| t.elapsed() < keep);
+        r.keys().filter(|k| k.1 == dest).map(|k| k.0).collect()
+    }
+
+    /// A path to `dest` for a new circuit under the configured rules.
+    pub fn choose(
+        &self,
+        exit: Option<RelayId>,
+        dest: SocketAddr,
+    ) -> Result<Vec<PathHop>, PathError> {
         let c = &self.cfg.file.circuits;
+        let mut avoid = self.avoided();
+        avoid.extend(self.refused_for(dest));
         let mut rules = PathRules {
             exit,
             distinct_subnets: c.distinct_subnets,
-            avoid: self.avoided(),
+            avoid,
         };
         let now = now_s();
         match choose_path_with(&self.list, c.hops, true, &rules, now, &mut OsRng) {
@@ -192,7 +215,7 @@ impl Pool {
     ) -> anyhow::Result<(Circuit, tokio::sync::mpsc::Receiver<Vec<u8>>)> {
         let mut last = None;
         for _ in 0..3 {
-            let path = self.choose(exit)?;
+            let path = self.choose(exit, dest)?;
             let spec = CircuitSpec {
                 list: self.list.clone(),
                 path: path.clone(),
@@ -211,8 +234,20 @@ impl Pool {
                 Err(e) => {
                     self.stats.build_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "circuit build failed");
-                    if matches!(e, ClientError::SetupTimeout { .. }) {
-                        self.check_relays(&path).await;
+                    match &e {
+                        ClientError::SetupTimeout { .. } => self.check_relays(&path).await,
+                        // The exit's policy refuses this destination: try other exits.
+                        ClientError::Refused {
+                            hop,
+                            relay,
+                            reason_name,
+                            ..
+                        } if *reason_name == "policy" && *hop + 1 == path.len() => {
+                            if let Ok(mut r) = self.refused.lock() {
+                                r.insert((*relay, dest), Instant::now());
+                            }
+                        }
+                        _ => {}
                     }
                     last = Some(e);
                 }
