@@ -152,6 +152,9 @@ enum Cmd {
         /// Third octet of the loopback block the relays use (127.0.NET.x).
         #[arg(long, default_value_t = 96)]
         net: u8,
+        /// The relays' I/O driver: auto, uring or mmsg.
+        #[arg(long, default_value = "auto")]
+        driver: String,
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -256,6 +259,7 @@ fn main() -> ExitCode {
             runs,
             parallel,
             net,
+            driver,
             json,
         } => {
             let opts = proxybench::Opts {
@@ -263,6 +267,7 @@ fn main() -> ExitCode {
                 runs: runs.max(1),
                 parallel,
                 net,
+                driver,
             };
             proxybench::run(&opts).and_then(|r| emit(&r, proxybench::print, json, None))
         }

@@ -47,6 +47,8 @@ pub struct RelaySpec {
     /// shipped 200/400, so that one generator can measure setup rates; the flood
     /// benchmark uses the shipped values.
     pub setup_rate: u32,
+    /// I/O driver (`auto`, `uring`, `mmsg`).
+    pub driver: String,
 }
 
 impl Default for RelaySpec {
@@ -59,6 +61,7 @@ impl Default for RelaySpec {
             zero_copy_send: false,
             exit_policy: vec!["accept 127.0.0.0/8:*".into()],
             setup_rate: 100000,
+            driver: "auto".into(),
         }
     }
 }
@@ -256,7 +259,7 @@ impl LocalNet {
                     "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\npeer_list = {list:?}\npeer_list_state = \"peer-list.serial\"\nsetup_journal = \"setup.journal\"\nauthorities = [{auth:?}]\nexit_policy = [{policy}]\n\n\
                      [network]\nlisten = [\"{addr}\"]\nbase_port = 9000\nworkers = {w}\ncpus = [{cpus}]\nsocket_buffer_bytes = 16777216\n\n\
                      [limits]\nsetup_rate = {rate}\nsetup_burst = {burst}\n\n\
-                     [io]\ncrypto = \"{crypto}\"\ngro_gso = {gro}\nzero_copy_send = {zc}\n\n[admin]\nsocket = \"admin.sock\"\n\n[log]\nlevel = \"warn\"\n",
+                     [io]\ndriver = \"{driver}\"\ncrypto = \"{crypto}\"\ngro_gso = {gro}\nzero_copy_send = {zc}\n\n[admin]\nsocket = \"admin.sock\"\n\n[log]\nlevel = \"warn\"\n",
                     list = list_path.display().to_string(),
                     auth = authority.public().to_base64(),
                     policy = quote(&spec.exit_policy),
@@ -264,6 +267,7 @@ impl LocalNet {
                     w = spec.workers,
                     cpus = spec.cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", "),
                     crypto = spec.crypto,
+                    driver = spec.driver,
                     gro = spec.gro_gso,
                     zc = spec.zero_copy_send,
                     rate = spec.setup_rate,

@@ -3,8 +3,8 @@
 //! loopback TCP in the same run; and `parallel` streams at once, each on its own
 //! circuit (distinct SOCKS credentials).
 //!
-//! The source is a TCP server in this process that writes `size` bytes to every
-//! connection and closes it. Time to first byte is measured from the start of the
+//! The source is a TCP server in this process that writes as many bytes as each
+//! connection asks for (a u64 it sends first) and closes it. Time to first byte is measured from the start of the
 //! TCP connect (to the source, or to the proxy: SOCKS handshake and CONNECT
 //! included) to the first byte of data; throughput over the whole transfer from
 //! there. The first stream through the proxy (which may wait for its circuit) is
@@ -35,6 +35,8 @@ pub struct Opts {
     pub parallel: usize,
     /// Third octet of the loopback block.
     pub net: u8,
+    /// The relays' I/O driver (`auto`, `uring`, `mmsg`).
+    pub driver: String,
 }
 
 /// C Tor's single-stream figure on this machine (docs/BENCHMARKING.md), MB/s.
@@ -78,7 +80,10 @@ fn proxy_binary(relay: &Path) -> anyhow::Result<PathBuf> {
 fn spawn(bin: &Path, args: &[&str], log: &Path) -> anyhow::Result<Killed> {
     let mut c = Command::new(bin);
     c.args(args)
-        .env("SHROUD_LOG", "warn")
+        .env(
+            "SHROUD_LOG",
+            std::env::var("SHROUD_BENCH_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log)?);
@@ -96,8 +101,9 @@ fn spawn(bin: &Path, args: &[&str], log: &Path) -> anyhow::Result<Killed> {
     ))
 }
 
-/// A source: every connection gets `size` bytes, then EOF.
-fn source(addr: SocketAddr, size: u64) -> anyhow::Result<SocketAddr> {
+/// A source: every connection sends a byte count (u64, big endian) and gets that
+/// many bytes, then EOF.
+fn source(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind(addr)?;
     let local = l.local_addr()?;
     std::thread::spawn(move || {
@@ -106,7 +112,11 @@ fn source(addr: SocketAddr, size: u64) -> anyhow::Result<SocketAddr> {
             let Ok(mut s) = s else { continue };
             let chunk = chunk.clone();
             std::thread::spawn(move || {
-                let mut left = size;
+                let mut want = [0u8; 8];
+                if s.read_exact(&mut want).is_err() {
+                    return;
+                }
+                let mut left = u64::from_be_bytes(want);
                 while left > 0 {
                     let n = left.min(chunk.len() as u64) as usize;
                     if s.write_all(&chunk[..n]).is_err() {
@@ -136,6 +146,7 @@ impl Transfer {
 
 fn read_all(mut s: TcpStream, start: Instant, expect: u64) -> anyhow::Result<Transfer> {
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(&expect.to_be_bytes())?;
     let mut buf = vec![0u8; 1 << 18];
     let mut got = 0u64;
     let mut first = None;
@@ -228,7 +239,7 @@ pub fn run(o: &Opts) -> anyhow::Result<Value> {
     )?;
     let dir = net.dir.join("proxy");
     std::fs::create_dir_all(&dir)?;
-    let src = source(format!("127.0.{n}.251:0").parse()?, o.size)?;
+    let src = source(format!("127.0.{n}.251:0").parse()?)?;
     let out = Command::new(&proxy)
         .arg("gen-cert")
         .arg("--cert")
@@ -317,20 +328,46 @@ pub fn run(o: &Opts) -> anyhow::Result<Value> {
             "mbytes_per_s": total as f64 / 1e6 / secs,
         });
     }
+    // Where cells were dropped on the way (non-zero drop counters per relay).
+    let drops: Vec<Value> = (0..net.relays.len())
+        .map(|i| {
+            let st = net.admin(i, "status").unwrap_or(Value::Null);
+            let nz: serde_json::Map<String, Value> = st["result"]["drops"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter(|(_, v)| v.as_u64().unwrap_or(0) > 0)
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            Value::Object(nz)
+        })
+        .collect();
     let d = stats(&direct_runs);
     let p = stats(&proxy_runs);
     let pm = p["mbytes_per_s"].as_f64().unwrap_or(0.0);
     let dm = d["mbytes_per_s"].as_f64().unwrap_or(0.0);
+    if std::env::var_os("SHROUD_BENCH_PROXY_LOG").is_some() {
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!(
+            "--- proxy log:\n{}\n--- gateway log:\n{}",
+            log(),
+            std::fs::read_to_string(dir.join("gateway.log")).unwrap_or_default()
+        );
+    }
     drop(net);
     Ok(json!({
         "schema": "shroud-bench/proxy/1",
         "machine": machine(),
         "bytes_per_stream": o.size,
         "hops": 3,
+        "driver": o.driver,
         "direct_loopback": d,
         "proxy": p,
         "proxy_cold_ttfb_ms": cold.ttfb.as_secs_f64() * 1e3,
         "parallel": parallel,
+        "relay_drops": drops,
         "ratio_to_direct": pm / dm.max(1e-9),
         "tor_single_stream_mbytes_per_s": TOR_SINGLE_STREAM_MBPS,
         "ratio_to_tor": pm / TOR_SINGLE_STREAM_MBPS,
@@ -341,8 +378,8 @@ pub fn run(o: &Opts) -> anyhow::Result<Value> {
 pub fn print(r: &Value) {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     println!(
-        "one stream of {} bytes through 3 hops (median of {} runs)",
-        r["bytes_per_stream"], r["proxy"]["runs"]
+        "one stream of {} bytes through 3 hops, relay driver {} (median of {} runs)",
+        r["bytes_per_stream"], r["driver"], r["proxy"]["runs"]
     );
     println!(
         "  direct loopback TCP : {:>8.1} MB/s   time to first byte {:>7.3} ms",
@@ -361,6 +398,7 @@ pub fn print(r: &Value) {
         r["tor_single_stream_mbytes_per_s"],
         f(&r["ratio_to_tor"])
     );
+    println!("  relay drop counters (non-zero): {}", r["relay_drops"]);
     if !r["parallel"].is_null() {
         println!(
             "  {} parallel streams, one circuit each: {:.1} MB/s in all",

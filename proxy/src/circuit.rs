@@ -61,6 +61,9 @@ pub struct CircuitStats {
     pub packets_received: AtomicU64,
     /// Packets dropped: a full queue, too large, or incomplete at eviction.
     pub packets_dropped: AtomicU64,
+    /// Cells the client dropped (failed authentication or the replay window, unknown,
+    /// malformed; `shroud_client::ClientStats`), updated every few hundred cells.
+    pub cells_dropped: AtomicU64,
 }
 
 /// What [`Circuit::build`] needs.
@@ -204,6 +207,7 @@ impl Worker {
         let mut next_id = 0u32;
         let mut last_send = Instant::now();
         let mut evicted = 0;
+        let mut tick = 0u32;
         loop {
             loop {
                 match self.rx.try_recv() {
@@ -226,7 +230,16 @@ impl Worker {
                     return format!("send: {e}");
                 }
             }
-            match self.client.recv_into(&mut buf, POLL) {
+            let r = self.client.recv_into(&mut buf, POLL);
+            tick = tick.wrapping_add(1);
+            if tick.is_multiple_of(256) || r.is_err() {
+                let st = self.client.stats();
+                self.stats.cells_dropped.store(
+                    st.rejected + st.unknown + st.malformed + st.queue_dropped,
+                    Ordering::Relaxed,
+                );
+            }
+            match r {
                 Ok((_, n)) => {
                     let p = &buf[..n];
                     let packet = match self.mode {

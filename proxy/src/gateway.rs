@@ -36,6 +36,8 @@ use crate::wire::{Status, Target, MAX_REQUEST};
 
 /// Incomplete packets held over all peers.
 const REASSEMBLY: usize = 4096;
+/// Requested SO_SNDBUF / SO_RCVBUF of the gateway's socket.
+const SOCKET_BUF: usize = 8 << 20;
 /// Copy buffer per direction of a stream.
 const COPY_BUF: usize = 256 * 1024;
 
@@ -224,8 +226,19 @@ pub async fn serve(endpoint: quinn::Endpoint, rules: Arc<StreamRules>, stats: Ar
                     Ok((send, recv)) => {
                         stats.streams.fetch_add(1, Ordering::Relaxed);
                         let (rules, stats) = (rules.clone(), stats.clone());
+                        let conn = conn.clone();
                         tokio::spawn(async move {
                             let s = handle_stream(send, recv, &rules).await;
+                            let q = conn.stats();
+                            tracing::debug!(
+                                status = s.name(),
+                                rtt_us = q.path.rtt.as_micros() as u64,
+                                cwnd = q.path.cwnd,
+                                lost_packets = q.path.lost_packets,
+                                congestion_events = q.path.congestion_events,
+                                sent_packets = q.path.sent_packets,
+                                "stream closed"
+                            );
                             if let Some(c) = stats.status.get(s as usize) {
                                 c.fetch_add(1, Ordering::Relaxed);
                             }
@@ -343,7 +356,16 @@ pub fn endpoint(
     server: quinn::ServerConfig,
     stats: Arc<GatewayStats>,
 ) -> io::Result<quinn::Endpoint> {
-    let std = std::net::UdpSocket::bind(listen)?;
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: the kernel clamps to net.core.{r,w}mem_max.
+    let _ = sock.set_send_buffer_size(SOCKET_BUF);
+    let _ = sock.set_recv_buffer_size(SOCKET_BUF);
+    sock.bind(&listen.into())?;
+    let std: std::net::UdpSocket = sock.into();
     std.set_nonblocking(true)?;
     let io = UdpSocket::from_std(std)?;
     let sock = GatewaySocket::new(io, max_datagram, stats);

@@ -280,11 +280,25 @@ impl Socks {
                 }
                 entry.streams.fetch_add(1, Ordering::AcqRel);
                 let mut quic = tokio::io::join(recv, send);
-                let _ = tokio::io::copy_bidirectional_with_sizes(
+                let r = tokio::io::copy_bidirectional_with_sizes(
                     &mut tcp, &mut quic, COPY_BUF, COPY_BUF,
                 )
                 .await;
                 entry.streams.fetch_sub(1, Ordering::AcqRel);
+                let q = entry.conn.stats();
+                let c = &entry.circuit.stats;
+                tracing::debug!(
+                    bytes = ?r.ok(),
+                    rtt_us = q.path.rtt.as_micros() as u64,
+                    cwnd = q.path.cwnd,
+                    lost_packets = q.path.lost_packets,
+                    congestion_events = q.path.congestion_events,
+                    circuit_sent = c.packets_sent.load(Ordering::Relaxed),
+                    circuit_received = c.packets_received.load(Ordering::Relaxed),
+                    circuit_dropped = c.packets_dropped.load(Ordering::Relaxed),
+                    cells_dropped = c.cells_dropped.load(Ordering::Relaxed),
+                    "stream closed"
+                );
             }
         }
     }
