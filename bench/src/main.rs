@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use shroud_bench::{circuit, demo, flood, relaybench, report};
+use shroud_bench::{circuit, demo, flood, proxybench, relaybench, report};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -139,6 +139,29 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// One TCP stream through shroud-proxy (SOCKS5, QUIC over 3 hops, stream gateway)
+    /// against direct loopback TCP in the same run: MB/s and time to first byte; then
+    /// parallel streams on one circuit each.
+    Proxy {
+        /// Bytes per stream.
+        #[arg(long, default_value_t = 100_000_000)]
+        size: u64,
+        /// Single-stream runs (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Streams at once in the parallel step (0 skips it).
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// Third octet of the loopback block the relays use (127.0.NET.x).
+        #[arg(long, default_value_t = 96)]
+        net: u8,
+        /// The relays' I/O driver: auto, uring or mmsg.
+        #[arg(long, default_value = "auto")]
+        driver: String,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// (internal) Run a relay with the same code as shroud-relay.
     #[command(name = "__relay", hide = true, disable_help_flag = true)]
     RelayProcess {
@@ -233,6 +256,23 @@ fn main() -> ExitCode {
                 net,
             };
             circuit::run(&opts, &stop).and_then(|r| emit(&r, circuit::print, json, plot))
+        }
+        Cmd::Proxy {
+            size,
+            runs,
+            parallel,
+            net,
+            driver,
+            json,
+        } => {
+            let opts = proxybench::Opts {
+                size,
+                runs: runs.max(1),
+                parallel,
+                net,
+                driver,
+            };
+            proxybench::run(&opts).and_then(|r| emit(&r, proxybench::print, json, None))
         }
         Cmd::Flood {
             duration,

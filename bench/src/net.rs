@@ -49,6 +49,8 @@ pub struct RelaySpec {
     pub setup_rate: u32,
     /// `[io] batch_wait_us` (the relay's default is 50).
     pub batch_wait_us: u32,
+    /// I/O driver (`auto`, `uring`, `mmsg`).
+    pub driver: String,
 }
 
 impl Default for RelaySpec {
@@ -62,6 +64,7 @@ impl Default for RelaySpec {
             exit_policy: vec!["accept 127.0.0.0/8:*".into()],
             setup_rate: 100000,
             batch_wait_us: 50,
+            driver: "auto".into(),
         }
     }
 }
@@ -103,6 +106,10 @@ pub struct LocalNet {
     pub relays: Vec<Proc>,
     /// The signed peer list.
     pub list: PeerList,
+    /// Its file.
+    pub list_path: PathBuf,
+    /// The authority that signed it (base64 public key).
+    pub authority: String,
 }
 
 fn now_s() -> u64 {
@@ -236,6 +243,8 @@ impl LocalNet {
             dir,
             relays: procs,
             list,
+            list_path: list_path.clone(),
+            authority: authority.public().to_base64(),
         };
         for (i, spec) in relays.iter().enumerate() {
             let p = &me.relays[i];
@@ -253,7 +262,7 @@ impl LocalNet {
                     "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\npeer_list = {list:?}\npeer_list_state = \"peer-list.serial\"\nsetup_journal = \"setup.journal\"\nauthorities = [{auth:?}]\nexit_policy = [{policy}]\n\n\
                      [network]\nlisten = [\"{addr}\"]\nbase_port = 9000\nworkers = {w}\ncpus = [{cpus}]\nsocket_buffer_bytes = 16777216\n\n\
                      [limits]\nsetup_rate = {rate}\nsetup_burst = {burst}\n\n\
-                     [io]\ncrypto = \"{crypto}\"\ngro_gso = {gro}\nzero_copy_send = {zc}\nbatch_wait_us = {bw}\n\n[admin]\nsocket = \"admin.sock\"\n\n[log]\nlevel = \"warn\"\n",
+                     [io]\ndriver = \"{driver}\"\ncrypto = \"{crypto}\"\ngro_gso = {gro}\nzero_copy_send = {zc}\nbatch_wait_us = {bw}\n\n[admin]\nsocket = \"admin.sock\"\n\n[log]\nlevel = \"warn\"\n",
                     list = list_path.display().to_string(),
                     auth = authority.public().to_base64(),
                     policy = quote(&spec.exit_policy),
@@ -261,6 +270,7 @@ impl LocalNet {
                     w = spec.workers,
                     cpus = spec.cpus.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", "),
                     crypto = spec.crypto,
+                    driver = spec.driver,
                     gro = spec.gro_gso,
                     zc = spec.zero_copy_send,
                     bw = spec.batch_wait_us,

@@ -17,8 +17,9 @@
 //!   [`ClientConfig::queue_limit`]; overflow is counted in `queue_dropped`) and
 //!   returned by the next [`Client::recv`] calls, in arrival order.
 //! - **Bounded waits.** [`Client::recv`] and [`Client::build_circuit`] return by their
-//!   deadline (plus scheduling delay): the socket read timeout is always set to the
-//!   time left.
+//!   deadline (plus scheduling delay), and not before it with `Timeout`: the socket
+//!   read timeout in place is never longer than the time left (it is reset only when
+//!   it would be, or when it is under half of it), and a wait that ends early loops.
 //! - **Circuit ids are unique within a client** (they key the circuit map): a freshly
 //!   built circuit whose random first-link id collides with a live one is rebuilt.
 //! - Circuits that are refused, torn down by a hop ([`ClientError::CircuitClosed`]) or
@@ -337,6 +338,8 @@ pub struct Client {
     rx_src: SocketAddr,
     rx_pos: usize,
     rx_end: usize,
+    /// The socket's read timeout as last set (`None`: never set).
+    rx_timeout: Option<Duration>,
     /// Send buffer: one cell.
     tx: Vec<u8>,
 }
@@ -399,6 +402,7 @@ impl Client {
             rx_src: local,
             rx_pos: 0,
             rx_end: 0,
+            rx_timeout: None,
             tx: vec![0u8; layout.cell],
         })
     }
@@ -492,7 +496,14 @@ impl Client {
             if left.is_zero() {
                 return Err(ClientError::Timeout);
             }
-            self.socket.set_read_timeout(Some(left))?;
+            // The timeout is set only when the one in place would overshoot the
+            // deadline or is far shorter than the time left: a receive loop with a
+            // steady timeout then costs one system call per datagram, not two. A wait
+            // that ends before the deadline just loops.
+            if self.rx_timeout.is_none_or(|t| t > left || t < left / 2) {
+                self.socket.set_read_timeout(Some(left))?;
+                self.rx_timeout = Some(left);
+            }
             match self.socket.recv_from(&mut self.rx) {
                 Ok((n, src)) => {
                     if cells_mut(&self.core.layout, &mut self.rx[..n]).is_err() {
@@ -509,7 +520,9 @@ impl Client {
                         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(ClientError::Timeout)
+                    if Instant::now() >= deadline {
+                        return Err(ClientError::Timeout);
+                    }
                 }
                 // ICMP errors about earlier sends (reported on some platforms): the
                 // datagram is lost, the socket is fine.

@@ -15,9 +15,13 @@
 //! (zero weight: never picked), ports uniformly within each relay's range, and, when
 //! asked, puts an exit-flagged relay last. Randomness comes from a caller-supplied
 //! cryptographic generator: predictable paths would help an adversary place relays.
+//! [`choose_path_with`] adds [`PathRules`]: a pinned exit, relays to avoid (noticed
+//! dead), and no two relays of a path in the same IPv4 /16 or IPv6 /32 (Tor's
+//! `EnforceDistinctSubnets`: one operator's or one network's relays are likely
+//! observed together).
 
 use rand_core::{CryptoRng, RngCore};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use shroud_proto::client::PathHop;
 use shroud_proto::keys::{OnionPublic, RelayId};
@@ -76,6 +80,53 @@ pub enum PathError {
         /// The `now` the path was asked for.
         now: u64,
     },
+    /// [`PathRules::distinct_subnets`] left too few relays (after the exit and the
+    /// earlier hops, every remaining relay shares a /16 with one of them).
+    #[error(
+        "a {hops}-hop path needs relays in {hops} distinct subnets (IPv4 /16, IPv6 /32), \
+         but only {subnets} are available"
+    )]
+    Subnets {
+        /// Hops requested.
+        hops: usize,
+        /// Hops that could be placed.
+        subnets: usize,
+    },
+    /// The pinned exit ([`PathRules::exit`]) is avoided, unusable or not an exit.
+    #[error("the pinned exit {0} is unusable (avoided, no exit flag, zero weight or no valid onion key)")]
+    PinnedExit(RelayId),
+}
+
+/// Extra rules for [`choose_path_with`]. The default adds nothing to
+/// [`choose_path`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathRules {
+    /// The exit must be this relay (e.g. the one a stream gateway runs beside). It
+    /// must be usable and carry the exit flag.
+    pub exit: Option<RelayId>,
+    /// No two relays of the path in the same IPv4 /16 or IPv6 /32 ([`subnet`]).
+    pub distinct_subnets: bool,
+    /// Relays never to use (e.g. noticed dead).
+    pub avoid: Vec<RelayId>,
+}
+
+/// The subnet [`PathRules::distinct_subnets`] compares: the first two bytes of an
+/// IPv4 address (an IPv4-mapped IPv6 address counts as IPv4), the first four of an
+/// IPv6 address, tagged so the two families never compare equal.
+pub fn subnet(ip: IpAddr) -> [u8; 5] {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            [4, o[0], o[1], 0, 0]
+        }
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => subnet(IpAddr::V4(v4)),
+            None => {
+                let o = v6.octets();
+                [6, o[0], o[1], o[2], o[3]]
+            }
+        },
+    }
 }
 
 fn ports_ok(r: &RelayDescriptor) -> bool {
@@ -161,9 +212,27 @@ pub fn choose_path<R: RngCore + CryptoRng + ?Sized>(
     now: u64,
     rng: &mut R,
 ) -> Result<Vec<PathHop>, PathError> {
+    choose_path_with(list, hops, exit_required, &PathRules::default(), now, rng)
+}
+
+/// [`choose_path`] under `rules`: relays in `rules.avoid` are never used; with
+/// `rules.exit` the last hop is that relay (which implies `exit_required`); with
+/// `rules.distinct_subnets` every relay is drawn among those whose [`subnet`] no
+/// earlier pick (the exit first) has.
+pub fn choose_path_with<R: RngCore + CryptoRng + ?Sized>(
+    list: &PeerList,
+    hops: usize,
+    exit_required: bool,
+    rules: &PathRules,
+    now: u64,
+    rng: &mut R,
+) -> Result<Vec<PathHop>, PathError> {
     check_len(list, hops)?;
     let mut pool: Vec<usize> = (0..list.relays.len())
-        .filter(|&i| usable(&list.relays[i], now) && list.relays[i].weight > 0)
+        .filter(|&i| {
+            let r = &list.relays[i];
+            usable(r, now) && r.weight > 0 && !rules.avoid.contains(&r.relay_id())
+        })
         .collect();
     if pool.len() < hops {
         let expired = list
@@ -177,7 +246,15 @@ pub fn choose_path<R: RngCore + CryptoRng + ?Sized>(
             expired,
         });
     }
-    let exit = if exit_required {
+    let exit = if let Some(id) = rules.exit {
+        let e = pool
+            .iter()
+            .copied()
+            .find(|&i| list.relays[i].relay_id() == id && list.relays[i].exit)
+            .ok_or(PathError::PinnedExit(id))?;
+        pool.retain(|&i| i != e);
+        Some(e)
+    } else if exit_required {
         let mut exits: Vec<usize> = pool
             .iter()
             .copied()
@@ -193,8 +270,20 @@ pub fn choose_path<R: RngCore + CryptoRng + ?Sized>(
         None
     };
     let mut chosen = Vec::with_capacity(hops);
+    let mut taken: Vec<[u8; 5]> = exit.iter().map(|&e| subnet(list.relays[e].addr)).collect();
     while chosen.len() + usize::from(exit.is_some()) < hops {
-        chosen.push(take_weighted(rng, list, &mut pool));
+        if rules.distinct_subnets {
+            pool.retain(|&i| !taken.contains(&subnet(list.relays[i].addr)));
+            if pool.is_empty() {
+                return Err(PathError::Subnets {
+                    hops,
+                    subnets: chosen.len() + usize::from(exit.is_some()),
+                });
+            }
+        }
+        let i = take_weighted(rng, list, &mut pool);
+        taken.push(subnet(list.relays[i].addr));
+        chosen.push(i);
     }
     chosen.extend(exit);
     Ok(chosen

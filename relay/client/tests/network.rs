@@ -170,6 +170,17 @@ fn recv_times_out_when_a_relay_stops_mid_stream() {
     assert!(took >= timeout, "returned early: {took:?}");
     // (Wide margin: a busy 2-core machine can delay any thread by seconds.)
     assert!(took < timeout + Duration::from_secs(20), "hung: {took:?}");
+    // A short wait (whose timeout stays on the socket) and then a longer one: the
+    // longer one still waits its whole time, and a shorter one after it still
+    // returns in time.
+    for ms in [5u64, 250, 20] {
+        let t = Instant::now();
+        let timeout = Duration::from_millis(ms);
+        assert!(matches!(c.recv(timeout), Err(ClientError::Timeout)));
+        let took = t.elapsed();
+        assert!(took >= timeout, "{ms} ms: returned early: {took:?}");
+        assert!(took < timeout + Duration::from_secs(20), "hung: {took:?}");
+    }
     // Nothing arrived for a while: the circuit looks dead for a short idle limit.
     assert!(!c.check_alive(id, Duration::from_millis(200)));
     assert!(c.check_alive(id, Duration::from_secs(60)));

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use rand_core::OsRng;
-use shroud_client::{choose_path, path_from_ids, PathError};
+use shroud_client::{choose_path, choose_path_with, path_from_ids, subnet, PathError, PathRules};
 use shroud_proto::keys::{IdentityKey, OnionSecret, RelayId};
 use shroud_proto::peerlist::{NetworkParams, OnionKeyEntry, PeerList, RelayDescriptor};
 
@@ -246,4 +246,115 @@ fn expired_onion_keys_are_never_used() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("has no valid onion key"), "{msg}");
+}
+
+#[test]
+fn distinct_subnets_never_put_two_relays_of_one_slash_16_on_a_path() {
+    // Relays 0-2 share 10.0.0.0/16, 3-4 share 10.1.0.0/16, 5 is alone in 10.2.0.0/16.
+    let mut l = list(&[
+        spec(false, 100),
+        spec(false, 100),
+        spec(true, 100),
+        spec(false, 100),
+        spec(true, 100),
+        spec(false, 100),
+    ]);
+    let subnets = [[10, 0], [10, 0], [10, 0], [10, 1], [10, 1], [10, 2]];
+    for (i, r) in l.relays.iter_mut().enumerate() {
+        r.addr = IpAddr::V4(Ipv4Addr::new(subnets[i][0], subnets[i][1], 7, i as u8 + 1));
+    }
+    let rules = PathRules {
+        distinct_subnets: true,
+        ..PathRules::default()
+    };
+    for _ in 0..300 {
+        let p = choose_path_with(&l, 3, true, &rules, NOW, &mut OsRng).unwrap();
+        let nets: HashSet<[u8; 5]> = p.iter().map(|h| subnet(h.addr.ip())).collect();
+        assert_eq!(nets.len(), 3, "{p:?}");
+    }
+    // Four hops cannot be placed in three subnets.
+    assert_eq!(
+        choose_path_with(&l, 4, true, &rules, NOW, &mut OsRng),
+        Err(PathError::Subnets {
+            hops: 4,
+            subnets: 3
+        })
+    );
+    // Without the rule, the same list gives 4-hop paths.
+    assert_eq!(
+        choose_path_with(&l, 4, true, &PathRules::default(), NOW, &mut OsRng)
+            .unwrap()
+            .len(),
+        4
+    );
+    // IPv4-mapped IPv6 is the IPv4 subnet; IPv6 compares /32.
+    assert_eq!(
+        subnet("::ffff:10.0.9.9".parse().unwrap()),
+        subnet("10.0.1.1".parse().unwrap())
+    );
+    assert_eq!(
+        subnet("2001:db8:1::1".parse().unwrap()),
+        subnet("2001:db8:ffff::2".parse().unwrap())
+    );
+    assert_ne!(
+        subnet("2001:db8::1".parse().unwrap()),
+        subnet("2001:db9::1".parse().unwrap())
+    );
+}
+
+#[test]
+fn avoided_relays_are_never_used_and_a_pinned_exit_is_always_last() {
+    let l = list(&[
+        spec(false, 100),
+        spec(false, 100),
+        spec(true, 100),
+        spec(true, 100),
+        spec(false, 100),
+    ]);
+    let ids: Vec<RelayId> = l.relays.iter().map(|r| r.relay_id()).collect();
+    let exit_ids: Vec<RelayId> = l
+        .relays
+        .iter()
+        .filter(|r| r.exit)
+        .map(|r| r.relay_id())
+        .collect();
+    let avoided = l.relays.iter().find(|r| !r.exit).unwrap().relay_id();
+    let rules = PathRules {
+        exit: Some(exit_ids[1]),
+        avoid: vec![avoided],
+        ..PathRules::default()
+    };
+    for _ in 0..300 {
+        let p = choose_path_with(&l, 3, false, &rules, NOW, &mut OsRng).unwrap();
+        assert_eq!(p[2].id, exit_ids[1]);
+        assert!(p.iter().all(|h| h.id != avoided), "{p:?}");
+        assert!(p.iter().all(|h| ids.contains(&h.id)));
+    }
+    // Avoiding the pinned exit, or pinning a non-exit, is an error.
+    let bad = PathRules {
+        exit: Some(exit_ids[0]),
+        avoid: vec![exit_ids[0]],
+        ..PathRules::default()
+    };
+    assert_eq!(
+        choose_path_with(&l, 3, true, &bad, NOW, &mut OsRng),
+        Err(PathError::PinnedExit(exit_ids[0]))
+    );
+    let non_exit = PathRules {
+        exit: Some(avoided),
+        ..PathRules::default()
+    };
+    assert_eq!(
+        choose_path_with(&l, 3, true, &non_exit, NOW, &mut OsRng),
+        Err(PathError::PinnedExit(avoided))
+    );
+    // Avoiding so many relays that too few remain is NotEnoughRelays.
+    let most = PathRules {
+        avoid: ids[..3].to_vec(),
+        ..PathRules::default()
+    };
+    assert!(matches!(
+        choose_path_with(&l, 3, false, &most, NOW, &mut OsRng),
+        Err(PathError::NotEnoughRelays { usable: 2, .. })
+    ));
 }
