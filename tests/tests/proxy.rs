@@ -362,6 +362,32 @@ fn refused_destinations_get_0x02_and_bad_socks_input_a_clean_close() {
     p.fetch_and_check("small.bin", &[]);
     drop(idle);
     assert!(!p.proxy.log().contains("panicked"), "{}", p.logs());
+
+    // SIGINT: the proxy logs its counters and exits. Replies per SOCKS code: one
+    // success, two refusals by policy (by hand and curl's), one connection refused,
+    // and the bad requests: 0x07, 0x08 and two general failures (oversized, empty
+    // name).
+    let mut p = p;
+    let pid = p.proxy.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.proxy.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "no exit on SIGINT\n{}", p.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = p.proxy.log();
+    let counters = log
+        .lines()
+        .rfind(|l| l.contains("counters"))
+        .unwrap_or_else(|| panic!("no counters line\n{log}"));
+    assert!(
+        counters.contains("replies=[1, 2, 2, 0, 0, 1, 0, 1, 1]"),
+        "{counters}"
+    );
 }
 
 #[test]
