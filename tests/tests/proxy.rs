@@ -145,13 +145,13 @@ impl ProxyNet {
         let fingerprint = String::from_utf8(out.stdout).unwrap().trim().to_owned();
         assert_eq!(fingerprint.len(), 64);
         let gw: SocketAddr = format!("127.0.{n}.250:4433").parse().unwrap();
-        // Only the HTTP server's address is named: every other loopback address
-        // (e.g. .252) is refused by the policy.
+        // Only the HTTP server's address and 127.0.0.1 are named: every other
+        // loopback address (e.g. .252) is refused by the policy.
         std::fs::write(
             dir.join("gateway.toml"),
             format!(
                 "[gateway]\nlisten = \"{gw}\"\ncert = \"gw.cert\"\nkey = \"gw.key\"\n\
-                 exit_policy = [\"accept {}:*\"]\nidle_timeout_ms = 4000\n",
+                 exit_policy = [\"accept {}:*\", \"accept 127.0.0.1:*\"]\nidle_timeout_ms = 4000\n",
                 http.ip()
             ),
         )
@@ -390,6 +390,23 @@ fn refused_destinations_get_0x02_and_bad_socks_input_a_clean_close() {
     );
 }
 
+/// A SOCKS5 CONNECT to a host name (resolved at the gateway): the reply code and
+/// the connection.
+fn socks_connect_name(socks: SocketAddr, name: &str, port: u16) -> (u8, TcpStream) {
+    let mut s = TcpStream::connect(socks).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    let mut req = vec![5, 1, 0, 3, name.len() as u8];
+    req.extend_from_slice(name.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).unwrap();
+    (r[1], s)
+}
+
 #[test]
 fn credentials_isolate_streams_on_separate_circuits() {
     let p = ProxyNet::start(92, 3, false);
@@ -405,6 +422,24 @@ fn credentials_isolate_streams_on_separate_circuits() {
     assert_ne!(a[0].1, a[1].1);
     assert_ne!(a[1].1, a[2].1);
     assert_ne!(a[0].1, a[2].1);
+
+    // Host names are resolved at the gateway (socks5h): "localhost" reaches a server
+    // on 127.0.0.1 (which the gateway's policy names), and a name that does not
+    // resolve is 0x04.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = server.accept().unwrap();
+        c.write_all(b"hello by name").unwrap();
+    });
+    let (code, mut s) = socks_connect_name(p.socks, "localhost", port);
+    assert_eq!(code, 0, "{}", p.logs());
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"hello by name");
+    t.join().unwrap();
+    let (code, _) = socks_connect_name(p.socks, "no-such-host.invalid", 80);
+    assert_eq!(code, 4, "{}", p.logs());
 }
 
 #[test]
