@@ -108,6 +108,11 @@ struct ProxyNet {
 
 impl ProxyNet {
     fn start(n: u8, relays: usize, big: bool) -> ProxyNet {
+        Self::start_with(n, relays, big, "")
+    }
+
+    /// [`ProxyNet::start`] with extra `[circuits]` settings.
+    fn start_with(n: u8, relays: usize, big: bool, circuits: &str) -> ProxyNet {
         let net = TestNet::start(NetOpts::new(n, relays));
         let dir = net.dir.join("proxy");
         let www = dir.join("www");
@@ -172,7 +177,7 @@ impl ProxyNet {
                 "[proxy]\nlisten = \"{socks}\"\npeer_list = {list:?}\nauthorities = [{auth:?}]\n\
                  bind = \"127.0.{n}.200:0\"\n\n[gateway]\naddr = \"{gw}\"\ncert_sha256 = \"{fingerprint}\"\n\n\
                  [circuits]\nhops = 3\nprebuild = 1\ndistinct_subnets = false\nidle_timeout_ms = 4000\n\
-                 build_timeout_ms = 3000\n",
+                 build_timeout_ms = 3000\n{circuits}",
                 list = net.list_path.display().to_string(),
                 auth = net.authority.public().to_base64(),
             ),
@@ -605,4 +610,22 @@ fn probe_reports_setup_times_and_echo_round_trips() {
     assert!(lines[2].contains("timeout"), "{text}");
     assert!(lines[3].contains("timeout"), "{text}");
     assert!(text.contains("0 received"), "{text}");
+}
+
+#[test]
+fn new_streams_move_to_a_new_circuit_after_the_rotation_time() {
+    let p = ProxyNet::start_with(96, 3, false, "rotate_after_secs = 2\n");
+    p.fetch_and_check("small.bin", &[]);
+    p.fetch_and_check("small.bin", &[]);
+    assert_eq!(
+        p.assigned().len(),
+        1,
+        "one circuit within 2 s\n{}",
+        p.logs()
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    p.fetch_and_check("small.bin", &[]);
+    let a = p.assigned();
+    assert_eq!(a.len(), 2, "{}", p.logs());
+    assert_ne!(a[0].1, a[1].1, "the stream after 2 s is on another circuit");
 }
