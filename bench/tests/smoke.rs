@@ -266,3 +266,42 @@ fn flood_reports_every_case_and_ratio() {
     assert!(stdout.contains("lowest ratio"), "{stdout}");
     let _ = std::fs::remove_file(&json);
 }
+
+#[test]
+fn proxy_reports_one_stream_against_direct_loopback() {
+    // Needs shroud-proxy and shroud-relay next to this binary (`cargo build
+    // -p shroud-proxy -p shroud-relay`, or any workspace build).
+    let json = tmp("proxy.json");
+    let out = bench()
+        .args([
+            "proxy",
+            "--size",
+            "1000000",
+            "--runs",
+            "1",
+            "--parallel",
+            "2",
+            "--net",
+            "97",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["schema"], "shroud-bench/proxy/1");
+    assert_eq!(r["bytes_per_stream"], 1_000_000);
+    for side in ["direct_loopback", "proxy"] {
+        assert_eq!(r[side]["runs"], 1, "{r}");
+        assert!(r[side]["mbytes_per_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r[side]["ttfb_ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert!(r["proxy_cold_ttfb_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["parallel"]["streams"], 2);
+    assert!(r["parallel"]["mbytes_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["relay_drops"].as_array().unwrap().len(), 3);
+    assert!(r["ratio_to_tor"].as_f64().unwrap() > 0.0);
+    assert!(r["machine"]["cores"].as_u64().unwrap() > 0);
+}

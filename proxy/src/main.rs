@@ -252,11 +252,58 @@ async fn proxy_main(cfg: ProxyConfig) -> anyhow::Result<()> {
             }
         });
     }
+    {
+        let (socks, pool) = (socks.clone(), pool.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(STATS_EVERY).await;
+                log_proxy_stats(&socks, &pool);
+            }
+        });
+    }
     tokio::select! {
-        _ = socks.serve(listener) => {}
+        _ = socks.clone().serve(listener) => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; exiting"),
     }
+    log_proxy_stats(&socks, &pool);
     Ok(())
+}
+
+/// How often the proxy and the gateway log their counters.
+const STATS_EVERY: Duration = Duration::from_secs(60);
+
+fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn log_proxy_stats(socks: &Socks, pool: &Pool) {
+    let s = &socks.stats;
+    let p = &pool.stats;
+    let replies: Vec<u64> = s.replies.iter().map(load).collect();
+    tracing::info!(
+        connections = load(&s.connections),
+        bad_input = load(&s.bad_input),
+        replies = ?replies,
+        udp_out = load(&s.udp_out),
+        udp_in = load(&s.udp_in),
+        udp_dropped = load(&s.udp_dropped),
+        circuits_built = load(&p.built),
+        circuit_build_failures = load(&p.build_failures),
+        circuits_died = load(&p.died),
+        relays_found_dead = load(&p.relays_dead),
+        relays_avoided = pool.dead_relays().len(),
+        "counters (replies: per SOCKS reply code 0-8)"
+    );
+}
+
+fn log_gateway_stats(s: &GatewayStats) {
+    let status: Vec<u64> = s.status.iter().map(load).collect();
+    tracing::info!(
+        streams = load(&s.streams),
+        status = ?status,
+        echoes = load(&s.echoes),
+        "counters (status: per answer code 0-8)"
+    );
 }
 
 async fn gateway_main(cfg: GatewayConfig) -> anyhow::Result<()> {
@@ -273,9 +320,19 @@ async fn gateway_main(cfg: GatewayConfig) -> anyhow::Result<()> {
         policy: cfg.policy.clone(),
         connect_timeout: Duration::from_secs(g.connect_timeout_secs),
     });
+    {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(STATS_EVERY).await;
+                log_gateway_stats(&stats);
+            }
+        });
+    }
     tokio::select! {
-        _ = shroud_proxy::gateway::serve(endpoint, rules, stats) => {}
+        _ = shroud_proxy::gateway::serve(endpoint, rules, stats.clone()) => {}
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; exiting"),
     }
+    log_gateway_stats(&stats);
     Ok(())
 }

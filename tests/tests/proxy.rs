@@ -108,6 +108,11 @@ struct ProxyNet {
 
 impl ProxyNet {
     fn start(n: u8, relays: usize, big: bool) -> ProxyNet {
+        Self::start_with(n, relays, big, "")
+    }
+
+    /// [`ProxyNet::start`] with extra `[circuits]` settings.
+    fn start_with(n: u8, relays: usize, big: bool, circuits: &str) -> ProxyNet {
         let net = TestNet::start(NetOpts::new(n, relays));
         let dir = net.dir.join("proxy");
         let www = dir.join("www");
@@ -145,13 +150,13 @@ impl ProxyNet {
         let fingerprint = String::from_utf8(out.stdout).unwrap().trim().to_owned();
         assert_eq!(fingerprint.len(), 64);
         let gw: SocketAddr = format!("127.0.{n}.250:4433").parse().unwrap();
-        // Only the HTTP server's address is named: every other loopback address
-        // (e.g. .252) is refused by the policy.
+        // Only the HTTP server's address and 127.0.0.1 are named: every other
+        // loopback address (e.g. .252) is refused by the policy.
         std::fs::write(
             dir.join("gateway.toml"),
             format!(
                 "[gateway]\nlisten = \"{gw}\"\ncert = \"gw.cert\"\nkey = \"gw.key\"\n\
-                 exit_policy = [\"accept {}:*\"]\nidle_timeout_ms = 4000\n",
+                 exit_policy = [\"accept {}:*\", \"accept 127.0.0.1:*\"]\nidle_timeout_ms = 4000\n",
                 http.ip()
             ),
         )
@@ -172,7 +177,7 @@ impl ProxyNet {
                 "[proxy]\nlisten = \"{socks}\"\npeer_list = {list:?}\nauthorities = [{auth:?}]\n\
                  bind = \"127.0.{n}.200:0\"\n\n[gateway]\naddr = \"{gw}\"\ncert_sha256 = \"{fingerprint}\"\n\n\
                  [circuits]\nhops = 3\nprebuild = 1\ndistinct_subnets = false\nidle_timeout_ms = 4000\n\
-                 build_timeout_ms = 3000\n",
+                 build_timeout_ms = 3000\n{circuits}",
                 list = net.list_path.display().to_string(),
                 auth = net.authority.public().to_base64(),
             ),
@@ -362,6 +367,49 @@ fn refused_destinations_get_0x02_and_bad_socks_input_a_clean_close() {
     p.fetch_and_check("small.bin", &[]);
     drop(idle);
     assert!(!p.proxy.log().contains("panicked"), "{}", p.logs());
+
+    // SIGINT: the proxy logs its counters and exits. Replies per SOCKS code: one
+    // success, two refusals by policy (by hand and curl's), one connection refused,
+    // and the bad requests: 0x07, 0x08 and two general failures (oversized, empty
+    // name).
+    let mut p = p;
+    let pid = p.proxy.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while p.proxy.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "no exit on SIGINT\n{}", p.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = p.proxy.log();
+    let counters = log
+        .lines()
+        .rfind(|l| l.contains("counters"))
+        .unwrap_or_else(|| panic!("no counters line\n{log}"));
+    assert!(
+        counters.contains("replies=[1, 2, 2, 0, 0, 1, 0, 1, 1]"),
+        "{counters}"
+    );
+}
+
+/// A SOCKS5 CONNECT to a host name (resolved at the gateway): the reply code and
+/// the connection.
+fn socks_connect_name(socks: SocketAddr, name: &str, port: u16) -> (u8, TcpStream) {
+    let mut s = TcpStream::connect(socks).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    let mut req = vec![5, 1, 0, 3, name.len() as u8];
+    req.extend_from_slice(name.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).unwrap();
+    (r[1], s)
 }
 
 #[test]
@@ -379,6 +427,24 @@ fn credentials_isolate_streams_on_separate_circuits() {
     assert_ne!(a[0].1, a[1].1);
     assert_ne!(a[1].1, a[2].1);
     assert_ne!(a[0].1, a[2].1);
+
+    // Host names are resolved at the gateway (socks5h): "localhost" reaches a server
+    // on 127.0.0.1 (which the gateway's policy names), and a name that does not
+    // resolve is 0x04.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = server.accept().unwrap();
+        c.write_all(b"hello by name").unwrap();
+    });
+    let (code, mut s) = socks_connect_name(p.socks, "localhost", port);
+    assert_eq!(code, 0, "{}", p.logs());
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"hello by name");
+    t.join().unwrap();
+    let (code, _) = socks_connect_name(p.socks, "no-such-host.invalid", 80);
+    assert_eq!(code, 4, "{}", p.logs());
 }
 
 #[test]
@@ -544,4 +610,22 @@ fn probe_reports_setup_times_and_echo_round_trips() {
     assert!(lines[2].contains("timeout"), "{text}");
     assert!(lines[3].contains("timeout"), "{text}");
     assert!(text.contains("0 received"), "{text}");
+}
+
+#[test]
+fn new_streams_move_to_a_new_circuit_after_the_rotation_time() {
+    let p = ProxyNet::start_with(96, 3, false, "rotate_after_secs = 2\n");
+    p.fetch_and_check("small.bin", &[]);
+    p.fetch_and_check("small.bin", &[]);
+    assert_eq!(
+        p.assigned().len(),
+        1,
+        "one circuit within 2 s\n{}",
+        p.logs()
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    p.fetch_and_check("small.bin", &[]);
+    let a = p.assigned();
+    assert_eq!(a.len(), 2, "{}", p.logs());
+    assert_ne!(a[0].1, a[1].1, "the stream after 2 s is on another circuit");
 }

@@ -382,7 +382,16 @@ impl Client {
         layout: Layout,
         config: ClientConfig,
     ) -> Result<Client, ClientError> {
-        let socket = UdpSocket::bind(bind)?;
+        Self::with_socket(UdpSocket::bind(bind)?, layout, config)
+    }
+
+    /// A client on a socket the caller made (e.g. with larger buffers). The socket
+    /// must be bound and blocking; the client sets its read timeout.
+    pub fn with_socket(
+        socket: UdpSocket,
+        layout: Layout,
+        config: ClientConfig,
+    ) -> Result<Client, ClientError> {
         let local = socket.local_addr()?;
         Ok(Client {
             socket,
