@@ -222,6 +222,19 @@ pub fn socket_for(ipv4: &[bool], dest: &SocketAddr) -> Option<usize> {
     ipv4.iter().position(|&v4| v4 == dest.is_ipv4())
 }
 
+/// The running kernel's (major, minor) version, from `/proc/sys/kernel/osrelease`.
+pub fn kernel_version() -> Option<(u32, u32)> {
+    parse_kernel_version(&std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)
+}
+
+/// Parses the start of a kernel release string ("6.18.0-1-amd64" -> (6, 18)).
+pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// Pins the calling thread to `cpu`.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     // SAFETY: cpu_set_t is plain data; CPU_SET only writes inside it; the syscall reads it.
@@ -284,6 +297,18 @@ mod tests {
         assert_eq!(gro_segment(&bad), None);
         bad[..8].copy_from_slice(&3usize.to_ne_bytes());
         assert_eq!(gro_segment(&bad), None);
+    }
+
+    #[test]
+    fn kernel_versions_parse() {
+        assert_eq!(parse_kernel_version("6.18.0-1-amd64\n"), Some((6, 18)));
+        assert_eq!(
+            parse_kernel_version("5.15.167.4-microsoft-standard"),
+            Some((5, 15))
+        );
+        assert_eq!(parse_kernel_version("6.0"), Some((6, 0)));
+        assert_eq!(parse_kernel_version("six"), None);
+        assert!(kernel_version().is_some());
     }
 
     #[test]

@@ -97,6 +97,15 @@ impl Driver {
     /// Sets up the ring (DEFER_TASKRUN + SINGLE_ISSUER where available) and every
     /// buffer. Fails if io_uring is unavailable (e.g. a container's seccomp policy).
     pub fn new(spec: &WorkerSpec) -> io::Result<Self> {
+        // Multishot RecvMsg with a provided-buffer ring needs Linux 6.0; on an older
+        // kernel the SQE would fail at run time, so refuse here and let the worker
+        // fall back to the recvmmsg driver.
+        if sys::kernel_version().is_some_and(|v| v < (6, 0)) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the io_uring driver needs Linux 6.0 (multishot receive)",
+            ));
+        }
         let entries = (spec.io.recv_slots + spec.io.send_slots + spec.io.exit_sockets * 2 + 64)
             .next_power_of_two()
             .min(32768) as u32;
