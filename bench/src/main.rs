@@ -75,6 +75,9 @@ enum Cmd {
         /// Variants to run (ring, none, per-datagram, rustcrypto, zero-copy); default all.
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
+        /// The relay's `[io] batch_wait_us` (0 = wake for every completion).
+        #[arg(long, default_value_t = 50)]
+        batch_wait_us: u32,
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -302,9 +305,11 @@ fn main() -> ExitCode {
             cell,
             round_cells,
             variants,
+            batch_wait_us,
             json,
         } => {
             let opts = relaybench::Opts {
+                batch_wait_us,
                 duration,
                 workers,
                 cell,

@@ -42,6 +42,8 @@ pub struct Opts {
     pub round_cells: usize,
     /// Variants to run (default all).
     pub variants: Vec<String>,
+    /// The relay's `[io] batch_wait_us`.
+    pub batch_wait_us: u32,
 }
 
 fn raw_aead<A: Aead>(len: usize, dur: Duration) -> f64 {
@@ -126,6 +128,7 @@ fn run_variant_with<A: Aead>(
         gro_gso,
         zero_copy_send,
         exit_policy: Vec::new(),
+        batch_wait_us: opts.batch_wait_us,
         ..RelaySpec::default()
     };
     let net = LocalNet::start(net_no, &[spec], &[&sink], &RelayCommand::SelfExe, opts.cell)?;
