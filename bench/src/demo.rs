@@ -22,7 +22,7 @@ use shroud_proto::aead::RingAead;
 use shroud_proto::client::PathHop;
 
 use crate::background::Background;
-use crate::flow::{enable_gro, gso_send, set_buffers, Circ, Generator};
+use crate::flow::{gso_send, set_buffers, Circ, Generator};
 use crate::net::{relay_binary, LocalNet, RelayCommand, RelaySpec};
 use crate::report::machine;
 
@@ -68,7 +68,7 @@ impl Sink {
     ) -> anyhow::Result<(SocketAddr, Sink)> {
         let sock = UdpSocket::bind(bind)?;
         set_buffers(&sock, 32 << 20);
-        enable_gro(&sock)?;
+        shroud_relay::sys::enable_gro(&sock)?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let addr = sock.local_addr()?;
         let bytes = Arc::new(AtomicU64::new(0));

@@ -28,11 +28,6 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Enables UDP GRO on a socket (the relay's own helper).
-pub fn enable_gro(s: &UdpSocket) -> std::io::Result<()> {
-    shroud_relay::sys::enable_gro(s)
-}
-
 /// Sets SO_RCVBUF/SO_SNDBUF (best effort).
 pub fn set_buffers(s: &UdpSocket, bytes: usize) {
     let v = bytes as libc::c_int;
@@ -130,7 +125,7 @@ impl Generator {
     pub fn new(bind: SocketAddr, layout: Layout) -> anyhow::Result<Self> {
         let sock = UdpSocket::bind(bind).with_context(|| format!("cannot bind {bind}"))?;
         set_buffers(&sock, 16 << 20);
-        enable_gro(&sock)?;
+        shroud_relay::sys::enable_gro(&sock)?;
         let rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_rng(OsRng)
             .map_err(|e| anyhow::anyhow!("seeding the generator: {e}"))?;
         Ok(Generator {
@@ -280,7 +275,7 @@ impl SinkRelay {
         let sock = UdpSocket::bind(v.addr)
             .with_context(|| format!("cannot bind the sink at {}", v.addr))?;
         set_buffers(&sock, 32 << 20);
-        enable_gro(&sock)?;
+        shroud_relay::sys::enable_gro(&sock)?;
         sock.set_read_timeout(Some(Duration::from_millis(20)))?;
         let mut relay = Relay::<A>::new(
             layout,
