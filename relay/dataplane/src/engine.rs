@@ -44,20 +44,29 @@ pub struct Group {
 }
 
 /// The cells of one batch, grouped per next hop (one GSO send each).
+///
+/// Finding a cell's group is O(1): the group of the previous cell first (the cells of
+/// one received datagram usually share their next hop), then an index by address.
 #[derive(Debug, Default)]
 pub struct Plan {
     groups: Vec<Group>,
     active: usize,
+    /// The group the last cell went to.
+    last: usize,
+    /// Group index by next hop, for the groups of this batch.
+    index: std::collections::HashMap<SocketAddr, usize, ahash::RandomState>,
 }
 
 impl Plan {
     /// Adds a cell for `dest`.
     pub fn push(&mut self, dest: SocketAddr, loc: Loc) {
-        if let Some(g) = self.groups[..self.active]
-            .iter_mut()
-            .find(|g| g.dest == dest)
-        {
-            g.cells.push(loc);
+        if self.last < self.active && self.groups[self.last].dest == dest {
+            self.groups[self.last].cells.push(loc);
+            return;
+        }
+        if let Some(&g) = self.index.get(&dest) {
+            self.last = g;
+            self.groups[g].cells.push(loc);
             return;
         }
         if self.active == self.groups.len() {
@@ -70,6 +79,8 @@ impl Plan {
         g.dest = dest;
         g.cells.clear();
         g.cells.push(loc);
+        self.index.insert(dest, self.active);
+        self.last = self.active;
         self.active += 1;
     }
 
@@ -83,7 +94,9 @@ impl Plan {
         for g in &mut self.groups[..self.active] {
             g.cells.clear();
         }
+        self.index.clear();
         self.active = 0;
+        self.last = 0;
     }
 
     /// True if nothing is planned.
@@ -296,5 +309,57 @@ fn side_of(e: Event) -> Side {
     match e {
         Event::ExitOpened { circuit, dest } => Side::Opened { circuit, dest },
         Event::Closed { circuit } => Side::Closed { circuit },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn the_plan_groups_cells_per_next_hop_in_arrival_order() {
+        let mut plan = Plan::default();
+        // Interleaved destinations, then many distinct ones (past any linear scan).
+        let order: Vec<u16> = [1, 1, 2, 1, 3, 2, 2]
+            .into_iter()
+            .chain(100..400)
+            .chain([3, 1])
+            .collect();
+        for (k, &port) in order.iter().enumerate() {
+            plan.push(addr(port), Loc::Tx { idx: k as u32 });
+        }
+        let groups = plan.groups();
+        assert_eq!(groups.len(), 3 + 300);
+        let cells = |g: &Group| -> Vec<u32> {
+            g.cells
+                .iter()
+                .map(|l| match l {
+                    Loc::Tx { idx } => *idx,
+                    Loc::Rx { .. } => unreachable!(),
+                })
+                .collect()
+        };
+        assert_eq!(groups[0].dest, addr(1));
+        assert_eq!(cells(&groups[0]), vec![0, 1, 3, 308]);
+        assert_eq!(cells(&groups[1]), vec![2, 5, 6]);
+        assert_eq!(cells(&groups[2]), vec![4, 307]);
+        for (g, port) in groups[3..].iter().zip(100u16..400) {
+            assert_eq!(g.dest, addr(port));
+            assert_eq!(g.cells.len(), 1);
+        }
+        // After a clear, the next batch starts empty and groups afresh.
+        plan.clear();
+        assert!(plan.is_empty());
+        plan.push(addr(2), Loc::Tx { idx: 9 });
+        plan.push(addr(1), Loc::Tx { idx: 10 });
+        plan.push(addr(2), Loc::Tx { idx: 11 });
+        let groups = plan.groups();
+        assert_eq!(groups.len(), 2);
+        assert_eq!((groups[0].dest, cells(&groups[0])), (addr(2), vec![9, 11]));
+        assert_eq!((groups[1].dest, cells(&groups[1])), (addr(1), vec![10]));
     }
 }

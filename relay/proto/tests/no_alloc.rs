@@ -160,3 +160,73 @@ fn forwarding_delivering_replying_and_dropping_cells_allocates_nothing() {
         }
     }
 }
+
+#[test]
+fn the_idle_expiry_tick_allocates_nothing_even_when_it_expires_circuits_and_links() {
+    let layout = Layout::default();
+    let mut r = rng(10);
+    let mut net = Net::<RingAead>::new(layout, 3, &mut r);
+    let mut link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    // Eight circuits through the same three relays, each carrying a cell so that
+    // every table has entries.
+    for _ in 0..8 {
+        let mut c = net.open_circuit(&[0, 1, 2], &mut link, &mut r);
+        let mut cell = vec![0u8; layout.cell];
+        c.seal_data(&link, b"x", &mut cell, &mut r).unwrap();
+        net.send(CLIENT, net.addrs[0], cell);
+        net.to_client.clear();
+    }
+    assert_eq!(net.delivered.len(), 8);
+    let live = |net: &Net<RingAead>| -> Vec<u64> {
+        net.relays
+            .iter()
+            .map(|r| r.circuit_count() as u64)
+            .collect()
+    };
+    assert_eq!(live(&net), vec![8, 8, 8]);
+    let idle = shroud_proto::relay::RelayLimits::default().circuit_idle_ms;
+    let link_idle = shroud_proto::relay::RelayLimits::default().link_idle_ms;
+    let mut notice = vec![0u8; layout.cell];
+    let mut closed = 0u32;
+    let mut told = 0u32;
+
+    let ((), allocs) = counted(|| {
+        for relay in net.relays.iter_mut() {
+            // A tick with nothing idle yet.
+            relay.expire(
+                NOW_MS + 1,
+                |_| closed += 1,
+                |w| {
+                    told += u32::from(w(&mut notice).is_some());
+                },
+            );
+            // A tick after the idle time: every circuit expires (the first hop tells
+            // the client); a tick after the link idle time: the links close too.
+            relay.expire(
+                NOW_MS + idle + 1,
+                |_| closed += 1,
+                |w| {
+                    told += u32::from(w(&mut notice).is_some());
+                },
+            );
+            relay.expire(
+                NOW_MS + idle + link_idle + 2,
+                |_| closed += 1,
+                |w| {
+                    told += u32::from(w(&mut notice).is_some());
+                },
+            );
+        }
+    });
+    assert_eq!(allocs, 0, "{allocs} allocations in the expiry tick");
+    assert_eq!((closed, told), (24, 8), "circuits closed, clients told");
+    assert_eq!(live(&net), vec![0, 0, 0]);
+    for relay in &net.relays {
+        assert_eq!(relay.stats().expired_circuits, 8);
+        assert_eq!(
+            relay.link_counts(),
+            (0, 0),
+            "links left after their idle time"
+        );
+    }
+}

@@ -69,7 +69,7 @@ proptest! {
     #[test]
     fn round_trip_any_payload_any_length(
         hops in 1usize..=8,
-        payload in prop::collection::vec(any::<u8>(), 0..=878),
+        payload in prop::collection::vec(any::<u8>(), 0..=Layout::default().payload_max()),
         seed in any::<u64>(),
     ) {
         let layout = Layout::default();

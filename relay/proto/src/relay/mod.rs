@@ -296,6 +296,8 @@ pub struct Relay<A: Aead> {
     /// Retry tokens: the secret MAC key, and the (public) key of `RETRY` replies.
     tokens: crate::retry::TokenKey,
     retry_key: A,
+    /// Reused by [`Relay::expire`] for the slots and links it removes.
+    scratch: Vec<u32>,
 }
 
 /// Unpredictable 48-bit cookies: `AES-256(key, n)` for `n = 0, 1, …`, key from the OS.
@@ -395,6 +397,7 @@ impl<A: Aead> Relay<A> {
                 crate::retry::TokenKey::new(&k)
             },
             retry_key: crate::retry::retry_key(&me),
+            scratch: Vec::with_capacity(limits.max_circuits.max(limits.max_links)),
             limits,
         };
         r.prefixes
@@ -455,6 +458,8 @@ impl<A: Aead> Relay<A> {
             .map(|p| usize::from(p.ports.1.saturating_sub(p.ports.0)) + 1)
             .sum();
         self.links.grow_peers(ports);
+        let links = self.limits.max_links + ports;
+        self.scratch.reserve(links);
         let stale: Vec<u32> = self
             .links
             .iter()
@@ -591,18 +596,19 @@ impl<A: Aead> Relay<A> {
             return self.drop(DropReason::BadTag);
         }
         c.win_fwd.commit(counter);
-        c.last_active = now_ms;
         self.stats.cells_forward += 1;
         // A client that starts its counters at the cookie of our CREATED received that
         // CREATED: its address is validated (an off-path spoofer cannot know the
         // cookie; a guess succeeds with probability 2^-32).
         let echoed = counter_sub(hdr.counter, c.cookie) < COOKIE_SPAN;
-        if let Some(l) = self.links.get_mut(c.prev_link) {
+        let (prev_link, next) = (c.prev_link, c.next);
+        self.circuits.touch(slot, now_ms);
+        if let Some(l) = self.links.get_mut(prev_link) {
             if !l.validated && echoed {
                 l.validated = true;
             }
         }
-        match c.next {
+        match next {
             Hop::Relay { link, id } => {
                 let Some(l) = self.links.get(link) else {
                     return self.drop(DropReason::UnknownCircuit);
@@ -871,7 +877,13 @@ impl<A: Aead> Relay<A> {
         mut closed: impl FnMut(CircuitRef),
         mut tell: impl FnMut(&mut dyn FnMut(&mut [u8]) -> Option<SocketAddr>),
     ) {
-        for slot in self.circuits.idle(now_ms, self.limits.circuit_idle_ms) {
+        // The scratch list keeps its capacity (every circuit slot and link), so expiry
+        // allocates nothing.
+        let mut idle = std::mem::take(&mut self.scratch);
+        idle.clear();
+        self.circuits
+            .idle_into(now_ms, self.limits.circuit_idle_ms, &mut idle);
+        for &slot in &idle {
             let circuit = self.circuits.handle(slot);
             let to_client = self
                 .circuits
@@ -885,15 +897,19 @@ impl<A: Aead> Relay<A> {
             self.stats.expired_circuits += 1;
             closed(circuit);
         }
+        idle.clear();
         let link_idle = self.limits.link_idle_ms;
-        let idle_links: Vec<u32> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.circuits == 0 && now_ms.saturating_sub(l.last_active) > link_idle)
-            .map(|(i, _)| i)
-            .collect();
-        for l in idle_links {
+        idle.extend(
+            self.links
+                .iter()
+                .filter(|(_, l)| {
+                    l.circuits == 0 && now_ms.saturating_sub(l.last_active) > link_idle
+                })
+                .map(|(i, _)| i),
+        );
+        for &l in &idle {
             self.close_link(l);
         }
+        self.scratch = idle;
     }
 }

@@ -426,18 +426,20 @@ impl<A: Aead> Relay<A> {
             }
         };
         let cookie = if to_client { self.cookies.draw() } else { 0 };
-        let Some(circuit) = self.circuits.insert(Circuit {
-            prev_link: in_link,
-            prev_id: routing.in_id,
-            next,
-            fwd,
-            bwd,
-            win_fwd: ReplayWindow::new(),
-            win_bwd: ReplayWindow::new(),
-            exit_counter: 1,
-            cookie,
-            last_active: now_ms,
-        }) else {
+        let Some(circuit) = self.circuits.insert(
+            Circuit {
+                prev_link: in_link,
+                prev_id: routing.in_id,
+                next,
+                fwd,
+                bwd,
+                win_fwd: ReplayWindow::new(),
+                win_bwd: ReplayWindow::new(),
+                exit_counter: 1,
+                cookie,
+            },
+            now_ms,
+        ) else {
             unreachable!("the table had a free slot a moment ago");
         };
         if let Some(l) = self.links.get_mut(in_link) {
