@@ -54,7 +54,7 @@ where
         }
     };
     #[cfg(feature = "bench-no-crypto")]
-    if cfg.io.crypto == crate::worker::CryptoChoice::None
+    if cfg.io.crypto == crate::spec::CryptoChoice::None
         && std::env::var("SHROUD_BENCH_NO_CRYPTO").as_deref() != Ok("I-understand-this-is-insecure")
     {
         crate::logging::fatal(format_args!("configuration error: io.crypto = \"none\" forwards cells without encryption or authentication; it is for shroud-bench's baseline only"));

@@ -14,7 +14,7 @@ use shroud_proto::relay::RelayLimits;
 
 use shroud_keystore::keydir::{scan_key_dir, MAX_LOADED_KEYS};
 
-use crate::worker::{CryptoChoice, DriverChoice, IoConfig};
+use crate::spec::{CryptoChoice, DriverChoice, IoConfig};
 
 /// Exit code for a bad configuration (sysexits.h `EX_CONFIG`).
 pub const EX_CONFIG: i32 = 78;

@@ -30,10 +30,12 @@ use crate::journal::FileJournal;
 use shroud_proto::Layout;
 
 use crate::config::Config;
+use crate::engine::{Control, Exit};
 use crate::metrics::{OnionKeyInfo, RelayInfo, RelayMetrics, ReloadInfo};
+use crate::spec::{CryptoChoice, WorkerSpec};
 use crate::stats::WorkerStats;
 use crate::sys;
-use crate::worker::{self, Control, CryptoChoice, Exit, WorkerSpec};
+use crate::worker;
 
 /// Everything loaded from disk that the relay needs to start or reload.
 pub struct Loaded {

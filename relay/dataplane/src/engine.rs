@@ -1,5 +1,7 @@
 //! The driver-independent half of a worker: runs received datagrams through the
-//! protocol state machine and groups the cells to send by next hop.
+//! protocol state machine, groups the cells to send by next hop, counts every drop,
+//! runs the periodic tick and applies control messages. The drivers only arm, submit
+//! and reap; they reach the protocol state only through [`Engine`]'s methods.
 //!
 //! Invariants: cells are processed in the buffer they arrived in and sent from it
 //! (a [`Loc::Rx`] names the receive slot and offset); only cells the relay itself
@@ -10,8 +12,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crossbeam_channel::Receiver;
 use shroud_proto::aead::Aead;
-use shroud_proto::relay::{Action, CircuitRef, DropReason, Event, Relay};
+use shroud_proto::relay::{Action, CircuitRef, DropReason, Event, OnionKeyring, Peer, Relay};
 use shroud_proto::Layout;
 
 use crate::exits::Exits;
@@ -137,13 +140,14 @@ pub enum Side {
 /// Protocol state and counters of one worker.
 pub struct Engine<A: Aead> {
     /// The protocol state machine.
-    pub relay: Relay<A>,
-    /// Cell layout.
-    pub layout: Layout,
-    /// Shared counters.
-    pub stats: Arc<WorkerStats>,
+    relay: Relay<A>,
+    layout: Layout,
+    stats: Arc<WorkerStats>,
     /// Setups allowed per batch.
-    pub setup_budget: u32,
+    setup_budget: u32,
+    ctl: Receiver<Control>,
+    /// Set once draining: unix ms at which the worker stops regardless.
+    drain_deadline: Option<u64>,
 }
 
 impl<A: Aead> std::fmt::Debug for Engine<A> {
@@ -155,6 +159,40 @@ impl<A: Aead> std::fmt::Debug for Engine<A> {
 }
 
 impl<A: Aead> Engine<A> {
+    /// An engine over `relay`, counting into `stats`, taking control messages from
+    /// `ctl`.
+    pub fn new(
+        relay: Relay<A>,
+        layout: Layout,
+        stats: Arc<WorkerStats>,
+        setup_budget: u32,
+        ctl: Receiver<Control>,
+    ) -> Self {
+        Engine {
+            relay,
+            layout,
+            stats,
+            setup_budget,
+            ctl,
+            drain_deadline: None,
+        }
+    }
+
+    /// The worker's shared counters (the drivers count I/O events there).
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    /// Starts a batch: renews the per-batch setup budget.
+    pub fn begin_batch(&mut self) {
+        self.relay.begin_batch(self.setup_budget);
+    }
+
+    /// Counts `n` cells (or datagrams, for reasons counted per datagram) dropped.
+    pub fn count_drop(&mut self, reason: DropReason, n: u64) {
+        self.relay.count_drop(reason, n);
+    }
+
     /// Handles one received datagram held in receive slot `slot`.
     ///
     /// A setup that makes this relay a circuit's exit gets its exit socket here, before
@@ -303,6 +341,66 @@ impl<A: Aead> Engine<A> {
             self.relay.link_counts(),
         );
     }
+
+    /// Applies pending control messages; `Some(exit)` when the loop must end.
+    pub fn poll_control(&mut self, now_ms: u64) -> Option<Exit> {
+        // The daemon's watchdog reads this to tell a live worker from a stuck one.
+        self.stats
+            .loops
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        loop {
+            match self.ctl.try_recv() {
+                Ok(Control::SetPeers(p)) => self.relay.set_peers(p),
+                Ok(Control::SetOnionKeys(k)) => self.relay.set_keyring(k),
+                Ok(Control::SetAccepting(accepting)) => {
+                    if self.drain_deadline.is_none() {
+                        self.relay.set_accepting(accepting);
+                    }
+                }
+                Ok(Control::Drain { deadline_ms }) => {
+                    self.relay.set_accepting(false);
+                    self.drain_deadline = Some(deadline_ms);
+                }
+                Ok(Control::Stop) => return Some(Exit::Stopped),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return Some(Exit::Stopped),
+            }
+        }
+        match self.drain_deadline {
+            Some(d) if now_ms >= d || self.relay.circuit_count() == 0 => Some(Exit::Drained),
+            _ => None,
+        }
+    }
+}
+
+/// A message from the control plane, applied between batches.
+#[derive(Debug)]
+pub enum Control {
+    /// A new verified peer list: links and circuits of relays that stay are kept.
+    SetPeers(Vec<Peer>),
+    /// New onion keys (newest first), as the process-wide keyring whose seen-filters
+    /// every worker shares: circuits are untouched.
+    SetOnionKeys(OnionKeyring),
+    /// Accept new circuits or refuse them (while the peer list in force has expired);
+    /// existing circuits are untouched. Ignored once draining: a drain never resumes.
+    SetAccepting(bool),
+    /// Refuse new circuits; exit when the last circuit is gone or at the deadline
+    /// (unix ms).
+    Drain {
+        /// Deadline, unix milliseconds.
+        deadline_ms: u64,
+    },
+    /// Stop now.
+    Stop,
+}
+
+/// Why a worker loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Stopped by [`Control::Stop`] or the channel closing.
+    Stopped,
+    /// Drained: no circuits left, or the deadline passed.
+    Drained,
 }
 
 fn side_of(e: Event) -> Side {

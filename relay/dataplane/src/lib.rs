@@ -20,6 +20,7 @@ pub mod journal;
 pub mod logging;
 pub mod metrics;
 pub mod mmsg;
+pub mod spec;
 pub mod stats;
 pub mod sys;
 pub mod uring;

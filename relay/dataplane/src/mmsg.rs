@@ -10,10 +10,11 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use shroud_proto::relay::DropReason;
 
+use crate::engine::{Engine, Exit};
 use crate::engine::{Loc, Plan, Side};
 use crate::exits::{Exits, TxArena, EXIT_BUF};
+use crate::spec::WorkerSpec;
 use crate::sys::{self, CMSG_BUF};
-use crate::worker::{Exit, Shared, WorkerSpec};
 use shroud_proto::aead::Aead;
 
 const RX_BUF: usize = 65536;
@@ -106,15 +107,12 @@ impl Driver {
 
     fn send_group<A: Aead>(
         &self,
-        shared: &mut Shared<'_, A>,
+        engine: &mut Engine<A>,
         dest: &std::net::SocketAddr,
         cells: &[Loc],
     ) {
         let Some(sock) = sys::socket_for(&self.ipv4, dest).map(|i| &self.sockets[i]) else {
-            shared
-                .engine
-                .relay
-                .count_drop(DropReason::QueueFull, cells.len() as u64);
+            engine.count_drop(DropReason::QueueFull, cells.len() as u64);
             return;
         };
         // SAFETY: all-zero is a valid sockaddr_storage/msghdr/iovec array.
@@ -147,23 +145,19 @@ impl Driver {
             // self for the duration of this synchronous call.
             let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, 0) };
             if r < 0 {
-                shared.engine.stats.send_errors.fetch_add(1, Relaxed);
-                shared
-                    .engine
-                    .relay
-                    .count_drop(DropReason::QueueFull, chunk.len() as u64);
+                engine.stats().send_errors.fetch_add(1, Relaxed);
+                engine.count_drop(DropReason::QueueFull, chunk.len() as u64);
             } else {
-                shared
-                    .engine
-                    .stats
+                engine
+                    .stats()
                     .cells_tx
                     .fetch_add(chunk.len() as u64, Relaxed);
-                shared.engine.stats.datagrams_tx.fetch_add(1, Relaxed);
+                engine.stats().datagrams_tx.fetch_add(1, Relaxed);
             }
         }
     }
 
-    fn flush<A: Aead>(&mut self, shared: &mut Shared<'_, A>) {
+    fn flush<A: Aead>(&mut self, engine: &mut Engine<A>) {
         let side = std::mem::take(&mut self.side);
         for s in &side {
             match s {
@@ -187,16 +181,13 @@ impl Driver {
                     match sock {
                         Some(sock) => match sock.send(&self.bufs[*slot as usize][range.clone()]) {
                             Ok(_) => {
-                                shared.engine.stats.exit_delivered.fetch_add(1, Relaxed);
+                                engine.stats().exit_delivered.fetch_add(1, Relaxed);
                             }
                             Err(_) => {
-                                shared.engine.stats.send_errors.fetch_add(1, Relaxed);
+                                engine.stats().send_errors.fetch_add(1, Relaxed);
                             }
                         },
-                        None => shared
-                            .engine
-                            .relay
-                            .count_drop(DropReason::UnknownCircuit, 1),
+                        None => engine.count_drop(DropReason::UnknownCircuit, 1),
                     }
                 }
             }
@@ -205,7 +196,7 @@ impl Driver {
         self.side.clear();
         let plan = std::mem::take(&mut self.plan);
         for g in plan.groups() {
-            self.send_group(shared, &g.dest, &g.cells);
+            self.send_group(engine, &g.dest, &g.cells);
             for loc in &g.cells {
                 if let Loc::Tx { idx } = *loc {
                     self.arena.release(idx);
@@ -216,7 +207,7 @@ impl Driver {
         self.plan.clear();
     }
 
-    fn read_exits<A: Aead>(&mut self, shared: &mut Shared<'_, A>, now: u64) {
+    fn read_exits<A: Aead>(&mut self, engine: &mut Engine<A>, now: u64) {
         for x in 0..self.exits.slots.len() {
             loop {
                 let slot = &self.exits.slots[x];
@@ -228,23 +219,17 @@ impl Driver {
                     Ok(n) => n,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(_) => {
-                        shared.engine.stats.recv_errors.fetch_add(1, Relaxed);
+                        engine.stats().recv_errors.fetch_add(1, Relaxed);
                         break;
                     }
                 };
-                shared.engine.exit_payload(
-                    circuit,
-                    &buf[..n],
-                    &mut self.arena,
-                    &mut self.plan,
-                    now,
-                );
+                engine.exit_payload(circuit, &buf[..n], &mut self.arena, &mut self.plan, now);
             }
         }
     }
 
     /// Runs until stopped or drained.
-    pub(crate) fn run<A: Aead>(&mut self, shared: &mut Shared<'_, A>) -> io::Result<Exit> {
+    pub(crate) fn run<A: Aead>(&mut self, engine: &mut Engine<A>) -> io::Result<Exit> {
         let mut last_tick = 0u64;
         loop {
             self.pollfds.clear();
@@ -279,7 +264,7 @@ impl Driver {
                 }
             }
             let now = sys::now_ms();
-            shared.engine.relay.begin_batch(shared.engine.setup_budget);
+            engine.begin_batch();
             for si in 0..self.sockets.len() {
                 loop {
                     self.reset_msgs();
@@ -300,7 +285,7 @@ impl Driver {
                             e.kind(),
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
                         ) {
-                            shared.engine.stats.recv_errors.fetch_add(1, Relaxed);
+                            engine.stats().recv_errors.fetch_add(1, Relaxed);
                         }
                         break;
                     }
@@ -319,7 +304,7 @@ impl Driver {
                         match src {
                             Some(src) if !trunc && seg.is_multiple_of(self.cell) => {
                                 let buf = &mut self.bufs[i][..len];
-                                shared.engine.on_datagram(
+                                engine.on_datagram(
                                     src,
                                     i as u32,
                                     buf,
@@ -330,30 +315,28 @@ impl Driver {
                                     now,
                                 );
                             }
-                            _ => shared.engine.relay.count_drop(DropReason::Malformed, 1),
+                            _ => engine.count_drop(DropReason::Malformed, 1),
                         }
                     }
                     // Send before the buffers are reused by the next recvmmsg.
-                    self.flush(shared);
-                    shared.engine.stats.batch_latency.record(reaped.elapsed());
-                    shared.engine.stats.batches.fetch_add(1, Relaxed);
+                    self.flush(engine);
+                    engine.stats().batch_latency.record(reaped.elapsed());
+                    engine.stats().batches.fetch_add(1, Relaxed);
                     if (n as usize) < self.msgs.len() {
                         break;
                     }
                 }
             }
-            self.read_exits(shared, now);
-            self.flush(shared);
-            shared.engine.publish();
-            if let Some(exit) = shared.poll_control(now) {
+            self.read_exits(engine, now);
+            self.flush(engine);
+            engine.publish();
+            if let Some(exit) = engine.poll_control(now) {
                 return Ok(exit);
             }
             if now.saturating_sub(last_tick) >= 100 {
                 last_tick = now;
-                shared
-                    .engine
-                    .expire(now, &mut self.arena, &mut self.plan, &mut self.side);
-                self.flush(shared);
+                engine.expire(now, &mut self.arena, &mut self.plan, &mut self.side);
+                self.flush(engine);
             }
         }
     }

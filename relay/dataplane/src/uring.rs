@@ -20,10 +20,11 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use shroud_proto::relay::DropReason;
 
 use crate::bufring::BufRing;
+use crate::engine::{Engine, Exit};
 use crate::engine::{Loc, Plan, Side};
 use crate::exits::{Exits, TxArena, EXIT_BUF};
+use crate::spec::WorkerSpec;
 use crate::sys::{self, CMSG_BUF};
-use crate::worker::{Exit, Shared, WorkerSpec};
 use shroud_proto::aead::Aead;
 
 /// Payload bytes of one receive buffer: the largest GRO-coalesced datagram.
@@ -238,17 +239,14 @@ impl Driver {
     }
 
     /// Submits one GSO send per next hop (in chunks of `max_segs` cells).
-    fn flush<A: Aead>(&mut self, shared: &mut Shared<'_, A>) -> io::Result<()> {
+    fn flush<A: Aead>(&mut self, engine: &mut Engine<A>) -> io::Result<()> {
         let plan = std::mem::take(&mut self.plan);
         for g in plan.groups() {
             let sock = sys::socket_for(&self.ipv4, &g.dest);
             for chunk in g.cells.chunks(self.max_segs) {
                 let (Some(sock), Some(t)) = (sock, self.free_tx.pop()) else {
                     // No socket of that family, or every send slot busy: drop.
-                    shared
-                        .engine
-                        .relay
-                        .count_drop(DropReason::QueueFull, chunk.len() as u64);
+                    engine.count_drop(DropReason::QueueFull, chunk.len() as u64);
                     for &loc in chunk {
                         if let Loc::Tx { idx } = loc {
                             self.arena.release(idx);
@@ -293,12 +291,11 @@ impl Driver {
                 }
                 .user_data(ud(K_SEND, u64::from(t)));
                 self.push(e)?;
-                shared
-                    .engine
-                    .stats
+                engine
+                    .stats()
                     .cells_tx
                     .fetch_add(chunk.len() as u64, Relaxed);
-                shared.engine.stats.datagrams_tx.fetch_add(1, Relaxed);
+                engine.stats().datagrams_tx.fetch_add(1, Relaxed);
             }
         }
         self.plan = plan;
@@ -306,7 +303,7 @@ impl Driver {
         Ok(())
     }
 
-    fn on_side<A: Aead>(&mut self, shared: &mut Shared<'_, A>) -> io::Result<()> {
+    fn on_side<A: Aead>(&mut self, engine: &mut Engine<A>) -> io::Result<()> {
         let side = std::mem::take(&mut self.side);
         for s in &side {
             match s {
@@ -330,18 +327,12 @@ impl Driver {
                     ..
                 } => {
                     let Some(x) = self.exits.get(circuit) else {
-                        shared
-                            .engine
-                            .relay
-                            .count_drop(DropReason::UnknownCircuit, 1);
+                        engine.count_drop(DropReason::UnknownCircuit, 1);
                         continue;
                     };
                     let Some(sock) = self.exits.slots[x as usize].sock.as_ref() else {
                         // The circuit's exit socket is already closing.
-                        shared
-                            .engine
-                            .relay
-                            .count_drop(DropReason::UnknownCircuit, 1);
+                        engine.count_drop(DropReason::UnknownCircuit, 1);
                         continue;
                     };
                     self.refs[*slot as usize] += 1;
@@ -353,7 +344,7 @@ impl Driver {
                     .build()
                     .user_data(ud(K_XSEND, u64::from(*slot)));
                     self.push(e)?;
-                    shared.engine.stats.exit_delivered.fetch_add(1, Relaxed);
+                    engine.stats().exit_delivered.fetch_add(1, Relaxed);
                 }
             }
         }
@@ -362,30 +353,19 @@ impl Driver {
         Ok(())
     }
 
-    fn on_exit_reply<A: Aead>(
-        &mut self,
-        shared: &mut Shared<'_, A>,
-        x: u32,
-        len: usize,
-        now_ms: u64,
-    ) {
+    fn on_exit_reply<A: Aead>(&mut self, engine: &mut Engine<A>, x: u32, len: usize, now_ms: u64) {
         let slot = &self.exits.slots[x as usize];
         let Some(circuit) = slot.circuit else {
             // A reply racing its circuit's teardown.
-            shared
-                .engine
-                .relay
-                .count_drop(DropReason::UnknownCircuit, 1);
+            engine.count_drop(DropReason::UnknownCircuit, 1);
             return;
         };
         let payload = &slot.buf[..len.min(EXIT_BUF)];
-        shared
-            .engine
-            .exit_payload(circuit, payload, &mut self.arena, &mut self.plan, now_ms);
+        engine.exit_payload(circuit, payload, &mut self.arena, &mut self.plan, now_ms);
     }
 
     /// Runs until stopped or drained.
-    pub(crate) fn run<A: Aead>(&mut self, shared: &mut Shared<'_, A>) -> io::Result<Exit> {
+    pub(crate) fn run<A: Aead>(&mut self, engine: &mut Engine<A>) -> io::Result<Exit> {
         let ts = types::Timespec::new().nsec(50_000_000);
         let mut last_tick = 0u64;
         loop {
@@ -408,7 +388,7 @@ impl Driver {
                 Err(e) => return Err(e),
             }
             let now = sys::now_ms();
-            shared.engine.relay.begin_batch(shared.engine.setup_budget);
+            engine.begin_batch();
             self.completions.clear();
             self.completions.extend(
                 self.ring
@@ -434,9 +414,9 @@ impl Driver {
                         }
                         if res < 0 {
                             if res == -libc::ENOBUFS {
-                                shared.engine.stats.recv_ring_empty.fetch_add(1, Relaxed);
+                                engine.stats().recv_ring_empty.fetch_add(1, Relaxed);
                             } else if res != -libc::ECANCELED {
-                                shared.engine.stats.recv_errors.fetch_add(1, Relaxed);
+                                engine.stats().recv_errors.fetch_add(1, Relaxed);
                             }
                             continue;
                         }
@@ -448,7 +428,7 @@ impl Driver {
                         let filled =
                             &self.bufs.buf(bid)[..(res as usize).min(self.bufs.buf(bid).len())];
                         let Ok(out) = types::RecvMsgOut::parse(filled, &self.recv_hdr) else {
-                            shared.engine.relay.count_drop(DropReason::Malformed, 1);
+                            engine.count_drop(DropReason::Malformed, 1);
                             continue;
                         };
                         let src = sys::sockaddr_from_bytes(out.name_data());
@@ -463,7 +443,7 @@ impl Driver {
                             // multiple of CELL).
                             (Some(src), false) if seg.is_multiple_of(self.cell) => {
                                 let buf = &mut self.bufs.payload_mut(bid)[..len];
-                                shared.engine.on_datagram(
+                                engine.on_datagram(
                                     src,
                                     u32::from(bid),
                                     buf,
@@ -474,7 +454,7 @@ impl Driver {
                                     now,
                                 );
                             }
-                            _ => shared.engine.relay.count_drop(DropReason::Malformed, 1),
+                            _ => engine.count_drop(DropReason::Malformed, 1),
                         }
                     }
                     K_SEND => {
@@ -483,12 +463,12 @@ impl Driver {
                         // buffers; only then may the cells' slots be reused.
                         if io_uring::cqueue::more(flags) {
                             if res < 0 {
-                                shared.engine.stats.send_errors.fetch_add(1, Relaxed);
+                                engine.stats().send_errors.fetch_add(1, Relaxed);
                             }
                             continue;
                         }
                         if res < 0 && !io_uring::cqueue::notif(flags) {
-                            shared.engine.stats.send_errors.fetch_add(1, Relaxed);
+                            engine.stats().send_errors.fetch_add(1, Relaxed);
                         }
                         let n = self.tx[idx as usize].n;
                         for k in 0..n {
@@ -499,7 +479,7 @@ impl Driver {
                     }
                     K_XSEND => {
                         if res < 0 {
-                            shared.engine.stats.send_errors.fetch_add(1, Relaxed);
+                            engine.stats().send_errors.fetch_add(1, Relaxed);
                         }
                         self.release(Loc::Rx { slot: idx, off: 0 })?;
                     }
@@ -509,9 +489,9 @@ impl Driver {
                             self.exits.free(idx);
                         } else {
                             if res >= 0 {
-                                self.on_exit_reply(shared, idx, res as usize, now);
+                                self.on_exit_reply(engine, idx, res as usize, now);
                             } else {
-                                shared.engine.stats.recv_errors.fetch_add(1, Relaxed);
+                                engine.stats().recv_errors.fetch_add(1, Relaxed);
                             }
                             self.arm_exit_recv(idx)?;
                         }
@@ -521,10 +501,10 @@ impl Driver {
                 }
             }
             self.completions = comps;
-            self.on_side(shared)?;
-            self.flush(shared)?;
+            self.on_side(engine)?;
+            self.flush(engine)?;
             if let Some(t) = reaped {
-                shared.engine.stats.batch_latency.record(t.elapsed());
+                engine.stats().batch_latency.record(t.elapsed());
             }
             // Buffers that nothing points into go back to the ring at once (the
             // rest when their sends complete); then re-arm ended receives.
@@ -535,18 +515,16 @@ impl Driver {
             }
             self.touched.clear();
             self.arm_receives()?;
-            shared.engine.stats.batches.fetch_add(1, Relaxed);
-            shared.engine.publish();
-            if let Some(exit) = shared.poll_control(now) {
+            engine.stats().batches.fetch_add(1, Relaxed);
+            engine.publish();
+            if let Some(exit) = engine.poll_control(now) {
                 return Ok(exit);
             }
             if now.saturating_sub(last_tick) >= 100 {
                 last_tick = now;
-                shared
-                    .engine
-                    .expire(now, &mut self.arena, &mut self.plan, &mut self.side);
-                self.on_side(shared)?;
-                self.flush(shared)?;
+                engine.expire(now, &mut self.arena, &mut self.plan, &mut self.side);
+                self.on_side(engine)?;
+                self.flush(engine)?;
             }
         }
     }

@@ -1,0 +1,93 @@
+//! What a worker is made of: its sockets, layout and I/O sizing, and the choices of
+//! crypto backend and I/O driver. Plain data, read by the worker launcher and the
+//! drivers.
+
+use std::net::UdpSocket;
+
+use shroud_proto::Layout;
+
+/// Which AES-GCM backend the workers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CryptoChoice {
+    /// `ring` (the default: fastest here, see docs/BENCHMARKING.md).
+    Ring,
+    /// RustCrypto `aes-gcm`.
+    Rustcrypto,
+    /// No cell crypto at all: only in builds with the `bench-no-crypto` feature, for
+    /// the benchmark's no-crypto baseline.
+    #[cfg(feature = "bench-no-crypto")]
+    None,
+}
+
+/// Which driver to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverChoice {
+    /// io_uring, falling back to recvmmsg if io_uring cannot be set up.
+    Auto,
+    /// io_uring only (fail if unavailable).
+    Uring,
+    /// recvmmsg/sendmmsg only.
+    Mmsg,
+}
+
+/// I/O sizing of a worker.
+#[derive(Debug, Clone)]
+pub struct IoConfig {
+    /// Driver choice.
+    pub driver: DriverChoice,
+    /// Receive operations kept in flight (each with a 64 KiB GRO buffer).
+    pub recv_slots: usize,
+    /// Send operations that may be in flight.
+    pub send_slots: usize,
+    /// Cells the worker can originate at once (exit replies).
+    pub tx_cells: usize,
+    /// Exit sockets (one per exit circuit).
+    pub exit_sockets: usize,
+    /// Setup cells given public-key work per batch.
+    pub setup_budget: u32,
+    /// UDP GRO on receive and GSO on send (off = one datagram per cell both ways,
+    /// the per-datagram path; for debugging and as a benchmark baseline).
+    pub gro_gso: bool,
+    /// Send with `SENDMSG_ZC` (io_uring driver): the kernel reads cells straight
+    /// from the receive buffers. Pays off with large GSO batches on a real NIC;
+    /// loopback copies anyway.
+    pub zero_copy_send: bool,
+    /// io_uring driver: once woken by a first completion, wait up to this many
+    /// microseconds for more before processing (`min_wait_usec`, Linux 6.12+), so a
+    /// trickle of datagrams is handled in batches rather than one wake-up each. 0
+    /// processes every completion at once.
+    pub batch_wait_us: u32,
+}
+
+impl Default for IoConfig {
+    fn default() -> Self {
+        IoConfig {
+            driver: DriverChoice::Auto,
+            recv_slots: 32,
+            send_slots: 256,
+            tx_cells: 1024,
+            exit_sockets: 1024,
+            setup_budget: 16,
+            gro_gso: true,
+            zero_copy_send: false,
+            batch_wait_us: 50,
+        }
+    }
+}
+
+/// Everything a worker thread needs.
+#[derive(Debug)]
+pub struct WorkerSpec {
+    /// Worker index (0-based).
+    pub index: usize,
+    /// CPU to pin to, if any.
+    pub cpu: Option<usize>,
+    /// Bound sockets (one per listen address), all on this worker's port.
+    pub sockets: Vec<UdpSocket>,
+    /// Cell layout.
+    pub layout: Layout,
+    /// I/O sizing.
+    pub io: IoConfig,
+}
