@@ -1,71 +1,39 @@
 //! Socket options and control messages for UDP GRO/GSO, shared by both drivers.
 //!
-//! This module and the two drivers are the only places with `unsafe`; every block says
-//! why it is sound.
+//! Socket options, CPU affinity and `sysconf` go through `nix`'s safe wrappers; what
+//! is left unsafe here is writing and reading `sockaddr` structures for the raw
+//! msghdrs the drivers hand to the kernel. This module, the buffer ring and the two
+//! drivers are the only places with `unsafe`; every block says why it is sound.
 
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
+
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+use nix::unistd::{sysconf, Pid, SysconfVar};
 
 /// `UDP_SEGMENT` (linux/udp.h).
-pub const UDP_SEGMENT: libc::c_int = 103;
+pub const UDP_SEGMENT: libc::c_int = libc::UDP_SEGMENT;
 /// `UDP_GRO` (linux/udp.h).
-pub const UDP_GRO: libc::c_int = 104;
+pub const UDP_GRO: libc::c_int = libc::UDP_GRO;
 /// Control buffer big enough for one `UDP_GRO`/`UDP_SEGMENT` cmsg.
 pub const CMSG_BUF: usize = 64;
 
-fn setsockopt_int(
-    fd: &impl AsRawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    v: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: `v` lives across the call and its size is passed; the fd is open.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&v as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// Enables UDP GRO on a socket (received datagrams of one flow may be coalesced; the
 /// segment size arrives in a `UDP_GRO` cmsg).
-pub fn enable_gro(fd: &impl AsRawFd) -> io::Result<()> {
-    setsockopt_int(fd, libc::SOL_UDP, UDP_GRO, 1)
+pub fn enable_gro(fd: &impl AsFd) -> io::Result<()> {
+    Ok(setsockopt(fd, sockopt::UdpGroSegment, &true)?)
 }
 
-/// Reads `SO_RCVBUF`/`SO_SNDBUF` back (the kernel doubles what it grants).
-pub fn buffer_sizes(fd: &impl AsRawFd) -> (usize, usize) {
-    let get = |name| {
-        let mut v: libc::c_int = 0;
-        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: v and len are valid for writes of the sizes given.
-        let r = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                name,
-                (&mut v as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        if r == 0 {
-            v as usize
-        } else {
-            0
-        }
-    };
-    (get(libc::SO_RCVBUF), get(libc::SO_SNDBUF))
+/// Reads `SO_RCVBUF`/`SO_SNDBUF` back (the kernel doubles what it grants); 0 for
+/// one that cannot be read.
+pub fn buffer_sizes(fd: &impl AsFd) -> (usize, usize) {
+    (
+        getsockopt(fd, sockopt::RcvBuf).unwrap_or(0),
+        getsockopt(fd, sockopt::SndBuf).unwrap_or(0),
+    )
 }
 
 /// Encodes `addr` into a `sockaddr_storage`, returning its length.
@@ -237,15 +205,9 @@ pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
 
 /// Pins the calling thread to `cpu`.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
-    // SAFETY: cpu_set_t is plain data; CPU_SET only writes inside it; the syscall reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    Ok(sched_setaffinity(Pid::from_raw(0), &set)?)
 }
 
 /// Current time in milliseconds since the Unix epoch (the drivers' clock).
@@ -259,13 +221,9 @@ pub fn now_ms() -> u64 {
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`), the unit of the CPU times in
 /// `/proc/self/stat`; 100 if the call fails.
 pub fn clock_ticks() -> u64 {
-    // SAFETY: sysconf reads a constant of the running system; it takes no pointers
-    // and has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as u64
-    } else {
-        100
+    match sysconf(SysconfVar::CLK_TCK) {
+        Ok(Some(t)) if t > 0 => t as u64,
+        _ => 100,
     }
 }
 
@@ -297,6 +255,28 @@ mod tests {
         assert_eq!(gro_segment(&bad), None);
         bad[..8].copy_from_slice(&3usize.to_ne_bytes());
         assert_eq!(gro_segment(&bad), None);
+    }
+
+    #[test]
+    fn socket_options_and_affinity_take_effect() {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(!getsockopt(&s, sockopt::UdpGroSegment).unwrap());
+        enable_gro(&s).unwrap();
+        assert!(getsockopt(&s, sockopt::UdpGroSegment).unwrap());
+        let (r, w) = buffer_sizes(&s);
+        assert!(r > 0 && w > 0, "{r} {w}");
+        std::thread::spawn(|| {
+            pin_to_cpu(0).unwrap();
+            let set = nix::sched::sched_getaffinity(Pid::from_raw(0)).unwrap();
+            let on: Vec<usize> = (0..CpuSet::count())
+                .filter(|&c| set.is_set(c).unwrap())
+                .collect();
+            assert_eq!(on, vec![0]);
+            assert!(pin_to_cpu(CpuSet::count()).is_err());
+        })
+        .join()
+        .unwrap();
+        assert!(clock_ticks() >= 100);
     }
 
     #[test]
