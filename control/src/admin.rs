@@ -3,8 +3,10 @@
 //! The relay serves line-delimited JSON on a Unix socket (`[admin] socket` in its
 //! configuration, owner-only): one request object per line (`{"cmd":"status"}`,
 //! `{"cmd":"drain","timeout_s":30}`, ...), one reply per line, either
-//! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. [`AdminClient`] sends
-//! requests and turns replies into `Result`s; every error names the socket path.
+//! `{"ok":true,"result":...}` or `{"ok":false,"error":"..."}`. Requests, replies and
+//! result documents are the `shroud-admin` types the relay itself uses.
+//! [`AdminClient`] sends requests and turns replies into `Result`s; every error names
+//! the socket path.
 //!
 //! The socket path is chosen by [`socket_path`]: the command-line value, else the
 //! environment variable [`SOCKET_ENV`], else [`DEFAULT_SOCKET`].
@@ -14,7 +16,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use shroud_admin::{Reply, Request};
 
 use crate::exit;
 
@@ -154,15 +158,11 @@ impl AdminClient {
         &self.path
     }
 
-    /// Sends `request` (an object with a `cmd`) and returns the reply's `result`, or
+    /// Sends `request` and returns the reply's `result` as JSON (null when absent), or
     /// [`AdminError::Refused`] with the relay's message when it answers `ok:false`.
-    pub fn call(&mut self, request: &Value) -> Result<Value, AdminError> {
-        let cmd = request
-            .get("cmd")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_owned();
-        let mut line = request.to_string();
+    pub fn call(&mut self, request: &Request) -> Result<Value, AdminError> {
+        let cmd = request.name().to_owned();
+        let mut line = request.to_line();
         line.push('\n');
         self.writer
             .write_all(line.as_bytes())
@@ -191,36 +191,59 @@ impl AdminClient {
         if !reply.ends_with('\n') {
             return Err(bad("the reply is truncated or too long".into()));
         }
-        let v: Value = serde_json::from_str(&reply).map_err(|e| bad(format!("not JSON: {e}")))?;
-        match v.get("ok").and_then(Value::as_bool) {
-            Some(true) => Ok(v.get("result").cloned().unwrap_or(Value::Null)),
-            Some(false) => Err(AdminError::Refused {
-                path: self.path.clone(),
-                cmd,
-                message: v
-                    .get("error")
-                    .and_then(Value::as_str)
-                    .unwrap_or("(no message)")
-                    .to_owned(),
-            }),
-            None => Err(bad("no boolean \"ok\" field".into())),
-        }
+        let reply: Reply =
+            serde_json::from_str(&reply).map_err(|e| bad(format!("not a reply: {e}")))?;
+        reply.into_result().map_err(|message| AdminError::Refused {
+            path: self.path.clone(),
+            cmd,
+            message,
+        })
     }
 
-    /// [`Self::call`] with `{"cmd": cmd}`.
-    pub fn command(&mut self, cmd: &str) -> Result<Value, AdminError> {
-        self.call(&json!({ "cmd": cmd }))
+    /// [`Self::call`], with the result read as the command's document `T`; also
+    /// returns the raw JSON (for `--json` output, which keeps fields this shroudctl
+    /// does not know).
+    pub fn call_as<T: DeserializeOwned>(
+        &mut self,
+        request: &Request,
+    ) -> Result<(T, Value), AdminError> {
+        let raw = self.call(request)?;
+        let doc = document(&self.path, request, &raw)?;
+        Ok((doc, raw))
     }
 }
 
+/// Reads `raw`, the result of `request`, as its document `T`.
+fn document<T: DeserializeOwned>(
+    path: &Path,
+    request: &Request,
+    raw: &Value,
+) -> Result<T, AdminError> {
+    T::deserialize(raw).map_err(|e| AdminError::BadReply {
+        path: path.to_owned(),
+        reason: format!("the {} document is not understood: {e}", request.name()),
+    })
+}
+
 /// Connects to `path`, sends one request and returns the result.
-pub fn request(path: &Path, request: &Value) -> Result<Value, AdminError> {
+pub fn request(path: &Path, request: &Request) -> Result<Value, AdminError> {
     AdminClient::connect(path)?.call(request)
+}
+
+/// Connects to `path`, sends one request and returns its result as document `T`, with
+/// the raw JSON.
+pub fn request_as<T: DeserializeOwned>(
+    path: &Path,
+    request: &Request,
+) -> Result<(T, Value), AdminError> {
+    AdminClient::connect(path)?.call_as(request)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+    use shroud_admin::Reloaded;
     use std::os::unix::net::UnixListener;
 
     /// A one-connection fake relay answering each request line with `replies[i]`.
@@ -251,8 +274,10 @@ mod tests {
             "not json\n",
         ]);
         let mut c = AdminClient::connect(&path).expect("connect");
-        assert_eq!(c.command("reload").expect("ok"), json!({"serial": 3}));
-        let e = c.command("reload").expect_err("refused");
+        let (doc, raw) = c.call_as::<Reloaded>(&Request::Reload).expect("ok");
+        assert_eq!(raw, json!({"serial": 3}));
+        assert_eq!((doc.serial, doc.peers), (3, 0));
+        let e = c.call(&Request::Reload).expect_err("refused");
         assert_eq!(e.kind(), "refused");
         let msg = e.to_string();
         assert!(
@@ -260,10 +285,15 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("`reload`"), "{msg}");
-        assert_eq!(c.command("x").expect_err("no ok").kind(), "bad_reply");
-        assert_eq!(c.command("x").expect_err("not json").kind(), "bad_reply");
+        let e = c.call(&Request::Status).expect_err("no ok");
+        assert_eq!(e.kind(), "bad_reply");
+        assert!(e.to_string().contains("missing field `ok`"), "{e}");
+        assert_eq!(
+            c.call(&Request::Status).expect_err("not json").kind(),
+            "bad_reply"
+        );
         // The fake relay has hung up: either sending or reading fails.
-        let e = c.command("x").expect_err("closed");
+        let e = c.call(&Request::Status).expect_err("closed");
         assert!(["io", "bad_reply"].contains(&e.kind()), "{e}");
     }
 
@@ -271,7 +301,7 @@ mod tests {
     fn unreachable_socket_is_a_failure_with_a_hint() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("nobody.sock");
-        let e = request(&path, &json!({"cmd": "status"})).expect_err("unreachable");
+        let e = request(&path, &Request::Status).expect_err("unreachable");
         assert_eq!(e.kind(), "connect");
         assert_eq!(e.exit_code(), exit::FAILURE);
         assert!(e.to_string().contains("nobody.sock"), "{e}");

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::{error::ErrorKind, CommandFactory, Parser};
 use serde_json::{json, Value};
+use shroud_admin::{Draining, Peers, Reloaded, Request, Rotated, Status, Stopping};
 use shroud_control::admin::{self, AdminClient, AdminError};
 use shroud_control::check::{self, VerifyError};
 use shroud_control::cli::{
@@ -30,7 +31,7 @@ use shroud_control::keyfile::{self, KeyFileError};
 use shroud_control::peerfile::{self, FileError};
 use shroud_control::render::{self, ListJson};
 use shroud_control::rotate::{self, AdminRelay, DaemonConfig, DescriptorConfig, RotateError};
-use shroud_control::status::{render_status, Rates, Status};
+use shroud_control::status::{render_status, Rates};
 use shroud_control::time::{self, format_date, format_date_relative};
 use shroud_control::{exit, read_identity_key_file, write_secret_key_file};
 use shroud_proto::keys::{encode_key, KeyError};
@@ -360,17 +361,22 @@ fn peers_list(args: &ListArgs) -> Result<()> {
         Some(file) if !args.running => (read_list(file)?, None),
         _ => {
             let path = socket(&args.socket);
-            let r = admin::request(&path, &json!({"cmd": "peers"}))?;
-            let doc = r["document"].as_str().ok_or_else(|| AdminError::BadReply {
-                path: path.clone(),
-                reason: "the peers reply has no \"document\" (a relay older than this shroudctl?)"
-                    .into(),
-            })?;
+            let (peers, _) = admin::request_as::<Peers>(&path, &Request::Peers)?;
+            if peers.document.is_empty() {
+                return Err(AdminError::BadReply {
+                    path: path.clone(),
+                    reason:
+                        "the peers reply has no \"document\" (a relay older than this shroudctl?)"
+                            .into(),
+                }
+                .into());
+            }
+            let doc = peers.document.as_str();
             let list = PeerList::parse(doc).map_err(|e| AdminError::BadReply {
                 path: path.clone(),
                 reason: format!("the relay's peer list does not parse: {e}"),
             })?;
-            let expired = r["expired"].as_bool().unwrap_or(false);
+            let expired = peers.expired;
             (list, Some((path, expired)))
         }
     };
@@ -544,16 +550,6 @@ fn socket(arg: &shroud_control::cli::SocketArg) -> PathBuf {
     admin::socket_path(arg.socket.as_deref())
 }
 
-fn parse_status(client: &AdminClient, raw: &Value) -> Result<Status> {
-    serde_json::from_value(raw.clone()).map_err(|e| {
-        AdminError::BadReply {
-            path: client.path().to_owned(),
-            reason: format!("the status document is not understood: {e}"),
-        }
-        .into()
-    })
-}
-
 /// Two status samples `interval` seconds apart on one connection: the second
 /// sample (raw and parsed) and the rates between them.
 fn sample_pair(
@@ -564,14 +560,13 @@ fn sample_pair(
     let (a, t0) = match first {
         Some(x) => x,
         None => {
-            let raw = client.command("status")?;
-            (parse_status(client, &raw)?, Instant::now())
+            let (status, _) = client.call_as::<Status>(&Request::Status)?;
+            (status, Instant::now())
         }
     };
     std::thread::sleep(Duration::from_secs_f64(interval));
-    let raw = client.command("status")?;
+    let (b, raw) = client.call_as::<Status>(&Request::Status)?;
     let t1 = Instant::now();
-    let b = parse_status(client, &raw)?;
     let rates = Rates::between(&a, &b, t1.duration_since(t0).as_secs_f64());
     Ok((raw, b, t1, rates))
 }
@@ -589,8 +584,7 @@ fn status(args: &StatusArgs) -> Result<()> {
         let (raw, parsed, _, rates) = sample_pair(&mut client, None, args.interval)?;
         (raw, parsed, Some(rates))
     } else {
-        let raw = client.command("status")?;
-        let parsed = parse_status(&client, &raw)?;
+        let (parsed, raw) = client.call_as::<Status>(&Request::Status)?;
         (raw, parsed, None)
     };
     if args.json {
@@ -632,54 +626,55 @@ fn top(args: &TopArgs) -> Result<()> {
     }
 }
 
-fn admin_command(arg: &shroud_control::cli::SocketArg, request: Value) -> Result<Value> {
-    Ok(admin::request(&socket(arg), &request)?)
+fn admin_command<T: serde::de::DeserializeOwned>(
+    arg: &shroud_control::cli::SocketArg,
+    request: &Request,
+) -> Result<(T, Value)> {
+    Ok(admin::request_as(&socket(arg), request)?)
 }
 
 fn reload(args: &AdminArgs) -> Result<()> {
-    let r = admin_command(&args.socket, json!({"cmd": "reload"}))?;
+    let (r, raw) = admin_command::<Reloaded>(&args.socket, &Request::Reload)?;
     if args.json {
-        return print_json(&r);
+        return print_json(&raw);
     }
     print(&format!(
         "reloaded: peer list serial {}, {} relay(s); {} onion key(s)\n",
-        r["serial"], r["peers"], r["onion_keys"]
+        r.serial, r.peers, r.onion_keys
     ))
 }
 
 fn rotate_now(args: &AdminArgs) -> Result<()> {
-    let r = admin_command(&args.socket, json!({"cmd": "rotate"}))?;
+    let (r, raw) = admin_command::<Rotated>(&args.socket, &Request::Rotate)?;
     if args.json {
-        return print_json(&r);
+        return print_json(&raw);
     }
-    let keys = r["onion_keys"].as_array().cloned().unwrap_or_default();
     let now = time::now();
     let mut text = format!(
         "rotated: the relay holds {} onion key(s), newest first\n",
-        keys.len()
+        r.onion_keys.len()
     );
-    for k in &keys {
-        let until = match k["valid_until"].as_u64() {
+    for k in &r.onion_keys {
+        let until = match k.valid_until {
             Some(t) => format!("expires {}", format_date_relative(t, now)),
             None => "not in the peer list yet".to_owned(),
         };
-        text.push_str(&format!(
-            "  {}  {until}\n",
-            k["public"].as_str().unwrap_or("?")
-        ));
+        text.push_str(&format!("  {}  {until}\n", k.public));
     }
     print(&text)
 }
 
 fn drain(args: &DrainArgs) -> Result<()> {
-    let r = admin_command(
+    let (r, raw) = admin_command::<Draining>(
         &args.socket,
-        json!({"cmd": "drain", "timeout_s": args.timeout}),
+        &Request::Drain {
+            timeout_s: args.timeout,
+        },
     )?;
     if args.json {
-        return print_json(&r);
+        return print_json(&raw);
     }
-    let deadline = r["deadline_ms"].as_u64().map(|ms| ms / 1000);
+    let deadline = (r.deadline_ms > 0).then_some(r.deadline_ms / 1000);
     print(&format!(
         "draining: the relay refuses new circuits and exits when its last circuit ends{}\n",
         deadline
@@ -692,9 +687,9 @@ fn drain(args: &DrainArgs) -> Result<()> {
 }
 
 fn shutdown(args: &AdminArgs) -> Result<()> {
-    let r = admin_command(&args.socket, json!({"cmd": "shutdown"}))?;
+    let (_, raw) = admin_command::<Stopping>(&args.socket, &Request::Shutdown)?;
     if args.json {
-        return print_json(&r);
+        return print_json(&raw);
     }
     print("stopping: the relay is shutting down\n")
 }

@@ -33,6 +33,7 @@
 //! [`MAX_LOADED_KEYS`] keys of the directory, and the descriptor (if configured)
 //! lists only keys the relay holds.
 
+use shroud_admin::{OnionKeyStatus, Request, Rotated, Status};
 use std::fmt;
 use std::io;
 use std::net::IpAddr;
@@ -272,21 +273,15 @@ pub struct AdminRelay {
 }
 
 impl AdminRelay {
-    fn keys_of(&self, result: &serde_json::Value) -> Result<Vec<OnionPublic>, AdminError> {
-        let bad = |reason: &str| AdminError::BadReply {
-            path: self.socket.clone(),
-            reason: reason.to_owned(),
-        };
-        result
-            .get("onion_keys")
-            .and_then(serde_json::Value::as_array)
-            .ok_or_else(|| bad("no onion_keys array"))?
-            .iter()
+    fn keys_of(&self, keys: &[OnionKeyStatus]) -> Result<Vec<OnionPublic>, AdminError> {
+        keys.iter()
             .map(|k| {
-                k.get("public")
-                    .and_then(serde_json::Value::as_str)
-                    .and_then(|p| p.parse::<OnionPublic>().ok())
-                    .ok_or_else(|| bad("an onion key is not a base64 public key"))
+                k.public
+                    .parse::<OnionPublic>()
+                    .map_err(|_| AdminError::BadReply {
+                        path: self.socket.clone(),
+                        reason: "an onion key is not a base64 public key".into(),
+                    })
             })
             .collect()
     }
@@ -294,13 +289,13 @@ impl AdminRelay {
 
 impl RelayControl for AdminRelay {
     fn onion_keys(&mut self) -> Result<Vec<OnionPublic>, AdminError> {
-        let r = crate::admin::request(&self.socket, &serde_json::json!({"cmd": "status"}))?;
-        self.keys_of(&r)
+        let (status, _) = crate::admin::request_as::<Status>(&self.socket, &Request::Status)?;
+        self.keys_of(&status.onion_keys)
     }
 
     fn rotate(&mut self) -> Result<Vec<OnionPublic>, AdminError> {
-        let r = crate::admin::request(&self.socket, &serde_json::json!({"cmd": "rotate"}))?;
-        self.keys_of(&r)
+        let (rotated, _) = crate::admin::request_as::<Rotated>(&self.socket, &Request::Rotate)?;
+        self.keys_of(&rotated.onion_keys)
     }
 }
 

@@ -1,133 +1,19 @@
 //! A relay's `status` document, rates computed from two of them, and the tables of
 //! `shroudctl status` and `shroudctl top`.
 //!
-//! [`Status`] reads the relay's reply to `{"cmd":"status"}`. Every field has a
-//! default, so a document from an older or newer relay (fields missing or added)
-//! still reads. [`Rates::between`] turns two samples into per-second rates per
+//! [`Status`] (from `shroud-admin`, the types the relay writes) is the relay's reply to
+//! `{"cmd":"status"}`. Every field has a default, so a document from an older or newer
+//! relay (fields missing or added) still reads. [`Rates::between`] turns two samples into per-second rates per
 //! worker; counters that went down (the relay restarted in between) count as zero.
 //! [`render_status`] is the human table; `now` is an argument.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use shroud_admin::{Latency, Status, WorkerStatus};
 
 use crate::time::{format_date_relative, format_relative, format_span};
-
-/// The relay's `status` result.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct Status {
-    /// Relay id, 32 hex digits.
-    pub relay_id: String,
-    /// `shroud-relay` version.
-    pub version: String,
-    /// Seconds since the relay started.
-    pub uptime_s: u64,
-    /// Whether the relay drains (refuses new circuits).
-    pub draining: bool,
-    /// Cell size in bytes.
-    pub cell: u64,
-    /// Maximum hops.
-    pub h_max: u64,
-    /// Live circuits, all workers.
-    pub circuits: u64,
-    /// Drops by reason, all workers.
-    pub drops: BTreeMap<String, u64>,
-    /// Workers, by index.
-    pub workers: Vec<WorkerStatus>,
-    /// The peer list in use.
-    pub peer_list: PeerListStatus,
-    /// Onion keys held, newest first.
-    pub onion_keys: Vec<OnionKeyStatus>,
-    /// The onion key directory, when the relay uses one.
-    pub onion_key_dir: Option<String>,
-}
-
-/// One worker in [`Status`].
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct WorkerStatus {
-    /// Worker index.
-    pub index: u64,
-    /// Its UDP port.
-    pub port: u16,
-    /// Its counters.
-    pub stats: WorkerCounters,
-}
-
-/// A worker's counters (all monotonic except `circuits`).
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct WorkerCounters {
-    /// I/O driver (`io_uring` or `recvmmsg`).
-    pub driver: String,
-    /// Cells received.
-    pub cells_rx: u64,
-    /// Cells sent.
-    pub cells_tx: u64,
-    /// Datagrams received.
-    pub datagrams_rx: u64,
-    /// Datagrams sent (a GSO send counts once).
-    pub datagrams_tx: u64,
-    /// Circuit setups accepted.
-    pub setups: u64,
-    /// Live circuits (gauge).
-    pub circuits: u64,
-    /// Drops by reason.
-    pub drops: Vec<(String, u64)>,
-    /// Kernel send failures.
-    pub send_errors: u64,
-    /// Worker loop iterations.
-    pub batches: u64,
-    /// Batch latency histogram (relays that have it).
-    pub batch_latency: Option<Latency>,
-}
-
-/// A batch-latency histogram in [`WorkerCounters`].
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct Latency {
-    /// `(upper bound in seconds, cumulative count)`, ascending.
-    pub buckets: Vec<(f64, u64)>,
-    /// Observations.
-    pub count: u64,
-    /// Sum, seconds.
-    pub sum_s: f64,
-}
-
-/// The peer list in [`Status`].
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct PeerListStatus {
-    /// Serial.
-    pub serial: u64,
-    /// End of validity, Unix seconds.
-    pub valid_until: u64,
-    /// Relays listed.
-    pub relays: u64,
-    /// Whether it expired while the relay ran (the relay then refuses new circuits
-    /// until a reload brings a valid list).
-    pub expired: bool,
-}
-
-/// One onion key in [`Status`].
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct OnionKeyStatus {
-    /// Public key, base64.
-    pub public: String,
-    /// Expiry in the relay's own peer-list entry; `None` while not listed.
-    pub valid_until: Option<u64>,
-    /// Creation time (key directories only).
-    pub created: Option<u64>,
-}
-
-impl WorkerCounters {
-    fn drops_total(&self) -> u64 {
-        self.drops.iter().map(|(_, n)| n).sum()
-    }
-}
 
 /// Per-second rates of one worker between two samples.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]

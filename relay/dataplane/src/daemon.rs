@@ -20,7 +20,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use crossbeam_channel::{Receiver, Sender};
-use serde_json::{json, Value};
+use shroud_admin::{
+    Draining, OnionKeyStatus, PeerListStatus, PeerSummary, Peers, Reloaded, Reply, Request,
+    Rotated, Status, Stopping, WorkerStatus,
+};
 use shroud_proto::aead::{Aead, RingAead, RustCryptoAead};
 use shroud_proto::keys::{IdentityKey, IdentityPublic, OnionPublic, OnionSecret};
 use shroud_proto::peerlist::{PeerList, TrustPolicy};
@@ -421,15 +424,26 @@ impl std::fmt::Debug for Daemon {
 #[derive(Debug)]
 pub enum Event {
     /// SIGHUP or admin `reload`.
-    Reload(Option<Sender<Value>>),
+    Reload(Option<Sender<Reply>>),
     /// Admin `rotate`: re-read the onion keys only.
-    Rotate(Option<Sender<Value>>),
+    Rotate(Option<Sender<Reply>>),
     /// SIGINT or admin `drain`.
-    Drain(Duration, Option<Sender<Value>>),
+    Drain(Duration, Option<Sender<Reply>>),
     /// SIGTERM or admin `shutdown`.
-    Stop(Option<Sender<Value>>),
+    Stop(Option<Sender<Reply>>),
     /// Admin `status` / `stats` / `peers`.
-    Query(String, Sender<Value>),
+    Query(Query, Sender<Reply>),
+}
+
+/// The read-only admin commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Query {
+    /// `status`.
+    Status,
+    /// `stats`.
+    Stats,
+    /// `peers`.
+    Peers,
 }
 
 impl Daemon {
@@ -655,7 +669,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn reload(&mut self) -> anyhow::Result<Value> {
+    fn reload(&mut self) -> anyhow::Result<Reloaded> {
         self.reread_config()?;
         let list = load_peer_list(&self.cfg, Some(self.loaded.peers.serial))?;
         let layout = list.params.layout().map_err(|e| anyhow!("{e}"))?;
@@ -687,12 +701,14 @@ impl Daemon {
             peers = self.loaded.peers.relays.len(),
             "reloaded peer list and onion keys"
         );
-        Ok(
-            json!({"serial": self.loaded.peers.serial, "peers": self.loaded.peers.relays.len(), "onion_keys": self.loaded.onion.len()}),
-        )
+        Ok(Reloaded {
+            serial: self.loaded.peers.serial,
+            peers: self.loaded.peers.relays.len() as u64,
+            onion_keys: self.loaded.onion.len() as u64,
+        })
     }
 
-    fn rotate(&mut self) -> anyhow::Result<Value> {
+    fn rotate(&mut self) -> anyhow::Result<Rotated> {
         self.reread_config()?;
         let onion = load_onion_keys(&self.cfg)?;
         self.keyring.update(secrets(&onion), sys::now_ms());
@@ -705,85 +721,96 @@ impl Daemon {
             newest = %self.loaded.onion[0].public,
             "onion keys rotated"
         );
-        Ok(json!({"onion_keys": self.onion_json()}))
+        Ok(Rotated {
+            onion_keys: self.onion_status(),
+        })
     }
 
     /// The onion keys held, newest first: `public` (base64), `valid_until` (from the
     /// relay's own peer-list entry; null while not listed) and `created` (the number
     /// in the file name for keys from `relay.onion_key_dir`, else null).
-    fn onion_json(&self) -> Value {
-        Value::Array(
-            self.loaded
-                .onion
-                .iter()
-                .zip(self.onion_valid_until())
-                .map(|(k, until)| {
-                    json!({"public": k.public.to_base64(), "valid_until": until, "created": k.created})
-                })
-                .collect(),
-        )
+    fn onion_status(&self) -> Vec<OnionKeyStatus> {
+        self.loaded
+            .onion
+            .iter()
+            .zip(self.onion_valid_until())
+            .map(|(k, valid_until)| OnionKeyStatus {
+                public: k.public.to_base64(),
+                valid_until,
+                created: k.created,
+            })
+            .collect()
     }
 
     /// The `status` document.
-    pub fn status(&self) -> Value {
-        let workers: Vec<Value> = self
+    pub fn status(&self) -> Status {
+        let workers: Vec<WorkerStatus> = self
             .workers
             .iter()
             .enumerate()
-            .map(|(i, w)| json!({"index": i, "port": w.port, "stats": w.stats.snapshot()}))
+            .map(|(i, w)| WorkerStatus {
+                index: i as u64,
+                port: w.port,
+                stats: w.stats.snapshot(),
+            })
             .collect();
-        let mut drops = serde_json::Map::new();
-        for w in &self.workers {
-            for (name, v) in w.stats.snapshot().drops {
-                let e = drops.entry(name).or_insert(json!(0));
-                *e = json!(e.as_u64().unwrap_or(0) + v);
+        let mut drops = std::collections::BTreeMap::new();
+        for w in &workers {
+            for (name, v) in &w.stats.drops {
+                *drops.entry(name.clone()).or_insert(0) += v;
             }
         }
-        let circuits: u64 = self
-            .workers
-            .iter()
-            .map(|w| w.stats.snapshot().circuits)
-            .sum();
-        json!({
-            "relay_id": self.loaded.identity.public().relay_id().to_string(),
-            "version": env!("CARGO_PKG_VERSION"),
-            "uptime_s": self.started.elapsed().as_secs(),
-            "draining": self.draining,
-            "accepting": !self.draining && !self.list_expired,
-            "stalled_workers": self.stalled,
-            "admin_refused": self.admin_refused.load(Ordering::Relaxed),
-            "cell": self.layout.cell,
-            "h_max": self.layout.h_max,
-            "circuits": circuits,
-            "drops": drops,
-            "workers": workers,
-            "peer_list": {
-                "serial": self.loaded.peers.serial,
-                "valid_until": self.loaded.peers.valid_until,
-                "expired": self.list_expired,
-                "relays": self.loaded.peers.relays.len(),
+        Status {
+            relay_id: self.loaded.identity.public().relay_id().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_s: self.started.elapsed().as_secs(),
+            draining: self.draining,
+            accepting: !self.draining && !self.list_expired,
+            stalled_workers: self.stalled.clone(),
+            admin_refused: self.admin_refused.load(Ordering::Relaxed),
+            cell: self.layout.cell as u64,
+            h_max: self.layout.h_max as u64,
+            circuits: workers.iter().map(|w| w.stats.circuits).sum(),
+            drops,
+            workers,
+            peer_list: PeerListStatus {
+                serial: self.loaded.peers.serial,
+                valid_until: self.loaded.peers.valid_until,
+                expired: self.list_expired,
+                relays: self.loaded.peers.relays.len() as u64,
             },
-            "onion_keys": self.onion_json(),
-            "onion_key_dir": self.cfg.relay.onion_key_dir,
-        })
+            onion_keys: self.onion_status(),
+            onion_key_dir: self
+                .cfg
+                .relay
+                .onion_key_dir
+                .as_ref()
+                .map(|d| d.display().to_string()),
+        }
     }
 
     /// The `peers` document: the list in force as its canonical signed text
     /// (`document`, what `shroudctl peers list --running` parses), its serial,
     /// validity and expiry, and its relays in short.
-    fn peers_json(&self) -> Value {
+    fn peers(&self) -> Peers {
         let list = &self.loaded.peers;
-        json!({
-            "serial": list.serial,
-            "valid_until": list.valid_until,
-            "expired": self.list_expired,
-            "document": list.encode(),
-            "relays": list
+        Peers {
+            serial: list.serial,
+            valid_until: list.valid_until,
+            expired: self.list_expired,
+            document: list.encode(),
+            relays: list
                 .relays
                 .iter()
-                .map(|r| json!({"id": r.relay_id().to_string(), "addr": r.addr.to_string(), "ports": [r.ports.0, r.ports.1], "exit": r.exit, "weight": r.weight}))
-                .collect::<Vec<_>>(),
-        })
+                .map(|r| PeerSummary {
+                    id: r.relay_id().to_string(),
+                    addr: r.addr.to_string(),
+                    ports: r.ports,
+                    exit: r.exit,
+                    weight: r.weight,
+                })
+                .collect(),
+        }
     }
 
     /// What the metrics endpoint serves: every worker's counters and the relay info
@@ -847,27 +874,29 @@ impl Daemon {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
                     answer(
                         reply,
-                        Ok(json!({"draining": true, "deadline_ms": deadline_ms})),
+                        Ok(Draining {
+                            draining: true,
+                            deadline_ms,
+                        }),
                     );
                 }
                 Ok(Event::Stop(reply)) => {
                     self.broadcast(|| Control::Stop);
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-                    answer(reply, Ok(json!({"stopping": true})));
+                    answer(reply, Ok(Stopping { stopping: true }));
                 }
                 Ok(Event::Query(what, reply)) => {
-                    let v = match what.as_str() {
-                        "status" => self.status(),
-                        "stats" => Value::Array(
+                    let r = match what {
+                        Query::Status => Reply::ok(self.status()),
+                        Query::Stats => Reply::ok(
                             self.workers
                                 .iter()
-                                .map(|w| json!(w.stats.snapshot()))
-                                .collect(),
+                                .map(|w| w.stats.snapshot())
+                                .collect::<Vec<_>>(),
                         ),
-                        "peers" => self.peers_json(),
-                        _ => json!(null),
+                        Query::Peers => Reply::ok(self.peers()),
                     };
-                    let _ = reply.send(json!({"ok": true, "result": v}));
+                    let _ = reply.send(r);
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
@@ -906,11 +935,11 @@ pub fn stalled_workers(before: &[u64], now: &[u64], ended: &[bool]) -> Vec<usize
         .collect()
 }
 
-fn answer(reply: Option<Sender<Value>>, r: anyhow::Result<Value>) {
+fn answer<T: serde::Serialize>(reply: Option<Sender<Reply>>, r: anyhow::Result<T>) {
     if let Some(tx) = reply {
         let _ = tx.send(match r {
-            Ok(v) => json!({"ok": true, "result": v}),
-            Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+            Ok(v) => Reply::ok(v),
+            Err(e) => Reply::error(format!("{e:#}")),
         });
     }
 }
@@ -1045,72 +1074,32 @@ fn admin_conn(conn: UnixStream, events: Sender<Event>) {
             continue;
         }
         let reply = handle_admin(&line, &events);
-        if writeln!(out, "{reply}").is_err() {
+        if writeln!(out, "{}", reply.to_line()).is_err() {
             return;
         }
     }
 }
 
-/// One admin request, as parsed from its line by [`parse_admin_request`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AdminRequest {
-    /// `status`, `stats` or `peers` (the command name).
-    Query(String),
-    /// `reload`.
-    Reload,
-    /// `rotate`.
-    Rotate,
-    /// `drain`, with `timeout_s` (default 30 s).
-    Drain(Duration),
-    /// `shutdown`.
-    Shutdown,
-}
-
-/// Parses one admin request line (a JSON object with `"cmd"`). `Err` is the JSON
-/// error reply to send back.
-pub fn parse_admin_request(line: &str) -> Result<AdminRequest, Value> {
-    let req: Value = match serde_json::from_str(line) {
-        Ok(v) => v,
-        Err(e) => return Err(json!({"ok": false, "error": format!("not JSON: {e}")})),
-    };
-    let Some(cmd) = req.get("cmd").and_then(Value::as_str) else {
-        return Err(json!({"ok": false, "error": "missing \"cmd\""}));
-    };
-    Ok(match cmd {
-        "status" | "stats" | "peers" => AdminRequest::Query(cmd.to_string()),
-        "reload" => AdminRequest::Reload,
-        "rotate" => AdminRequest::Rotate,
-        "drain" => {
-            let t = req.get("timeout_s").and_then(Value::as_u64).unwrap_or(30);
-            AdminRequest::Drain(Duration::from_secs(t))
-        }
-        "shutdown" => AdminRequest::Shutdown,
-        other => {
-            return Err(
-                json!({"ok": false, "error": format!("unknown command {other:?} (status, stats, peers, reload, rotate, drain, shutdown)")}),
-            )
-        }
-    })
-}
-
-fn handle_admin(line: &str, events: &Sender<Event>) -> Value {
-    let req = match parse_admin_request(line) {
+fn handle_admin(line: &str, events: &Sender<Event>) -> Reply {
+    let req = match Request::parse(line) {
         Ok(r) => r,
-        Err(reply) => return reply,
+        Err(message) => return Reply::error(message),
     };
     let (tx, rx) = crossbeam_channel::bounded(1);
     let ev = match req {
-        AdminRequest::Query(cmd) => Event::Query(cmd, tx),
-        AdminRequest::Reload => Event::Reload(Some(tx)),
-        AdminRequest::Rotate => Event::Rotate(Some(tx)),
-        AdminRequest::Drain(t) => Event::Drain(t, Some(tx)),
-        AdminRequest::Shutdown => Event::Stop(Some(tx)),
+        Request::Status => Event::Query(Query::Status, tx),
+        Request::Stats => Event::Query(Query::Stats, tx),
+        Request::Peers => Event::Query(Query::Peers, tx),
+        Request::Reload => Event::Reload(Some(tx)),
+        Request::Rotate => Event::Rotate(Some(tx)),
+        Request::Drain { timeout_s } => Event::Drain(Duration::from_secs(timeout_s), Some(tx)),
+        Request::Shutdown => Event::Stop(Some(tx)),
     };
     if events.send(ev).is_err() {
-        return json!({"ok": false, "error": "relay is shutting down"});
+        return Reply::error("relay is shutting down");
     }
     rx.recv_timeout(Duration::from_secs(10))
-        .unwrap_or_else(|_| json!({"ok": false, "error": "relay did not answer in time"}))
+        .unwrap_or_else(|_| Reply::error("relay did not answer in time"))
 }
 
 /// Turns SIGHUP into reload, SIGINT into drain (30 s) and SIGTERM into stop.
@@ -1167,8 +1156,13 @@ mod tests {
         // {"cmd":"drain","timeout_s":18446744073709551615} once wrapped the deadline
         // into the past (release) or panicked the main thread (debug).
         assert_eq!(drain_deadline(now, Duration::from_secs(u64::MAX)), u64::MAX);
-        let req = parse_admin_request(r#"{"cmd":"drain","timeout_s":18446744073709551615}"#);
-        assert!(req.is_ok());
+        let req = Request::parse(r#"{"cmd":"drain","timeout_s":18446744073709551615}"#);
+        assert_eq!(
+            req,
+            Ok(Request::Drain {
+                timeout_s: u64::MAX
+            })
+        );
     }
 
     fn temp(tag: &str) -> PathBuf {
@@ -1263,30 +1257,6 @@ mod tests {
         assert!(!admin_peer_allowed(998, 0));
     }
 
-    #[test]
-    fn admin_request_lines_parse_to_commands_or_error_replies() {
-        assert_eq!(
-            parse_admin_request(r#"{"cmd":"stats"}"#),
-            Ok(AdminRequest::Query("stats".into()))
-        );
-        assert_eq!(
-            parse_admin_request(r#"{"cmd":"drain"}"#),
-            Ok(AdminRequest::Drain(Duration::from_secs(30)))
-        );
-        assert_eq!(
-            parse_admin_request(r#"{"cmd":"drain","timeout_s":5}"#),
-            Ok(AdminRequest::Drain(Duration::from_secs(5)))
-        );
-        assert_eq!(
-            parse_admin_request(r#"{"cmd":"shutdown"}"#),
-            Ok(AdminRequest::Shutdown)
-        );
-        for bad in ["not json", r#"{"cmd":1}"#, r#"{"cmd":"nope"}"#, "[]"] {
-            let reply = parse_admin_request(bad).unwrap_err();
-            assert_eq!(reply["ok"], false, "{bad}: {reply}");
-        }
-    }
-
     /// Environment variable telling [`admin_peer_child`] which socket to try.
     const CHILD_SOCKET: &str = "SHROUD_TEST_ADMIN_PEER_SOCKET";
 
@@ -1302,7 +1272,7 @@ mod tests {
         let result = (|| -> std::io::Result<String> {
             let mut s = UnixStream::connect(&path)?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            writeln!(s, "{}", json!({"cmd": "status"}))?;
+            writeln!(s, "{}", Request::Status.to_line())?;
             let mut line = String::new();
             BufReader::new(s).read_line(&mut line)?;
             Ok(line)
@@ -1335,7 +1305,10 @@ mod tests {
             for ev in rx {
                 if let Event::Query(_, reply) = ev {
                     n.fetch_add(1, Ordering::Relaxed);
-                    let _ = reply.send(json!({"ok": true, "result": {"relay_id": "x"}}));
+                    let _ = reply.send(Reply::ok(Status {
+                        relay_id: "x".into(),
+                        ..Status::default()
+                    }));
                 }
             }
         });

@@ -38,7 +38,8 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::stats::{StatsSnapshot, WorkerStats};
+use crate::stats::WorkerStats;
+use shroud_admin::WorkerCounters;
 
 /// Connections served at once; more are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -184,7 +185,7 @@ fn one<V>(v: V) -> [(Labels, V); 1] {
 impl Collector for RelayMetrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
         let info = self.info();
-        let snaps: Vec<(Labels, StatsSnapshot)> = self
+        let snaps: Vec<(Labels, WorkerCounters)> = self
             .workers
             .iter()
             .enumerate()
@@ -195,7 +196,7 @@ impl Collector for RelayMetrics {
                 )
             })
             .collect();
-        let per_worker = |f: &dyn Fn(&StatsSnapshot) -> Vec<(Labels, u64)>| {
+        let per_worker = |f: &dyn Fn(&WorkerCounters) -> Vec<(Labels, u64)>| {
             let mut out = Vec::new();
             for (labels, s) in &snaps {
                 for (extra, v) in f(s) {
@@ -255,7 +256,7 @@ impl Collector for RelayMetrics {
             &per_worker(&|s| {
                 s.drops
                     .iter()
-                    .map(|(r, v)| (vec![("reason", (*r).to_owned())], *v))
+                    .map(|(r, v)| (vec![("reason", r.clone())], *v))
                     .collect()
             }),
         )?;
@@ -328,7 +329,7 @@ impl Collector for RelayMetrics {
             &mut enc,
             "shroud_driver_info",
             "The I/O driver a worker runs (1 for the active one).",
-            &per_worker(&|s| vec![(vec![("driver", s.driver.to_owned())], 1)]),
+            &per_worker(&|s| vec![(vec![("driver", s.driver.clone())], 1)]),
         )?;
         {
             let mut m = enc.encode_descriptor(
@@ -338,7 +339,9 @@ impl Collector for RelayMetrics {
                 MetricType::Histogram,
             )?;
             for (labels, s) in &snaps {
-                let h = &s.batch_latency;
+                let Some(h) = &s.batch_latency else {
+                    continue;
+                };
                 // The encoder wants per-bucket counts, +Inf as f64::MAX.
                 let mut buckets = Vec::with_capacity(h.buckets.len() + 1);
                 let mut below = 0;

@@ -10,6 +10,7 @@
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::time::Duration;
 
+use shroud_admin::{Latency, WorkerCounters};
 use shroud_proto::relay::{DropReason, RelayStats};
 
 /// Which I/O driver a worker runs.
@@ -130,7 +131,7 @@ impl BatchLatency {
     }
 
     /// A plain copy, with cumulative bucket counts as Prometheus wants them.
-    pub fn snapshot(&self) -> LatencySnapshot {
+    pub fn snapshot(&self) -> Latency {
         let mut total = 0;
         let mut buckets = Vec::with_capacity(LATENCY_BUCKETS_NS.len());
         for (le, b) in LATENCY_BUCKETS_NS.iter().zip(&self.buckets) {
@@ -138,41 +139,13 @@ impl BatchLatency {
             buckets.push((*le as f64 / 1e9, total));
         }
         total += self.buckets[LATENCY_BUCKETS_NS.len()].load(Relaxed);
-        LatencySnapshot {
+        Latency {
             buckets,
             // At least every bucketed observation, so `+Inf` never falls below a
             // finite bucket even when read between a bucket and the count.
             count: self.count.load(Relaxed).max(total),
             sum_s: self.sum_ns.load(Relaxed) as f64 / 1e9,
         }
-    }
-}
-
-/// A point-in-time copy of [`BatchLatency`].
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct LatencySnapshot {
-    /// `(upper bound in seconds, observations at or below it)`, cumulative,
-    /// ascending; the `+Inf` bucket is [`Self::count`].
-    pub buckets: Vec<(f64, u64)>,
-    /// Observations.
-    pub count: u64,
-    /// Sum of the observations, seconds.
-    pub sum_s: f64,
-}
-
-impl LatencySnapshot {
-    /// The smallest bucket bound at or below which a fraction `q` (0 to 1) of the
-    /// observations lie, in seconds; `None` without observations or when the
-    /// quantile falls in the `+Inf` bucket.
-    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
-        if self.count == 0 {
-            return None;
-        }
-        let want = (q * self.count as f64).ceil().max(1.0) as u64;
-        self.buckets
-            .iter()
-            .find(|(_, n)| *n >= want)
-            .map(|(le, _)| *le)
     }
 }
 
@@ -213,9 +186,9 @@ impl WorkerStats {
     }
 
     /// A plain snapshot.
-    pub fn snapshot(&self) -> StatsSnapshot {
-        StatsSnapshot {
-            driver: self.driver().name(),
+    pub fn snapshot(&self) -> WorkerCounters {
+        WorkerCounters {
+            driver: self.driver().name().to_owned(),
             cells_rx: self.cells_rx.load(Relaxed),
             cells_tx: self.cells_tx.load(Relaxed),
             datagrams_rx: self.datagrams_rx.load(Relaxed),
@@ -233,64 +206,15 @@ impl WorkerStats {
             peer_links: self.peer_links.load(Relaxed),
             drops: DropReason::ALL
                 .iter()
-                .map(|r| (r.name(), self.drops[*r as usize].load(Relaxed)))
+                .map(|r| (r.name().to_owned(), self.drops[*r as usize].load(Relaxed)))
                 .collect(),
             send_errors: self.send_errors.load(Relaxed),
             recv_errors: self.recv_errors.load(Relaxed),
             recv_ring_empty: self.recv_ring_empty.load(Relaxed),
             batches: self.batches.load(Relaxed),
-            batch_latency: self.batch_latency.snapshot(),
+            batch_latency: Some(self.batch_latency.snapshot()),
         }
     }
-}
-
-/// A point-in-time copy of [`WorkerStats`].
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct StatsSnapshot {
-    /// Driver name.
-    pub driver: &'static str,
-    /// Cells received.
-    pub cells_rx: u64,
-    /// Cells sent.
-    pub cells_tx: u64,
-    /// Datagrams received.
-    pub datagrams_rx: u64,
-    /// Datagrams sent.
-    pub datagrams_tx: u64,
-    /// Forward cells processed.
-    pub cells_forward: u64,
-    /// Backward cells processed.
-    pub cells_backward: u64,
-    /// Exit deliveries.
-    pub exit_delivered: u64,
-    /// Exit replies.
-    pub exit_replies: u64,
-    /// Setups accepted.
-    pub setups: u64,
-    /// X25519 operations spent on setup cells.
-    pub setup_dh: u64,
-    /// `RETRY` replies sent.
-    pub retries_sent: u64,
-    /// Circuits expired for idleness.
-    pub expired_circuits: u64,
-    /// Live circuits.
-    pub circuits: u64,
-    /// Live client links.
-    pub client_links: u64,
-    /// Live peer links.
-    pub peer_links: u64,
-    /// Drops by reason name.
-    pub drops: Vec<(&'static str, u64)>,
-    /// Kernel send failures.
-    pub send_errors: u64,
-    /// Kernel receive failures.
-    pub recv_errors: u64,
-    /// Times the receive buffer ring ran dry.
-    pub recv_ring_empty: u64,
-    /// Batches.
-    pub batches: u64,
-    /// Batch latency histogram.
-    pub batch_latency: LatencySnapshot,
 }
 
 #[cfg(test)]
