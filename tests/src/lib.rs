@@ -80,6 +80,9 @@ pub struct NetOpts {
     /// A command relay `i` is started under, e.g. `["ip", "netns", "exec", NAME]`
     /// (default, when empty: none).
     pub launchers: Vec<Vec<String>>,
+    /// Further listen addresses of relay `i`, after its peer-list address (default,
+    /// when empty: none).
+    pub more_listen: Vec<Vec<IpAddr>>,
 }
 
 impl NetOpts {
@@ -107,6 +110,7 @@ impl NetOpts {
             setup_budget: 16,
             addrs: Vec::new(),
             launchers: Vec::new(),
+            more_listen: Vec::new(),
         }
     }
 }
@@ -340,7 +344,7 @@ authorities = [{auth:?}]
 exit_policy = [{policy}]
 
 [network]
-listen = ["{addr}"]
+listen = [{listen}]
 base_port = {port}
 workers = {workers}
 socket_buffer_bytes = 4194304
@@ -371,7 +375,11 @@ socket = "admin.sock"
             list = self.list_path.display().to_string(),
             auth = self.authority.public().to_base64(),
             policy = policy.join(", "),
-            addr = r.addr,
+            listen = std::iter::once(&r.addr)
+                .chain(self.opts.more_listen.get(i).into_iter().flatten())
+                .map(|a| format!("\"{a}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             port = r.ports.0,
             workers = self.opts.workers,
             rate = self.opts.setup_rate,

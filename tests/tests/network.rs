@@ -728,3 +728,48 @@ fn a_receive_ring_that_runs_dry_pauses_and_loses_nothing() {
         assert_eq!(net.drops(i, "queue_full"), 0);
     }
 }
+
+/// A relay listening on two IPv4 addresses answers a client on the address the client
+/// used (not the first socket of the family), and still reaches its next hop from the
+/// address the peer list names: a 3-hop circuit whose first hop is addressed at the
+/// guard's second listen address delivers both ways, on both drivers.
+fn replies_leave_from_the_address_the_client_used(driver: &'static str, net_no: u8) {
+    let second = std::net::IpAddr::from([127, 0, net_no, 101]);
+    let mut opts = NetOpts::new(net_no, 3);
+    opts.driver = driver;
+    opts.more_listen = vec![vec![second]];
+    let net = TestNet::start(opts);
+    let (dest, echo) = echo(net_no);
+    let mut c = net.client();
+    let mut path = net.path(&[0, 1, 2]);
+    path[0].addr = SocketAddr::new(second, path[0].addr.port());
+    let id = c.build_circuit(&path, dest, T).unwrap_or_else(|e| {
+        panic!(
+            "{driver}: circuit via the second address: {e}\n{}",
+            net.log(0)
+        )
+    });
+    round_trips(&mut c, id, 12, 7);
+    assert_eq!(echo.datagrams(), 12);
+    // Another client (its own link: a link is one client address to one relay)
+    // reaching the same relay at its first address, while the first keeps going.
+    let mut c2 = net.client();
+    let id2 = c2
+        .build_circuit(&net.path(&[0, 1, 2]), dest, T)
+        .unwrap_or_else(|e| panic!("{driver}: circuit via the first address: {e}"));
+    round_trips(&mut c2, id2, 2, 8);
+    round_trips(&mut c, id, 2, 9);
+    assert_eq!(echo.datagrams(), 16);
+    let s = net.admin(0, json!({"cmd": "status"}));
+    assert_eq!(s["result"]["drops"]["not_a_peer"], 0, "{s}");
+}
+
+#[test]
+fn replies_leave_from_the_address_the_client_used_io_uring() {
+    replies_leave_from_the_address_the_client_used("uring", 57);
+}
+
+#[test]
+fn replies_leave_from_the_address_the_client_used_fallback_driver() {
+    replies_leave_from_the_address_the_client_used("mmsg", 58);
+}

@@ -108,6 +108,71 @@ impl Plan {
     }
 }
 
+/// Which of the worker's sockets sends to each remote address.
+///
+/// A reply leaves from the socket its link's datagrams arrive on, so a client (or a
+/// NAT before it) sees it come from the address and port it sent to, also when the
+/// relay listens on several addresses of one family. An address never heard from
+/// (a next-hop relay this worker extends to first) gets the first socket of its
+/// family, which is why a relay's first listen address of each family must be the one
+/// its peer-list entry names (OPERATIONS.md, `[network] listen`).
+///
+/// With one socket per address family there is nothing to choose and nothing is
+/// stored. Otherwise an address is remembered only while the relay has a link to it
+/// (checked when learnt, pruned at every tick), so the table is bounded by the link
+/// tables and a flood from unknown sources adds nothing.
+#[derive(Debug, Default)]
+pub struct Routes {
+    ipv4: Vec<bool>,
+    /// More than one socket of one address family.
+    choose: bool,
+    learnt: ahash::AHashMap<SocketAddr, u8>,
+}
+
+impl Routes {
+    /// Routes over sockets whose address families are `ipv4` (true: IPv4).
+    pub fn new(ipv4: Vec<bool>) -> Self {
+        let v4 = ipv4.iter().filter(|&&v| v).count();
+        let choose = v4 > 1 || ipv4.len() - v4 > 1;
+        Routes {
+            ipv4,
+            choose,
+            learnt: ahash::AHashMap::new(),
+        }
+    }
+
+    /// The socket that sends to `dest`: the one `dest` was last heard on, else the
+    /// first of its family; `None` if the worker has no socket of that family.
+    pub fn socket_for(&self, dest: &SocketAddr) -> Option<usize> {
+        if self.choose {
+            if let Some(&s) = self.learnt.get(dest) {
+                return Some(usize::from(s));
+            }
+        }
+        self.ipv4.iter().position(|&v4| v4 == dest.is_ipv4())
+    }
+
+    fn learn(&mut self, src: SocketAddr, sock: usize) {
+        let first = self.ipv4.iter().position(|&v4| v4 == src.is_ipv4());
+        if first == Some(sock) {
+            // The default already: store nothing.
+            self.learnt.remove(&src);
+        } else if let Ok(s) = u8::try_from(sock) {
+            self.learnt.insert(src, s);
+        }
+    }
+
+    /// Addresses remembered (beyond the family defaults).
+    pub fn len(&self) -> usize {
+        self.learnt.len()
+    }
+
+    /// True if nothing beyond the family defaults is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.learnt.is_empty()
+    }
+}
+
 /// Work for the driver besides sending cells.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Side {
@@ -148,6 +213,8 @@ pub struct Engine<A: Aead> {
     ctl: Receiver<Control>,
     /// Set once draining: unix ms at which the worker stops regardless.
     drain_deadline: Option<u64>,
+    /// The socket for each next hop.
+    routes: Routes,
 }
 
 impl<A: Aead> std::fmt::Debug for Engine<A> {
@@ -160,13 +227,14 @@ impl<A: Aead> std::fmt::Debug for Engine<A> {
 
 impl<A: Aead> Engine<A> {
     /// An engine over `relay`, counting into `stats`, taking control messages from
-    /// `ctl`.
+    /// `ctl`, sending over sockets whose address families are `ipv4` (see [`Routes`]).
     pub fn new(
         relay: Relay<A>,
         layout: Layout,
         stats: Arc<WorkerStats>,
         setup_budget: u32,
         ctl: Receiver<Control>,
+        ipv4: Vec<bool>,
     ) -> Self {
         Engine {
             relay,
@@ -175,7 +243,18 @@ impl<A: Aead> Engine<A> {
             setup_budget,
             ctl,
             drain_deadline: None,
+            routes: Routes::new(ipv4),
         }
+    }
+
+    /// The socket (an index into the worker's sockets) that sends to `dest`.
+    pub fn socket_for(&self, dest: &SocketAddr) -> Option<usize> {
+        self.routes.socket_for(dest)
+    }
+
+    /// The next-hop sockets remembered (see [`Routes`]).
+    pub fn routes(&self) -> &Routes {
+        &self.routes
     }
 
     /// The worker's shared counters (the drivers count I/O events there).
@@ -193,7 +272,8 @@ impl<A: Aead> Engine<A> {
         self.relay.count_drop(reason, n);
     }
 
-    /// Handles one received datagram held in receive slot `slot`.
+    /// Handles one received datagram held in receive slot `slot`, which arrived on
+    /// socket `sock`.
     ///
     /// A setup that makes this relay a circuit's exit gets its exit socket here, before
     /// its CREATED is planned; if the socket cannot be opened the CREATED becomes a
@@ -203,6 +283,7 @@ impl<A: Aead> Engine<A> {
     pub fn on_datagram(
         &mut self,
         src: SocketAddr,
+        sock: usize,
         slot: u32,
         buf: &mut [u8],
         plan: &mut Plan,
@@ -268,6 +349,9 @@ impl<A: Aead> Engine<A> {
                 Action::Consumed { event: None } | Action::Drop(_) => {}
             }
         }
+        if self.routes.choose && self.relay.has_link(&src) {
+            self.routes.learn(src, sock);
+        }
     }
 
     /// Exit: wraps `payload`, a datagram from the destination of `circuit`, into a
@@ -330,6 +414,10 @@ impl<A: Aead> Engine<A> {
         );
         if full > 0 {
             self.relay.count_drop(DropReason::QueueFull, full);
+        }
+        if !self.routes.learnt.is_empty() {
+            let relay = &self.relay;
+            self.routes.learnt.retain(|a, _| relay.has_link(a));
         }
     }
 
@@ -413,6 +501,29 @@ fn side_of(e: Event) -> Side {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn routes_send_from_the_socket_an_address_was_heard_on() {
+        let v6 = SocketAddr::from(([0u16, 0, 0, 0, 0, 0, 0, 1], 9));
+        // One socket per family: nothing to choose, nothing stored.
+        let mut one = Routes::new(vec![false, true]);
+        one.learn(addr(1), 1);
+        assert_eq!(one.socket_for(&addr(1)), Some(1));
+        assert_eq!(one.socket_for(&v6), Some(0));
+        assert_eq!(Routes::new(vec![true]).socket_for(&v6), None);
+        // Two IPv4 sockets: an address heard on the second is answered from it; an
+        // address never heard from, or heard on the first, gets the first.
+        let mut two = Routes::new(vec![true, false, true]);
+        assert_eq!(two.socket_for(&addr(1)), Some(0));
+        two.learn(addr(1), 2);
+        assert_eq!(two.socket_for(&addr(1)), Some(2));
+        assert_eq!(two.socket_for(&addr(2)), Some(0));
+        assert_eq!(two.socket_for(&v6), Some(1));
+        assert_eq!(two.len(), 1);
+        two.learn(addr(1), 0);
+        assert_eq!(two.socket_for(&addr(1)), Some(0));
+        assert!(two.is_empty(), "the default is not stored");
+    }
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))

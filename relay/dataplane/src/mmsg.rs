@@ -23,8 +23,6 @@ const MAX_SEGS: usize = 64;
 /// The recvmmsg/sendmmsg driver of one worker.
 pub struct Driver {
     sockets: Vec<std::net::UdpSocket>,
-    /// Whether each socket is IPv4 ([`sys::ipv4_flags`]).
-    ipv4: Vec<bool>,
     bufs: Vec<Box<[u8]>>,
     iovs: Vec<libc::iovec>,
     addrs: Vec<libc::sockaddr_storage>,
@@ -62,7 +60,6 @@ impl Driver {
         let n = spec.io.recv_slots.max(1);
         let cell = spec.layout.cell;
         let mut d = Driver {
-            ipv4: sys::ipv4_flags(&sockets)?,
             sockets,
             bufs: (0..n)
                 .map(|_| vec![0u8; RX_BUF].into_boxed_slice())
@@ -111,7 +108,7 @@ impl Driver {
         dest: &std::net::SocketAddr,
         cells: &[Loc],
     ) {
-        let Some(sock) = sys::socket_for(&self.ipv4, dest).map(|i| &self.sockets[i]) else {
+        let Some(sock) = engine.socket_for(dest).map(|i| &self.sockets[i]) else {
             engine.count_drop(DropReason::QueueFull, cells.len() as u64);
             return;
         };
@@ -306,6 +303,7 @@ impl Driver {
                                 let buf = &mut self.bufs[i][..len];
                                 engine.on_datagram(
                                     src,
+                                    si,
                                     i as u32,
                                     buf,
                                     &mut self.plan,

@@ -177,17 +177,13 @@ pub fn sockaddr_from_bytes(b: &[u8]) -> Option<SocketAddr> {
 }
 
 /// Whether each socket is bound to an IPv4 address, read once at start so that
-/// choosing a socket per next hop costs no `getsockname` per batch.
+/// choosing a socket per next hop costs no `getsockname` per batch (see
+/// [`crate::engine::Routes`]).
 pub fn ipv4_flags(sockets: &[std::net::UdpSocket]) -> io::Result<Vec<bool>> {
     sockets
         .iter()
         .map(|s| s.local_addr().map(|a| a.is_ipv4()))
         .collect()
-}
-
-/// The first socket of `dest`'s address family (see [`ipv4_flags`]).
-pub fn socket_for(ipv4: &[bool], dest: &SocketAddr) -> Option<usize> {
-    ipv4.iter().position(|&v4| v4 == dest.is_ipv4())
 }
 
 /// The running kernel's (major, minor) version, from `/proc/sys/kernel/osrelease`.

@@ -57,8 +57,6 @@ struct SendSlot {
 pub struct Driver {
     ring: IoUring,
     sockets: Vec<std::net::UdpSocket>,
-    /// Whether each socket is IPv4 ([`sys::ipv4_flags`]).
-    ipv4: Vec<bool>,
     /// Receive buffers, shared by every socket's multishot receive.
     bufs: BufRing,
     /// Sends (and exit deliveries) still reading from each receive buffer.
@@ -153,7 +151,6 @@ impl Driver {
         }
         let mut d = Driver {
             ring,
-            ipv4: sys::ipv4_flags(&sockets)?,
             sockets,
             free_tx: (0..tx.len() as u32).rev().collect(),
             refs: vec![0; bufs.len()],
@@ -242,7 +239,7 @@ impl Driver {
     fn flush<A: Aead>(&mut self, engine: &mut Engine<A>) -> io::Result<()> {
         let plan = std::mem::take(&mut self.plan);
         for g in plan.groups() {
-            let sock = sys::socket_for(&self.ipv4, &g.dest);
+            let sock = engine.socket_for(&g.dest);
             for chunk in g.cells.chunks(self.max_segs) {
                 let (Some(sock), Some(t)) = (sock, self.free_tx.pop()) else {
                     // No socket of that family, or every send slot busy: drop.
@@ -445,6 +442,7 @@ impl Driver {
                                 let buf = &mut self.bufs.payload_mut(bid)[..len];
                                 engine.on_datagram(
                                     src,
+                                    idx as usize,
                                     u32::from(bid),
                                     buf,
                                     &mut self.plan,

@@ -32,7 +32,9 @@ pub fn spawn<A: Aead>(
                     tracing::warn!(worker = spec.index, cpu, error = %e, "could not pin worker to its CPU");
                 }
             }
-            let mut engine = Engine::new(relay, spec.layout, stats.clone(), spec.io.setup_budget, ctl);
+            let ipv4 = crate::sys::ipv4_flags(&spec.sockets)?;
+            let mut engine =
+                Engine::new(relay, spec.layout, stats.clone(), spec.io.setup_budget, ctl, ipv4);
             let want_uring = spec.io.driver != DriverChoice::Mmsg;
             if want_uring {
                 match crate::uring::Driver::new(&spec) {

@@ -428,6 +428,12 @@ impl<A: Aead> Relay<A> {
         self.circuits.len()
     }
 
+    /// Whether a link to `addr` exists (drivers keep per-address I/O state, such as
+    /// the local socket a link uses, only while it does).
+    pub fn has_link(&self, addr: &SocketAddr) -> bool {
+        self.links.find(addr).is_some()
+    }
+
     /// Live links: `(client links, peer links)`.
     pub fn link_counts(&self) -> (usize, usize) {
         self.links.counts()
