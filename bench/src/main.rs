@@ -78,6 +78,9 @@ enum Cmd {
         /// The relay's `[io] batch_wait_us` (0 = wake for every completion).
         #[arg(long, default_value_t = 50)]
         batch_wait_us: u32,
+        /// The relay's `[io] recv_slots` (receive buffers; default: the relay's).
+        #[arg(long)]
+        recv_slots: Option<usize>,
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -306,10 +309,12 @@ fn main() -> ExitCode {
             round_cells,
             variants,
             batch_wait_us,
+            recv_slots,
             json,
         } => {
             let opts = relaybench::Opts {
                 batch_wait_us,
+                recv_slots,
                 duration,
                 workers,
                 cell,

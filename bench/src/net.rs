@@ -51,6 +51,8 @@ pub struct RelaySpec {
     pub batch_wait_us: u32,
     /// I/O driver (`auto`, `uring`, `mmsg`).
     pub driver: String,
+    /// `[io] recv_slots` (None: the relay's default).
+    pub recv_slots: Option<usize>,
 }
 
 impl Default for RelaySpec {
@@ -65,6 +67,7 @@ impl Default for RelaySpec {
             setup_rate: 100000,
             batch_wait_us: 50,
             driver: "auto".into(),
+            recv_slots: None,
         }
     }
 }
@@ -262,7 +265,7 @@ impl LocalNet {
                     "[relay]\nidentity_key = \"identity.key\"\nonion_keys = [\"onion.key\"]\npeer_list = {list:?}\npeer_list_state = \"peer-list.serial\"\nsetup_journal = \"setup.journal\"\nauthorities = [{auth:?}]\nexit_policy = [{policy}]\n\n\
                      [network]\nlisten = [\"{addr}\"]\nbase_port = 9000\nworkers = {w}\ncpus = [{cpus}]\nsocket_buffer_bytes = 16777216\n\n\
                      [limits]\nsetup_rate = {rate}\nsetup_burst = {burst}\n\n\
-                     [io]\ndriver = \"{driver}\"\ncrypto = \"{crypto}\"\ngro_gso = {gro}\nzero_copy_send = {zc}\nbatch_wait_us = {bw}\n\n[admin]\nsocket = \"admin.sock\"\n\n[log]\nlevel = \"warn\"\n",
+                     [io]\ndriver = \"{driver}\"\ncrypto = \"{crypto}\"\ngro_gso = {gro}\nzero_copy_send = {zc}\nbatch_wait_us = {bw}\n{slots}\n[admin]\nsocket = \"admin.sock\"\n\n[log]\nlevel = \"warn\"\n",
                     list = list_path.display().to_string(),
                     auth = authority.public().to_base64(),
                     policy = quote(&spec.exit_policy),
@@ -274,6 +277,7 @@ impl LocalNet {
                     gro = spec.gro_gso,
                     zc = spec.zero_copy_send,
                     bw = spec.batch_wait_us,
+                    slots = spec.recv_slots.map(|n| format!("recv_slots = {n}\n")).unwrap_or_default(),
                     rate = spec.setup_rate,
                     burst = spec.setup_rate.saturating_mul(2),
                 ),

@@ -44,6 +44,8 @@ pub struct Opts {
     pub variants: Vec<String>,
     /// The relay's `[io] batch_wait_us`.
     pub batch_wait_us: u32,
+    /// The relay's `[io] recv_slots` (None: its default).
+    pub recv_slots: Option<usize>,
 }
 
 fn raw_aead<A: Aead>(len: usize, dur: Duration) -> f64 {
@@ -129,6 +131,7 @@ fn run_variant_with<A: Aead>(
         zero_copy_send,
         exit_policy: Vec::new(),
         batch_wait_us: opts.batch_wait_us,
+        recv_slots: opts.recv_slots,
         ..RelaySpec::default()
     };
     let net = LocalNet::start(net_no, &[spec], &[&sink], &RelayCommand::SelfExe, opts.cell)?;
