@@ -188,7 +188,7 @@ impl Session {
             }
         };
         let specs = vec![spec; relays];
-        let local = LocalNet::start(net, &specs, &[], &cmd, cell)?;
+        let local = crate::net::start(net, &specs, &[], &cmd, cell)?;
         eprintln!("relays started: pids {:?}", local.pids());
         let epoch = Instant::now();
         let (dest, sink) = Sink::start(

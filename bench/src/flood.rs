@@ -143,7 +143,7 @@ fn udp_rcvbuf_errors() -> u64 {
 fn relay_drops(session: &Session) -> Value {
     let mut total = serde_json::Map::new();
     for i in 0..session.net.relays.len() {
-        if let Ok(s) = session.net.admin(i, "status") {
+        if let Ok(s) = session.net.request(i, &shroud_admin::Request::Status) {
             if let Some(d) = s["drops"].as_object() {
                 for (k, v) in d {
                     let prev = total.get(k).and_then(Value::as_u64).unwrap_or(0);

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 
-use crate::net::{relay_binary, LocalNet, RelayCommand, RelaySpec};
+use crate::net::{relay_binary, RelayCommand, RelaySpec};
 use crate::report::{machine, median};
 
 /// What to run.
@@ -226,7 +226,7 @@ pub fn run(o: &Opts) -> anyhow::Result<Value> {
     let relay = relay_binary()?;
     let proxy = proxy_binary(&relay)?;
     let n = o.net;
-    let net = LocalNet::start(
+    let net = crate::net::start(
         n,
         &[
             RelaySpec::default(),
@@ -273,7 +273,7 @@ pub fn run(o: &Opts) -> anyhow::Result<Value> {
             "[proxy]\nlisten = \"{socks}\"\npeer_list = {list:?}\nauthorities = [{auth:?}]\nbind = \"127.0.{n}.200:0\"\n\n\
              [gateway]\naddr = \"{gw}\"\ncert_sha256 = \"{fp}\"\n\n[circuits]\ndistinct_subnets = false\nprebuild = 1\n",
             list = net.list_path.display().to_string(),
-            auth = net.authority,
+            auth = net.authority.public().to_base64(),
         ),
     )?;
     let _proxy = spawn(
@@ -331,7 +331,9 @@ pub fn run(o: &Opts) -> anyhow::Result<Value> {
     // Where cells were dropped on the way (non-zero drop counters per relay).
     let drops: Vec<Value> = (0..net.relays.len())
         .map(|i| {
-            let st = net.admin(i, "status").unwrap_or(Value::Null);
+            let st = net
+                .request(i, &shroud_admin::Request::Status)
+                .unwrap_or(Value::Null);
             let nz: serde_json::Map<String, Value> = st["result"]["drops"]
                 .as_object()
                 .map(|m| {

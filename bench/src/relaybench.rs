@@ -26,7 +26,7 @@ use shroud_proto::keys::{IdentityKey, OnionSecret};
 use shroud_proto::Layout;
 
 use crate::flow::{Generator, SinkRelay};
-use crate::net::{LocalNet, RelayCommand, RelaySpec, Virtual};
+use crate::net::{RelayCommand, RelaySpec, Virtual};
 use crate::report::{machine, median};
 
 /// Options of `shroud-bench relay`.
@@ -134,7 +134,7 @@ fn run_variant_with<A: Aead>(
         recv_slots: opts.recv_slots,
         ..RelaySpec::default()
     };
-    let net = LocalNet::start(net_no, &[spec], &[&sink], &RelayCommand::SelfExe, opts.cell)?;
+    let net = crate::net::start(net_no, &[spec], &[&sink], &RelayCommand::SelfExe, opts.cell)?;
     let peers = shroud_relay::daemon::peers_of(&net.list);
     let sink_relay = SinkRelay::start::<A>(&sink, peers, cell)?;
     let mut generator = Generator::new(SocketAddr::from(([127, 0, net_no, 150], 0)), cell)?;
@@ -167,7 +167,7 @@ fn run_variant_with<A: Aead>(
                 .with_context(|| {
                     format!(
                         "relay status: {}",
-                        net.admin(0, "status")
+                        net.request(0, &shroud_admin::Request::Status)
                             .map(|s| s["drops"].to_string())
                             .unwrap_or_default()
                     )
@@ -222,7 +222,7 @@ fn run_variant_with<A: Aead>(
         }
     }
     let cpu = net.cpu_seconds(0) - cpu0;
-    let status = net.admin(0, "status")?;
+    let status = net.request(0, &shroud_admin::Request::Status)?;
     let rounds = rates.len();
     let med = median(&mut rates);
     Ok(json!({

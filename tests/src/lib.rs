@@ -1,11 +1,14 @@
 //! Harness for integration tests that run real `shroud-relay` processes.
 //!
-//! [`TestNet::start`] generates an authority key, per-relay identity and onion keys
-//! (files with mode 0600), a signed peer list, and one TOML config per relay in a
-//! temporary directory; starts one `shroud-relay` process per relay on its own
-//! loopback address `127.0.<net>.<i+1>` (so tests running in parallel never share
-//! addresses); and waits until every relay answers `status` on its admin socket. Every
-//! process is killed when the [`TestNet`] is dropped, also when a test panics.
+//! [`TestNet::start`] starts a local network through the project's one launcher,
+//! [`shroud_localnet::LocalNet`] (the benchmarks use it too): an authority key,
+//! per-relay identity and onion keys (files with mode 0600), a signed peer list, one
+//! TOML config per relay in a temporary directory, and one `shroud-relay` process per
+//! relay on its own loopback address `127.0.<net>.<i+1>` (so tests running in parallel
+//! never share addresses), each answering `status` on its admin socket before
+//! `start` returns. Every process is killed when the [`TestNet`] is dropped, also when
+//! a test panics. A `TestNet` derefs to its [`LocalNet`] (relays, list, authority,
+//! files); its own methods panic with the relay's log where a test cannot go on.
 //!
 //! The relay binary is found next to the test executable's `deps` directory (cargo
 //! builds it for the workspace tests), or at `$SHROUD_RELAY_BIN`; `shroudctl` the
@@ -17,19 +20,17 @@
 //! [`NetOpts::list_valid_for`] sets how long the peer list stays valid. Each relay
 //! keeps its peer-list rollback state in `relay<i>/peer-list.serial`.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand_core::OsRng;
 use serde_json::Value;
 use shroud_client::{Client, PathHop};
-use shroud_proto::keys::{encode_key, IdentityKey, OnionSecret, RelayId};
-use shroud_proto::peerlist::{NetworkParams, OnionKeyEntry, PeerList, RelayDescriptor};
+use shroud_localnet::{LocalNet, NetSetup, Program, RelaySetup};
+use shroud_proto::keys::RelayId;
+use shroud_proto::peerlist::PeerList;
+
+pub use shroud_localnet::{now_s, RelayProc};
 
 /// Options of a test network.
 #[derive(Debug, Clone)]
@@ -115,60 +116,24 @@ impl NetOpts {
     }
 }
 
-/// One relay process and its files.
-#[derive(Debug)]
-pub struct RelayProc {
-    /// The process (None once killed).
-    pub child: Option<Child>,
-    /// Relay id.
-    pub id: RelayId,
-    /// Address.
-    pub addr: IpAddr,
-    /// Port range.
-    pub ports: (u16, u16),
-    /// Admin socket.
-    pub admin: PathBuf,
-    /// Config file.
-    pub config: PathBuf,
-    /// Onion key file (the first in the config).
-    pub onion_key: PathBuf,
-    /// Second onion key slot file (for rotation tests).
-    pub onion_key_next: PathBuf,
-    /// Its log (stderr).
-    pub log: PathBuf,
-    /// Identity key file.
-    pub identity_key: PathBuf,
-    /// Onion key directory (used when [`NetOpts::onion_key_dir`] is set; its first
-    /// key is `onion-<start time - 60>.key`).
-    pub key_dir: PathBuf,
-    /// Metrics endpoint (when [`NetOpts::metrics`] is set).
-    pub metrics: Option<SocketAddr>,
-    /// Its peer-list rollback state (`relay.peer_list_state`).
-    pub peer_list_state: PathBuf,
-}
-
-/// A running test network.
+/// A running test network (see the crate docs).
 #[derive(Debug)]
 pub struct TestNet {
-    /// Temporary directory with every file.
-    pub dir: PathBuf,
-    /// The relays.
-    pub relays: Vec<RelayProc>,
-    /// The signed peer list.
-    pub list: PeerList,
-    /// Peer list file.
-    pub list_path: PathBuf,
-    /// The authority that signed it.
-    pub authority: IdentityKey,
+    net: LocalNet,
     opts: NetOpts,
 }
 
-/// Unix seconds now.
-pub fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+impl std::ops::Deref for TestNet {
+    type Target = LocalNet;
+    fn deref(&self) -> &LocalNet {
+        &self.net
+    }
+}
+
+impl std::ops::DerefMut for TestNet {
+    fn deref_mut(&mut self) -> &mut LocalNet {
+        &mut self.net
+    }
 }
 
 /// Path of the `shroud-relay` binary.
@@ -207,15 +172,7 @@ pub fn shroudctl_bin() -> PathBuf {
 
 /// Writes a secret key file with mode 0600.
 pub fn write_key(path: &Path, secret: &[u8; 32]) {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .expect("key file");
-    f.write_all(encode_key(secret).as_bytes())
-        .expect("write key");
+    shroud_localnet::write_key(path, secret).expect("write key file");
 }
 
 /// A fresh temporary directory.
@@ -227,226 +184,84 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
+impl NetOpts {
+    /// Relay `i`'s launch settings: the test limits (small tables so that tests
+    /// can fill them), this network's `[io]` choices and info-level logs.
+    fn relay_setup(&self, i: usize) -> RelaySetup {
+        let addr = self
+            .addrs
+            .get(i)
+            .copied()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::new(127, 0, self.net, i as u8 + 1)));
+        let mut s = RelaySetup::new(addr);
+        s.workers = self.workers;
+        s.exit_policy = self.exit_policy.clone();
+        s.onion_key_dir = self.onion_key_dir;
+        s.more_listen = self.more_listen.get(i).cloned().unwrap_or_default();
+        s.launcher = self.launchers.get(i).cloned().unwrap_or_default();
+        s.metrics = self.metrics.then(|| SocketAddr::new(addr, 9478));
+        let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        s.set("network", "socket_buffer_bytes", 4_194_304)
+            .set("limits", "max_circuits", 1024)
+            .set("limits", "max_links", 256)
+            .set(
+                "limits",
+                "links_per_prefix",
+                int(self.links_per_prefix.into()),
+            )
+            .set(
+                "limits",
+                "circuits_per_prefix",
+                int(self.circuits_per_prefix.into()),
+            )
+            .set(
+                "limits",
+                "newcomer_setup_rate",
+                int(self.newcomer_setup_rate.into()),
+            )
+            .set("limits", "circuit_idle_secs", int(self.circuit_idle_secs))
+            .set("limits", "link_idle_secs", int(self.link_idle_secs))
+            .set("limits", "setup_rate", int(self.setup_rate.into()))
+            .set("limits", "setup_burst", int(self.setup_burst.into()))
+            .set("limits", "exit_sockets", 256)
+            .set("io", "driver", self.driver)
+            .set("io", "zero_copy_send", self.zero_copy_send)
+            .set("io", "recv_slots", int(self.recv_slots as u64))
+            .set("io", "send_slots", 128)
+            .set("io", "tx_cells", int(self.tx_cells as u64))
+            .set("io", "setup_budget", int(self.setup_budget.into()));
+        s
+    }
+}
+
 impl TestNet {
-    /// Generates everything and starts the relays.
+    /// Starts the network and waits until every relay answers; panics (with the
+    /// relay's log) if one does not.
     pub fn start(opts: NetOpts) -> TestNet {
-        let dir = temp_dir(&format!("net{}", opts.net));
-        let authority = IdentityKey::generate(&mut OsRng);
-        let now = now_s();
-        let mut list = PeerList::new(
-            1,
-            now - 60,
-            now + opts.list_valid_for,
-            NetworkParams::default(),
-        );
-        let mut relays = Vec::new();
-        let mut identities = Vec::new();
-        for i in 0..opts.relays {
-            let id = IdentityKey::generate(&mut OsRng);
-            let onion = OnionSecret::generate(&mut OsRng);
-            let addr = opts
-                .addrs
-                .get(i)
-                .copied()
-                .unwrap_or(IpAddr::V4(Ipv4Addr::new(127, 0, opts.net, i as u8 + 1)));
-            let ports = (9000, 9000 + opts.workers as u16 - 1);
-            let rdir = dir.join(format!("relay{i}"));
-            std::fs::create_dir_all(&rdir).unwrap();
-            write_key(&rdir.join("identity.key"), &id.to_bytes());
-            write_key(&rdir.join("onion.key"), &onion.to_bytes());
-            let key_dir = rdir.join("keys");
-            if opts.onion_key_dir {
-                std::fs::create_dir_all(&key_dir).unwrap();
-                write_key(
-                    &key_dir.join(format!("onion-{}.key", now - 60)),
-                    &onion.to_bytes(),
-                );
-            }
-            list.relays.push(RelayDescriptor {
-                identity: id.public(),
-                addr,
-                ports,
-                onion_keys: vec![OnionKeyEntry {
-                    key: onion.public(),
-                    valid_until: now + 7200,
-                }],
-                exit: !opts.exit_policy.is_empty(),
-                weight: 100,
-            });
-            relays.push(RelayProc {
-                child: None,
-                id: id.public().relay_id(),
-                addr,
-                ports,
-                admin: rdir.join("admin.sock"),
-                config: rdir.join("relay.toml"),
-                onion_key: rdir.join("onion.key"),
-                onion_key_next: rdir.join("onion-next.key"),
-                log: rdir.join("relay.log"),
-                identity_key: rdir.join("identity.key"),
-                key_dir,
-                metrics: opts.metrics.then(|| SocketAddr::new(addr, 9478)),
-                peer_list_state: rdir.join("peer-list.serial"),
-            });
-            identities.push(id);
-        }
-        list.normalize();
-        list.sign(&authority).expect("sign peer list");
-        let list_path = dir.join("peers.list");
-        std::fs::write(&list_path, list.encode()).unwrap();
-        let mut net = TestNet {
-            dir,
-            relays,
-            list,
-            list_path,
-            authority,
-            opts,
-        };
-        for i in 0..net.relays.len() {
-            net.write_config(i, &["onion.key"]);
-            net.spawn(i);
-        }
-        for i in 0..net.relays.len() {
-            net.wait_ready(i);
-        }
-        net
+        let relays = (0..opts.relays).map(|i| opts.relay_setup(i)).collect();
+        let mut setup = NetSetup::new(relays, Program::Binary(relay_bin()));
+        setup.list_valid_for = opts.list_valid_for;
+        setup.env = vec![("SHROUD_LOG".into(), "info".into())];
+        setup.tag = format!("shroud-net{}", opts.net);
+        let net = LocalNet::start(setup).unwrap_or_else(|e| panic!("test network: {e}"));
+        TestNet { net, opts }
     }
 
     /// (Re)writes relay `i`'s config with these onion key files (newest first), or
     /// with `onion_key_dir = "keys"` (ignoring `onion_files`) when the network uses
     /// key directories.
     pub fn write_config(&self, i: usize, onion_files: &[&str]) {
-        let r = &self.relays[i];
-        let policy: Vec<String> = self
-            .opts
-            .exit_policy
-            .iter()
-            .map(|p| format!("{p:?}"))
-            .collect();
-        let onion: Vec<String> = onion_files.iter().map(|f| format!("{f:?}")).collect();
-        let onion_line = if self.opts.onion_key_dir {
-            "onion_key_dir = \"keys\"".to_owned()
-        } else {
-            format!("onion_keys = [{}]", onion.join(", "))
-        };
-        let metrics = match r.metrics {
-            Some(a) => format!("\n[metrics]\nlisten = \"{a}\"\n"),
-            None => String::new(),
-        };
-        let text = format!(
-            r#"[relay]
-identity_key = "identity.key"
-setup_journal = "setup.journal"
-{onion_line}
-peer_list = {list:?}
-peer_list_state = "peer-list.serial"
-authorities = [{auth:?}]
-exit_policy = [{policy}]
-
-[network]
-listen = [{listen}]
-base_port = {port}
-workers = {workers}
-socket_buffer_bytes = 4194304
-
-[limits]
-max_circuits = 1024
-max_links = 256
-links_per_prefix = {lpp}
-circuits_per_prefix = {cpp}
-newcomer_setup_rate = {newcomer}
-circuit_idle_secs = {circuit_idle}
-link_idle_secs = {link_idle}
-setup_rate = {rate}
-setup_burst = {burst}
-exit_sockets = 256
-
-[io]
-driver = "{driver}"
-zero_copy_send = {zc}
-recv_slots = {recv_slots}
-send_slots = 128
-tx_cells = {tx_cells}
-setup_budget = {setup_budget}
-
-[admin]
-socket = "admin.sock"
-{metrics}"#,
-            list = self.list_path.display().to_string(),
-            auth = self.authority.public().to_base64(),
-            policy = policy.join(", "),
-            listen = std::iter::once(&r.addr)
-                .chain(self.opts.more_listen.get(i).into_iter().flatten())
-                .map(|a| format!("\"{a}\""))
-                .collect::<Vec<_>>()
-                .join(", "),
-            port = r.ports.0,
-            workers = self.opts.workers,
-            rate = self.opts.setup_rate,
-            burst = self.opts.setup_burst,
-            lpp = self.opts.links_per_prefix,
-            cpp = self.opts.circuits_per_prefix,
-            newcomer = self.opts.newcomer_setup_rate,
-            circuit_idle = self.opts.circuit_idle_secs,
-            link_idle = self.opts.link_idle_secs,
-            tx_cells = self.opts.tx_cells,
-            recv_slots = self.opts.recv_slots,
-            setup_budget = self.opts.setup_budget,
-            driver = self.opts.driver,
-            zc = self.opts.zero_copy_send,
-        );
-        std::fs::write(&r.config, text).unwrap();
+        self.net
+            .write_config(i, onion_files)
+            .unwrap_or_else(|e| panic!("relay {i}'s config: {e}"));
     }
 
     /// Starts relay `i`'s process without waiting for it (see [`TestNet::restart`]
-    /// to wait until it answers, [`TestNet::wait_exit`] for one that should fail).
+    /// to wait until it answers, [`LocalNet::wait_exit`] for one that should fail).
     pub fn spawn(&mut self, i: usize) {
-        let r = &mut self.relays[i];
-        let log = std::fs::File::create(&r.log).unwrap();
-        let mut cmd = match self.opts.launchers.get(i).and_then(|l| l.split_first()) {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(relay_bin());
-                c
-            }
-            None => Command::new(relay_bin()),
-        };
-        let child = cmd
-            .arg("--config")
-            .arg(&r.config)
-            .env("SHROUD_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn shroud-relay");
-        r.child = Some(child);
-    }
-
-    fn wait_ready(&mut self, i: usize) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(v) = try_admin(&self.relays[i].admin, &serde_json::json!({"cmd": "status"}))
-            {
-                if v["ok"] == true {
-                    return;
-                }
-            }
-            if let Some(c) = self.relays[i].child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "relay {i} exited with {status}: {}",
-                        std::fs::read_to_string(&self.relays[i].log).unwrap_or_default()
-                    );
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "relay {i} not ready: {}",
-                std::fs::read_to_string(&self.relays[i].log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.net
+            .spawn(i)
+            .unwrap_or_else(|e| panic!("spawn relay {i}: {e}"));
     }
 
     /// Sends one admin command to relay `i` and returns the reply.
@@ -493,23 +308,9 @@ socket = "admin.sock"
     /// Kills relay `i` (SIGKILL) and starts it again with the same files; returns when
     /// it answers on its admin socket.
     pub fn restart(&mut self, i: usize) {
-        self.kill(i);
-        // The kernel tears a dead process's io_uring down asynchronously, and sockets
-        // its in-flight operations hold stay bound until then: wait until every port
-        // can be bound again.
-        let r = &self.relays[i];
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for port in r.ports.0..=r.ports.1 {
-            while std::net::UdpSocket::bind(SocketAddr::new(r.addr, port)).is_err() {
-                assert!(
-                    Instant::now() < deadline,
-                    "port {port} of relay {i} stays bound"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        self.spawn(i);
-        self.wait_ready(i);
+        self.net
+            .restart(i)
+            .unwrap_or_else(|e| panic!("restart relay {i}: {e}"));
     }
 
     /// A client bound to `127.0.<net>.200:0`.
@@ -524,71 +325,30 @@ socket = "admin.sock"
         shroud_client::path_from_ids(&self.list, &ids, now_s()).expect("path")
     }
 
-    /// Kills relay `i` (SIGKILL).
-    pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.relays[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Sends a signal to relay `i`.
+    /// Sends a signal (`"HUP"`, `"TERM"`, ...) to relay `i`.
     pub fn signal(&self, i: usize, sig: &str) {
-        if let Some(c) = &self.relays[i].child {
-            let _ = Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(c.id().to_string())
-                .status();
-        }
-    }
-
-    /// Waits for relay `i` to exit on its own; returns its exit code.
-    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        let c = self.relays[i].child.as_mut()?;
-        loop {
-            if let Ok(Some(s)) = c.try_wait() {
-                self.relays[i].child = None;
-                return s.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The log of relay `i`.
-    pub fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(&self.relays[i].log).unwrap_or_default()
+        let n = match sig.trim_start_matches("SIG") {
+            "HUP" => libc::SIGHUP,
+            "INT" => libc::SIGINT,
+            "TERM" => libc::SIGTERM,
+            "KILL" => libc::SIGKILL,
+            "STOP" => libc::SIGSTOP,
+            "CONT" => libc::SIGCONT,
+            "USR1" => libc::SIGUSR1,
+            "USR2" => libc::SIGUSR2,
+            other => panic!("unknown signal {other:?}"),
+        };
+        self.net.signal(i, n);
     }
 
     /// Replaces the network's peer list (normalized and signed by the authority)
-    /// on disk and in [`TestNet::list`]; relays see it at their next reload.
-    pub fn set_list(&mut self, mut list: PeerList) {
-        list.signatures.clear();
-        list.normalize();
-        list.sign(&self.authority).expect("sign peer list");
-        std::fs::write(&self.list_path, list.encode()).unwrap();
-        self.list = list;
-    }
-}
-
-impl Drop for TestNet {
-    fn drop(&mut self) {
-        for i in 0..self.relays.len() {
-            self.kill(i);
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+    /// on disk and in [`LocalNet::list`]; relays see it at their next reload.
+    pub fn set_list(&mut self, list: PeerList) {
+        self.net.set_list(list).expect("write the peer list");
     }
 }
 
 /// One admin request over a Unix socket, `None` if the socket does not answer.
 pub fn try_admin(path: &Path, req: &Value) -> Option<Value> {
-    let mut s = UnixStream::connect(path).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    writeln!(s, "{req}").ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
+    shroud_localnet::admin_line(path, &req.to_string()).ok()
 }
