@@ -3,7 +3,7 @@
 # tests in shroud.rules.test.yml with promtool test rules), the Grafana dashboard
 # (valid JSON, every query parses as PromQL, checked by promtool as recording rules),
 # and that every metric the rules and the dashboard use is one the relay exports
-# (named in relay/dataplane/src/metrics.rs). promtool: Debian package `prometheus`.
+# (named in relay/src/metrics.rs). promtool: Debian package `prometheus`.
 set -euo pipefail
 cd "$(dirname "$0")"
 command -v promtool >/dev/null || { echo "check.sh: promtool is missing (apt-get install prometheus)" >&2; exit 1; }
@@ -37,7 +37,7 @@ promtool check rules "$tmp/dashboard.rules.yml"
 
 python3 - <<'PY'
 import re
-source = open("../../relay/dataplane/src/metrics.rs").read()
+source = open("../../relay/src/metrics.rs").read()
 exported = set(re.findall(r'"((?:shroud|process)_[a-z_]+)"', source))
 used = set()
 for f in ("shroud.rules.yml", "shroud-dashboard.json"):

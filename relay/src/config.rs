@@ -616,7 +616,7 @@ authorities = ["AAAA"]
     #[test]
     fn shipped_example_parses_and_rotates_onion_keys() {
         // deploy/relay.toml leaves the authorities for the operator to fill in.
-        let text = include_str!("../../../deploy/relay.toml");
+        let text = include_str!("../../deploy/relay.toml");
         let e = Config::parse(text, Path::new("/etc/shroud/relay.toml")).unwrap_err();
         assert!(e.to_string().contains("relay.authorities"), "{e}");
         let text = text.replace("authorities = []", "authorities = [\"AAAA\"]");
