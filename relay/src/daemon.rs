@@ -33,7 +33,7 @@ use crate::journal::FileJournal;
 use shroud_proto::Layout;
 
 use crate::config::Config;
-use crate::engine::{Control, Exit};
+use crate::engine::{Control, WorkerEnd};
 use crate::metrics::{OnionKeyInfo, RelayInfo, RelayMetrics, ReloadInfo};
 use crate::spec::{CryptoChoice, WorkerSpec};
 use crate::stats::WorkerStats;
@@ -363,7 +363,7 @@ fn spawn_with<A: Aead>(
     spec: WorkerSpec,
     rx: Receiver<Control>,
     stats: Arc<WorkerStats>,
-) -> std::io::Result<JoinHandle<std::io::Result<Exit>>> {
+) -> std::io::Result<JoinHandle<std::io::Result<WorkerEnd>>> {
     let mut relay = Relay::<A>::new(
         layout,
         loaded.identity.clone(),
@@ -384,7 +384,7 @@ fn spawn_with<A: Aead>(
 struct WorkerHandle {
     tx: Sender<Control>,
     stats: Arc<WorkerStats>,
-    thread: JoinHandle<std::io::Result<Exit>>,
+    thread: JoinHandle<std::io::Result<WorkerEnd>>,
     port: u16,
 }
 

@@ -4,8 +4,8 @@
 //! and reap; they reach the protocol state only through [`Engine`]'s methods.
 //!
 //! Invariants: cells are processed in the buffer they arrived in and sent from it
-//! (a [`Loc::Rx`] names the receive slot and offset); only cells the relay itself
-//! originates (exit replies) live in the worker's transmit arena ([`Loc::Tx`]).
+//! (a [`CellAt::Rx`] names the receive slot and offset); only cells the relay itself
+//! originates (exit replies) live in the worker's transmit arena ([`CellAt::Tx`]).
 //! [`Plan`] keeps its vectors between batches, so after warm-up nothing here
 //! allocates.
 
@@ -17,12 +17,12 @@ use shroud_proto::aead::Aead;
 use shroud_proto::relay::{Action, CircuitRef, DropReason, Event, OnionKeyring, Peer, Relay};
 use shroud_proto::Layout;
 
-use crate::exits::Exits;
+use crate::exits::ExitSockets;
 use crate::stats::WorkerStats;
 
 /// Where a cell to send lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Loc {
+pub enum CellAt {
     /// In receive slot `slot` at byte offset `off`.
     Rx {
         /// Receive slot.
@@ -43,7 +43,7 @@ pub struct Group {
     /// Next hop.
     pub dest: SocketAddr,
     /// Cells, in order.
-    pub cells: Vec<Loc>,
+    pub cells: Vec<CellAt>,
 }
 
 /// The cells of one batch, grouped per next hop (one GSO send each).
@@ -62,7 +62,7 @@ pub struct Plan {
 
 impl Plan {
     /// Adds a cell for `dest`.
-    pub fn push(&mut self, dest: SocketAddr, loc: Loc) {
+    pub fn push(&mut self, dest: SocketAddr, loc: CellAt) {
         if self.last < self.active && self.groups[self.last].dest == dest {
             self.groups[self.last].cells.push(loc);
             return;
@@ -175,7 +175,7 @@ impl Routes {
 
 /// Work for the driver besides sending cells.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Side {
+pub enum SideEffect {
     /// Exit: send `buf[range]` of receive slot `slot` to `dest` for `circuit`.
     Deliver {
         /// Circuit.
@@ -287,8 +287,8 @@ impl<A: Aead> Engine<A> {
         slot: u32,
         buf: &mut [u8],
         plan: &mut Plan,
-        side: &mut Vec<Side>,
-        exits: &mut Exits,
+        side: &mut Vec<SideEffect>,
+        exits: &mut ExitSockets,
         nonblocking: bool,
         now_ms: u64,
     ) {
@@ -306,7 +306,7 @@ impl<A: Aead> Engine<A> {
         );
         for (i, c) in buf.chunks_exact_mut(cell).enumerate() {
             let off = i * cell;
-            let loc = Loc::Rx {
+            let loc = CellAt::Rx {
                 slot,
                 off: off as u32,
             };
@@ -317,7 +317,7 @@ impl<A: Aead> Engine<A> {
                 } => match exits.open(circuit, dest, nonblocking) {
                     Ok(Some(_)) => {
                         plan.push(to, loc);
-                        side.push(Side::Opened { circuit, dest });
+                        side.push(SideEffect::Opened { circuit, dest });
                     }
                     failed => {
                         if let Err(e) = failed {
@@ -339,7 +339,7 @@ impl<A: Aead> Engine<A> {
                     circuit,
                     dest,
                     payload,
-                } => side.push(Side::Deliver {
+                } => side.push(SideEffect::Deliver {
                     circuit,
                     dest,
                     slot,
@@ -378,7 +378,7 @@ impl<A: Aead> Engine<A> {
             .exit_reply(circuit, payload, arena.cell_mut(idx), now_ms)
         {
             Ok(to) => {
-                plan.push(to, Loc::Tx { idx });
+                plan.push(to, CellAt::Tx { idx });
                 self.stats
                     .exit_replies
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -395,19 +395,19 @@ impl<A: Aead> Engine<A> {
         now_ms: u64,
         arena: &mut crate::exits::TxArena,
         plan: &mut Plan,
-        side: &mut Vec<Side>,
+        side: &mut Vec<SideEffect>,
     ) {
         let mut full = 0;
         self.relay.expire(
             now_ms,
-            |circuit| side.push(Side::Closed { circuit }),
+            |circuit| side.push(SideEffect::Closed { circuit }),
             |write| {
                 let Some(idx) = arena.alloc() else {
                     full += 1;
                     return;
                 };
                 match write(arena.cell_mut(idx)) {
-                    Some(to) => plan.push(to, Loc::Tx { idx }),
+                    Some(to) => plan.push(to, CellAt::Tx { idx }),
                     None => arena.release(idx),
                 }
             },
@@ -431,7 +431,7 @@ impl<A: Aead> Engine<A> {
     }
 
     /// Applies pending control messages; `Some(exit)` when the loop must end.
-    pub fn poll_control(&mut self, now_ms: u64) -> Option<Exit> {
+    pub fn poll_control(&mut self, now_ms: u64) -> Option<WorkerEnd> {
         // The daemon's watchdog reads this to tell a live worker from a stuck one.
         self.stats
             .loops
@@ -449,13 +449,15 @@ impl<A: Aead> Engine<A> {
                     self.relay.set_accepting(false);
                     self.drain_deadline = Some(deadline_ms);
                 }
-                Ok(Control::Stop) => return Some(Exit::Stopped),
+                Ok(Control::Stop) => return Some(WorkerEnd::Stopped),
                 Err(crossbeam_channel::TryRecvError::Empty) => break,
-                Err(crossbeam_channel::TryRecvError::Disconnected) => return Some(Exit::Stopped),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    return Some(WorkerEnd::Stopped)
+                }
             }
         }
         match self.drain_deadline {
-            Some(d) if now_ms >= d || self.relay.circuit_count() == 0 => Some(Exit::Drained),
+            Some(d) if now_ms >= d || self.relay.circuit_count() == 0 => Some(WorkerEnd::Drained),
             _ => None,
         }
     }
@@ -484,17 +486,17 @@ pub enum Control {
 
 /// Why a worker loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
+pub enum WorkerEnd {
     /// Stopped by [`Control::Stop`] or the channel closing.
     Stopped,
     /// Drained: no circuits left, or the deadline passed.
     Drained,
 }
 
-fn side_of(e: Event) -> Side {
+fn side_of(e: Event) -> SideEffect {
     match e {
-        Event::ExitOpened { circuit, dest } => Side::Opened { circuit, dest },
-        Event::Closed { circuit } => Side::Closed { circuit },
+        Event::ExitOpened { circuit, dest } => SideEffect::Opened { circuit, dest },
+        Event::Closed { circuit } => SideEffect::Closed { circuit },
     }
 }
 
@@ -539,7 +541,7 @@ mod tests {
             .chain([3, 1])
             .collect();
         for (k, &port) in order.iter().enumerate() {
-            plan.push(addr(port), Loc::Tx { idx: k as u32 });
+            plan.push(addr(port), CellAt::Tx { idx: k as u32 });
         }
         let groups = plan.groups();
         assert_eq!(groups.len(), 3 + 300);
@@ -547,8 +549,8 @@ mod tests {
             g.cells
                 .iter()
                 .map(|l| match l {
-                    Loc::Tx { idx } => *idx,
-                    Loc::Rx { .. } => unreachable!(),
+                    CellAt::Tx { idx } => *idx,
+                    CellAt::Rx { .. } => unreachable!(),
                 })
                 .collect()
         };
@@ -563,9 +565,9 @@ mod tests {
         // After a clear, the next batch starts empty and groups afresh.
         plan.clear();
         assert!(plan.is_empty());
-        plan.push(addr(2), Loc::Tx { idx: 9 });
-        plan.push(addr(1), Loc::Tx { idx: 10 });
-        plan.push(addr(2), Loc::Tx { idx: 11 });
+        plan.push(addr(2), CellAt::Tx { idx: 9 });
+        plan.push(addr(1), CellAt::Tx { idx: 10 });
+        plan.push(addr(2), CellAt::Tx { idx: 11 });
         let groups = plan.groups();
         assert_eq!(groups.len(), 2);
         assert_eq!((groups[0].dest, cells(&groups[0])), (addr(2), vec![9, 11]));

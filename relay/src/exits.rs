@@ -68,17 +68,17 @@ pub struct ExitSlot {
 
 /// The fixed-capacity exit socket table.
 #[derive(Debug)]
-pub struct Exits {
+pub struct ExitSockets {
     /// Slots (index = exit id).
     pub slots: Vec<ExitSlot>,
     free: Vec<u32>,
     by_circuit: HashMap<CircuitRef, u32>,
 }
 
-impl Exits {
+impl ExitSockets {
     /// `n` exit slots.
     pub fn new(n: usize) -> Self {
-        Exits {
+        ExitSockets {
             slots: (0..n)
                 .map(|_| ExitSlot {
                     sock: None,

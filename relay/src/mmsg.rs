@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use shroud_proto::relay::DropReason;
 
-use crate::engine::{Engine, Exit};
-use crate::engine::{Loc, Plan, Side};
-use crate::exits::{Exits, TxArena, EXIT_BUF};
+use crate::engine::{CellAt, Plan, SideEffect};
+use crate::engine::{Engine, WorkerEnd};
+use crate::exits::{ExitSockets, TxArena, EXIT_BUF};
 use crate::spec::WorkerSpec;
 use crate::sys::{self, CMSG_BUF};
 use shroud_proto::aead::Aead;
@@ -29,11 +29,11 @@ pub struct Driver {
     ctrls: Vec<[u8; CMSG_BUF]>,
     msgs: Vec<libc::mmsghdr>,
     arena: TxArena,
-    exits: Exits,
+    exits: ExitSockets,
     cell: usize,
     max_segs: usize,
     plan: Plan,
-    side: Vec<Side>,
+    side: Vec<SideEffect>,
     pollfds: Vec<libc::pollfd>,
 }
 
@@ -70,7 +70,7 @@ impl Driver {
             ctrls: vec![[0u8; CMSG_BUF]; n],
             msgs: (0..n).map(|_| unsafe { zeroed() }).collect(),
             arena: TxArena::new(spec.io.tx_cells, cell),
-            exits: Exits::new(spec.io.exit_sockets),
+            exits: ExitSockets::new(spec.io.exit_sockets),
             cell,
             max_segs: if spec.io.gro_gso {
                 MAX_SEGS.min(65000 / cell).max(1)
@@ -106,7 +106,7 @@ impl Driver {
         &self,
         engine: &mut Engine<A>,
         dest: &std::net::SocketAddr,
-        cells: &[Loc],
+        cells: &[CellAt],
     ) {
         let Some(sock) = engine.socket_for(dest).map(|i| &self.sockets[i]) else {
             engine.count_drop(DropReason::QueueFull, cells.len() as u64);
@@ -120,8 +120,8 @@ impl Driver {
         for chunk in cells.chunks(self.max_segs) {
             for (k, loc) in chunk.iter().enumerate() {
                 let ptr = match *loc {
-                    Loc::Rx { slot, off } => self.bufs[slot as usize][off as usize..].as_ptr(),
-                    Loc::Tx { idx } => self.arena.ptr(idx),
+                    CellAt::Rx { slot, off } => self.bufs[slot as usize][off as usize..].as_ptr(),
+                    CellAt::Tx { idx } => self.arena.ptr(idx),
                 };
                 iovs[k] = libc::iovec {
                     iov_base: ptr as *mut libc::c_void,
@@ -159,13 +159,13 @@ impl Driver {
         for s in &side {
             match s {
                 // The engine opened the socket; reads poll every open socket.
-                Side::Opened { .. } => {}
-                Side::Closed { circuit } => {
+                SideEffect::Opened { .. } => {}
+                SideEffect::Closed { circuit } => {
                     if let Some(x) = self.exits.detach(circuit) {
                         self.exits.free(x);
                     }
                 }
-                Side::Deliver {
+                SideEffect::Deliver {
                     circuit,
                     slot,
                     range,
@@ -195,7 +195,7 @@ impl Driver {
         for g in plan.groups() {
             self.send_group(engine, &g.dest, &g.cells);
             for loc in &g.cells {
-                if let Loc::Tx { idx } = *loc {
+                if let CellAt::Tx { idx } = *loc {
                     self.arena.release(idx);
                 }
             }
@@ -226,7 +226,7 @@ impl Driver {
     }
 
     /// Runs until stopped or drained.
-    pub(crate) fn run<A: Aead>(&mut self, engine: &mut Engine<A>) -> io::Result<Exit> {
+    pub(crate) fn run<A: Aead>(&mut self, engine: &mut Engine<A>) -> io::Result<WorkerEnd> {
         let mut last_tick = 0u64;
         loop {
             self.pollfds.clear();

@@ -20,9 +20,9 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use shroud_proto::relay::DropReason;
 
 use crate::bufring::BufRing;
-use crate::engine::{Engine, Exit};
-use crate::engine::{Loc, Plan, Side};
-use crate::exits::{Exits, TxArena, EXIT_BUF};
+use crate::engine::{CellAt, Plan, SideEffect};
+use crate::engine::{Engine, WorkerEnd};
+use crate::exits::{ExitSockets, TxArena, EXIT_BUF};
 use crate::spec::WorkerSpec;
 use crate::sys::{self, CMSG_BUF};
 use shroud_proto::aead::Aead;
@@ -40,7 +40,7 @@ const K_XRECV: u64 = 3;
 const K_XSEND: u64 = 4;
 const K_CANCEL: u64 = 5;
 
-fn ud(kind: u64, idx: u64) -> u64 {
+fn pack_user_data(kind: u64, idx: u64) -> u64 {
     (kind << 56) | idx
 }
 
@@ -49,7 +49,7 @@ struct SendSlot {
     addr: libc::sockaddr_storage,
     iovs: [libc::iovec; MAX_SEGS],
     ctrl: [u8; CMSG_BUF],
-    locs: [Loc; MAX_SEGS],
+    locs: [CellAt; MAX_SEGS],
     n: usize,
 }
 
@@ -71,14 +71,14 @@ pub struct Driver {
     tx: Vec<SendSlot>,
     free_tx: Vec<u32>,
     arena: TxArena,
-    exits: Exits,
+    exits: ExitSockets,
     cell: usize,
     max_segs: usize,
     plan: Plan,
-    side: Vec<Side>,
+    side: Vec<SideEffect>,
     completions: Vec<(u64, i32, u32)>,
     zero_copy: bool,
-    touched: Vec<u32>,
+    batch_bufs: Vec<u32>,
     /// `min_wait_usec` for the wait (0 when unsupported or off).
     batch_wait_us: u32,
 }
@@ -145,7 +145,7 @@ impl Driver {
                 addr: unsafe { zeroed() },
                 iovs: unsafe { zeroed() },
                 ctrl: [0; CMSG_BUF],
-                locs: [Loc::Tx { idx: 0 }; MAX_SEGS],
+                locs: [CellAt::Tx { idx: 0 }; MAX_SEGS],
                 n: 0,
             });
         }
@@ -160,14 +160,14 @@ impl Driver {
             inflight: 0,
             tx,
             arena: TxArena::new(spec.io.tx_cells, cell),
-            exits: Exits::new(spec.io.exit_sockets),
+            exits: ExitSockets::new(spec.io.exit_sockets),
             cell,
             max_segs,
             plan: Plan::default(),
             side: Vec::with_capacity(256),
             completions: Vec::with_capacity(1024),
             zero_copy: spec.io.zero_copy_send,
-            touched: Vec::with_capacity(64),
+            batch_bufs: Vec::with_capacity(64),
             batch_wait_us,
         };
         d.bufs.register(&d.ring)?;
@@ -199,7 +199,7 @@ impl Driver {
             let fd = self.sockets[i].as_raw_fd();
             let e = opcode::RecvMsgMulti::new(types::Fd(fd), &*self.recv_hdr, self.bufs.bgid())
                 .build()
-                .user_data(ud(K_RECV, i as u64));
+                .user_data(pack_user_data(K_RECV, i as u64));
             self.push(e)?;
             self.armed[i] = true;
         }
@@ -217,20 +217,20 @@ impl Driver {
             EXIT_BUF as u32,
         )
         .build()
-        .user_data(ud(K_XRECV, u64::from(x)));
+        .user_data(pack_user_data(K_XRECV, u64::from(x)));
         self.push(e)
     }
 
-    fn release(&mut self, loc: Loc) -> io::Result<()> {
+    fn release(&mut self, loc: CellAt) -> io::Result<()> {
         match loc {
-            Loc::Rx { slot, .. } => {
+            CellAt::Rx { slot, .. } => {
                 let r = &mut self.refs[slot as usize];
                 *r -= 1;
                 if *r == 0 {
                     self.bufs.provide(slot as u16);
                 }
             }
-            Loc::Tx { idx } => self.arena.release(idx),
+            CellAt::Tx { idx } => self.arena.release(idx),
         }
         Ok(())
     }
@@ -245,7 +245,7 @@ impl Driver {
                     // No socket of that family, or every send slot busy: drop.
                     engine.count_drop(DropReason::QueueFull, chunk.len() as u64);
                     for &loc in chunk {
-                        if let Loc::Tx { idx } = loc {
+                        if let CellAt::Tx { idx } = loc {
                             self.arena.release(idx);
                         }
                     }
@@ -256,11 +256,11 @@ impl Driver {
                 s.n = chunk.len();
                 for (k, &loc) in chunk.iter().enumerate() {
                     let ptr = match loc {
-                        Loc::Rx { slot, off } => {
+                        CellAt::Rx { slot, off } => {
                             self.refs[slot as usize] += 1;
                             self.bufs.payload_ptr(slot as u16, off as usize)
                         }
-                        Loc::Tx { idx } => self.arena.ptr(idx),
+                        CellAt::Tx { idx } => self.arena.ptr(idx),
                     };
                     s.iovs[k] = libc::iovec {
                         iov_base: ptr as *mut libc::c_void,
@@ -286,7 +286,7 @@ impl Driver {
                 } else {
                     opcode::SendMsg::new(types::Fd(fd), &s.hdr).build()
                 }
-                .user_data(ud(K_SEND, u64::from(t)));
+                .user_data(pack_user_data(K_SEND, u64::from(t)));
                 self.push(e)?;
                 engine
                     .stats()
@@ -304,20 +304,20 @@ impl Driver {
         let side = std::mem::take(&mut self.side);
         for s in &side {
             match s {
-                Side::Opened { circuit, .. } => {
+                SideEffect::Opened { circuit, .. } => {
                     if let Some(x) = self.exits.get(circuit) {
                         self.arm_exit_recv(x)?;
                     }
                 }
-                Side::Closed { circuit } => {
+                SideEffect::Closed { circuit } => {
                     if let Some(x) = self.exits.detach(circuit) {
-                        let e = opcode::AsyncCancel::new(ud(K_XRECV, u64::from(x)))
+                        let e = opcode::AsyncCancel::new(pack_user_data(K_XRECV, u64::from(x)))
                             .build()
-                            .user_data(ud(K_CANCEL, u64::from(x)));
+                            .user_data(pack_user_data(K_CANCEL, u64::from(x)));
                         self.push(e)?;
                     }
                 }
-                Side::Deliver {
+                SideEffect::Deliver {
                     circuit,
                     slot,
                     range,
@@ -339,7 +339,7 @@ impl Driver {
                         range.len() as u32,
                     )
                     .build()
-                    .user_data(ud(K_XSEND, u64::from(*slot)));
+                    .user_data(pack_user_data(K_XSEND, u64::from(*slot)));
                     self.push(e)?;
                     engine.stats().exit_delivered.fetch_add(1, Relaxed);
                 }
@@ -362,7 +362,7 @@ impl Driver {
     }
 
     /// Runs until stopped or drained.
-    pub(crate) fn run<A: Aead>(&mut self, engine: &mut Engine<A>) -> io::Result<Exit> {
+    pub(crate) fn run<A: Aead>(&mut self, engine: &mut Engine<A>) -> io::Result<WorkerEnd> {
         let ts = types::Timespec::new().nsec(50_000_000);
         let mut last_tick = 0u64;
         loop {
@@ -421,7 +421,7 @@ impl Driver {
                             continue;
                         };
                         self.bufs.taken();
-                        self.touched.push(u32::from(bid));
+                        self.batch_bufs.push(u32::from(bid));
                         let filled =
                             &self.bufs.buf(bid)[..(res as usize).min(self.bufs.buf(bid).len())];
                         let Ok(out) = types::RecvMsgOut::parse(filled, &self.recv_hdr) else {
@@ -479,7 +479,7 @@ impl Driver {
                         if res < 0 {
                             engine.stats().send_errors.fetch_add(1, Relaxed);
                         }
-                        self.release(Loc::Rx { slot: idx, off: 0 })?;
+                        self.release(CellAt::Rx { slot: idx, off: 0 })?;
                     }
                     K_XRECV => {
                         let closing = self.exits.slots[idx as usize].closing;
@@ -506,12 +506,12 @@ impl Driver {
             }
             // Buffers that nothing points into go back to the ring at once (the
             // rest when their sends complete); then re-arm ended receives.
-            for &bid in &self.touched {
+            for &bid in &self.batch_bufs {
                 if self.refs[bid as usize] == 0 {
                     self.bufs.provide(bid as u16);
                 }
             }
-            self.touched.clear();
+            self.batch_bufs.clear();
             self.arm_receives()?;
             engine.stats().batches.fetch_add(1, Relaxed);
             engine.publish();
@@ -562,7 +562,7 @@ impl Drop for Driver {
                 &mut self.arena,
                 TxArena::new(0, self.cell),
             ));
-            std::mem::forget(std::mem::replace(&mut self.exits, Exits::new(0)));
+            std::mem::forget(std::mem::replace(&mut self.exits, ExitSockets::new(0)));
             return;
         }
         let _ = self.bufs.unregister(&self.ring);

@@ -13,7 +13,7 @@ use crossbeam_channel::Receiver;
 use shroud_proto::aead::Aead;
 use shroud_proto::relay::Relay;
 
-use crate::engine::{Control, Engine, Exit};
+use crate::engine::{Control, Engine, WorkerEnd};
 use crate::spec::{DriverChoice, WorkerSpec};
 use crate::stats::{DriverKind, WorkerStats};
 
@@ -23,7 +23,7 @@ pub fn spawn<A: Aead>(
     relay: Relay<A>,
     ctl: Receiver<Control>,
     stats: Arc<WorkerStats>,
-) -> std::io::Result<JoinHandle<std::io::Result<Exit>>> {
+) -> std::io::Result<JoinHandle<std::io::Result<WorkerEnd>>> {
     std::thread::Builder::new()
         .name(format!("shroud-worker-{}", spec.index))
         .spawn(move || {
