@@ -267,6 +267,16 @@ impl<A: Aead> Engine<A> {
         self.relay.begin_batch(self.setup_budget);
     }
 
+    /// A send of `cells` cells failed in the kernel (its socket buffer full, or an
+    /// error): one `send_errors`, and the cells dropped as `queue_full`. Both drivers
+    /// count a failed send here, so they agree.
+    pub fn send_failed(&mut self, cells: u64) {
+        self.stats
+            .send_errors
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.relay.count_drop(DropReason::QueueFull, cells);
+    }
+
     /// Counts `n` cells (or datagrams, for reasons counted per datagram) dropped.
     pub fn count_drop(&mut self, reason: DropReason, n: u64) {
         self.relay.count_drop(reason, n);

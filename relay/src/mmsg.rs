@@ -142,8 +142,7 @@ impl Driver {
             // self for the duration of this synchronous call.
             let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, 0) };
             if r < 0 {
-                engine.stats().send_errors.fetch_add(1, Relaxed);
-                engine.count_drop(DropReason::QueueFull, chunk.len() as u64);
+                engine.send_failed(chunk.len() as u64);
             } else {
                 engine
                     .stats()

@@ -465,10 +465,10 @@ impl Driver {
                             }
                             continue;
                         }
-                        if res < 0 && !io_uring::cqueue::notif(flags) {
-                            engine.stats().send_errors.fetch_add(1, Relaxed);
-                        }
                         let n = self.tx[idx as usize].n;
+                        if res < 0 && !io_uring::cqueue::notif(flags) {
+                            engine.send_failed(n as u64);
+                        }
                         for k in 0..n {
                             let loc = self.tx[idx as usize].locs[k];
                             self.release(loc)?;
