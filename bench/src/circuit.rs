@@ -73,6 +73,8 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
             / (opts.hops - 1) as f64
     };
     let setups = s.setup_rate(opts.hops, Duration::from_secs_f64(step))?;
+    let parallel = s.setup_rate_parallel(opts.hops, Duration::from_secs_f64(step), SETUP_BATCH)?;
+    let bare = bare_x25519_us(Duration::from_secs_f64(step.min(2.0)));
     Ok(json!({
         "schema": "shroud-bench/circuit/1",
         "payload_mb_per_sec": sat.payload_mb_per_sec(),
@@ -92,8 +94,43 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
         "latency_cdf_us": crate::plot::cdf_points(&n_hops.latency),
         "setups_per_sec": setups,
         "setups_per_sec_per_relay_core": setups * opts.hops as f64 / opts.relays as f64,
+        "setups_parallel": {
+            "batch": SETUP_BATCH,
+            "setups_per_sec": parallel.per_sec,
+            "failed": parallel.failed,
+            "relay_cpu_us_per_hop": parallel.relay_cpu_us_per_hop,
+            "bare_x25519_us": bare,
+            // A hop's whole setup against one bare X25519 on this machine, same run:
+            // 1.0 would mean the relay spends nothing beyond the X25519.
+            "x25519_share": bare / parallel.relay_cpu_us_per_hop.max(1e-9),
+        },
         "machine": machine(),
     }))
+}
+
+/// Setups sent at once in the parallel setup step.
+const SETUP_BATCH: usize = 32;
+
+/// Microseconds one X25519 (a relay's onion-key exchange) takes on this machine: the
+/// median of 20 timed rounds of 50 exchanges over about `budget`.
+fn bare_x25519_us(budget: Duration) -> f64 {
+    let secret = shroud_proto::keys::OnionSecret::generate(&mut rand_core::OsRng);
+    let mut peer = shroud_proto::keys::OnionSecret::generate(&mut rand_core::OsRng)
+        .public()
+        .0;
+    let mut rounds = Vec::new();
+    let started = std::time::Instant::now();
+    while rounds.len() < 20 || (started.elapsed() < budget && rounds.len() < 200) {
+        let t = std::time::Instant::now();
+        for _ in 0..50 {
+            let out = secret.diffie_hellman(&peer);
+            peer[..8].copy_from_slice(&out[..8]);
+            peer[31] &= 0x7f;
+        }
+        rounds.push(t.elapsed().as_secs_f64() * 1e6 / 50.0);
+    }
+    rounds.sort_by(f64::total_cmp);
+    rounds[rounds.len() / 2]
 }
 
 /// Prints the human summary.
@@ -124,8 +161,18 @@ pub fn print(r: &Value) {
         h["p99"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "circuit setups: {:.0}/s ({:.0}/s per relay core)",
+        "circuit setups, one at a time: {:.0}/s ({:.0}/s per relay core)",
         r["setups_per_sec"].as_f64().unwrap_or(0.0),
         r["setups_per_sec_per_relay_core"].as_f64().unwrap_or(0.0)
+    );
+    let p = &r["setups_parallel"];
+    println!(
+        "circuit setups, {} at once: {:.0}/s ({} failed); relay CPU {:.0} us per hop against {:.0} us for a bare X25519 (share {:.2})",
+        p["batch"],
+        p["setups_per_sec"].as_f64().unwrap_or(0.0),
+        p["failed"],
+        p["relay_cpu_us_per_hop"].as_f64().unwrap_or(0.0),
+        p["bare_x25519_us"].as_f64().unwrap_or(0.0),
+        p["x25519_share"].as_f64().unwrap_or(0.0)
     );
 }

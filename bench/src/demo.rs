@@ -142,6 +142,18 @@ impl Drive {
     }
 }
 
+/// What [`Session::setup_rate_parallel`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct SetupRate {
+    /// Circuits built per second.
+    pub per_sec: f64,
+    /// Setups that failed (refused or unanswered).
+    pub failed: u64,
+    /// Relay CPU time per hop of a setup, microseconds (all relays' CPU over the
+    /// step, over circuits x hops).
+    pub relay_cpu_us_per_hop: f64,
+}
+
 /// A running local network with a sink and a generator's circuits.
 pub struct Session {
     /// The relays.
@@ -249,15 +261,59 @@ impl Session {
 
     /// Builds circuits one after another for `duration`; returns setups per second.
     pub fn setup_rate(&mut self, hops: usize, duration: Duration) -> anyhow::Result<f64> {
+        Ok(self.setup_rate_parallel(hops, duration, 1)?.per_sec)
+    }
+
+    /// Circuit setups per second with `batch` setups sent at once
+    /// (`shroud_client::Client::build_circuits`, one round trip per batch), and the
+    /// relays' CPU time per hop of a setup meanwhile. Each batch's circuits are torn
+    /// down after it, so the relays' tables do not fill.
+    pub fn setup_rate_parallel(
+        &mut self,
+        hops: usize,
+        duration: Duration,
+        batch: usize,
+    ) -> anyhow::Result<SetupRate> {
+        let bind = SocketAddr::new(self.dest.ip(), 0);
+        let mut client = shroud_client::Client::new(bind, &self.net.list)
+            .map_err(|e| anyhow::anyhow!("setup client: {e}"))?;
+        let cpu0: f64 = (0..self.net.relays.len())
+            .map(|i| self.net.cpu_seconds(i))
+            .sum();
         let started = Instant::now();
         let mut n = 0u64;
+        let mut failed = 0u64;
+        let mut k = 0usize;
         while started.elapsed() < duration {
-            let path = self.hops_of(n as usize, hops)?;
-            self.generator
-                .build::<RingAead>(&path, self.dest, Duration::from_secs(5))?;
-            n += 1;
+            let paths: Vec<Vec<PathHop>> = (0..batch)
+                .map(|j| self.hops_of(k + j, hops))
+                .collect::<anyhow::Result<_>>()?;
+            k += batch;
+            let requests: Vec<(&[PathHop], SocketAddr)> =
+                paths.iter().map(|p| (p.as_slice(), self.dest)).collect();
+            for r in client.build_circuits(&requests, Duration::from_secs(5)) {
+                match r {
+                    Ok(id) => {
+                        n += 1;
+                        let _ = client.destroy(id);
+                    }
+                    Err(_) => failed += 1,
+                }
+            }
         }
-        Ok(n as f64 / started.elapsed().as_secs_f64())
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu: f64 = (0..self.net.relays.len())
+            .map(|i| self.net.cpu_seconds(i))
+            .sum::<f64>()
+            - cpu0;
+        if n == 0 {
+            anyhow::bail!("no circuit could be built ({failed} setups failed)");
+        }
+        Ok(SetupRate {
+            per_sec: n as f64 / elapsed,
+            failed,
+            relay_cpu_us_per_hop: cpu * 1e6 / (n as f64 * hops as f64),
+        })
     }
 
     /// Drives traffic for `duration`: at `rate` cells/s (0 = as fast as the window

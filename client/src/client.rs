@@ -230,8 +230,9 @@ enum Incoming {
     Retry(CircuitId, [u8; TOKEN_LEN]),
 }
 
-/// The setup [`Client::build_circuit`] is waiting on: a `RETRY` from its first hop
-/// names it by its `E`, so the cell is kept to check the reply and to send it again.
+/// A setup [`Client::build_circuit`] or [`Client::build_circuits`] is waiting on: a
+/// `RETRY` from its first hop names it by its `E`, so the cell is kept to check the
+/// reply and to send it again.
 struct Pending {
     id: u64,
     first_hop: SocketAddr,
@@ -247,7 +248,7 @@ struct Core {
     queue: VecDeque<Queued>,
     queue_limit: usize,
     stats: ClientStats,
-    pending: Option<Pending>,
+    pending: Vec<Pending>,
 }
 
 impl Core {
@@ -260,8 +261,8 @@ impl Core {
         // Before the relay has answered on this link, a cell from it may be a RETRY
         // for the setup being built (it is not header-protected: the relay did not
         // open the setup, so it does not know the link keys yet).
-        if let Some(p) = self.pending.as_ref().filter(|p| p.first_hop == src) {
-            if !entry.link.is_linked() {
+        if !entry.link.is_linked() {
+            for p in self.pending.iter().filter(|p| p.first_hop == src) {
                 let key: DefaultAead = retry_key(&entry.relay);
                 let mut copy = cell.to_vec();
                 if let Some(token) = open_retry(&self.layout, &key, &p.cell, &mut copy) {
@@ -404,7 +405,7 @@ impl Client {
                 queue: VecDeque::new(),
                 queue_limit: config.queue_limit,
                 stats: ClientStats::default(),
-                pending: None,
+                pending: Vec::new(),
             },
             config,
             rx: vec![0u8; MAX_DATAGRAM],
@@ -608,8 +609,160 @@ impl Client {
         timeout: Duration,
     ) -> Result<CircuitId, ClientError> {
         let r = self.build_circuit_inner(path, dest, timeout);
-        self.core.pending = None;
+        self.core.pending.clear();
         r
+    }
+
+    /// Builds one circuit per `(path, dest)` request at once: every setup is sent
+    /// before any reply is awaited, so `n` circuits take about one round trip rather
+    /// than `n`. Returns one result per request, in order: the circuit, the refusal
+    /// ([`ClientError::Refused`]), or [`ClientError::SetupTimeout`] for a setup not
+    /// answered within `timeout` (one attempt each; a `RETRY` is answered as in
+    /// [`Client::build_circuit`]).
+    ///
+    /// Every setup is one public-key operation at every hop: a first hop admits a
+    /// burst of setups per source prefix (`setup_burst`, 400 by default) and drops the
+    /// rest silently, so keep a batch well under that.
+    pub fn build_circuits(
+        &mut self,
+        requests: &[(&[PathHop], SocketAddr)],
+        timeout: Duration,
+    ) -> Vec<Result<CircuitId, ClientError>> {
+        let r = self.build_circuits_inner(requests, timeout);
+        self.core.pending.clear();
+        r
+    }
+
+    fn build_circuits_inner(
+        &mut self,
+        requests: &[(&[PathHop], SocketAddr)],
+        timeout: Duration,
+    ) -> Vec<Result<CircuitId, ClientError>> {
+        let layout = self.core.layout;
+        let deadline = deadline_in(Instant::now(), timeout);
+        let mut results: Vec<Option<Result<CircuitId, ClientError>>> =
+            (0..requests.len()).map(|_| None).collect();
+        // Circuit id -> (request index, retries so far).
+        let mut waiting: HashMap<u64, (usize, u32)> = HashMap::new();
+        for (i, &(path, dest)) in requests.iter().enumerate() {
+            if path.is_empty() || path.len() > layout.h_max {
+                results[i] = Some(Err(ClientError::Protocol(ProtoError::PathLength {
+                    got: path.len(),
+                    max: layout.h_max,
+                })));
+                continue;
+            }
+            let circ = loop {
+                self.ensure_link(&path[0]);
+                let link = &self.core.links[&path[0].addr].link;
+                match ClientCircuit::<DefaultAead>::build(
+                    &layout,
+                    link,
+                    path,
+                    dest,
+                    unix_ms(),
+                    &mut self.rng,
+                    &mut self.tx,
+                ) {
+                    Ok(c) if self.core.circuits.contains_key(&c.id()) => continue,
+                    Ok(c) => break Ok(c),
+                    Err(e) => break Err(proto(e)),
+                }
+            };
+            let circ = match circ {
+                Ok(c) => c,
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            let id = circ.id();
+            if let Err(e) = self.send_tx(path[0].addr) {
+                results[i] = Some(Err(e));
+                continue;
+            }
+            self.core.stats.setups_sent += 1;
+            self.core.circuits.insert(
+                id,
+                CircuitEntry {
+                    circ,
+                    path: path.to_vec(),
+                    last_rx: None,
+                },
+            );
+            self.core.pending.push(Pending {
+                id,
+                first_hop: path[0].addr,
+                cell: self.tx.clone(),
+            });
+            waiting.insert(id, (i, 0));
+        }
+        while !waiting.is_empty() {
+            match self.next_cell(deadline) {
+                Err(ClientError::Timeout) => break,
+                Err(e) => {
+                    // The socket failed: every setup still waiting fails with it.
+                    let msg = e.to_string();
+                    for (_, (i, _)) in waiting.drain() {
+                        results[i] = Some(Err(ClientError::Io(std::io::Error::other(msg.clone()))));
+                    }
+                    break;
+                }
+                Ok((Incoming::Created(c), _)) if waiting.contains_key(&c.0) => {
+                    let (i, _) = waiting.remove(&c.0).unwrap_or_default();
+                    self.core.pending.retain(|p| p.id != c.0);
+                    self.core.stats.setups_ok += 1;
+                    results[i] = Some(Ok(c));
+                }
+                Ok((Incoming::Refused(c, hop, reason), _)) if waiting.contains_key(&c.0) => {
+                    let (i, _) = waiting.remove(&c.0).unwrap_or_default();
+                    self.core.pending.retain(|p| p.id != c.0);
+                    self.core.circuits.remove(&c.0);
+                    self.core.stats.setups_refused += 1;
+                    let path = requests[i].0;
+                    results[i] = Some(Err(ClientError::Refused {
+                        hop,
+                        relay: path.get(hop).map_or(RelayId([0; 16]), |h| h.id),
+                        reason,
+                        reason_name: reason_name(reason),
+                    }));
+                }
+                Ok((Incoming::Retry(c, token), _)) => {
+                    let Some(w) = waiting.get_mut(&c.0).filter(|w| w.1 < MAX_RETRIES) else {
+                        continue;
+                    };
+                    w.1 += 1;
+                    self.core.stats.retries_received += 1;
+                    let Some(p) = self.core.pending.iter_mut().find(|p| p.id == c.0) else {
+                        continue;
+                    };
+                    let hop = p.first_hop;
+                    if let Some(l) = self.core.links.get_mut(&hop) {
+                        l.link.set_retry_token(token, unix_ms());
+                    }
+                    apply_token(&token, &mut p.cell);
+                    self.tx.copy_from_slice(&p.cell);
+                    if self.send_tx(hop).is_ok() {
+                        self.core.stats.setups_sent += 1;
+                    }
+                }
+                Ok((inc, at)) => self.queue_payload(inc, at),
+            }
+        }
+        let timed_out: Vec<u64> = waiting.keys().copied().collect();
+        for (_, (i, _)) in waiting {
+            self.core.stats.setups_timed_out += 1;
+            results[i] = Some(Err(ClientError::SetupTimeout {
+                first_hop: requests[i].0[0].addr,
+                attempts: 1,
+                timeout,
+            }));
+        }
+        self.abandon(&timed_out, None);
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(ClientError::Timeout)))
+            .collect()
     }
 
     fn build_circuit_inner(
@@ -662,7 +815,8 @@ impl Client {
                 },
             );
             tried.push(id);
-            self.core.pending = Some(Pending {
+            self.core.pending.clear();
+            self.core.pending.push(Pending {
                 id,
                 first_hop: path[0].addr,
                 cell: self.tx.clone(),
@@ -710,7 +864,7 @@ impl Client {
                         if let Some(l) = self.core.links.get_mut(&path[0].addr) {
                             l.link.set_retry_token(token, unix_ms());
                         }
-                        let Some(p) = self.core.pending.as_mut() else {
+                        let Some(p) = self.core.pending.iter_mut().find(|p| p.id == id) else {
                             continue;
                         };
                         apply_token(&token, &mut p.cell);

@@ -773,3 +773,74 @@ fn replies_leave_from_the_address_the_client_used_io_uring() {
 fn replies_leave_from_the_address_the_client_used_fallback_driver() {
     replies_leave_from_the_address_the_client_used("mmsg", 58);
 }
+
+/// `Client::build_circuits` sends every setup before waiting: 40 circuits through 3
+/// relay processes all open in one call, each carries its own traffic, and in the same
+/// batch a destination the exit refuses gets its refusal (hop 2, policy) and a first
+/// hop that does not exist times out, without holding up the others' results.
+#[test]
+fn circuits_build_in_parallel_with_their_own_results() {
+    let net = TestNet::start(NetOpts::new(59, 3));
+    let (dest, echo) = echo(59);
+    let mut c = net.client();
+    let path = net.path(&[0, 1, 2]);
+    let refused_dest = SocketAddr::from(([10, 0, 0, 1], 9));
+    let mut nowhere = net.path(&[0, 1, 2]);
+    nowhere[0].addr = SocketAddr::from(([127, 0, 59, 77], 9000));
+    let mut requests: Vec<(&[shroud_client::PathHop], SocketAddr)> =
+        (0..40).map(|_| (path.as_slice(), dest)).collect();
+    requests.push((path.as_slice(), refused_dest));
+    requests.push((nowhere.as_slice(), dest));
+    let started = Instant::now();
+    let results = c.build_circuits(&requests, Duration::from_secs(3));
+    let took = started.elapsed();
+    assert_eq!(results.len(), 42);
+    let ids: Vec<_> = results[..40]
+        .iter()
+        .map(|r| {
+            *r.as_ref()
+                .unwrap_or_else(|e| panic!("a circuit failed: {e}\n{}", net.log(0)))
+        })
+        .collect();
+    let distinct: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), 40, "every circuit has its own id");
+    match &results[40] {
+        Err(ClientError::Refused {
+            hop, reason_name, ..
+        }) => {
+            assert_eq!((*hop, *reason_name), (2, "policy"));
+        }
+        other => panic!("a refused destination: {other:?}"),
+    }
+    assert!(
+        matches!(
+            results[41],
+            Err(ClientError::SetupTimeout { attempts: 1, .. })
+        ),
+        "{:?}",
+        results[41]
+    );
+    // The timeout bounds the whole call (the dead hop's setup waited it out).
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    for (k, &id) in ids.iter().enumerate() {
+        c.send(id, &[k as u8; 32]).expect("send");
+    }
+    let mut back = std::collections::HashMap::new();
+    for _ in 0..40 {
+        let (id, p) = c.recv(T).expect("reply");
+        back.insert(id, p);
+    }
+    for (k, id) in ids.iter().enumerate() {
+        assert_eq!(
+            back[id],
+            vec![k as u8; 32],
+            "circuit {k} carried its own payload"
+        );
+    }
+    assert_eq!(echo.datagrams(), 40);
+    assert_eq!(
+        net.circuits(0),
+        40,
+        "the refused and the dead setups hold nothing"
+    );
+}
