@@ -11,7 +11,8 @@
 //!   unprotect, circuit lookup, replay window, strip, header protect);
 //! - `setup/open_and_forward`: one hop's setup processing (Elligator2 decode, X25519,
 //!   HKDF, setup layer, routing, shift);
-//! - `client/seal_3_hops`: the client's cost to seal one data cell for 3 hops.
+//! - `client/seal_3_hops`: the client's cost to seal one data cell for 3 hops;
+//! - `mix_queue/push_and_release`: mix mode's delay queue, per cell.
 //!
 //! Throughput is reported in bytes of cell.
 
@@ -284,6 +285,36 @@ fn client_seal(c: &mut Criterion) {
     g.finish();
 }
 
+/// Mix mode's per-cell queue cost: one push with an exponential delay (mean 20 ms)
+/// and the pop that releases a cell, about 2,000 cells held at steady state, the clock moving
+/// 1 ms every 100 cells (1 M cells a second of simulated load).
+fn mix_queue(c: &mut Criterion) {
+    use shroud_proto::mix::{exponential_delay_ms, DelayQueue};
+    let mut g = c.benchmark_group("mix_queue");
+    let mut q: DelayQueue<(u32, u32)> = DelayQueue::new(65_536, 1024, 1, 0);
+    let mut now = 0u64;
+    let mut r = 0x0123_4567_89ab_cdefu64;
+    let mut k = 0u64;
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("push_and_release", |b| {
+        b.iter(|| {
+            r ^= r << 13;
+            r ^= r >> 7;
+            r ^= r << 17;
+            let d = exponential_delay_ms(20.0, r) as u64;
+            let _ = q.push(now + d, (k as u32, 0));
+            k += 1;
+            if k.is_multiple_of(100) {
+                now += 1;
+                q.pop_due(now, |v| {
+                    black_box(v);
+                });
+            }
+        })
+    });
+    g.finish();
+}
+
 fn all(c: &mut Criterion) {
     raw::<RingAead>(c);
     raw::<RustCryptoAead>(c);
@@ -293,6 +324,7 @@ fn all(c: &mut Criterion) {
     relay_handle::<RustCryptoAead>(c);
     setup(c);
     client_seal(c);
+    mix_queue(c);
 }
 
 criterion_group!(benches, all);

@@ -16,7 +16,8 @@
 //! - [`relay`]: the relay as a state machine, `handle(src, cell, now) -> Action`;
 //! - [`client`]: building circuits, sealing and opening cells;
 //! - [`keys`], [`peerlist`]: keys and the signed network directory;
-//! - [`policy`]: exit policies.
+//! - [`policy`]: exit policies;
+//! - [`mix`]: mix mode's Poisson delay queue (sans-IO; time is an argument).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -25,6 +26,7 @@ pub mod cell;
 pub mod client;
 pub mod keys;
 pub mod layer;
+pub mod mix;
 pub mod peerlist;
 pub mod policy;
 pub mod relay;

@@ -230,3 +230,26 @@ fn the_idle_expiry_tick_allocates_nothing_even_when_it_expires_circuits_and_link
         );
     }
 }
+
+#[test]
+fn the_mix_delay_queue_allocates_nothing_after_it_is_built() {
+    use shroud_proto::mix::{exponential_delay_ms, DelayQueue};
+    let mut q: DelayQueue<[u8; 32]> = DelayQueue::new(1024, 128, 1, 0);
+    let mut released = 0u64;
+    let (_, allocs) = counted(|| {
+        let mut now = 0u64;
+        let mut r = 0x1234_5678_9abc_def0u64;
+        for _ in 0..20_000 {
+            r = r.rotate_left(17).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let d = exponential_delay_ms(30.0, r) as u64;
+            // Full: the value comes back (the caller drops and counts it).
+            let _ = q.push(now + d, [7; 32]);
+            now += 1;
+            q.pop_due(now, |_| released += 1);
+            let _ = q.next_deadline();
+        }
+        q.pop_due(now + 10_000, |_| released += 1);
+    });
+    assert_eq!(allocs, 0, "{allocs} allocations in the delay queue");
+    assert_eq!(released + q.overflows(), 20_000);
+}
