@@ -214,6 +214,7 @@ fn setup(c: &mut Criterion) {
             },
             in_id: 1,
             link_seed: [1; 16],
+            mix_mean_ms: 0,
         },
         SetupHop {
             onion_pub: *OnionSecret::generate(&mut OsRng).public().as_bytes(),
@@ -222,6 +223,7 @@ fn setup(c: &mut Criterion) {
             },
             in_id: 2,
             link_seed: [0; 16],
+            mix_mean_ms: 0,
         },
         SetupHop {
             onion_pub: *OnionSecret::generate(&mut OsRng).public().as_bytes(),
@@ -230,6 +232,7 @@ fn setup(c: &mut Criterion) {
             },
             in_id: 3,
             link_seed: [0; 16],
+            mix_mean_ms: 0,
         },
     ];
     let mut g = c.benchmark_group("setup");

@@ -143,6 +143,24 @@ fn proto(e: ProtoError) -> ClientError {
     }
 }
 
+/// What a sealed cell carries.
+#[derive(Debug, Clone, Copy)]
+enum Body<'a> {
+    Data(&'a [u8]),
+    Cover,
+    Loop,
+}
+
+/// The time until the next cover cell of a Poisson process of `rate_per_s` cells a
+/// second (an exponential interval drawn from `rng`): a client that sends cover at
+/// these times, data or not, shows an observer the same process whether it is busy
+/// or quiet. `rate_per_s` must be positive.
+pub fn cover_interval<R: rand_core::RngCore>(rate_per_s: f64, rng: &mut R) -> Duration {
+    let mean_ms = 1000.0 / rate_per_s.max(f64::MIN_POSITIVE);
+    let ms = shroud_proto::mix::exponential_delay_ms(mean_ms, rng.next_u64());
+    Duration::from_secs_f64(ms / 1000.0)
+}
+
 /// Tunables of a [`Client`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
@@ -171,8 +189,12 @@ pub struct ClientStats {
     pub cells_received: u64,
     /// Data payloads handed to the caller (or queued for it).
     pub payloads_received: u64,
-    /// Padding cells received and discarded.
+    /// Padding cells received and discarded (loop cover coming back included).
     pub padding_received: u64,
+    /// Cover cells sent (discarded at the exit).
+    pub cover_sent: u64,
+    /// Loop cover cells sent (the exit sends each back as cover).
+    pub loop_cover_sent: u64,
     /// Cells for a known circuit that failed authentication, the replay window or
     /// decoding.
     pub rejected: u64,
@@ -608,7 +630,22 @@ impl Client {
         dest: SocketAddr,
         timeout: Duration,
     ) -> Result<CircuitId, ClientError> {
-        let r = self.build_circuit_inner(path, dest, timeout);
+        self.build_mixed_circuit(path, &[], dest, timeout)
+    }
+
+    /// [`Client::build_circuit`] in mix mode: hop `i` holds each data cell of the
+    /// circuit (both ways) for an independent exponential delay of mean
+    /// `mix_mean_ms[i]` milliseconds (0: none at that hop). `mix_mean_ms` is empty (a
+    /// plain circuit) or names every hop. A hop that does not offer that much mixing
+    /// refuses the circuit (reason `mix`). See `docs/SECURITY.md` for what it hides.
+    pub fn build_mixed_circuit(
+        &mut self,
+        path: &[PathHop],
+        mix_mean_ms: &[u16],
+        dest: SocketAddr,
+        timeout: Duration,
+    ) -> Result<CircuitId, ClientError> {
+        let r = self.build_circuit_inner(path, mix_mean_ms, dest, timeout);
         self.core.pending.clear();
         r
     }
@@ -768,6 +805,7 @@ impl Client {
     fn build_circuit_inner(
         &mut self,
         path: &[PathHop],
+        mix_mean_ms: &[u16],
         dest: SocketAddr,
         timeout: Duration,
     ) -> Result<CircuitId, ClientError> {
@@ -786,10 +824,11 @@ impl Client {
                 self.ensure_link(&path[0]);
                 let link = &self.core.links[&path[0].addr].link;
                 let now_ms = unix_ms();
-                let c = ClientCircuit::<DefaultAead>::build(
+                let c = ClientCircuit::<DefaultAead>::build_mixed(
                     &layout,
                     link,
                     path,
+                    mix_mean_ms,
                     dest,
                     now_ms,
                     &mut self.rng,
@@ -888,7 +927,7 @@ impl Client {
         })
     }
 
-    fn seal_and_send(&mut self, id: CircuitId, payload: Option<&[u8]>) -> Result<(), ClientError> {
+    fn seal_and_send(&mut self, id: CircuitId, body: Body<'_>) -> Result<(), ClientError> {
         let c = self
             .core
             .circuits
@@ -900,18 +939,25 @@ impl Client {
             .links
             .get(&hop)
             .ok_or(ClientError::UnknownCircuit(id))?;
-        match payload {
-            Some(p) => c.circ.seal_data(&l.link, p, &mut self.tx, &mut self.rng),
-            None => c.circ.seal_padding(&l.link, &mut self.tx, &mut self.rng),
+        match body {
+            Body::Data(p) => c.circ.seal_data(&l.link, p, &mut self.tx, &mut self.rng),
+            Body::Cover => c.circ.seal_padding(&l.link, &mut self.tx, &mut self.rng),
+            Body::Loop => c.circ.seal_loop_cover(&l.link, &mut self.tx, &mut self.rng),
         }
         .map_err(proto)?;
-        self.send_tx(hop)
+        self.send_tx(hop)?;
+        match body {
+            Body::Data(_) => {}
+            Body::Cover => self.core.stats.cover_sent += 1,
+            Body::Loop => self.core.stats.loop_cover_sent += 1,
+        }
+        Ok(())
     }
 
     /// Sends `payload` (at most [`Client::payload_max`] bytes) as one cell on circuit
     /// `id`: the exit delivers it as one UDP datagram to the circuit's destination.
     pub fn send(&mut self, id: CircuitId, payload: &[u8]) -> Result<(), ClientError> {
-        self.seal_and_send(id, Some(payload))
+        self.seal_and_send(id, Body::Data(payload))
     }
 
     /// Sends each payload as one cell on circuit `id`, in order. Every size is checked
@@ -922,14 +968,24 @@ impl Client {
             return Err(ClientError::PayloadTooLarge { got: p.len(), max });
         }
         for p in payloads {
-            self.seal_and_send(id, Some(p))?;
+            self.seal_and_send(id, Body::Data(p))?;
         }
         Ok(())
     }
 
-    /// Sends one cover cell on circuit `id`; the exit discards it.
+    /// Sends one cover cell on circuit `id`; the exit discards it. To every relay it
+    /// is a data cell like any other.
     pub fn send_padding(&mut self, id: CircuitId) -> Result<(), ClientError> {
-        self.seal_and_send(id, None)
+        self.seal_and_send(id, Body::Cover)
+    }
+
+    /// Sends one loop cover cell on circuit `id`: the exit discards it and sends a
+    /// cover cell back on the circuit, which this client discards (counted in
+    /// [`ClientStats::padding_received`]). To every relay both look like data, so a
+    /// client that sends loops at a steady (Poisson, see [`cover_interval`]) rate looks
+    /// the same in both directions whether or not it has anything to say.
+    pub fn send_loop_cover(&mut self, id: CircuitId) -> Result<(), ClientError> {
+        self.seal_and_send(id, Body::Loop)
     }
 
     /// Receives the next payload of any circuit into `buf` (which must hold

@@ -27,7 +27,9 @@ pub mod client;
 pub mod echo;
 pub mod path;
 
-pub use client::{reason_name, CircuitId, Client, ClientConfig, ClientError, ClientStats};
+pub use client::{
+    cover_interval, reason_name, CircuitId, Client, ClientConfig, ClientError, ClientStats,
+};
 pub use echo::{udp_echo_server, EchoHandle};
 pub use path::{choose_path, choose_path_with, path_from_ids, subnet, PathError, PathRules};
 pub use shroud_proto::client::{CircuitState, PathHop};

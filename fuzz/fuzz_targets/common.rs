@@ -56,6 +56,8 @@ pub fn relay() -> &'static Mutex<Relay<RingAead>> {
                 // ten, at TICK_MS per input); the others take the RETRY path, which
                 // keeps long runs fast and fuzzes that path too.
                 newcomer_setup_rate: 1,
+                // Mix mode offered, so mixed circuits' paths are reached too.
+                max_mix_mean_ms: 1000,
                 ..RelayLimits::default()
             },
             NOW_MS,

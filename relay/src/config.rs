@@ -255,6 +255,28 @@ impl Default for IoSection {
     }
 }
 
+/// `[mix]`: mix mode, which clients choose per circuit (docs/SECURITY.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MixSection {
+    /// The largest mean delay (ms) a client may ask of this relay per hop; 0 offers no
+    /// mix mode (setups asking for a delay are refused with reason `mix`).
+    pub max_mean_delay_ms: u16,
+    /// Cells each worker can hold for their delay (about 1 KiB each, allocated at
+    /// start); a cell that finds the queue full is dropped (`queue_full`, and
+    /// `shroud_mix_overflow`).
+    pub queue_cells: usize,
+}
+
+impl Default for MixSection {
+    fn default() -> Self {
+        MixSection {
+            max_mean_delay_ms: 2000,
+            queue_cells: 16384,
+        }
+    }
+}
+
 /// `[admin]`: the admin socket.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -330,6 +352,9 @@ pub struct Config {
     /// `[io]`.
     #[serde(default)]
     pub io: IoSection,
+    /// `[mix]`.
+    #[serde(default)]
+    pub mix: MixSection,
     /// `[admin]`.
     #[serde(default)]
     pub admin: AdminSection,
@@ -392,6 +417,15 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.mix.max_mean_delay_ms > 0 && self.mix.queue_cells == 0 {
+            return Err(self.invalid(
+                "mix.queue_cells",
+                "must be positive while mix.max_mean_delay_ms offers mix mode",
+            ));
+        }
+        if self.mix.queue_cells > 1 << 22 {
+            return Err(self.invalid("mix.queue_cells", "at most 4194304 (4 GiB of cells)"));
+        }
         let n = &self.network;
         if n.workers == 0 || n.workers > 256 {
             return Err(self.invalid("network.workers", "must be between 1 and 256"));
@@ -556,6 +590,7 @@ impl Config {
             newcomer_setup_rate: l.newcomer_setup_rate,
             retry_prefix_rate: l.retry_prefix_rate,
             retry_rate: l.retry_rate,
+            max_mix_mean_ms: self.mix.max_mean_delay_ms,
             ..RelayLimits::default()
         }
     }
@@ -572,6 +607,11 @@ impl Config {
             gro_gso: self.io.gro_gso,
             zero_copy_send: self.io.zero_copy_send,
             batch_wait_us: self.io.batch_wait_us,
+            mix_queue: if self.mix.max_mean_delay_ms > 0 {
+                self.mix.queue_cells
+            } else {
+                0
+            },
         }
     }
 }

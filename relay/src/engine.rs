@@ -5,7 +5,8 @@
 //!
 //! Invariants: cells are processed in the buffer they arrived in and sent from it
 //! (a [`CellAt::Rx`] names the receive slot and offset); only cells the relay itself
-//! originates (exit replies) live in the worker's transmit arena ([`CellAt::Tx`]).
+//! originates (exit replies) and cells held by mix mode (copied out of their receive
+//! buffer, see [`crate::mixer`]) live in the worker's transmit arena ([`CellAt::Tx`]).
 //! [`Plan`] keeps its vectors between batches, so after warm-up nothing here
 //! allocates.
 
@@ -17,7 +18,8 @@ use shroud_proto::aead::Aead;
 use shroud_proto::relay::{Action, CircuitRef, DropReason, Event, OnionKeyring, Peer, Relay};
 use shroud_proto::Layout;
 
-use crate::exits::ExitSockets;
+use crate::exits::{ExitSockets, TxArena};
+use crate::mixer::{Held, Mixer};
 use crate::stats::WorkerStats;
 
 /// Where a cell to send lives.
@@ -195,6 +197,16 @@ pub enum SideEffect {
         /// Destination.
         dest: SocketAddr,
     },
+    /// Exit, mix mode: send the first `len` bytes of transmit-arena cell `idx` to the
+    /// destination of `circuit`, then release the arena cell.
+    DeliverHeld {
+        /// Circuit.
+        circuit: CircuitRef,
+        /// Arena cell holding the payload.
+        idx: u32,
+        /// Payload length.
+        len: u16,
+    },
     /// A circuit closed: release its exit socket, if any.
     Closed {
         /// Circuit.
@@ -215,6 +227,8 @@ pub struct Engine<A: Aead> {
     drain_deadline: Option<u64>,
     /// The socket for each next hop.
     routes: Routes,
+    /// Mix mode's delay queue.
+    mixer: Mixer,
 }
 
 impl<A: Aead> std::fmt::Debug for Engine<A> {
@@ -227,7 +241,9 @@ impl<A: Aead> std::fmt::Debug for Engine<A> {
 
 impl<A: Aead> Engine<A> {
     /// An engine over `relay`, counting into `stats`, taking control messages from
-    /// `ctl`, sending over sockets whose address families are `ipv4` (see [`Routes`]).
+    /// `ctl`, sending over sockets whose address families are `ipv4` (see [`Routes`]),
+    /// holding up to `mix_queue` cells of mixed circuits (in the transmit arena's
+    /// held pool, which must be as large).
     pub fn new(
         relay: Relay<A>,
         layout: Layout,
@@ -235,6 +251,7 @@ impl<A: Aead> Engine<A> {
         setup_budget: u32,
         ctl: Receiver<Control>,
         ipv4: Vec<bool>,
+        mix_queue: usize,
     ) -> Self {
         Engine {
             relay,
@@ -244,6 +261,7 @@ impl<A: Aead> Engine<A> {
             ctl,
             drain_deadline: None,
             routes: Routes::new(ipv4),
+            mixer: Mixer::new(mix_queue, crate::sys::now_ms()),
         }
     }
 
@@ -296,12 +314,12 @@ impl<A: Aead> Engine<A> {
         sock: usize,
         slot: u32,
         buf: &mut [u8],
-        plan: &mut Plan,
-        side: &mut Vec<SideEffect>,
+        out: Out<'_>,
         exits: &mut ExitSockets,
         nonblocking: bool,
         now_ms: u64,
     ) {
+        let Out { plan, side, arena } = out;
         let cell = self.layout.cell;
         self.stats
             .datagrams_rx
@@ -344,17 +362,42 @@ impl<A: Aead> Engine<A> {
                         side.push(side_of(e));
                     }
                 }
+                Action::Delay { to, mean_ms } => {
+                    let Some(idx) = arena.alloc_held() else {
+                        self.mix_overflow();
+                        continue;
+                    };
+                    arena.cell_mut(idx).copy_from_slice(c);
+                    self.hold(Held::Cell { to, idx }, mean_ms, arena, now_ms);
+                }
                 Action::Refuse { to, .. } => plan.push(to, loc),
                 Action::Deliver {
                     circuit,
                     dest,
                     payload,
-                } => side.push(SideEffect::Deliver {
-                    circuit,
-                    dest,
-                    slot,
-                    range: off + payload.start..off + payload.end,
-                }),
+                } => {
+                    let mean_ms = self.relay.mix_mean_ms(circuit);
+                    if mean_ms == 0 {
+                        side.push(SideEffect::Deliver {
+                            circuit,
+                            dest,
+                            slot,
+                            range: off + payload.start..off + payload.end,
+                        });
+                        continue;
+                    }
+                    let Some(idx) = arena.alloc_held() else {
+                        self.mix_overflow();
+                        continue;
+                    };
+                    arena.cell_mut(idx)[..payload.len()].copy_from_slice(&c[payload.clone()]);
+                    let held = Held::Deliver {
+                        circuit,
+                        idx,
+                        len: payload.len() as u16,
+                    };
+                    self.hold(held, mean_ms, arena, now_ms);
+                }
                 Action::Consumed { event: Some(e) } => side.push(side_of(e)),
                 Action::Consumed { event: None } | Action::Drop(_) => {}
             }
@@ -379,8 +422,19 @@ impl<A: Aead> Engine<A> {
             self.relay.count_drop(DropReason::Malformed, 1);
             return;
         }
-        let Some(idx) = arena.alloc() else {
-            self.relay.count_drop(DropReason::QueueFull, 1);
+        // A mixed circuit's reply is held: it takes a cell of the held pool.
+        let mean_ms = self.relay.mix_mean_ms(circuit);
+        let idx = if mean_ms == 0 {
+            arena.alloc()
+        } else {
+            arena.alloc_held()
+        };
+        let Some(idx) = idx else {
+            if mean_ms == 0 {
+                self.relay.count_drop(DropReason::QueueFull, 1);
+            } else {
+                self.mix_overflow();
+            }
             return;
         };
         match self
@@ -388,13 +442,66 @@ impl<A: Aead> Engine<A> {
             .exit_reply(circuit, payload, arena.cell_mut(idx), now_ms)
         {
             Ok(to) => {
-                plan.push(to, CellAt::Tx { idx });
                 self.stats
                     .exit_replies
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if mean_ms == 0 {
+                    plan.push(to, CellAt::Tx { idx });
+                } else {
+                    self.hold(Held::Cell { to, idx }, mean_ms, arena, now_ms);
+                }
             }
             Err(_) => arena.release(idx),
         }
+    }
+
+    /// A cell mix mode could not hold: dropped (`queue_full`) and counted.
+    fn mix_overflow(&mut self) {
+        self.stats
+            .mix_overflow
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.relay.count_drop(DropReason::QueueFull, 1);
+    }
+
+    /// Mix mode: holds `held` (whose arena cell is filled) for its delay; a full queue
+    /// frees the arena cell and drops it (`queue_full`, and `mix_overflow`).
+    fn hold(&mut self, held: Held, mean_ms: u16, arena: &mut TxArena, now_ms: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match self.mixer.hold(held, mean_ms, now_ms) {
+            Ok(()) => {
+                self.stats.mix_delayed.fetch_add(1, Relaxed);
+                self.stats.mix_held.store(self.mixer.len() as u64, Relaxed);
+            }
+            Err(Held::Cell { idx, .. } | Held::Deliver { idx, .. }) => {
+                arena.release(idx);
+                self.mix_overflow();
+            }
+        }
+    }
+
+    /// Mix mode: plans every held cell whose delay has passed (cells into `plan`,
+    /// exit payloads as [`SideEffect::DeliverHeld`] into `side`). Drivers call it
+    /// before each flush.
+    pub fn release_held(&mut self, now_ms: u64, plan: &mut Plan, side: &mut Vec<SideEffect>) {
+        if self.mixer.is_empty() {
+            return;
+        }
+        self.mixer.release(now_ms, |h| match h {
+            Held::Cell { to, idx } => plan.push(to, CellAt::Tx { idx }),
+            Held::Deliver { circuit, idx, len } => {
+                side.push(SideEffect::DeliverHeld { circuit, idx, len })
+            }
+        });
+        self.stats.mix_held.store(
+            self.mixer.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// Mix mode: milliseconds until the next held cell is due (`None`: nothing held).
+    /// Drivers wait no longer than this.
+    pub fn next_release_ms(&self, now_ms: u64) -> Option<u64> {
+        self.mixer.wait_ms(now_ms)
     }
 
     /// The periodic tick: expires idle circuits and links. Each removed circuit's exit
@@ -471,6 +578,18 @@ impl<A: Aead> Engine<A> {
             _ => None,
         }
     }
+}
+
+/// Where [`Engine::on_datagram`] puts its results: the cells to send, the side
+/// effects, and the transmit arena (for cells mix mode holds).
+#[derive(Debug)]
+pub struct Out<'a> {
+    /// Cells to send, per next hop.
+    pub plan: &'a mut Plan,
+    /// Work besides sending cells.
+    pub side: &'a mut Vec<SideEffect>,
+    /// The transmit arena.
+    pub arena: &'a mut TxArena,
 }
 
 /// A message from the control plane, applied between batches.

@@ -13,32 +13,49 @@ use shroud_proto::relay::CircuitRef;
 /// Bytes of one exit receive buffer (a reply larger than a cell's payload is dropped).
 pub const EXIT_BUF: usize = 2048;
 
-/// Cells the worker originates (exit replies), in one contiguous buffer.
+/// Cells the worker originates (exit replies, expiry notices) and cells mix mode holds,
+/// in one contiguous buffer with a separate pool for each, so that neither can starve
+/// the other.
 #[derive(Debug)]
 pub struct TxArena {
     buf: Box<[u8]>,
     cell: usize,
+    /// Cells `0..originated` are for originated cells, the rest for held ones.
+    originated: u32,
     free: Vec<u32>,
+    free_held: Vec<u32>,
 }
 
 impl TxArena {
-    /// `n` cells of `cell` bytes.
-    pub fn new(n: usize, cell: usize) -> Self {
+    /// `n` cells of `cell` bytes for originated cells and `held` for mix mode.
+    pub fn new(n: usize, held: usize, cell: usize) -> Self {
+        let end = (n + held) as u32;
         TxArena {
-            buf: vec![0u8; n * cell].into_boxed_slice(),
+            buf: vec![0u8; (n + held) * cell].into_boxed_slice(),
             cell,
+            originated: n as u32,
             free: (0..n as u32).rev().collect(),
+            free_held: (n as u32..end).rev().collect(),
         }
     }
 
-    /// Takes a free cell.
+    /// Takes a free cell for a cell the worker originates.
     pub fn alloc(&mut self) -> Option<u32> {
         self.free.pop()
     }
 
-    /// Returns a cell.
+    /// Takes a free cell for a cell mix mode holds.
+    pub fn alloc_held(&mut self) -> Option<u32> {
+        self.free_held.pop()
+    }
+
+    /// Returns a cell to its pool.
     pub fn release(&mut self, idx: u32) {
-        self.free.push(idx);
+        if idx < self.originated {
+            self.free.push(idx);
+        } else {
+            self.free_held.push(idx);
+        }
     }
 
     /// The bytes of cell `idx`.

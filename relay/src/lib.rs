@@ -19,6 +19,7 @@ pub mod exits;
 pub mod journal;
 pub mod logging;
 pub mod metrics;
+pub mod mixer;
 pub mod mmsg;
 pub mod spec;
 pub mod stats;

@@ -284,6 +284,35 @@ impl Collector for RelayMetrics {
             "Circuits removed for idleness.",
             &per_worker(&|s| vec![(Vec::new(), s.expired_circuits)]),
         )?;
+        counters(
+            &mut enc,
+            "shroud_cover_cells",
+            "Cover cells that ended at this exit (kind received, loop cover included) and loop cover cells it sent back (kind returned).",
+            &per_worker(&|s| {
+                vec![
+                    (vec![("kind", "received".to_owned())], s.cover_received),
+                    (vec![("kind", "returned".to_owned())], s.loop_cover_returned),
+                ]
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "shroud_mix_delayed",
+            "Mix mode: cells held for a delay before being sent on.",
+            &per_worker(&|s| vec![(Vec::new(), s.mix_delayed)]),
+        )?;
+        counters(
+            &mut enc,
+            "shroud_mix_overflow",
+            "Mix mode: cells dropped because the delay queue was full (also counted as queue_full).",
+            &per_worker(&|s| vec![(Vec::new(), s.mix_overflow)]),
+        )?;
+        gauges(
+            &mut enc,
+            "shroud_mix_held",
+            "Mix mode: cells held in the delay queue now.",
+            &per_worker(&|s| vec![(Vec::new(), s.mix_held)]),
+        )?;
         gauges(
             &mut enc,
             "shroud_circuits",

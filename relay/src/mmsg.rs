@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use shroud_proto::relay::DropReason;
 
-use crate::engine::{CellAt, Plan, SideEffect};
+use crate::engine::{CellAt, Out, Plan, SideEffect};
 use crate::engine::{Engine, WorkerEnd};
 use crate::exits::{ExitSockets, TxArena, EXIT_BUF};
 use crate::spec::WorkerSpec;
@@ -69,7 +69,7 @@ impl Driver {
             addrs: (0..n).map(|_| unsafe { zeroed() }).collect(),
             ctrls: vec![[0u8; CMSG_BUF]; n],
             msgs: (0..n).map(|_| unsafe { zeroed() }).collect(),
-            arena: TxArena::new(spec.io.tx_cells, cell),
+            arena: TxArena::new(spec.io.tx_cells, spec.io.mix_queue, cell),
             exits: ExitSockets::new(spec.io.exit_sockets),
             cell,
             max_segs: if spec.io.gro_gso {
@@ -186,6 +186,28 @@ impl Driver {
                         None => engine.count_drop(DropReason::UnknownCircuit, 1),
                     }
                 }
+                SideEffect::DeliverHeld { circuit, idx, len } => {
+                    let sock = self
+                        .exits
+                        .get(circuit)
+                        .and_then(|x| self.exits.slots[x as usize].sock.as_ref());
+                    match sock {
+                        Some(sock) => {
+                            let cell = self.arena.cell_mut(*idx);
+                            match sock.send(&cell[..usize::from(*len)]) {
+                                Ok(_) => {
+                                    engine.stats().exit_delivered.fetch_add(1, Relaxed);
+                                }
+                                Err(_) => {
+                                    engine.stats().send_errors.fetch_add(1, Relaxed);
+                                }
+                            }
+                        }
+                        // The circuit closed while its payload was held.
+                        None => engine.count_drop(DropReason::UnknownCircuit, 1),
+                    }
+                    self.arena.release(*idx);
+                }
             }
         }
         self.side = side;
@@ -245,12 +267,16 @@ impl Driver {
                     });
                 }
             }
+            // Wake for the tick or for the next cell mix mode holds (see uring.rs).
+            let wait_ms = engine
+                .next_release_ms(sys::now_ms())
+                .map_or(50, |ms| ms.clamp(1, 50));
             // SAFETY: pollfds is a valid array of the length passed.
             let r = unsafe {
                 libc::poll(
                     self.pollfds.as_mut_ptr(),
                     self.pollfds.len() as libc::nfds_t,
-                    50,
+                    wait_ms as i32,
                 )
             };
             if r < 0 {
@@ -300,13 +326,17 @@ impl Driver {
                         match src {
                             Some(src) if !trunc && seg.is_multiple_of(self.cell) => {
                                 let buf = &mut self.bufs[i][..len];
+                                let out = Out {
+                                    plan: &mut self.plan,
+                                    side: &mut self.side,
+                                    arena: &mut self.arena,
+                                };
                                 engine.on_datagram(
                                     src,
                                     si,
                                     i as u32,
                                     buf,
-                                    &mut self.plan,
-                                    &mut self.side,
+                                    out,
                                     &mut self.exits,
                                     true,
                                     now,
@@ -325,6 +355,7 @@ impl Driver {
                 }
             }
             self.read_exits(engine, now);
+            engine.release_held(now, &mut self.plan, &mut self.side);
             self.flush(engine);
             engine.publish();
             if let Some(exit) = engine.poll_control(now) {

@@ -59,6 +59,9 @@ pub struct IoConfig {
     /// trickle of datagrams is handled in batches rather than one wake-up each. 0
     /// processes every completion at once.
     pub batch_wait_us: u32,
+    /// Mix mode: cells the worker can hold for their delay (0: no mix mode). The
+    /// transmit arena holds them, on top of `tx_cells`.
+    pub mix_queue: usize,
 }
 
 impl Default for IoConfig {
@@ -73,6 +76,7 @@ impl Default for IoConfig {
             gro_gso: true,
             zero_copy_send: false,
             batch_wait_us: 50,
+            mix_queue: 0,
         }
     }
 }

@@ -63,6 +63,16 @@ pub struct WorkerStats {
     pub retries_sent: AtomicU64,
     /// Circuits expired for idleness.
     pub expired_circuits: AtomicU64,
+    /// Cover cells that ended here (exit), loop cover included.
+    pub cover_received: AtomicU64,
+    /// Loop cover cells sent back (exit).
+    pub loop_cover_returned: AtomicU64,
+    /// Mix mode: cells held for a delay.
+    pub mix_delayed: AtomicU64,
+    /// Mix mode: cells held now.
+    pub mix_held: AtomicU64,
+    /// Mix mode: cells refused by a full delay queue.
+    pub mix_overflow: AtomicU64,
     /// Live circuits (gauge).
     pub circuits: AtomicU64,
     /// Live client links (gauge).
@@ -182,6 +192,9 @@ impl WorkerStats {
         self.setup_dh.store(s.setup_dh, Relaxed);
         self.retries_sent.store(s.retries_sent, Relaxed);
         self.expired_circuits.store(s.expired_circuits, Relaxed);
+        self.cover_received.store(s.cover_received, Relaxed);
+        self.loop_cover_returned
+            .store(s.loop_cover_returned, Relaxed);
         self.circuits.store(circuits as u64, Relaxed);
     }
 
@@ -201,6 +214,11 @@ impl WorkerStats {
             setup_dh: self.setup_dh.load(Relaxed),
             retries_sent: self.retries_sent.load(Relaxed),
             expired_circuits: self.expired_circuits.load(Relaxed),
+            cover_received: self.cover_received.load(Relaxed),
+            loop_cover_returned: self.loop_cover_returned.load(Relaxed),
+            mix_delayed: self.mix_delayed.load(Relaxed),
+            mix_held: self.mix_held.load(Relaxed),
+            mix_overflow: self.mix_overflow.load(Relaxed),
             circuits: self.circuits.load(Relaxed),
             client_links: self.client_links.load(Relaxed),
             peer_links: self.peer_links.load(Relaxed),

@@ -20,7 +20,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use shroud_proto::relay::DropReason;
 
 use crate::bufring::BufRing;
-use crate::engine::{CellAt, Plan, SideEffect};
+use crate::engine::{CellAt, Out, Plan, SideEffect};
 use crate::engine::{Engine, WorkerEnd};
 use crate::exits::{ExitSockets, TxArena, EXIT_BUF};
 use crate::spec::WorkerSpec;
@@ -39,6 +39,8 @@ const K_SEND: u64 = 2;
 const K_XRECV: u64 = 3;
 const K_XSEND: u64 = 4;
 const K_CANCEL: u64 = 5;
+/// An exit delivery from the transmit arena (mix mode).
+const K_XSEND_TX: u64 = 6;
 
 fn pack_user_data(kind: u64, idx: u64) -> u64 {
     (kind << 56) | idx
@@ -159,7 +161,7 @@ impl Driver {
             recv_hdr,
             inflight: 0,
             tx,
-            arena: TxArena::new(spec.io.tx_cells, cell),
+            arena: TxArena::new(spec.io.tx_cells, spec.io.mix_queue, cell),
             exits: ExitSockets::new(spec.io.exit_sockets),
             cell,
             max_segs,
@@ -343,6 +345,27 @@ impl Driver {
                     self.push(e)?;
                     engine.stats().exit_delivered.fetch_add(1, Relaxed);
                 }
+                SideEffect::DeliverHeld { circuit, idx, len } => {
+                    let sock = self
+                        .exits
+                        .get(circuit)
+                        .and_then(|x| self.exits.slots[x as usize].sock.as_ref());
+                    let Some(sock) = sock else {
+                        // The circuit closed while its payload was held.
+                        engine.count_drop(DropReason::UnknownCircuit, 1);
+                        self.arena.release(*idx);
+                        continue;
+                    };
+                    let e = opcode::Send::new(
+                        types::Fd(sock.as_raw_fd()),
+                        self.arena.ptr(*idx),
+                        u32::from(*len),
+                    )
+                    .build()
+                    .user_data(pack_user_data(K_XSEND_TX, u64::from(*idx)));
+                    self.push(e)?;
+                    engine.stats().exit_delivered.fetch_add(1, Relaxed);
+                }
             }
         }
         self.side = side;
@@ -363,9 +386,14 @@ impl Driver {
 
     /// Runs until stopped or drained.
     pub(crate) fn run<A: Aead>(&mut self, engine: &mut Engine<A>) -> io::Result<WorkerEnd> {
-        let ts = types::Timespec::new().nsec(50_000_000);
         let mut last_tick = 0u64;
         loop {
+            // Wake for the tick (every 100 ms, checked at least every 50 ms) or for the
+            // next cell mix mode holds, whichever is first.
+            let wait_ms = engine
+                .next_release_ms(sys::now_ms())
+                .map_or(50, |ms| ms.clamp(1, 50));
+            let ts = types::Timespec::new().nsec(wait_ms as u32 * 1_000_000);
             // With a batch wait: sleep until the first completion, then gather more
             // for up to `batch_wait_us` (or until a receive slot's worth arrive).
             let (want, args) = if self.batch_wait_us > 0 {
@@ -440,13 +468,17 @@ impl Driver {
                             // multiple of CELL).
                             (Some(src), false) if seg.is_multiple_of(self.cell) => {
                                 let buf = &mut self.bufs.payload_mut(bid)[..len];
+                                let out = Out {
+                                    plan: &mut self.plan,
+                                    side: &mut self.side,
+                                    arena: &mut self.arena,
+                                };
                                 engine.on_datagram(
                                     src,
                                     idx as usize,
                                     u32::from(bid),
                                     buf,
-                                    &mut self.plan,
-                                    &mut self.side,
+                                    out,
                                     &mut self.exits,
                                     false,
                                     now,
@@ -481,6 +513,12 @@ impl Driver {
                         }
                         self.release(CellAt::Rx { slot: idx, off: 0 })?;
                     }
+                    K_XSEND_TX => {
+                        if res < 0 {
+                            engine.stats().send_errors.fetch_add(1, Relaxed);
+                        }
+                        self.arena.release(idx);
+                    }
                     K_XRECV => {
                         let closing = self.exits.slots[idx as usize].closing;
                         if closing || res == -libc::ECANCELED {
@@ -499,6 +537,7 @@ impl Driver {
                 }
             }
             self.completions = comps;
+            engine.release_held(now, &mut self.plan, &mut self.side);
             self.on_side(engine)?;
             self.flush(engine)?;
             if let Some(t) = reaped {
@@ -560,7 +599,7 @@ impl Drop for Driver {
             std::mem::forget(std::mem::take(&mut self.tx));
             std::mem::forget(std::mem::replace(
                 &mut self.arena,
-                TxArena::new(0, self.cell),
+                TxArena::new(0, 0, self.cell),
             ));
             std::mem::forget(std::mem::replace(&mut self.exits, ExitSockets::new(0)));
             return;

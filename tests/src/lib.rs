@@ -84,6 +84,12 @@ pub struct NetOpts {
     /// Further listen addresses of relay `i`, after its peer-list address (default,
     /// when empty: none).
     pub more_listen: Vec<Vec<IpAddr>>,
+    /// Largest mean mix delay (ms) a relay offers (`[mix] max_mean_delay_ms`,
+    /// default 2000; 0: no mix mode).
+    pub mix_max_mean_ms: u16,
+    /// Cells a worker can hold for their mix delay (`[mix] queue_cells`, default
+    /// 1024).
+    pub mix_queue_cells: usize,
 }
 
 impl NetOpts {
@@ -112,6 +118,8 @@ impl NetOpts {
             addrs: Vec::new(),
             launchers: Vec::new(),
             more_listen: Vec::new(),
+            mix_max_mean_ms: 2000,
+            mix_queue_cells: 1024,
         }
     }
 }
@@ -229,7 +237,9 @@ impl NetOpts {
             .set("io", "recv_slots", int(self.recv_slots as u64))
             .set("io", "send_slots", 128)
             .set("io", "tx_cells", int(self.tx_cells as u64))
-            .set("io", "setup_budget", int(self.setup_budget.into()));
+            .set("io", "setup_budget", int(self.setup_budget.into()))
+            .set("mix", "max_mean_delay_ms", i64::from(self.mix_max_mean_ms))
+            .set("mix", "queue_cells", int(self.mix_queue_cells as u64));
         s
     }
 }

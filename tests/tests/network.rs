@@ -586,6 +586,7 @@ fn a_version_1_setup_gets_a_refusal_the_old_client_can_read() {
         next: Next::Exit { dest },
         in_id,
         link_seed: seed,
+        mix_mean_ms: 0,
     }];
     let mut cell = vec![0u8; layout.cell];
     let secrets = build_setup_with::<RingAead, _>(

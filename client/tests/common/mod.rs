@@ -355,6 +355,9 @@ impl Worker {
                             self.exits.remove(&circuit);
                         }
                     }
+                    // This harness offers no mix mode (the default limits), so
+                    // nothing is held; a held cell would go on at once.
+                    Action::Delay { to, .. } => self.send(cell, to),
                     Action::Refuse { to, reason } => {
                         self.drop_reason(reason);
                         self.send(cell, to);

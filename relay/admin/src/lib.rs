@@ -225,6 +225,16 @@ pub struct WorkerCounters {
     pub retries_sent: u64,
     /// Circuits expired for idleness.
     pub expired_circuits: u64,
+    /// Cover cells that ended at this exit (drop and loop cover).
+    pub cover_received: u64,
+    /// Loop cover cells this exit sent back.
+    pub loop_cover_returned: u64,
+    /// Mix mode: cells held for a delay.
+    pub mix_delayed: u64,
+    /// Mix mode: cells held now (gauge).
+    pub mix_held: u64,
+    /// Mix mode: cells refused by a full delay queue (also dropped as `queue_full`).
+    pub mix_overflow: u64,
     /// Live circuits (gauge).
     pub circuits: u64,
     /// Live client links (gauge).

@@ -21,8 +21,8 @@ use crate::cell::{
 };
 use crate::keys::{OnionPublic, RelayId};
 use crate::layer::{
-    open_backward, read_body, seal_forward, write_cover, write_payload, Body, LayerKeys,
-    ORIGIN_MARKER_LEN,
+    open_backward, read_body, seal_forward, write_cover, write_loop_cover, write_payload, Body,
+    LayerKeys, ORIGIN_MARKER_LEN,
 };
 use crate::relay::client_link_keys;
 use crate::replay::{ReplayWindow, WindowCheck};
@@ -147,6 +147,14 @@ pub enum ClientError {
     /// The counter space is exhausted; build a new circuit.
     #[error("circuit counter exhausted")]
     Exhausted,
+    /// Mix delays were given, but not one per hop.
+    #[error("{got} mix delays for a path of {hops} hops")]
+    MixLength {
+        /// Delays given.
+        got: usize,
+        /// Hops in the path.
+        hops: usize,
+    },
     /// A hop's onion key is a low-order point: X25519 with it is all zeros, so the
     /// relay would contribute nothing to the circuit keys. Nothing was built.
     #[error("the onion key of hop {hop} is a low-order point; refusing to build")]
@@ -248,6 +256,29 @@ impl<A: Aead> ClientCircuit<A> {
         rng: &mut R,
         cell: &mut [u8],
     ) -> Result<Self, ClientError> {
+        Self::build_mixed(layout, link, path, &[], dest, now_ms, rng, cell)
+    }
+
+    /// [`ClientCircuit::build`] for a mix-mode circuit: hop `i` holds each data cell
+    /// for an exponential delay of mean `mix_mean_ms[i]` milliseconds (0: no delay at
+    /// that hop). `mix_mean_ms` is empty (a plain circuit) or has one entry per hop.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build_mixed<R: RngCore + CryptoRng>(
+        layout: &Layout,
+        link: &ClientLink,
+        path: &[PathHop],
+        mix_mean_ms: &[u16],
+        dest: SocketAddr,
+        now_ms: u64,
+        rng: &mut R,
+        cell: &mut [u8],
+    ) -> Result<Self, ClientError> {
+        if !mix_mean_ms.is_empty() && mix_mean_ms.len() != path.len() {
+            return Err(ClientError::MixLength {
+                got: mix_mean_ms.len(),
+                hops: path.len(),
+            });
+        }
         if path.is_empty() || path.len() > layout.h_max {
             return Err(ClientError::PathLength {
                 got: path.len(),
@@ -276,6 +307,7 @@ impl<A: Aead> ClientCircuit<A> {
                 },
                 in_id: ids[i],
                 link_seed: if i == 0 { link.seed } else { [0; 16] },
+                mix_mean_ms: mix_mean_ms.get(i).copied().unwrap_or(0),
             })
             .collect();
         let secrets = build_setup::<A, R>(layout, &hops, now_ms / 1000, rng, cell)
@@ -405,6 +437,23 @@ impl<A: Aead> ClientCircuit<A> {
         self.seal(link, Command::Data, cell, &junk)
     }
 
+    /// Seals a loop cover cell: the exit discards it and sends a cover cell back on
+    /// this circuit (which [`ClientCircuit::open`] reports as [`Received::Padding`]).
+    pub fn seal_loop_cover<R: RngCore>(
+        &mut self,
+        link: &ClientLink,
+        cell: &mut [u8],
+        rng: &mut R,
+    ) -> Result<(), ClientError> {
+        self.check_cell(cell)?;
+        if self.state != CircuitState::Open {
+            return Err(ClientError::NotOpen(self.state));
+        }
+        write_loop_cover(&self.layout, cell);
+        let junk = random_junk(rng);
+        self.seal(link, Command::Data, cell, &junk)
+    }
+
     /// Seals a DESTROY cell that tears the circuit down at every hop, and marks the
     /// circuit closed.
     pub fn seal_destroy<R: RngCore>(
@@ -462,7 +511,10 @@ impl<A: Aead> ClientCircuit<A> {
             Command::Data => match read_body(&self.layout, cell) {
                 Some(Body::Data(r)) => Received::Data(r),
                 Some(Body::Cover) => Received::Padding,
-                None => return Err(ClientError::Rejected("bad body type or length")),
+                // Loop cover only travels forward.
+                Some(Body::Loop) | None => {
+                    return Err(ClientError::Rejected("bad body type or length"))
+                }
             },
             Command::Refused => {
                 let reason = cell[self.layout.stack_end() + ORIGIN_MARKER_LEN];

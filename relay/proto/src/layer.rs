@@ -342,6 +342,9 @@ pub const ORIGIN_MARKER_LEN: usize = 16;
 pub const BODY_DATA: u8 = 1;
 /// Body type of a cover cell: the end that receives it discards it.
 pub const BODY_COVER: u8 = 2;
+/// Body type of a loop cover cell (forward only): the exit discards it and sends a
+/// cover cell back on the same circuit, so the cell loops back to the client.
+pub const BODY_LOOP: u8 = 3;
 
 /// Offset, inside a cell, of the first payload byte (after the body's 1-byte type and
 /// 2-byte length).
@@ -365,9 +368,18 @@ pub fn write_payload(layout: &Layout, cell: &mut [u8], payload: &[u8]) -> bool {
 
 /// Writes the plaintext of a cover body: `type = BODY_COVER`, length 0, zeros.
 pub fn write_cover(layout: &Layout, cell: &mut [u8]) {
+    write_body_type(layout, cell, BODY_COVER);
+}
+
+/// Writes the plaintext of a loop cover body: `type = BODY_LOOP`, length 0, zeros.
+pub fn write_loop_cover(layout: &Layout, cell: &mut [u8]) {
+    write_body_type(layout, cell, BODY_LOOP);
+}
+
+fn write_body_type(layout: &Layout, cell: &mut [u8], kind: u8) {
     let se = layout.stack_end();
     cell[se..].fill(0);
-    cell[se] = BODY_COVER;
+    cell[se] = kind;
 }
 
 /// What a decrypted data-shaped body holds.
@@ -377,6 +389,8 @@ pub enum Body {
     Data(core::ops::Range<usize>),
     /// Cover: discard.
     Cover,
+    /// Loop cover (at the exit): discard, and send a cover cell back.
+    Loop,
 }
 
 /// Reads a decrypted data-shaped body, or `None` if its type or length is invalid.
@@ -388,6 +402,7 @@ pub fn read_body(layout: &Layout, cell: &[u8]) -> Option<Body> {
             (len <= layout.payload_max()).then(|| Body::Data(se + 3..se + 3 + len))
         }
         BODY_COVER => Some(Body::Cover),
+        BODY_LOOP => Some(Body::Loop),
         _ => None,
     }
 }

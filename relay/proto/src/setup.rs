@@ -160,6 +160,9 @@ pub struct Routing {
     pub e_next: [u8; 32],
     /// Next hop's setup tag (random at the exit).
     pub t_next: [u8; 16],
+    /// Mix mode: the mean, in milliseconds, of the exponential delay this hop holds
+    /// each data cell of the circuit for, in both directions; 0 for a plain circuit.
+    pub mix_mean_ms: u16,
 }
 
 /// Why a routing slot did not parse.
@@ -208,6 +211,7 @@ impl Routing {
         s[44..60].copy_from_slice(&self.link_seed);
         s[60..92].copy_from_slice(&self.e_next);
         s[92..108].copy_from_slice(&self.t_next);
+        s[108..110].copy_from_slice(&self.mix_mean_ms.to_be_bytes());
         s
     }
 
@@ -219,7 +223,7 @@ impl Routing {
             b.copy_from_slice(&s[o..o + 8]);
             u64::from_be_bytes(b)
         };
-        if s[108..].iter().any(|&b| b != 0) {
+        if s[110..].iter().any(|&b| b != 0) {
             return Err(RoutingError::Reserved);
         }
         let port = u16::from_be_bytes([s[2], s[3]]);
@@ -267,6 +271,7 @@ impl Routing {
             link_seed,
             e_next,
             t_next,
+            mix_mean_ms: u16::from_be_bytes([s[108], s[109]]),
         })
     }
 }
@@ -348,6 +353,8 @@ pub struct SetupHop {
     pub in_id: u64,
     /// Client link seed for the first hop (zero for the others).
     pub link_seed: [u8; 16],
+    /// Mix mode: this hop's mean delay in milliseconds (0: plain).
+    pub mix_mean_ms: u16,
 }
 
 /// The client stamps each hop's routing slot with its clock plus an independent
@@ -461,6 +468,7 @@ pub fn build_setup_with<A: Aead, R: RngCore + CryptoRng>(
             link_seed: hops[i].link_seed,
             e_next,
             t_next,
+            mix_mean_ms: hops[i].mix_mean_ms,
         };
         region[..RS].copy_from_slice(&routing.encode());
         if i == l - 1 {

@@ -163,6 +163,7 @@ fn setup() -> String {
             },
             in_id: 0x1111,
             link_seed: [0x33; 16],
+            mix_mean_ms: 0,
         },
         SetupHop {
             onion_pub: *onions[1].public().as_bytes(),
@@ -171,6 +172,7 @@ fn setup() -> String {
             },
             in_id: 0x2222,
             link_seed: [0; 16],
+            mix_mean_ms: 0,
         },
     ];
     let eph = [ephemeral(10), ephemeral(60)];

@@ -44,6 +44,8 @@ pub(super) struct Circuit<A: Aead> {
     /// First hop only: the cookie sent to the client in the CREATED header; the
     /// client starts its forward counters there, which proves it received it.
     pub(super) cookie: u64,
+    /// Mix mode: mean delay (ms) of this hop for the circuit's data cells; 0: plain.
+    pub(super) mix_mean_ms: u16,
 }
 
 /// Which way cells indexed under a `(link, id)` travel.
@@ -106,6 +108,14 @@ impl<A: Aead> CircuitTable<A> {
     }
 
     /// The circuit `r` names, if that handle is not stale.
+    pub(super) fn get_ref(&self, r: CircuitRef) -> Option<&Circuit<A>> {
+        if self.generations.get(r.slot as usize) != Some(&r.generation) {
+            return None;
+        }
+        self.slots.get(r.slot as usize).and_then(Option::as_ref)
+    }
+
+    /// The circuit `r` names, mutable, if that handle is not stale.
     pub(super) fn get_ref_mut(&mut self, r: CircuitRef) -> Option<&mut Circuit<A>> {
         if self.generations.get(r.slot as usize) != Some(&r.generation) {
             return None;

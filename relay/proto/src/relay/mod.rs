@@ -39,7 +39,9 @@ use std::net::{IpAddr, SocketAddr};
 use crate::aead::Aead;
 use crate::cell::{counter_sub, Command, Header, HeaderKey, Layout};
 use crate::keys::{IdentityKey, IdentityPublic, OnionSecret, RelayId};
-use crate::layer::{add_backward, read_body, strip_forward, write_control, write_payload, Body};
+use crate::layer::{
+    add_backward, read_body, strip_forward, write_control, write_cover, write_payload, Body,
+};
 use crate::policy::ExitPolicy;
 use crate::replay::WindowCheck;
 
@@ -78,11 +80,14 @@ pub enum DropReason {
     /// A cell for a client address that has not proved it receives (no cookie echoed
     /// yet) would have made the relay send it more than it received from it.
     Unvalidated,
+    /// The setup asked this hop for mix mode (a mean delay) that it does not offer, or
+    /// a mean delay above its maximum.
+    Mix,
 }
 
 impl DropReason {
     /// Every reason, in counter-index order.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::BadTag,
         DropReason::Replay,
         DropReason::UnknownCircuit,
@@ -95,6 +100,7 @@ impl DropReason {
         DropReason::Capacity,
         DropReason::Version,
         DropReason::Unvalidated,
+        DropReason::Mix,
     ];
 
     /// Stable snake_case name (metrics label, JSON key).
@@ -112,6 +118,7 @@ impl DropReason {
             DropReason::Capacity => "capacity",
             DropReason::Version => "version",
             DropReason::Unvalidated => "unvalidated",
+            DropReason::Mix => "mix",
         }
     }
 }
@@ -142,6 +149,15 @@ pub enum Action {
         to: SocketAddr,
         /// A side effect to note.
         event: Option<Event>,
+    },
+    /// Mix mode: hold the rewritten cell for an exponential delay of mean `mean_ms`
+    /// milliseconds (drawn by the data plane, independently per cell), then send it
+    /// to `to`.
+    Delay {
+        /// Destination address.
+        to: SocketAddr,
+        /// Mean delay (ms) the client chose for this hop.
+        mean_ms: u16,
     },
     /// The setup was understood but refused: send the rewritten cell (a REFUSED reply)
     /// to `to`, and count `reason`.
@@ -221,6 +237,9 @@ pub struct RelayLimits {
     /// RETRY replies per second for all prefixes together (bursts of one second's
     /// worth); beyond either budget a setup is refused (`rate_limited`) unanswered.
     pub retry_rate: u32,
+    /// Mix mode: the largest mean delay (ms) a setup may ask of this hop; 0 when the
+    /// relay offers no mix mode. A setup asking more is refused (`mix`).
+    pub max_mix_mean_ms: u16,
 }
 
 impl Default for RelayLimits {
@@ -241,6 +260,7 @@ impl Default for RelayLimits {
             newcomer_setup_rate: 50,
             retry_prefix_rate: 8,
             retry_rate: 10_000,
+            max_mix_mean_ms: 0,
         }
     }
 }
@@ -262,8 +282,10 @@ pub struct RelayStats {
     pub setups: u64,
     /// Circuits expired for idleness.
     pub expired_circuits: u64,
-    /// Cover cells that ended here (exit).
+    /// Cover cells that ended here (exit), loop cover included.
     pub cover_received: u64,
+    /// Loop cover cells this exit sent back as cover (each also in `cover_received`).
+    pub loop_cover_returned: u64,
     /// X25519 operations spent on setup cells (one per onion key tried).
     pub setup_dh: u64,
     /// `RETRY` replies sent (setups from new addresses, under load, without a token).
@@ -607,7 +629,7 @@ impl<A: Aead> Relay<A> {
         // CREATED: its address is validated (an off-path spoofer cannot know the
         // cookie; a guess succeeds with probability 2^-32).
         let echoed = counter_sub(hdr.counter, c.cookie) < COOKIE_SPAN;
-        let (prev_link, next) = (c.prev_link, c.next);
+        let (prev_link, next, mix) = (c.prev_link, c.next, c.mix_mean_ms);
         self.circuits.touch(slot, now_ms);
         if let Some(l) = self.links.get_mut(prev_link) {
             if !l.validated && echoed {
@@ -628,13 +650,15 @@ impl<A: Aead> Relay<A> {
                         command: hdr.command,
                     },
                 );
-                let event = if hdr.command == Command::Destroy {
+                if hdr.command == Command::Destroy {
                     self.remove_circuit(slot);
-                    Some(Event::Closed { circuit })
+                    Action::Send {
+                        to,
+                        event: Some(Event::Closed { circuit }),
+                    }
                 } else {
-                    None
-                };
-                Action::Send { to, event }
+                    send_or_delay(to, mix)
+                }
             }
             Hop::Exit { dest } => match hdr.command {
                 Command::Data => match read_body(&layout, cell) {
@@ -646,6 +670,16 @@ impl<A: Aead> Relay<A> {
                     Some(Body::Cover) => {
                         self.stats.cover_received += 1;
                         Action::Consumed { event: None }
+                    }
+                    Some(Body::Loop) => {
+                        self.stats.cover_received += 1;
+                        match self.exit_backward(circuit, None, cell) {
+                            Ok(to) => {
+                                self.stats.loop_cover_returned += 1;
+                                send_or_delay(to, mix)
+                            }
+                            Err(reason) => Action::Drop(reason),
+                        }
                     }
                     None => self.drop(DropReason::Malformed),
                 },
@@ -680,7 +714,7 @@ impl<A: Aead> Relay<A> {
         }
         c.win_bwd.commit(counter);
         add_backward(&layout, &c.bwd, hdr.command, counter, cell);
-        let (prev_link, prev_id) = (c.prev_link, c.prev_id);
+        let (prev_link, prev_id, mix) = (c.prev_link, c.prev_id, c.mix_mean_ms);
         let cookie = c.cookie;
         // A DESTROY or REFUSED ends the circuit here whether or not it can be sent on.
         let event = if matches!(hdr.command, Command::Destroy | Command::Refused) {
@@ -716,7 +750,17 @@ impl<A: Aead> Relay<A> {
             },
         );
         self.stats.cells_backward += 1;
-        Action::Send { to, event }
+        match (hdr.command, event) {
+            (Command::Data, None) => send_or_delay(to, mix),
+            (_, event) => Action::Send { to, event },
+        }
+    }
+
+    /// Mix mode: the mean delay (ms) the client chose for this hop of `circuit`, 0 for
+    /// a plain circuit or a stale handle. The data plane asks it for what it delivers
+    /// or originates as the exit.
+    pub fn mix_mean_ms(&self, circuit: CircuitRef) -> u16 {
+        self.circuits.get_ref(circuit).map_or(0, |c| c.mix_mean_ms)
     }
 
     /// Removes a circuit and releases its links' counts.
@@ -760,6 +804,18 @@ impl<A: Aead> Relay<A> {
             self.stats.drops[DropReason::Malformed as usize] += 1;
             return Err(DropReason::Malformed);
         }
+        self.exit_backward(circuit, Some(payload), cell)
+    }
+
+    /// Exit: writes a backward data cell of `circuit` into `cell` carrying `payload`,
+    /// or cover when `None`, and returns where to send it (see [`Relay::exit_reply`]).
+    fn exit_backward(
+        &mut self,
+        circuit: CircuitRef,
+        payload: Option<&[u8]>,
+        cell: &mut [u8],
+    ) -> Result<SocketAddr, DropReason> {
+        let layout = self.layout;
         let Some(c) = self
             .circuits
             .get_ref_mut(circuit)
@@ -780,7 +836,12 @@ impl<A: Aead> Relay<A> {
         }
         c.exit_counter += 1;
         cell[..layout.stack_end()].fill(0);
-        write_payload(&layout, cell, payload);
+        match payload {
+            Some(p) => {
+                write_payload(&layout, cell, p);
+            }
+            None => write_cover(&layout, cell),
+        }
         add_backward(&layout, &c.bwd, Command::Data, counter, cell);
         l.tx.protect(
             cell,
@@ -917,5 +978,17 @@ impl<A: Aead> Relay<A> {
             self.close_link(l);
         }
         self.scratch = idle;
+    }
+}
+
+/// A relayed data cell: sent at once on a plain circuit, held on a mixed one.
+fn send_or_delay(to: SocketAddr, mix_mean_ms: u16) -> Action {
+    if mix_mean_ms == 0 {
+        Action::Send { to, event: None }
+    } else {
+        Action::Delay {
+            to,
+            mean_ms: mix_mean_ms,
+        }
     }
 }

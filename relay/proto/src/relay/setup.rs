@@ -368,6 +368,9 @@ impl<A: Aead> Relay<A> {
         if routing.version != PROTOCOL_VERSION {
             return refuse(self, &mut incoming, cell, DropReason::Version);
         }
+        if routing.mix_mean_ms > self.limits.max_mix_mean_ms {
+            return refuse(self, &mut incoming, cell, DropReason::Mix);
+        }
         let next = match routing.next {
             Next::Relay { id, port, out_id } => {
                 let Some(&p) = self.peer_by_id.get(&id) else {
@@ -437,6 +440,7 @@ impl<A: Aead> Relay<A> {
                 win_bwd: ReplayWindow::new(),
                 exit_counter: 1,
                 cookie,
+                mix_mean_ms: routing.mix_mean_ms,
             },
             now_ms,
         ) else {

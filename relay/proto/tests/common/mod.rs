@@ -76,6 +76,8 @@ pub struct Net<A: Aead> {
     pub drops: Vec<(usize, shroud_proto::relay::DropReason)>,
     /// The circuit of the last payload an exit delivered.
     pub last_exit: Option<shroud_proto::relay::CircuitRef>,
+    /// `(relay, mean_ms)` of every cell a relay held (mix mode), in order.
+    pub delayed: Vec<(usize, u16)>,
 }
 
 pub fn relay_addr(i: usize) -> SocketAddr {
@@ -111,6 +113,7 @@ impl<A: Aead> Net<A> {
                     RelayLimits {
                         max_circuits: 64,
                         max_links: 64,
+                        max_mix_mean_ms: 1000,
                         ..RelayLimits::default()
                     },
                     NOW_MS,
@@ -140,6 +143,7 @@ impl<A: Aead> Net<A> {
             to_client: VecDeque::new(),
             drops: Vec::new(),
             last_exit: None,
+            delayed: Vec::new(),
         }
     }
 
@@ -164,6 +168,11 @@ impl<A: Aead> Net<A> {
             let action = self.relays[i].handle(from, &mut cell, NOW_MS);
             match action {
                 Action::Send { to: next, .. } => q.push_back((to, next, cell)),
+                // No clock here: a held cell goes on at once, and the hold is noted.
+                Action::Delay { to: next, mean_ms } => {
+                    self.delayed.push((i, mean_ms));
+                    q.push_back((to, next, cell))
+                }
                 Action::Refuse { to: next, reason } => {
                     self.drops.push((i, reason));
                     q.push_back((to, next, cell))
@@ -196,11 +205,30 @@ impl<A: Aead> Net<A> {
         link: &mut ClientLink,
         rng: &mut R,
     ) -> ClientCircuit<A> {
+        self.open_mixed_circuit(path, &[], link, rng)
+    }
+
+    /// Builds a mix-mode circuit (`mix[i]`: hop i's mean delay, ms) and returns it open.
+    pub fn open_mixed_circuit<R: RngCore + CryptoRng>(
+        &mut self,
+        path: &[usize],
+        mix: &[u16],
+        link: &mut ClientLink,
+        rng: &mut R,
+    ) -> ClientCircuit<A> {
         let hops: Vec<PathHop> = path.iter().map(|&i| self.hops[i]).collect();
         let mut cell = vec![0u8; self.layout.cell];
-        let mut c =
-            ClientCircuit::<A>::build(&self.layout, link, &hops, DEST, NOW_MS, rng, &mut cell)
-                .unwrap();
+        let mut c = ClientCircuit::<A>::build_mixed(
+            &self.layout,
+            link,
+            &hops,
+            mix,
+            DEST,
+            NOW_MS,
+            rng,
+            &mut cell,
+        )
+        .unwrap();
         let first = link.relay();
         self.send(CLIENT, first, cell);
         let mut reply = self
