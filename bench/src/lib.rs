@@ -12,6 +12,7 @@ pub mod circuit;
 pub mod demo;
 pub mod flood;
 pub mod flow;
+pub mod mixbench;
 pub mod net;
 pub mod plot;
 pub mod proxybench;

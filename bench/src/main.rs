@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use shroud_bench::{circuit, demo, flood, proxybench, relaybench, report};
+use shroud_bench::{circuit, demo, flood, mixbench, proxybench, relaybench, report};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -113,6 +113,40 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
         /// Draw delivered-vs-offered and the latency CDF into this SVG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// Mix mode against a passive timing observer: for each mean delay, the
+    /// observer's accuracy matching cells out to cells in (FIFO and best match) against
+    /// chance, the entropy of its guess, the added latency and the relays' CPU per cell
+    /// against plain circuits (delay 0) in the same run.
+    Mix {
+        /// Relays to start (at least `hops`).
+        #[arg(long, default_value_t = 1)]
+        relays: usize,
+        /// Hops per circuit (1: the observer watches one relay's links).
+        #[arg(long, default_value_t = 1)]
+        hops: usize,
+        /// Concurrent circuits.
+        #[arg(long, default_value_t = 100)]
+        circuits: usize,
+        /// Cells a second entering, all circuits together (Poisson arrivals).
+        #[arg(long, default_value_t = 2000.0)]
+        rate: f64,
+        /// Seconds of traffic per mean delay.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Mean delays per hop to measure, ms (0: plain circuits, the baseline).
+        #[arg(long, value_delimiter = ',', default_value = "0,1,2,5,10,20,50")]
+        delays: Vec<u16>,
+        /// Third octet of the loopback block the relays use (127.0.NET.x).
+        #[arg(long, default_value_t = 97)]
+        net: u8,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Draw the observer's accuracy and the added latency against the mean delay
+        /// into this SVG file.
         #[arg(long)]
         plot: Option<PathBuf>,
     },
@@ -262,6 +296,29 @@ fn main() -> ExitCode {
                 net,
             };
             circuit::run(&opts, &stop).and_then(|r| emit(&r, circuit::print, json, plot))
+        }
+        Cmd::Mix {
+            relays,
+            hops,
+            circuits,
+            rate,
+            seconds,
+            delays,
+            net,
+            json,
+            plot,
+        } => {
+            let stop = stop_on_signals();
+            let opts = mixbench::Opts {
+                relays,
+                hops,
+                circuits,
+                rate,
+                seconds,
+                delays,
+                net,
+            };
+            mixbench::run(&opts, &stop).and_then(|r| emit(&r, mixbench::print, json, plot))
         }
         Cmd::Proxy {
             size,

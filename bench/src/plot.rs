@@ -128,6 +128,83 @@ pub fn plot(path: &std::path::Path, r: &Value) -> anyhow::Result<()> {
             cdf_chart(&right, &pairs(&r["latency_cdf_us"]), &title)?;
             root.present().map_err(err)?;
         }
+        Some("shroud-bench/mix/1") => {
+            let root = SVGBackend::new(path, (1200, 500)).into_drawing_area();
+            root.fill(&WHITE).map_err(err)?;
+            let (left, right) = root.split_horizontally(600);
+            let rows: Vec<&Value> = r["results"].as_array().into_iter().flatten().collect();
+            let series = |k: &str| -> Vec<(f64, f64)> {
+                rows.iter()
+                    .filter_map(|p| Some((p["mean_delay_ms"].as_f64()?, p[k].as_f64()?)))
+                    .collect()
+            };
+            let xmax = series("chance").iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+            let mut chart = ChartBuilder::on(&left)
+                .caption(
+                    format!(
+                        "Timing observer, {} circuits, {} hop(s)",
+                        r["circuits"], r["hops"]
+                    ),
+                    ("sans-serif", 18),
+                )
+                .margin(10)
+                .x_label_area_size(35)
+                .y_label_area_size(50)
+                .build_cartesian_2d(0.0..xmax, 0.0..1.05)
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_desc("mean delay per hop (ms)")
+                .y_desc("fraction of cells matched")
+                .draw()
+                .map_err(err)?;
+            for (k, color, label) in [
+                ("fifo_accuracy", RED, "observer, FIFO"),
+                ("best_match_accuracy", BLUE, "observer, best match"),
+                ("chance", BLACK, "chance (1 / cells in the mix)"),
+            ] {
+                chart
+                    .draw_series(LineSeries::new(series(k), &color))
+                    .map_err(err)?
+                    .label(label)
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+            let p99 = series("delay_p99_ms");
+            let ymax = p99.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
+            let mut chart = ChartBuilder::on(&right)
+                .caption("Added latency (one way)", ("sans-serif", 18))
+                .margin(10)
+                .x_label_area_size(35)
+                .y_label_area_size(50)
+                .build_cartesian_2d(0.0..xmax, 0.0..ymax)
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_desc("mean delay per hop (ms)")
+                .y_desc("ms")
+                .draw()
+                .map_err(err)?;
+            for (k, color, label) in [("delay_p50_ms", BLUE, "p50"), ("delay_p99_ms", RED, "p99")] {
+                chart
+                    .draw_series(LineSeries::new(series(k), &color))
+                    .map_err(err)?
+                    .label(label)
+                    .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(err)?;
+            root.present().map_err(err)?;
+        }
         other => anyhow::bail!("no plot for report {other:?}"),
     }
     Ok(())
