@@ -229,7 +229,29 @@ struct CircuitEntry {
     path: Vec<PathHop>,
     /// Last authenticated cell received (CREATED included).
     last_rx: Option<Instant>,
+    /// Cover this circuit sends on its own ([`Client::set_cover`]).
+    cover: Option<CoverSchedule>,
 }
+
+/// Which cover a circuit sends (see [`Client::set_cover`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoverKind {
+    /// Drop cover: the exit discards it.
+    Drop,
+    /// Loop cover: the exit sends a cover cell back.
+    Loop,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CoverSchedule {
+    rate_per_s: f64,
+    kind: CoverKind,
+    next: Instant,
+}
+
+/// The most cover cells one circuit sends at once to catch up after the client was
+/// not running (a longer pause is not made up for).
+const COVER_CATCH_UP: u32 = 16;
 
 enum Queued {
     Data(CircuitId, Vec<u8>),
@@ -365,6 +387,8 @@ pub struct Client {
     rx_timeout: Option<Duration>,
     /// Send buffer: one cell.
     tx: Vec<u8>,
+    /// The earliest time a circuit's cover is due (`None`: no circuit sends cover).
+    next_cover: Option<Instant>,
 }
 
 impl core::fmt::Debug for Client {
@@ -436,6 +460,7 @@ impl Client {
             rx_end: 0,
             rx_timeout: None,
             tx: vec![0u8; layout.cell],
+            next_cover: None,
         })
     }
 
@@ -514,7 +539,8 @@ impl Client {
         Ok(())
     }
 
-    /// The next received cell, processed; `Err(Timeout)` at `deadline`.
+    /// The next received cell, processed; `Err(Timeout)` at `deadline`. Cover that
+    /// falls due meanwhile is sent ([`Client::set_cover`]).
     fn next_cell(&mut self, deadline: Instant) -> Result<(Incoming, usize), ClientError> {
         let cell = self.core.layout.cell;
         loop {
@@ -524,10 +550,22 @@ impl Client {
                 let inc = self.core.process(self.rx_src, &mut self.rx[at..at + cell]);
                 return Ok((inc, at));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            if self.next_cover.is_some_and(|t| t <= now) {
+                self.send_due_cover()?;
+            }
+            let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
                 return Err(ClientError::Timeout);
             }
+            // Wake for the next cover cell too (the loop then goes on waiting).
+            let left = match self.next_cover {
+                Some(t) => left.min(
+                    t.saturating_duration_since(now)
+                        .max(Duration::from_micros(100)),
+                ),
+                None => left,
+            };
             // The timeout is set only when the one in place would overshoot the
             // deadline or is far shorter than the time left: a receive loop with a
             // steady timeout then costs one system call per datagram, not two. A wait
@@ -725,6 +763,7 @@ impl Client {
                     circ,
                     path: path.to_vec(),
                     last_rx: None,
+                    cover: None,
                 },
             );
             self.core.pending.push(Pending {
@@ -851,6 +890,7 @@ impl Client {
                     circ,
                     path: path.to_vec(),
                     last_rx: None,
+                    cover: None,
                 },
             );
             tried.push(id);
@@ -986,6 +1026,91 @@ impl Client {
     /// the same in both directions whether or not it has anything to say.
     pub fn send_loop_cover(&mut self, id: CircuitId) -> Result<(), ClientError> {
         self.seal_and_send(id, Body::Loop)
+    }
+
+    /// Makes circuit `id` send cover on its own, at the times of a Poisson process of
+    /// `rate_per_s` cells a second ([`cover_interval`]), whether or not the application
+    /// sends anything: drop cover ([`CoverKind::Drop`], discarded by the exit) or loop
+    /// cover ([`CoverKind::Loop`], which comes back). A rate of 0 (or less) stops it.
+    ///
+    /// The client has no thread of its own: cover is sent while the application waits
+    /// in [`Client::recv`], [`Client::recv_into`] or a circuit build, or when it calls
+    /// [`Client::send_due_cover`]. After a pause in which none of these ran, at most a
+    /// few cells per circuit are sent to catch up.
+    pub fn set_cover(
+        &mut self,
+        id: CircuitId,
+        rate_per_s: f64,
+        kind: CoverKind,
+    ) -> Result<(), ClientError> {
+        let c = self
+            .core
+            .circuits
+            .get_mut(&id.0)
+            .ok_or(ClientError::UnknownCircuit(id))?;
+        c.cover = (rate_per_s > 0.0 && rate_per_s.is_finite()).then(|| CoverSchedule {
+            rate_per_s,
+            kind,
+            next: Instant::now() + cover_interval(rate_per_s, &mut self.rng),
+        });
+        self.next_cover = self
+            .core
+            .circuits
+            .values()
+            .filter_map(|c| c.cover.map(|s| s.next))
+            .min();
+        Ok(())
+    }
+
+    /// Sends the cover cells that are due ([`Client::set_cover`]); returns how many.
+    /// A circuit that is not open (or is gone) stops sending cover.
+    pub fn send_due_cover(&mut self) -> Result<usize, ClientError> {
+        let now = Instant::now();
+        let due: Vec<(u64, CoverSchedule)> = self
+            .core
+            .circuits
+            .iter()
+            .filter_map(|(&id, c)| c.cover.filter(|s| s.next <= now).map(|s| (id, s)))
+            .collect();
+        let mut sent = 0;
+        for (id, mut s) in due {
+            let mut n = 0;
+            while s.next <= now && n < COVER_CATCH_UP {
+                let body = match s.kind {
+                    CoverKind::Drop => Body::Cover,
+                    CoverKind::Loop => Body::Loop,
+                };
+                match self.seal_and_send(CircuitId(id), body) {
+                    Ok(()) => sent += 1,
+                    Err(ClientError::Protocol(_)) | Err(ClientError::UnknownCircuit(_)) => {
+                        // Not open any more: stop its cover.
+                        if let Some(c) = self.core.circuits.get_mut(&id) {
+                            c.cover = None;
+                        }
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+                s.next += cover_interval(s.rate_per_s, &mut self.rng);
+                n += 1;
+            }
+            if s.next <= now {
+                // Too far behind: start afresh from now.
+                s.next = now + cover_interval(s.rate_per_s, &mut self.rng);
+            }
+            if let Some(c) = self.core.circuits.get_mut(&id) {
+                if c.cover.is_some() {
+                    c.cover = Some(s);
+                }
+            }
+        }
+        self.next_cover = self
+            .core
+            .circuits
+            .values()
+            .filter_map(|c| c.cover.map(|s| s.next))
+            .min();
+        Ok(sent)
     }
 
     /// Receives the next payload of any circuit into `buf` (which must hold

@@ -29,6 +29,7 @@ pub mod path;
 
 pub use client::{
     cover_interval, reason_name, CircuitId, Client, ClientConfig, ClientError, ClientStats,
+    CoverKind,
 };
 pub use echo::{udp_echo_server, EchoHandle};
 pub use path::{choose_path, choose_path_with, path_from_ids, subnet, PathError, PathRules};

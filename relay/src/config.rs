@@ -266,6 +266,9 @@ pub struct MixSection {
     /// start); a cell that finds the queue full is dropped (`queue_full`, and
     /// `shroud_mix_overflow`).
     pub queue_cells: usize,
+    /// Constant-rate links: every link to a peer relay that carries circuits is padded
+    /// to this many cells a second with link padding (0: off).
+    pub link_cells_per_sec: u32,
 }
 
 impl Default for MixSection {
@@ -273,6 +276,7 @@ impl Default for MixSection {
         MixSection {
             max_mean_delay_ms: 2000,
             queue_cells: 16384,
+            link_cells_per_sec: 0,
         }
     }
 }
@@ -422,6 +426,9 @@ impl Config {
                 "mix.queue_cells",
                 "must be positive while mix.max_mean_delay_ms offers mix mode",
             ));
+        }
+        if self.mix.link_cells_per_sec > 1_000_000 {
+            return Err(self.invalid("mix.link_cells_per_sec", "at most 1000000"));
         }
         if self.mix.queue_cells > 1 << 22 {
             return Err(self.invalid("mix.queue_cells", "at most 4194304 (4 GiB of cells)"));
@@ -612,6 +619,7 @@ impl Config {
             } else {
                 0
             },
+            link_cells_per_sec: self.mix.link_cells_per_sec,
         }
     }
 }

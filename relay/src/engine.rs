@@ -229,7 +229,15 @@ pub struct Engine<A: Aead> {
     routes: Routes,
     /// Mix mode's delay queue.
     mixer: Mixer,
+    /// Constant-rate links: cells a second per padded peer link (0: off), the time of
+    /// the last padding round and the fraction of a cell carried over from it.
+    link_rate: u32,
+    pad_last_ms: u64,
+    pad_carry: f64,
 }
+
+/// Constant-rate links: padding rounds at most this often (ms).
+const PAD_INTERVAL_MS: u64 = 10;
 
 impl<A: Aead> std::fmt::Debug for Engine<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -242,26 +250,30 @@ impl<A: Aead> std::fmt::Debug for Engine<A> {
 impl<A: Aead> Engine<A> {
     /// An engine over `relay`, counting into `stats`, taking control messages from
     /// `ctl`, sending over sockets whose address families are `ipv4` (see [`Routes`]),
-    /// holding up to `mix_queue` cells of mixed circuits (in the transmit arena's
-    /// held pool, which must be as large).
+    /// with `io`'s setup budget, holding up to `io.mix_queue` cells of mixed circuits
+    /// (in the transmit arena's held pool, which must be as large) and padding peer
+    /// links to `io.link_cells_per_sec`.
     pub fn new(
         relay: Relay<A>,
         layout: Layout,
         stats: Arc<WorkerStats>,
-        setup_budget: u32,
         ctl: Receiver<Control>,
         ipv4: Vec<bool>,
-        mix_queue: usize,
+        io: &crate::spec::IoConfig,
     ) -> Self {
+        let now = crate::sys::now_ms();
         Engine {
             relay,
             layout,
             stats,
-            setup_budget,
+            setup_budget: io.setup_budget,
             ctl,
             drain_deadline: None,
             routes: Routes::new(ipv4),
-            mixer: Mixer::new(mix_queue, crate::sys::now_ms()),
+            mixer: Mixer::new(io.mix_queue, now),
+            link_rate: io.link_cells_per_sec,
+            pad_last_ms: now,
+            pad_carry: 0.0,
         }
     }
 
@@ -498,10 +510,46 @@ impl<A: Aead> Engine<A> {
         );
     }
 
-    /// Mix mode: milliseconds until the next held cell is due (`None`: nothing held).
-    /// Drivers wait no longer than this.
-    pub fn next_release_ms(&self, now_ms: u64) -> Option<u64> {
-        self.mixer.wait_ms(now_ms)
+    /// Milliseconds until the engine has timed work: the next held cell due, or the
+    /// next constant-rate padding round (`None`: nothing timed). Drivers wait no
+    /// longer than this.
+    pub fn next_wake_ms(&self, now_ms: u64) -> Option<u64> {
+        let pad = (self.link_rate > 0)
+            .then(|| (self.pad_last_ms + PAD_INTERVAL_MS).saturating_sub(now_ms));
+        match (self.mixer.wait_ms(now_ms), pad) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Constant-rate links: every `PAD_INTERVAL_MS` (10 ms), tops every peer link that
+    /// carries circuits up to the configured rate for the time since the last round
+    /// with link padding cells (from the transmit arena, planned in `plan`). A pause
+    /// longer than a second is padded for one second only.
+    pub fn pad_links(&mut self, now_ms: u64, arena: &mut TxArena, plan: &mut Plan) {
+        if self.link_rate == 0 || now_ms < self.pad_last_ms + PAD_INTERVAL_MS {
+            return;
+        }
+        let elapsed = (now_ms - self.pad_last_ms).min(1000);
+        self.pad_last_ms = now_ms;
+        let want = f64::from(self.link_rate) * elapsed as f64 / 1000.0 + self.pad_carry;
+        let quota = want.floor();
+        self.pad_carry = want - quota;
+        let mut full = 0;
+        let mixer = &mut self.mixer;
+        self.relay.pad_links(quota as u32, |write| {
+            let Some(idx) = arena.alloc() else {
+                full += 1;
+                return;
+            };
+            let cell = arena.cell_mut(idx);
+            mixer.fill_random(cell);
+            let to = write(cell);
+            plan.push(to, CellAt::Tx { idx });
+        });
+        if full > 0 {
+            self.relay.count_drop(DropReason::QueueFull, full);
+        }
     }
 
     /// The periodic tick: expires idle circuits and links. Each removed circuit's exit

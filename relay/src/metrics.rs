@@ -297,6 +297,17 @@ impl Collector for RelayMetrics {
         )?;
         counters(
             &mut enc,
+            "shroud_link_padding_cells",
+            "Constant-rate links: link padding cells sent to peer relays (direction out) and received from them and dropped (direction in).",
+            &per_worker(&|s| {
+                vec![
+                    (dir("out"), s.link_padding_sent),
+                    (dir("in"), s.link_padding_received),
+                ]
+            }),
+        )?;
+        counters(
+            &mut enc,
             "shroud_mix_delayed",
             "Mix mode: cells held for a delay before being sent on.",
             &per_worker(&|s| vec![(Vec::new(), s.mix_delayed)]),

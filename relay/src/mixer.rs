@@ -91,6 +91,11 @@ impl Mixer {
         self.queue.pop_due(now_ms, out);
     }
 
+    /// Fills `buf` with random bytes (link padding).
+    pub fn fill_random(&mut self, buf: &mut [u8]) {
+        self.rng.fill_bytes(buf);
+    }
+
     /// How long (ms) the driver may wait before the next held item is due: `None`
     /// when nothing is held.
     pub fn wait_ms(&self, now_ms: u64) -> Option<u64> {

@@ -269,7 +269,7 @@ impl Driver {
             }
             // Wake for the tick or for the next cell mix mode holds (see uring.rs).
             let wait_ms = engine
-                .next_release_ms(sys::now_ms())
+                .next_wake_ms(sys::now_ms())
                 .map_or(50, |ms| ms.clamp(1, 50));
             // SAFETY: pollfds is a valid array of the length passed.
             let r = unsafe {
@@ -356,6 +356,7 @@ impl Driver {
             }
             self.read_exits(engine, now);
             engine.release_held(now, &mut self.plan, &mut self.side);
+            engine.pad_links(now, &mut self.arena, &mut self.plan);
             self.flush(engine);
             engine.publish();
             if let Some(exit) = engine.poll_control(now) {

@@ -62,6 +62,9 @@ pub struct IoConfig {
     /// Mix mode: cells the worker can hold for their delay (0: no mix mode). The
     /// transmit arena holds them, on top of `tx_cells`.
     pub mix_queue: usize,
+    /// Constant-rate links: cells a second every peer link that carries circuits is
+    /// padded to (0: off).
+    pub link_cells_per_sec: u32,
 }
 
 impl Default for IoConfig {
@@ -77,6 +80,7 @@ impl Default for IoConfig {
             zero_copy_send: false,
             batch_wait_us: 50,
             mix_queue: 0,
+            link_cells_per_sec: 0,
         }
     }
 }

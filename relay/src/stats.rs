@@ -67,6 +67,10 @@ pub struct WorkerStats {
     pub cover_received: AtomicU64,
     /// Loop cover cells sent back (exit).
     pub loop_cover_returned: AtomicU64,
+    /// Link padding cells sent to peers.
+    pub link_padding_sent: AtomicU64,
+    /// Link padding cells received from peers.
+    pub link_padding_received: AtomicU64,
     /// Mix mode: cells held for a delay.
     pub mix_delayed: AtomicU64,
     /// Mix mode: cells held now.
@@ -195,6 +199,9 @@ impl WorkerStats {
         self.cover_received.store(s.cover_received, Relaxed);
         self.loop_cover_returned
             .store(s.loop_cover_returned, Relaxed);
+        self.link_padding_sent.store(s.link_padding_sent, Relaxed);
+        self.link_padding_received
+            .store(s.link_padding_received, Relaxed);
         self.circuits.store(circuits as u64, Relaxed);
     }
 
@@ -216,6 +223,8 @@ impl WorkerStats {
             expired_circuits: self.expired_circuits.load(Relaxed),
             cover_received: self.cover_received.load(Relaxed),
             loop_cover_returned: self.loop_cover_returned.load(Relaxed),
+            link_padding_sent: self.link_padding_sent.load(Relaxed),
+            link_padding_received: self.link_padding_received.load(Relaxed),
             mix_delayed: self.mix_delayed.load(Relaxed),
             mix_held: self.mix_held.load(Relaxed),
             mix_overflow: self.mix_overflow.load(Relaxed),

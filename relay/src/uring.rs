@@ -391,7 +391,7 @@ impl Driver {
             // Wake for the tick (every 100 ms, checked at least every 50 ms) or for the
             // next cell mix mode holds, whichever is first.
             let wait_ms = engine
-                .next_release_ms(sys::now_ms())
+                .next_wake_ms(sys::now_ms())
                 .map_or(50, |ms| ms.clamp(1, 50));
             let ts = types::Timespec::new().nsec(wait_ms as u32 * 1_000_000);
             // With a batch wait: sleep until the first completion, then gather more
@@ -538,6 +538,7 @@ impl Driver {
             }
             self.completions = comps;
             engine.release_held(now, &mut self.plan, &mut self.side);
+            engine.pad_links(now, &mut self.arena, &mut self.plan);
             self.on_side(engine)?;
             self.flush(engine)?;
             if let Some(t) = reaped {

@@ -33,15 +33,7 @@ pub fn spawn<A: Aead>(
                 }
             }
             let ipv4 = crate::sys::ipv4_flags(&spec.sockets)?;
-            let mut engine = Engine::new(
-                relay,
-                spec.layout,
-                stats.clone(),
-                spec.io.setup_budget,
-                ctl,
-                ipv4,
-                spec.io.mix_queue,
-            );
+            let mut engine = Engine::new(relay, spec.layout, stats.clone(), ctl, ipv4, &spec.io);
             let want_uring = spec.io.driver != DriverChoice::Mmsg;
             if want_uring {
                 match crate::uring::Driver::new(&spec) {

@@ -90,6 +90,8 @@ pub struct NetOpts {
     /// Cells a worker can hold for their mix delay (`[mix] queue_cells`, default
     /// 1024).
     pub mix_queue_cells: usize,
+    /// Constant-rate links (`[mix] link_cells_per_sec`, default 0: off).
+    pub link_cells_per_sec: u32,
 }
 
 impl NetOpts {
@@ -120,6 +122,7 @@ impl NetOpts {
             more_listen: Vec::new(),
             mix_max_mean_ms: 2000,
             mix_queue_cells: 1024,
+            link_cells_per_sec: 0,
         }
     }
 }
@@ -239,7 +242,12 @@ impl NetOpts {
             .set("io", "tx_cells", int(self.tx_cells as u64))
             .set("io", "setup_budget", int(self.setup_budget.into()))
             .set("mix", "max_mean_delay_ms", i64::from(self.mix_max_mean_ms))
-            .set("mix", "queue_cells", int(self.mix_queue_cells as u64));
+            .set("mix", "queue_cells", int(self.mix_queue_cells as u64))
+            .set(
+                "mix",
+                "link_cells_per_sec",
+                i64::from(self.link_cells_per_sec),
+            );
         s
     }
 }

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use shroud_client::{udp_echo_server, ClientError};
+use shroud_client::{udp_echo_server, ClientError, CoverKind};
 use shroud_tests::{NetOpts, TestNet};
 
 const T: Duration = Duration::from_secs(5);
@@ -201,4 +201,117 @@ fn cover_ends_at_the_exit_and_loop_cover_comes_back_looking_like_data() {
         n + 1,
         "loops and the CREATED"
     );
+}
+
+#[test]
+fn constant_rate_links_pad_peer_links_and_the_peer_drops_the_padding() {
+    let rate = 1000u64;
+    let mut opts = NetOpts::new(96, 2);
+    opts.link_cells_per_sec = rate as u32;
+    let net = TestNet::start(opts);
+    let (dest, echo) = echo(96);
+    let mut c = net.client();
+    // No circuit yet: no link is padded.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(net.worker_stat(0, "link_padding_sent"), 0);
+    let built = Instant::now();
+    let id = c
+        .build_circuit(&net.path(&[0, 1]), dest, T)
+        .expect("circuit");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Data still flows, and counts toward the rate.
+    for k in 0..20u8 {
+        c.send(id, &[k; 100]).expect("send");
+        assert_eq!(c.recv(T).expect("reply").1, vec![k; 100]);
+    }
+    let sent0 = net.worker_stat(0, "link_padding_sent");
+    let sent1 = net.worker_stat(1, "link_padding_sent");
+    let secs = built.elapsed().as_secs_f64();
+    let recv1 = net.worker_stat(1, "link_padding_received");
+    let recv0 = net.worker_stat(0, "link_padding_received");
+    eprintln!(
+        "{secs:.2} s: relay 0 padded {sent0}, relay 1 padded {sent1}, received {recv1} and {recv0}"
+    );
+    // Both ends pad the link (it carries the circuit both ways), never above the rate.
+    for (sent, who) in [(sent0, 0), (sent1, 1)] {
+        assert!(
+            sent as f64 <= rate as f64 * (secs + 0.05),
+            "relay {who} padded {sent} cells in {secs:.2} s at {rate}/s"
+        );
+        assert!(
+            sent as f64 >= rate as f64 * 0.3 * (secs - 0.5),
+            "relay {who} padded only {sent} cells in {secs:.2} s at {rate}/s"
+        );
+    }
+    // What one sent, the other receives and drops (padding keeps flowing, so the
+    // receiver's count catches up with the sender's earlier one), and nothing else
+    // is dropped.
+    let deadline = Instant::now() + T;
+    let (mut r1, mut r0) = (recv1, recv0);
+    while (r1 < sent0 || r0 < sent1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        r1 = net.worker_stat(1, "link_padding_received");
+        r0 = net.worker_stat(0, "link_padding_received");
+    }
+    assert!(r1 >= sent0 && r0 >= sent1, "{r1}/{sent0}, {r0}/{sent1}");
+    for i in 0..2 {
+        for reason in ["unknown_circuit", "malformed", "bad_tag"] {
+            assert_eq!(net.drops(i, reason), 0, "relay {i}: {reason}");
+        }
+    }
+    assert_eq!(echo.datagrams(), 20);
+}
+
+#[test]
+fn a_circuit_sends_poisson_cover_on_its_own_while_the_client_waits() {
+    let net = TestNet::start(NetOpts::new(98, 3));
+    let (dest, echo) = echo(98);
+    let mut c = net.client();
+    let id = c
+        .build_circuit(&net.path(&[0, 1, 2]), dest, T)
+        .expect("circuit");
+    let rate = 200.0;
+    c.set_cover(id, rate, CoverKind::Loop).expect("cover on");
+    // The application only waits; loops go out and come back meanwhile.
+    let start = Instant::now();
+    let wait = Duration::from_millis(1500);
+    while start.elapsed() < wait {
+        match c.recv(wait.saturating_sub(start.elapsed())) {
+            Err(ClientError::Timeout) => {}
+            other => panic!("nothing but cover comes back: {other:?}"),
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    c.set_cover(id, 0.0, CoverKind::Loop).expect("cover off");
+    let sent = c.stats().loop_cover_sent;
+    eprintln!("{sent} loop cover cells in {secs:.2} s at {rate}/s");
+    // A Poisson count of mean 300: far inside these bounds unless the process starved.
+    assert!(
+        (sent as f64) >= 0.4 * rate * secs && (sent as f64) <= 1.6 * rate * secs + 20.0,
+        "{sent} cells in {secs:.2} s at {rate}/s"
+    );
+    // Every loop comes back once cover stops.
+    let deadline = Instant::now() + T;
+    while c.stats().padding_received < sent && Instant::now() < deadline {
+        let _ = c.recv(Duration::from_millis(100));
+    }
+    assert_eq!(c.stats().padding_received, sent);
+    assert_eq!(net.worker_stat(2, "loop_cover_returned"), sent);
+    // Drop cover, sent by an application that never receives.
+    c.set_cover(id, rate, CoverKind::Drop)
+        .expect("drop cover on");
+    let start = Instant::now();
+    let mut drops = 0;
+    while start.elapsed() < Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(20));
+        drops += c.send_due_cover().expect("cover");
+    }
+    assert!(drops > 0);
+    assert_eq!(c.stats().cover_sent, drops as u64);
+    let deadline = Instant::now() + T;
+    while net.worker_stat(2, "cover_received") < sent + drops as u64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(net.worker_stat(2, "cover_received"), sent + drops as u64);
+    assert_eq!(echo.datagrams(), 0);
 }

@@ -229,6 +229,10 @@ pub struct WorkerCounters {
     pub cover_received: u64,
     /// Loop cover cells this exit sent back.
     pub loop_cover_returned: u64,
+    /// Constant-rate links: link padding cells sent to peers.
+    pub link_padding_sent: u64,
+    /// Link padding cells received from peers (dropped).
+    pub link_padding_received: u64,
     /// Mix mode: cells held for a delay.
     pub mix_delayed: u64,
     /// Mix mode: cells held now (gauge).

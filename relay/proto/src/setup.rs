@@ -174,6 +174,9 @@ pub enum RoutingError {
     /// Reserved bytes were not zero.
     #[error("reserved routing bytes are not zero")]
     Reserved,
+    /// A circuit id was zero (the id of link padding, never of a circuit).
+    #[error("circuit id 0")]
+    ZeroId,
 }
 
 const KIND_RELAY: u8 = 1;
@@ -225,6 +228,9 @@ impl Routing {
         };
         if s[110..].iter().any(|&b| b != 0) {
             return Err(RoutingError::Reserved);
+        }
+        if u64_at(12) == 0 || (s[0] == KIND_RELAY && u64_at(20) == 0) {
+            return Err(RoutingError::ZeroId);
         }
         let port = u16::from_be_bytes([s[2], s[3]]);
         let next = match s[0] {

@@ -7,7 +7,10 @@ mod common;
 use common::*;
 use shroud_proto::aead::RingAead;
 use shroud_proto::client::{ClientCircuit, ClientError, ClientLink, Received};
-use shroud_proto::relay::DropReason;
+use std::net::SocketAddr;
+
+use rand_core::RngCore;
+use shroud_proto::relay::{Action, DropReason};
 use shroud_proto::setup::{Next, Routing, RoutingError};
 use shroud_proto::Layout;
 
@@ -151,4 +154,87 @@ fn the_mean_delay_is_bytes_108_to_110_of_the_routing_slot() {
     assert_eq!(Routing::decode(&slot).unwrap(), routing);
     slot[110] = 1;
     assert_eq!(Routing::decode(&slot), Err(RoutingError::Reserved));
+}
+
+#[test]
+fn a_routing_slot_naming_circuit_id_0_is_invalid() {
+    let mut routing = Routing {
+        version: 2,
+        next: Next::Exit { dest: DEST },
+        timestamp: 1,
+        in_id: 0,
+        link_seed: [0; 16],
+        e_next: [3; 32],
+        t_next: [4; 16],
+        mix_mean_ms: 0,
+    };
+    assert_eq!(
+        Routing::decode(&routing.encode()),
+        Err(RoutingError::ZeroId)
+    );
+    routing.in_id = 7;
+    routing.next = Next::Relay {
+        id: shroud_proto::keys::RelayId([1; 16]),
+        port: 9000,
+        out_id: 0,
+    };
+    assert_eq!(
+        Routing::decode(&routing.encode()),
+        Err(RoutingError::ZeroId)
+    );
+}
+
+/// Writes the padding cells `relay` makes for a quota, as they leave it.
+fn padding(
+    net: &mut Net<RingAead>,
+    relay: usize,
+    quota: u32,
+    r: &mut TestRng,
+) -> Vec<(SocketAddr, Vec<u8>)> {
+    let cell_len = net.layout.cell;
+    let mut out = Vec::new();
+    net.relays[relay].pad_links(quota, |write| {
+        let mut cell = vec![0u8; cell_len];
+        r.fill_bytes(&mut cell);
+        let to = write(&mut cell);
+        out.push((to, cell));
+    });
+    out
+}
+
+#[test]
+fn constant_rate_links_top_up_peer_links_with_padding_the_peer_drops() {
+    let layout = Layout::default();
+    let mut r = rng(45);
+    let mut net = Net::<RingAead>::new(layout, 3, &mut r);
+    let mut link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    // No circuits, no padded links.
+    assert!(padding(&mut net, 0, 5, &mut r).is_empty());
+    let mut c = net.open_circuit(&[0, 1, 2], &mut link, &mut r);
+    // The setup went 0 -> 1 on the peer link and the CREATED came back, so relay 0 has
+    // sent one cell on it this round: four padding cells top it up to five; the next
+    // round (nothing sent meanwhile) takes five.
+    let pads = padding(&mut net, 0, 5, &mut r);
+    assert_eq!(pads.len(), 4);
+    assert_eq!(padding(&mut net, 0, 5, &mut r).len(), 5);
+    for (to, cell) in pads {
+        assert_eq!(
+            to, net.addrs[1],
+            "only the peer link is padded, not the client's"
+        );
+        let action = net.relays[1].handle(net.addrs[0], &mut cell.clone(), NOW_MS);
+        assert_eq!(action, Action::Consumed { event: None });
+    }
+    assert_eq!(net.relays[1].stats().link_padding_received, 4);
+    assert_eq!(net.relays[0].stats().link_padding_sent, 9);
+    assert!(net.relays[1].stats().drops.iter().all(|&d| d == 0));
+    // Data counts toward the rate: three cells forward leave two to pad.
+    for k in 0..3u8 {
+        let mut cell = vec![0u8; layout.cell];
+        c.seal_data(&link, &[k], &mut cell, &mut r).unwrap();
+        net.send(CLIENT, net.addrs[0], cell);
+    }
+    assert_eq!(padding(&mut net, 0, 5, &mut r).len(), 2);
+    // Above the rate nothing is added (the excess shows; OPERATIONS.md says so).
+    assert!(padding(&mut net, 0, 0, &mut r).is_empty());
 }

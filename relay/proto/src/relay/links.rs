@@ -45,9 +45,17 @@ pub(super) struct Link {
     /// Until validated: bytes received from the address minus bytes sent to it. The
     /// relay never sends an unvalidated address more than it received from it.
     pub(super) credit: u64,
+    /// Cells protected for this link since the last constant-rate padding round.
+    pub(super) sent: u32,
 }
 
 impl Link {
+    /// Protects `hdr` into `cell` for sending on this link, and counts the cell.
+    pub(super) fn protect(&mut self, cell: &mut [u8], hdr: &crate::cell::Header) {
+        self.tx.protect(cell, hdr);
+        self.sent = self.sent.saturating_add(1);
+    }
+
     /// Takes `len` bytes of credit for a send; false if the address is unvalidated
     /// and has not sent that much.
     pub(super) fn spend(&mut self, len: usize) -> bool {
@@ -217,6 +225,14 @@ impl Links {
     }
 
     /// Makes room for at least `capacity` peer links.
+    /// Restarts every peer link's count of cells sent (constant-rate padding; client
+    /// links are not padded and their count only saturates).
+    pub(super) fn reset_sent(&mut self) {
+        for l in self.peers.slots.iter_mut().flatten() {
+            l.sent = 0;
+        }
+    }
+
     pub(super) fn grow_peers(&mut self, capacity: usize) {
         self.peers.grow(capacity);
     }

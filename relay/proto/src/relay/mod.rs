@@ -286,6 +286,10 @@ pub struct RelayStats {
     pub cover_received: u64,
     /// Loop cover cells this exit sent back as cover (each also in `cover_received`).
     pub loop_cover_returned: u64,
+    /// Link padding cells sent on peer links (constant-rate links).
+    pub link_padding_sent: u64,
+    /// Link padding cells received from peers (dropped).
+    pub link_padding_received: u64,
     /// X25519 operations spent on setup cells (one per onion key tried).
     pub setup_dh: u64,
     /// `RETRY` replies sent (setups from new addresses, under load, without a token).
@@ -533,6 +537,7 @@ impl<A: Aead> Relay<A> {
             last_active: now_ms,
             validated: true,
             credit: 0,
+            sent: 0,
         })
     }
 
@@ -596,6 +601,11 @@ impl<A: Aead> Relay<A> {
             Err(_) if kind == LinkKind::Client => return self.setup(src, Some(link), cell, now_ms),
             Err(_) => return self.drop(DropReason::Malformed),
         };
+        if hdr.circuit == LINK_PADDING_ID && kind == LinkKind::Peer {
+            // Constant-rate link padding from a peer: it ends here.
+            self.stats.link_padding_received += 1;
+            return Action::Consumed { event: None };
+        }
         if hdr.command == Command::Setup {
             return self.setup(src, Some(link), cell, now_ms);
         }
@@ -638,11 +648,11 @@ impl<A: Aead> Relay<A> {
         }
         match next {
             Hop::Relay { link, id } => {
-                let Some(l) = self.links.get(link) else {
+                let Some(l) = self.links.get_mut(link) else {
                     return self.drop(DropReason::UnknownCircuit);
                 };
                 let to = l.addr;
-                l.tx.protect(
+                l.protect(
                     cell,
                     &Header {
                         circuit: id,
@@ -741,7 +751,7 @@ impl<A: Aead> Relay<A> {
             counter
         };
         let to = l.addr;
-        l.tx.protect(
+        l.protect(
             cell,
             &Header {
                 circuit: prev_id,
@@ -843,7 +853,7 @@ impl<A: Aead> Relay<A> {
             None => write_cover(&layout, cell),
         }
         add_backward(&layout, &c.bwd, Command::Data, counter, cell);
-        l.tx.protect(
+        l.protect(
             cell,
             &Header {
                 circuit: prev_id,
@@ -884,7 +894,7 @@ impl<A: Aead> Relay<A> {
         };
         let counter = c.bwd.shifted(sequence);
         add_backward(&layout, &c.bwd, Command::Destroy, counter, cell);
-        l.tx.protect(
+        l.protect(
             cell,
             &Header {
                 circuit: c.prev_id,
@@ -915,8 +925,8 @@ impl<A: Aead> Relay<A> {
         self.remove_circuit(slot);
         self.stats.drops[reason as usize] += 1;
         // The CREATED this replaces already spent the address's credit.
-        let l = self.links.get(prev_link)?;
-        l.tx.protect(
+        let l = self.links.get_mut(prev_link)?;
+        l.protect(
             cell,
             &Header {
                 circuit: prev_id,
@@ -978,6 +988,54 @@ impl<A: Aead> Relay<A> {
             self.close_link(l);
         }
         self.scratch = idle;
+    }
+}
+
+/// The circuit id of link padding (no circuit has it: a routing slot naming id 0 is
+/// invalid).
+pub const LINK_PADDING_ID: u64 = 0;
+
+impl<A: Aead> Relay<A> {
+    /// Constant-rate links: tops up every peer link that carries circuits to `quota`
+    /// cells since the previous call, with link padding cells. For each padding cell,
+    /// `pad` is called with a writer that takes a cell filled with random bytes,
+    /// protects a header (circuit [`LINK_PADDING_ID`], a counter from the cell's last
+    /// bytes, `DATA`) over it and returns where to send it. To an observer of the link
+    /// the padding is a cell like any other; the peer drops it
+    /// (`link_padding_received`). Every peer link's count restarts at each call.
+    pub fn pad_links(
+        &mut self,
+        quota: u32,
+        mut pad: impl FnMut(&mut dyn FnMut(&mut [u8]) -> SocketAddr),
+    ) {
+        let mut due = std::mem::take(&mut self.scratch);
+        due.clear();
+        for (i, l) in self.links.iter() {
+            if l.kind == LinkKind::Peer && l.circuits > 0 && l.sent < quota {
+                due.push(i);
+            }
+        }
+        for &i in &due {
+            let Some(l) = self.links.get_mut(i) else {
+                continue;
+            };
+            for _ in l.sent..quota {
+                pad(&mut |cell| {
+                    let mut c = [0u8; 8];
+                    c[2..].copy_from_slice(&cell[cell.len() - 6..]);
+                    let hdr = Header {
+                        circuit: LINK_PADDING_ID,
+                        counter: u64::from_be_bytes(c),
+                        command: Command::Data,
+                    };
+                    l.tx.protect(cell, &hdr);
+                    l.addr
+                });
+                self.stats.link_padding_sent += 1;
+            }
+        }
+        self.links.reset_sent();
+        self.scratch = due;
     }
 }
 

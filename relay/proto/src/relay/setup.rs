@@ -300,6 +300,7 @@ impl<A: Aead> Relay<A> {
                     validated: proven,
                     // This setup cell is all the address has sent so far.
                     credit: cell.len() as u64,
+                    sent: 0,
                 })
             }
         };
@@ -354,7 +355,7 @@ impl<A: Aead> Relay<A> {
                     relay.stats.drops[DropReason::Unvalidated as usize] += 1;
                     return Action::Drop(reason);
                 }
-                l.tx.protect(
+                l.protect(
                     cell,
                     &Header {
                         circuit: routing.in_id,
@@ -464,7 +465,7 @@ impl<A: Aead> Relay<A> {
                     .unwrap_or_else(|| unreachable!("peer_link returned a live link"));
                 l.circuits += 1;
                 forward_setup(&layout, &secrets, &routing, cell);
-                l.tx.protect(
+                l.protect(
                     cell,
                     &Header {
                         circuit: id,
@@ -495,7 +496,7 @@ impl<A: Aead> Relay<A> {
                         self.remove_circuit(circuit.slot);
                         return self.drop(DropReason::Unvalidated);
                     }
-                    l.tx.protect(
+                    l.protect(
                         cell,
                         &Header {
                             circuit: routing.in_id,
