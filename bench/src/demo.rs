@@ -242,6 +242,22 @@ impl Session {
     /// Replaces the circuits with `count` circuits of `hops` hops (entry, middle and
     /// exit rotating over the relays).
     pub fn build(&mut self, count: usize, hops: usize) -> anyhow::Result<()> {
+        self.build_mixed(count, hops, 0)
+    }
+
+    /// [`Session::build`] for mix-mode circuits: every hop holds each cell for an
+    /// exponential delay of mean `mix_mean_ms` (0: plain circuits).
+    pub fn build_mixed(
+        &mut self,
+        count: usize,
+        hops: usize,
+        mix_mean_ms: u16,
+    ) -> anyhow::Result<()> {
+        let mix = if mix_mean_ms == 0 {
+            Vec::new()
+        } else {
+            vec![mix_mean_ms; hops]
+        };
         anyhow::ensure!(
             hops >= 1 && hops <= self.net.relays.len(),
             "need at least as many relays ({}) as hops ({hops})",
@@ -252,7 +268,7 @@ impl Session {
             let path = self.hops_of(k, hops)?;
             let c = self
                 .generator
-                .build(&path, self.dest, Duration::from_secs(5))
+                .build(&path, &mix, self.dest, Duration::from_secs(5))
                 .with_context(|| format!("building circuit {k}"))?;
             self.circuits.push(c);
         }

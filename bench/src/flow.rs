@@ -140,6 +140,7 @@ impl Generator {
     pub fn build<A: Aead>(
         &mut self,
         path: &[PathHop],
+        mix_mean_ms: &[u16],
         dest: SocketAddr,
         timeout: Duration,
     ) -> anyhow::Result<Circ<A>> {
@@ -156,10 +157,11 @@ impl Generator {
         let mut buf = vec![0u8; 65536];
         while Instant::now() < deadline {
             let mut cell = vec![0u8; self.layout.cell];
-            let mut c = ClientCircuit::<A>::build(
+            let mut c = ClientCircuit::<A>::build_mixed(
                 &self.layout,
                 &self.links[link],
                 path,
+                mix_mean_ms,
                 dest,
                 now_ms(),
                 &mut OsRng,

@@ -139,9 +139,14 @@ enum Cmd {
         /// Mean delays per hop to measure, ms (0: plain circuits, the baseline).
         #[arg(long, value_delimiter = ',', default_value = "0,1,2,5,10,20,50")]
         delays: Vec<u16>,
-        /// Third octet of the loopback block the relays use (127.0.NET.x).
+        /// Third octet of the loopback block the relays use (127.0.NET.x; the
+        /// saturation step uses NET+1).
         #[arg(long, default_value_t = 97)]
         net: u8,
+        /// Mean delay (ms) per hop of the saturation step, which offers the plain
+        /// circuits' saturation rate to plain and to mixed circuits (0 skips it).
+        #[arg(long, default_value_t = 5)]
+        saturation_delay: u16,
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -305,11 +310,13 @@ fn main() -> ExitCode {
             seconds,
             delays,
             net,
+            saturation_delay,
             json,
             plot,
         } => {
             let stop = stop_on_signals();
             let opts = mixbench::Opts {
+                saturation_delay,
                 relays,
                 hops,
                 circuits,

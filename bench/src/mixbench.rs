@@ -35,6 +35,7 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use shroud_client::Client;
 
+use crate::demo::Session;
 use crate::net::{relay_binary, RelayCommand, RelaySpec};
 use crate::report::machine;
 
@@ -53,8 +54,10 @@ pub struct Opts {
     pub seconds: f64,
     /// Mean delays per hop to measure (ms); 0 is the plain baseline.
     pub delays: Vec<u16>,
-    /// Loopback block.
+    /// Loopback block (the saturation step uses the next one).
     pub net: u8,
+    /// Mean delay (ms) of the saturation step (0 skips it).
+    pub saturation_delay: u16,
 }
 
 /// One cell's identity in its payload: circuit index and sequence number (used only
@@ -371,9 +374,18 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
             "relay_rss_mb": rss,
         }));
     }
+    drop(client);
+    drop(sink);
+    drop(net);
+    let saturation = if opts.saturation_delay > 0 && !stop.load(Ordering::Relaxed) {
+        Some(saturation(opts, stop)?)
+    } else {
+        None
+    };
     Ok(json!({
         "schema": "shroud-bench/mix/1",
         "machine": machine(),
+        "saturation": saturation,
         "hops": opts.hops,
         "circuits": opts.circuits,
         "rate_cells_per_sec": opts.rate,
@@ -382,8 +394,54 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     }))
 }
 
+/// The relays' forwarding rate with mixed circuits against plain ones at the same
+/// offered load: the plain circuits' saturation rate (the demo's closed loop), offered
+/// open loop to plain and then to mixed circuits (the demo's generator, which seals
+/// ahead on several threads, so the relays and not the generator are measured).
+fn saturation(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
+    let step = opts.seconds.max(1.0);
+    let mut s = Session::start(opts.relays, 1024, opts.net.wrapping_add(1))?;
+    let bar = indicatif::ProgressBar::hidden();
+    s.build(opts.circuits, opts.hops)?;
+    let sat = s.drive(step, 0.0, 1024, stop, &bar)?;
+    let offered = sat.cells_per_sec();
+    let cpu = |s: &Session| -> f64 { (0..opts.relays).map(|i| s.net.cpu_seconds(i)).sum() };
+    let c0 = cpu(&s);
+    let plain = s.drive(step, offered, u64::MAX / 2, stop, &bar)?;
+    let c1 = cpu(&s);
+    s.build_mixed(opts.circuits, opts.hops, opts.saturation_delay)?;
+    let c2 = cpu(&s);
+    let mixed = s.drive(step, offered, u64::MAX / 2, stop, &bar)?;
+    let c3 = cpu(&s);
+    let per_cell = |cpu: f64, d: &crate::demo::Drive| cpu / (d.delivered.max(1) as f64) * 1e6;
+    let r = json!({
+        "mean_delay_ms": opts.saturation_delay,
+        "plain_saturation_cells_per_sec": offered,
+        "offered_cells_per_sec": offered,
+        "plain_delivered_cells_per_sec": plain.cells_per_sec(),
+        "mixed_delivered_cells_per_sec": mixed.cells_per_sec(),
+        "mixed_to_plain": mixed.cells_per_sec() / plain.cells_per_sec().max(1e-9),
+        "plain_relay_cpu_us_per_cell": per_cell(c1 - c0, &plain),
+        "mixed_relay_cpu_us_per_cell": per_cell(c3 - c2, &mixed),
+        "mixed_p50_us": mixed.latency.value_at_quantile(0.5),
+        "plain_p50_us": plain.latency.value_at_quantile(0.5),
+    });
+    eprintln!("saturation: {r}");
+    Ok(r)
+}
+
 /// Prints a report.
 pub fn print(r: &Value) {
+    if let Some(s) = r["saturation"].as_object() {
+        println!(
+            "at the plain saturation rate ({:.0} cells/s offered): plain delivered {:.0}, mixed (mean {} ms per hop) {:.0} cells/s: ratio {:.3}",
+            s["offered_cells_per_sec"].as_f64().unwrap_or(0.0),
+            s["plain_delivered_cells_per_sec"].as_f64().unwrap_or(0.0),
+            s["mean_delay_ms"],
+            s["mixed_delivered_cells_per_sec"].as_f64().unwrap_or(0.0),
+            s["mixed_to_plain"].as_f64().unwrap_or(0.0),
+        );
+    }
     println!(
         "mix mode: {} circuits of {} hop(s), {} cells/s entering, passive timing observer",
         r["circuits"], r["hops"], r["rate_cells_per_sec"]

@@ -161,6 +161,7 @@ fn run_variant_with<A: Aead>(
             let c = generator
                 .build::<A>(
                     &[hop, sink_hop],
+                    &[],
                     SocketAddr::from(([127, 0, net_no, 201], 9)),
                     Duration::from_secs(5),
                 )
