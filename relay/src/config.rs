@@ -620,6 +620,7 @@ impl Config {
                 0
             },
             link_cells_per_sec: self.mix.link_cells_per_sec,
+            socket_buffer_bytes: self.network.socket_buffer_bytes,
         }
     }
 }

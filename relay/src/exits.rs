@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 
 use shroud_proto::relay::CircuitRef;
 
@@ -90,12 +90,41 @@ pub struct ExitSockets {
     pub slots: Vec<ExitSlot>,
     free: Vec<u32>,
     by_circuit: HashMap<CircuitRef, u32>,
+    /// Where exit sockets bind (port 0): the relay's own address of the destination's
+    /// family, so exit traffic leaves from it.
+    bind_v4: IpAddr,
+    bind_v6: IpAddr,
+    /// SO_RCVBUF/SO_SNDBUF asked for each exit socket (0: the kernel's default).
+    buffer: usize,
 }
 
 impl ExitSockets {
-    /// `n` exit slots.
+    /// `n` exit slots binding the unspecified address, with the kernel's buffers.
     pub fn new(n: usize) -> Self {
+        Self::with_binding(n, &[], 0)
+    }
+
+    /// `n` exit slots whose sockets bind the first address of the destination's family
+    /// in `local` (the relay's own listen addresses; the unspecified address if it has
+    /// none of that family, or when it listens on the unspecified address) and ask for
+    /// `buffer` bytes of socket buffer (0: the kernel's default; the kernel clamps to
+    /// `net.core.rmem_max`/`wmem_max`).
+    pub fn with_binding(n: usize, local: &[IpAddr], buffer: usize) -> Self {
+        let first = |v4: bool| {
+            local
+                .iter()
+                .copied()
+                .find(|a| a.is_ipv4() == v4)
+                .unwrap_or(if v4 {
+                    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+                } else {
+                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                })
+        };
         ExitSockets {
+            bind_v4: first(true),
+            bind_v6: first(false),
+            buffer,
             slots: (0..n)
                 .map(|_| ExitSlot {
                     sock: None,
@@ -119,12 +148,12 @@ impl ExitSockets {
         let Some(idx) = self.free.pop() else {
             return Ok(None);
         };
-        let bind: SocketAddr = if dest.is_ipv4() {
-            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        let ip = if dest.is_ipv4() {
+            self.bind_v4
         } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            self.bind_v6
         };
-        let sock = match UdpSocket::bind(bind).and_then(|s| s.connect(dest).map(|_| s)) {
+        let sock = match open_exit_socket(SocketAddr::new(ip, 0), dest, self.buffer) {
             Ok(s) => s,
             Err(e) => {
                 self.free.push(idx);
@@ -169,4 +198,22 @@ impl ExitSockets {
     pub fn in_use(&self) -> usize {
         self.slots.len() - self.free.len()
     }
+}
+
+/// A UDP socket bound to `bind`, with `buffer` bytes of socket buffer asked for (0:
+/// the kernel's default), connected to `dest`.
+fn open_exit_socket(bind: SocketAddr, dest: SocketAddr, buffer: usize) -> io::Result<UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if buffer > 0 {
+        // Best effort: the kernel clamps to its maximum.
+        let _ = s.set_recv_buffer_size(buffer);
+        let _ = s.set_send_buffer_size(buffer);
+    }
+    s.bind(&bind.into())?;
+    s.connect(&dest.into())?;
+    Ok(s.into())
 }

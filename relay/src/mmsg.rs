@@ -70,7 +70,11 @@ impl Driver {
             ctrls: vec![[0u8; CMSG_BUF]; n],
             msgs: (0..n).map(|_| unsafe { zeroed() }).collect(),
             arena: TxArena::new(spec.io.tx_cells, spec.io.mix_queue, cell),
-            exits: ExitSockets::new(spec.io.exit_sockets),
+            exits: ExitSockets::with_binding(
+                spec.io.exit_sockets,
+                &spec.local_ips(),
+                spec.io.socket_buffer_bytes,
+            ),
             cell,
             max_segs: if spec.io.gro_gso {
                 MAX_SEGS.min(65000 / cell).max(1)

@@ -65,6 +65,9 @@ pub struct IoConfig {
     /// Constant-rate links: cells a second every peer link that carries circuits is
     /// padded to (0: off).
     pub link_cells_per_sec: u32,
+    /// SO_RCVBUF/SO_SNDBUF asked for exit sockets (`[network] socket_buffer_bytes`;
+    /// 0: the kernel's default).
+    pub socket_buffer_bytes: usize,
 }
 
 impl Default for IoConfig {
@@ -81,7 +84,20 @@ impl Default for IoConfig {
             batch_wait_us: 50,
             mix_queue: 0,
             link_cells_per_sec: 0,
+            socket_buffer_bytes: 0,
         }
+    }
+}
+
+impl WorkerSpec {
+    /// The addresses the worker's sockets are bound to (exit sockets bind the first of
+    /// the destination's family, so exit traffic leaves from the relay's address).
+    pub fn local_ips(&self) -> Vec<std::net::IpAddr> {
+        self.sockets
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .map(|a| a.ip())
+            .collect()
     }
 }
 

@@ -162,7 +162,11 @@ impl Driver {
             inflight: 0,
             tx,
             arena: TxArena::new(spec.io.tx_cells, spec.io.mix_queue, cell),
-            exits: ExitSockets::new(spec.io.exit_sockets),
+            exits: ExitSockets::with_binding(
+                spec.io.exit_sockets,
+                &spec.local_ips(),
+                spec.io.socket_buffer_bytes,
+            ),
             cell,
             max_segs,
             plan: Plan::default(),

@@ -845,3 +845,24 @@ fn circuits_build_in_parallel_with_their_own_results() {
         "the refused and the dead setups hold nothing"
     );
 }
+
+/// An exit's traffic leaves from the relay's own address (the one its peer-list entry
+/// names), not from whatever address the kernel picks for an unbound socket.
+#[test]
+fn exit_traffic_leaves_from_the_relays_own_address() {
+    let net = TestNet::start(NetOpts::new(85, 2));
+    let dest = UdpSocket::bind(SocketAddr::from(([127, 0, 85, 250], 0))).expect("destination");
+    dest.set_read_timeout(Some(T)).expect("timeout");
+    let mut c = net.client();
+    let id = c
+        .build_circuit(&net.path(&[0, 1]), dest.local_addr().expect("addr"), T)
+        .expect("circuit");
+    c.send(id, b"from where?").expect("send");
+    let mut buf = [0u8; 64];
+    let (n, from) = dest.recv_from(&mut buf).expect("delivery");
+    assert_eq!(&buf[..n], b"from where?");
+    assert_eq!(from.ip(), net.relays[1].addr, "the exit's address");
+    // And the reply goes back through the same socket.
+    dest.send_to(b"back", from).expect("reply");
+    assert_eq!(c.recv(T).expect("reply").1, b"back");
+}
