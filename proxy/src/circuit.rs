@@ -268,9 +268,9 @@ impl Worker {
                     let p = &buf[..n];
                     let packet = match self.mode {
                         Mode::Raw => Some(p.to_vec()),
-                        Mode::Fragmented if p.first() == Some(&frag::KIND_ECHO_REPLY) => {
-                            Some(p.to_vec())
-                        }
+                        // A QUIC circuit carries only fragments; an echo reply (the
+                        // probe's, which uses a circuit of its own) is not a packet.
+                        Mode::Fragmented if p.first() == Some(&frag::KIND_ECHO_REPLY) => None,
                         Mode::Fragmented => reasm.push((), p, &mut out).then(|| out.clone()),
                     };
                     let s = reasm.stats().evicted;
@@ -407,7 +407,11 @@ impl AsyncUdpSocket for CircuitSocket {
                     Err(_) => break,
                 }
             };
-            if p.len() > bufs[got].len() || p.first() == Some(&frag::KIND_ECHO_REPLY) {
+            // A reassembled packet is QUIC whatever its first byte: with the QUIC bit
+            // greased (RFC 9287, on by default in quinn) a short header may start with
+            // any value, 3 included; an earlier check here dropped those as echo replies,
+            // about one packet in 128, which QUIC took for congestion.
+            if p.len() > bufs[got].len() {
                 continue;
             }
             bufs[got][..p.len()].copy_from_slice(&p);
@@ -429,5 +433,49 @@ impl AsyncUdpSocket for CircuitSocket {
 
     fn may_fragment(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With the QUIC bit greased (RFC 9287), a short-header packet may begin with any
+    /// byte; the socket must hand quinn every packet, whatever its first byte (one
+    /// starting with 3 was once dropped as a probe's echo reply).
+    #[test]
+    fn the_socket_hands_quinn_every_packet_whatever_its_first_byte() {
+        let (tx, _out) = crossbeam_channel::unbounded();
+        let (up, rx) = mpsc::channel(512);
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let sock = CircuitSocket {
+            tx,
+            rx: Mutex::new(rx),
+            peer,
+            local: peer,
+            stats: Arc::new(CircuitStats::default()),
+        };
+        for first in 0..=255u8 {
+            up.try_send(vec![first, 1, 2, 3]).unwrap();
+        }
+        let mut got = Vec::new();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut storage = vec![[0u8; 64]; 32];
+        while got.len() < 256 {
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let mut meta = vec![RecvMeta::default(); bufs.len()];
+            match sock.poll_recv(&mut cx, &mut bufs, &mut meta) {
+                Poll::Ready(Ok(n)) => got.extend(
+                    bufs[..n]
+                        .iter()
+                        .zip(&meta[..n])
+                        .map(|(b, m)| b[..m.len].to_vec()),
+                ),
+                other => panic!("{other:?} after {} packets", got.len()),
+            }
+        }
+        let firsts: Vec<u8> = got.iter().map(|p| p[0]).collect();
+        assert_eq!(firsts, (0..=255u8).collect::<Vec<_>>());
     }
 }
