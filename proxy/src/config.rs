@@ -123,6 +123,10 @@ pub struct StreamSection {
     /// per session (default 16).
     #[serde(default = "default_udp_dests")]
     pub udp_destinations: usize,
+    /// Streams to different destination hosts never share a circuit (as Tor's
+    /// `IsolateDestAddr`; default false: isolation by SOCKS credentials only).
+    #[serde(default)]
+    pub isolate_destination: bool,
 }
 
 /// A proxy's configuration file.
@@ -204,6 +208,7 @@ fn default_streams() -> StreamSection {
         answer_timeout_secs: 20,
         handshake_timeout_secs: 10,
         udp_destinations: 16,
+        isolate_destination: false,
     }
 }
 

@@ -240,6 +240,7 @@ async fn proxy_main(cfg: ProxyConfig) -> anyhow::Result<()> {
         answer_timeout: Duration::from_secs(streams.answer_timeout_secs),
         handshake_timeout: Duration::from_secs(streams.handshake_timeout_secs),
         udp_destinations: streams.udp_destinations,
+        isolate_destination: streams.isolate_destination,
     });
     {
         let pool = pool.clone();

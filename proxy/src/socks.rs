@@ -63,6 +63,8 @@ pub struct Socks {
     pub handshake_timeout: Duration,
     /// Destinations per UDP session.
     pub udp_destinations: usize,
+    /// CONNECTs to different hosts get different circuits.
+    pub isolate_destination: bool,
 }
 
 /// Why a SOCKS exchange ended early.
@@ -228,7 +230,12 @@ impl Socks {
     > {
         let mut last = Status::General;
         for attempt in 1..=self.attempts {
-            let entry = match self.pool.get(&req.key).await {
+            let key = if self.isolate_destination {
+                destination_key(&req.key, &req.target)
+            } else {
+                req.key.clone()
+            };
+            let entry = match self.pool.get(&key).await {
                 Ok(e) => e,
                 Err(e) => {
                     tracing::warn!(error = %e, attempt, "no circuit for a stream");
@@ -403,6 +410,52 @@ impl Socks {
     }
 }
 
+/// The isolation key of a stream to `target` when destinations are isolated: the
+/// credentials' key extended with the destination host (an address, or a name in
+/// lower case; the port is not part of it, as in Tor's `IsolateDestAddr`).
+pub fn destination_key(key: &IsoKey, target: &Target) -> IsoKey {
+    let host = match target {
+        Target::Addr(a) => a.ip().to_string(),
+        Target::Name(n, _) => n.to_ascii_lowercase(),
+    };
+    let (user, mut pass) = key.clone().unwrap_or_default();
+    // (A client that picks a password ending in this suffix only makes its own streams
+    // share a circuit: keys are per client connection's choice anyway.)
+    pass.extend_from_slice(b"\0dest\0");
+    pass.extend_from_slice(host.as_bytes());
+    Some((user, pass))
+}
+
+/// What [`negotiate`] made of a connection: the request's command and target, or the
+/// reply code the proxy would send (`None`: it closes without one).
+pub type Negotiated = Result<(u8, Target), Option<Status>>;
+
+/// Runs the SOCKS5 negotiation and request parser (what a connection to the proxy
+/// goes through before anything is sent on a circuit) over `input`, the bytes a client
+/// sent followed by the end of the stream, with no network. Returns the request's
+/// command and target if one came out (else the reply code, if the proxy would send
+/// one) and every byte the proxy wrote back. For the fuzzer (`fuzz/fuzz_targets/socks.rs`)
+/// and tests; never panics.
+pub fn negotiate(input: &[u8]) -> (Negotiated, Vec<u8>) {
+    let mut io = tokio::io::join(input, Vec::new());
+    let outcome = {
+        let mut fut = std::pin::pin!(handshake(&mut io));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // Reading a slice and writing a vector never wait, so one poll finishes it.
+        match std::future::Future::poll(fut.as_mut(), &mut cx) {
+            std::task::Poll::Ready(r) => r,
+            std::task::Poll::Pending => Err(Fail::Close),
+        }
+    };
+    let written = io.into_inner().1;
+    let outcome = match outcome {
+        Ok(r) => Ok((r.cmd, r.target)),
+        Err(Fail::Reply(s)) => Err(Some(s)),
+        Err(Fail::Close) => Err(None),
+    };
+    (outcome, written)
+}
+
 /// Parses a SOCKS5 UDP request header (RFC 1928 §7): `RSV(2) FRAG ATYP DST.ADDR
 /// DST.PORT DATA`. Fragmented datagrams and host names are not carried (a circuit's
 /// UDP destination is an address fixed at setup; resolving here would leak the name).
@@ -419,6 +472,45 @@ pub fn parse_udp(d: &[u8]) -> Option<(SocketAddr, &[u8])> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn destination_keys_separate_hosts_but_not_ports_and_keep_credentials_apart() {
+        let a = |s: &str| Target::Addr(s.parse().unwrap());
+        let none: IsoKey = None;
+        let alice: IsoKey = Some((b"alice".to_vec(), b"pw".to_vec()));
+        assert_eq!(
+            destination_key(&none, &a("1.2.3.4:80")),
+            destination_key(&none, &a("1.2.3.4:443"))
+        );
+        assert_ne!(
+            destination_key(&none, &a("1.2.3.4:80")),
+            destination_key(&none, &a("1.2.3.5:80"))
+        );
+        assert_ne!(
+            destination_key(&none, &a("1.2.3.4:80")),
+            destination_key(&alice, &a("1.2.3.4:80"))
+        );
+        assert_eq!(
+            destination_key(&none, &Target::Name("Example.ORG".into(), 80)),
+            destination_key(&none, &Target::Name("example.org".into(), 443))
+        );
+    }
+
+    #[test]
+    fn negotiate_parses_a_whole_connection_without_a_network() {
+        let connect = [5, 1, 0, 5, 1, 0, 1, 1, 2, 3, 4, 0, 80];
+        let (r, written) = negotiate(&connect);
+        assert_eq!(r.unwrap(), (1, Target::Addr("1.2.3.4:80".parse().unwrap())));
+        assert_eq!(written, [5, 0]);
+        // An unknown address type gets its reply code; garbage a silent close.
+        let (r, _) = negotiate(&[5, 1, 0, 5, 1, 0, 9]);
+        assert_eq!(r.unwrap_err(), Some(Status::AddressType));
+        let (r, written) = negotiate(b"GET / HTTP/1.1");
+        assert_eq!((r.unwrap_err(), written.len()), (None, 0));
+        // Cut short: no request, and only the method reply went out.
+        let (r, written) = negotiate(&connect[..9]);
+        assert_eq!((r.unwrap_err(), written), (None, vec![5, 0]));
+    }
 
     async fn run(input: &[u8]) -> (Result<Request, Fail>, Vec<u8>) {
         let (mut a, mut b) = tokio::io::duplex(4096);

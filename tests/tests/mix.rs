@@ -21,12 +21,12 @@ fn held(net: &TestNet, relays: usize) -> u64 {
 
 #[test]
 fn only_mixed_circuits_are_held_and_their_round_trips_take_the_delay_io_uring() {
-    only_mixed_circuits_are_held("uring", 90);
+    only_mixed_circuits_are_held("uring", 20);
 }
 
 #[test]
 fn only_mixed_circuits_are_held_and_their_round_trips_take_the_delay_fallback_driver() {
-    only_mixed_circuits_are_held("mmsg", 95);
+    only_mixed_circuits_are_held("mmsg", 25);
 }
 
 fn only_mixed_circuits_are_held(driver: &'static str, net_no: u8) {
@@ -81,10 +81,10 @@ fn only_mixed_circuits_are_held(driver: &'static str, net_no: u8) {
 
 #[test]
 fn a_relay_refuses_a_mean_delay_it_does_not_offer() {
-    let mut opts = NetOpts::new(91, 2);
+    let mut opts = NetOpts::new(21, 2);
     opts.mix_max_mean_ms = 100;
     let net = TestNet::start(opts);
-    let (dest, _echo) = echo(91);
+    let (dest, _echo) = echo(21);
     let mut c = net.client();
     let path = net.path(&[0, 1]);
     match c.build_mixed_circuit(&path, &[100, 101], dest, T) {
@@ -105,11 +105,11 @@ fn a_relay_refuses_a_mean_delay_it_does_not_offer() {
 
 #[test]
 fn a_relay_without_mix_mode_refuses_every_mixed_circuit() {
-    let mut opts = NetOpts::new(92, 1);
+    let mut opts = NetOpts::new(22, 1);
     opts.mix_max_mean_ms = 0;
     opts.mix_queue_cells = 0;
     let net = TestNet::start(opts);
-    let (dest, _echo) = echo(92);
+    let (dest, _echo) = echo(22);
     let mut c = net.client();
     let err = c
         .build_mixed_circuit(&net.path(&[0]), &[1], dest, T)
@@ -133,11 +133,11 @@ fn a_relay_without_mix_mode_refuses_every_mixed_circuit() {
 
 #[test]
 fn a_full_delay_queue_drops_and_counts_every_cell_it_cannot_hold() {
-    let mut opts = NetOpts::new(93, 1);
+    let mut opts = NetOpts::new(23, 1);
     opts.mix_max_mean_ms = 60_000;
     opts.mix_queue_cells = 8;
     let net = TestNet::start(opts);
-    let (dest, echo) = echo(93);
+    let (dest, echo) = echo(23);
     let mut c = net.client();
     // One hop holding each delivery for a minute on average.
     let id = c
@@ -170,8 +170,8 @@ fn a_full_delay_queue_drops_and_counts_every_cell_it_cannot_hold() {
 
 #[test]
 fn cover_ends_at_the_exit_and_loop_cover_comes_back_looking_like_data() {
-    let net = TestNet::start(NetOpts::new(94, 3));
-    let (dest, echo) = echo(94);
+    let net = TestNet::start(NetOpts::new(24, 3));
+    let (dest, echo) = echo(24);
     let mut c = net.client();
     let id = c
         .build_mixed_circuit(&net.path(&[0, 1, 2]), &[5, 5, 5], dest, T)
@@ -206,10 +206,10 @@ fn cover_ends_at_the_exit_and_loop_cover_comes_back_looking_like_data() {
 #[test]
 fn constant_rate_links_pad_peer_links_and_the_peer_drops_the_padding() {
     let rate = 1000u64;
-    let mut opts = NetOpts::new(96, 2);
+    let mut opts = NetOpts::new(26, 2);
     opts.link_cells_per_sec = rate as u32;
     let net = TestNet::start(opts);
-    let (dest, echo) = echo(96);
+    let (dest, echo) = echo(26);
     let mut c = net.client();
     // No circuit yet: no link is padded.
     std::thread::sleep(Duration::from_millis(300));
@@ -264,8 +264,8 @@ fn constant_rate_links_pad_peer_links_and_the_peer_drops_the_padding() {
 
 #[test]
 fn a_circuit_sends_poisson_cover_on_its_own_while_the_client_waits() {
-    let net = TestNet::start(NetOpts::new(98, 3));
-    let (dest, echo) = echo(98);
+    let net = TestNet::start(NetOpts::new(27, 3));
+    let (dest, echo) = echo(27);
     let mut c = net.client();
     let id = c
         .build_circuit(&net.path(&[0, 1, 2]), dest, T)

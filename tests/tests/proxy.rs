@@ -629,3 +629,28 @@ fn new_streams_move_to_a_new_circuit_after_the_rotation_time() {
     assert_eq!(a.len(), 2, "{}", p.logs());
     assert_ne!(a[0].1, a[1].1, "the stream after 2 s is on another circuit");
 }
+
+#[test]
+fn destination_isolation_puts_each_host_on_its_own_circuit() {
+    let p = ProxyNet::start_with(89, 3, false, "\n[streams]\nisolate_destination = true\n");
+    // Two fetches from one host share a circuit.
+    p.fetch_and_check("small.bin", &[]);
+    p.fetch_and_check("small.bin", &[]);
+    assert_eq!(p.assigned().len(), 1, "{}", p.logs());
+    // Another host (by name, resolved at the gateway) gets another circuit.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = server.accept().unwrap();
+        c.write_all(b"other host").unwrap();
+    });
+    let (code, mut s) = socks_connect_name(p.socks, "localhost", port);
+    assert_eq!(code, 0, "{}", p.logs());
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"other host");
+    t.join().unwrap();
+    let a = p.assigned();
+    assert_eq!(a.len(), 2, "{}", p.logs());
+    assert_ne!(a[0].1, a[1].1, "separate circuits (sockets)");
+}
