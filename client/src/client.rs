@@ -7,7 +7,8 @@
 //!   replaced only if the relay id at that endpoint changes). All circuits whose first
 //!   hop is that endpoint share it, since the relay keys its link by our socket address.
 //! - **Every received datagram is a whole number of cells** or it is dropped and
-//!   counted (`malformed`). Every cell goes through [`ClientLink::read_header`] of the
+//!   counted (`malformed`); with `UDP_GRO` ([`crate::udp`]) a read holds a run of
+//!   datagrams and each is checked on its own, so a bad one costs only itself. Every cell goes through [`ClientLink::read_header`] of the
 //!   link of its source, then through its circuit's `open`, which authenticates every
 //!   layer and checks the replay window. A cell that fails anywhere is counted
 //!   (`unknown` or `rejected`) and dropped silently: it never reaches the caller and
@@ -387,6 +388,13 @@ pub struct Client {
     rx_timeout: Option<Duration>,
     /// Send buffer: one cell.
     tx: Vec<u8>,
+    /// Send buffer of [`Client::send_batch`]: up to a GSO send's worth of cells.
+    tx_batch: Vec<u8>,
+    /// Whether batches go out with `UDP_SEGMENT` (turned off for good on the first
+    /// send the path cannot segment).
+    gso: bool,
+    /// Reads with `UDP_GRO` when the socket allows it.
+    receiver: crate::udp::Receiver,
     /// The earliest time a circuit's cover is due (`None`: no circuit sends cover).
     next_cover: Option<Instant>,
 }
@@ -440,6 +448,7 @@ impl Client {
         config: ClientConfig,
     ) -> Result<Client, ClientError> {
         let local = socket.local_addr()?;
+        let receiver = crate::udp::Receiver::new(&socket);
         Ok(Client {
             socket,
             local,
@@ -460,6 +469,9 @@ impl Client {
             rx_end: 0,
             rx_timeout: None,
             tx: vec![0u8; layout.cell],
+            tx_batch: Vec::new(),
+            gso: cfg!(target_os = "linux"),
+            receiver,
             next_cover: None,
         })
     }
@@ -574,10 +586,10 @@ impl Client {
                 self.socket.set_read_timeout(Some(left))?;
                 self.rx_timeout = Some(left);
             }
-            match self.socket.recv_from(&mut self.rx) {
-                Ok((n, src)) => {
-                    if cells_mut(&self.core.layout, &mut self.rx[..n]).is_err() {
-                        self.core.stats.malformed += 1;
+            match self.receiver.recv(&self.socket, &mut self.rx) {
+                Ok((n, src, stride)) => {
+                    let n = self.keep_whole_cells(n, stride);
+                    if n == 0 {
                         continue;
                     }
                     self.rx_src = src;
@@ -604,6 +616,30 @@ impl Client {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Checks each datagram of a read (`n` bytes, datagrams of `stride` bytes but the
+    /// last) and moves the whole-cell ones together at the front, in order; counts the
+    /// others `malformed`. Returns the bytes kept. Without GRO (or when every datagram
+    /// is good, the usual case) nothing moves.
+    fn keep_whole_cells(&mut self, n: usize, stride: usize) -> usize {
+        let layout = self.core.layout;
+        let stride = stride.clamp(1, n.max(1));
+        let mut kept = 0;
+        let mut at = 0;
+        while at < n {
+            let end = (at + stride).min(n);
+            if cells_mut(&layout, &mut self.rx[at..end]).is_ok() {
+                if kept != at {
+                    self.rx.copy_within(at..end, kept);
+                }
+                kept += end - at;
+            } else {
+                self.core.stats.malformed += 1;
+            }
+            at = end;
+        }
+        kept
     }
 
     fn queue_payload(&mut self, inc: Incoming, at: usize) {
@@ -1002,13 +1038,57 @@ impl Client {
 
     /// Sends each payload as one cell on circuit `id`, in order. Every size is checked
     /// before anything is sent; on an I/O error the payloads before it were sent.
+    ///
+    /// On Linux the cells go out up to [`crate::udp::MAX_SEGMENTS`] per system call
+    /// (`UDP_SEGMENT`): the first relay receives the same datagrams as from one
+    /// [`Client::send`] each, but in a burst it handles in one wake-up, and the batch
+    /// stays together along the circuit. Far cheaper per cell than `send` for bulk
+    /// data.
     pub fn send_batch(&mut self, id: CircuitId, payloads: &[&[u8]]) -> Result<(), ClientError> {
         let max = self.payload_max();
         if let Some(p) = payloads.iter().find(|p| p.len() > max) {
             return Err(ClientError::PayloadTooLarge { got: p.len(), max });
         }
-        for p in payloads {
-            self.seal_and_send(id, Body::Data(p))?;
+        let cell = self.core.layout.cell;
+        let per_send = (crate::udp::MAX_GSO_BYTES / cell).clamp(1, crate::udp::MAX_SEGMENTS);
+        for chunk in payloads.chunks(per_send) {
+            if !self.gso || chunk.len() == 1 {
+                for p in chunk {
+                    self.seal_and_send(id, Body::Data(p))?;
+                }
+                continue;
+            }
+            let c = self
+                .core
+                .circuits
+                .get_mut(&id.0)
+                .ok_or(ClientError::UnknownCircuit(id))?;
+            let hop = c.circ.first_hop();
+            let l = self
+                .core
+                .links
+                .get(&hop)
+                .ok_or(ClientError::UnknownCircuit(id))?;
+            self.tx_batch.resize(chunk.len() * cell, 0);
+            for (p, out) in chunk.iter().zip(self.tx_batch.chunks_exact_mut(cell)) {
+                c.circ
+                    .seal_data(&l.link, p, out, &mut self.rng)
+                    .map_err(proto)?;
+            }
+            match crate::udp::send_segments(&self.socket, &self.tx_batch, cell, hop) {
+                Ok(()) => self.core.stats.cells_sent += chunk.len() as u64,
+                Err(e) if crate::udp::gso_unsupported(&e) => {
+                    // This path cannot segment: send the sealed cells one by one, and
+                    // every later batch too.
+                    self.gso = false;
+                    for k in 0..chunk.len() {
+                        self.socket
+                            .send_to(&self.tx_batch[k * cell..(k + 1) * cell], hop)?;
+                        self.core.stats.cells_sent += 1;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }
@@ -1194,5 +1274,42 @@ impl Client {
             .seal_destroy(&l.link, &mut self.tx, &mut self.rng)
             .map_err(proto)?;
         self.send_tx(hop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With GRO a read holds a run of datagrams; a bad one among them (not a whole
+    /// number of cells) is counted and costs only itself: the good cells around it
+    /// are still each looked at (here they come from no relay, so `unknown`).
+    #[test]
+    fn a_bad_datagram_in_a_gro_run_costs_only_itself() {
+        let layout = Layout::default();
+        let mut client = Client::with_layout(
+            "127.0.0.1:0".parse().unwrap(),
+            layout,
+            ClientConfig::default(),
+        )
+        .unwrap();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let cell = layout.cell;
+        // Two cells, then a 100-byte datagram: one GSO send, one GRO read.
+        let mut run = vec![0x5au8; 2 * cell + 100];
+        run[cell..2 * cell].fill(0xa5);
+        crate::udp::send_segments(&sender, &run, cell, client.local_addr()).unwrap();
+        // And two more cells sent one by one after it.
+        for _ in 0..2 {
+            sender
+                .send_to(&vec![1u8; cell], client.local_addr())
+                .unwrap();
+        }
+        let mut buf = vec![0u8; client.payload_max()];
+        let r = client.recv_into(&mut buf, Duration::from_millis(300));
+        assert!(matches!(r, Err(ClientError::Timeout)), "{r:?}");
+        let st = client.stats();
+        assert_eq!(st.malformed, 1, "{st:?}");
+        assert_eq!(st.unknown, 4, "{st:?}");
     }
 }

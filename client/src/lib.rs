@@ -12,6 +12,9 @@
 //! - [`udp_echo_server`] is a tiny UDP echo service, the usual destination behind the
 //!   exit in tests and demos.
 //!
+//! - [`udp`] sends a run of cells in one system call (GSO) and reads a run of
+//!   datagrams in one (GRO), on Linux, falling back to one datagram per call.
+//!
 //! No async runtime: everything is `std::net::UdpSocket` with read timeouts, and every
 //! blocking call takes a timeout it never exceeds by more than one scheduling delay.
 //! The protocol core reads no clock; this crate does (`SystemTime` for setup
@@ -26,6 +29,7 @@
 pub mod client;
 pub mod echo;
 pub mod path;
+pub mod udp;
 
 pub use client::{
     cover_interval, reason_name, CircuitId, Client, ClientConfig, ClientError, ClientStats,

@@ -4,7 +4,9 @@
 //! link and no thread), builds the circuit, and moves both to a thread that:
 //! - sends every packet queued on the circuit's send channel: in
 //!   [`Mode::Fragmented`] as the fragments of [`crate::frag`], in [`Mode::Raw`] as
-//!   one cell each;
+//!   one cell each; whatever is queued goes out together, up to [`BATCH_CELLS`] cells
+//!   per system call ([`Client::send_batch`]), so a burst from QUIC stays a burst
+//!   that each relay handles in one wake-up;
 //! - receives the circuit's payloads, reassembles them ([`Mode::Fragmented`]) and
 //!   hands whole packets to the receive channel;
 //! - sends a cover cell when nothing was sent for [`KEEPALIVE`], so the relays do
@@ -42,6 +44,11 @@ pub const KEEPALIVE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_micros(500);
 /// Incomplete packets the thread holds.
 const REASSEMBLY: usize = 256;
+/// Most cells the thread sends in one batch ([`Client::send_batch`]: one system call
+/// with GSO).
+pub const BATCH_CELLS: usize = 64;
+/// Packets quinn may hand over in one transmit (it takes at most 10).
+const TRANSMIT_SEGMENTS: usize = 10;
 
 /// Requested SO_RCVBUF / SO_SNDBUF of a circuit's socket. The kernel's default
 /// (212 KB, about 90 cells) overflows whenever the circuit's thread is descheduled
@@ -232,20 +239,33 @@ impl Worker {
         let mut last_send = Instant::now();
         let mut evicted = 0;
         let mut tick = 0u32;
+        let mut batch = Batch::default();
         loop {
             loop {
-                match self.rx.try_recv() {
-                    Ok(p) => {
-                        last_send = Instant::now();
-                        if let Err(e) = self.send(&p, &mut next_id) {
-                            return format!("send: {e}");
+                batch.clear();
+                let mut closed = false;
+                while batch.lens.len() < BATCH_CELLS {
+                    match self.rx.try_recv() {
+                        Ok(p) => self.push(&p, &mut next_id, &mut batch),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            closed = true;
+                            break;
                         }
                     }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        let _ = self.client.destroy(self.id);
-                        return "closed by the proxy".into();
+                }
+                if !batch.lens.is_empty() {
+                    last_send = Instant::now();
+                    if let Err(e) = self.client.send_batch(self.id, &batch.slices()) {
+                        return format!("send: {e}");
                     }
+                }
+                if closed {
+                    let _ = self.client.destroy(self.id);
+                    return "closed by the proxy".into();
+                }
+                if batch.lens.len() < BATCH_CELLS {
+                    break;
                 }
             }
             if last_send.elapsed() >= KEEPALIVE {
@@ -308,32 +328,58 @@ impl Worker {
         }
     }
 
-    fn send(&mut self, p: &[u8], next_id: &mut u32) -> Result<(), ClientError> {
+    /// Adds packet `p` to `batch`: one cell ([`Mode::Raw`]) or its fragments; a packet
+    /// too large for that is dropped (counted).
+    fn push(&mut self, p: &[u8], next_id: &mut u32, batch: &mut Batch) {
         self.stats.packets_sent.fetch_add(1, Ordering::Relaxed);
-        match self.mode {
-            Mode::Raw => match self.client.send(self.id, p) {
-                Err(ClientError::PayloadTooLarge { .. }) => {
-                    self.stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
+        let ok = match self.mode {
+            Mode::Raw => {
+                let ok = p.len() <= self.payload_max;
+                if ok {
+                    batch.push(p);
                 }
-                r => r,
-            },
+                ok
+            }
             Mode::Fragmented => {
                 let id = *next_id;
                 *next_id = next_id.wrapping_add(1);
-                let mut result = Ok(());
-                let (client, circuit) = (&mut self.client, self.id);
-                let ok = frag::fragment(p, id, self.payload_max, |f| {
-                    if result.is_ok() {
-                        result = client.send(circuit, f);
-                    }
-                });
-                if !ok {
-                    self.stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                result
+                frag::fragment(p, id, self.payload_max, |f| batch.push(f))
             }
+        };
+        if !ok {
+            self.stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// Cell payloads waiting to be sent together, back to back.
+#[derive(Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    lens: Vec<usize>,
+}
+
+impl Batch {
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.lens.clear();
+    }
+
+    fn push(&mut self, payload: &[u8]) {
+        self.bytes.extend_from_slice(payload);
+        self.lens.push(payload.len());
+    }
+
+    fn slices(&self) -> Vec<&[u8]> {
+        let mut at = 0;
+        self.lens
+            .iter()
+            .map(|&n| {
+                let s = &self.bytes[at..at + n];
+                at += n;
+                s
+            })
+            .collect()
     }
 }
 
@@ -429,6 +475,10 @@ impl AsyncUdpSocket for CircuitSocket {
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
         Ok(self.local)
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        TRANSMIT_SEGMENTS
     }
 
     fn may_fragment(&self) -> bool {

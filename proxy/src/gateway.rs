@@ -6,7 +6,11 @@
 //! circuit's own socket), fragments are reassembled per peer address in a bounded
 //! table, and packets going back are split into fragments of at most
 //! `max_datagram` bytes (the cell payload), each one UDP datagram the exit carries
-//! back as one cell. Echo requests ([`crate::frag::KIND_ECHO_REQUEST`], the probe's)
+//! back as one cell. The fragments of all the packets of one quinn transmit (up to
+//! ten) leave in as few system calls as GSO allows (runs of equal-size fragments,
+//! [`gso_runs`]), and reads take a run of datagrams at once (GRO), both through
+//! quinn's own `quinn-udp`; so a burst reaches the exit relay as a burst, which it
+//! and every relay after it handle in one wake-up. Echo requests ([`crate::frag::KIND_ECHO_REQUEST`], the probe's)
 //! are answered at once.
 //!
 //! Per stream ([`handle_stream`]): read the request ([`crate::wire`]) within the
@@ -25,10 +29,10 @@ use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use quinn::udp::{RecvMeta, Transmit};
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use shroud_proto::policy::ExitPolicy;
-use tokio::io::{AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket};
 
 use crate::frag::{self, Reassembler};
@@ -40,6 +44,10 @@ const REASSEMBLY: usize = 4096;
 const SOCKET_BUF: usize = 8 << 20;
 /// Copy buffer per direction of a stream.
 const COPY_BUF: usize = 256 * 1024;
+/// Packets quinn may hand over in one transmit (it takes at most 10).
+const TRANSMIT_SEGMENTS: usize = 10;
+/// Most bytes in one GSO send.
+pub const MAX_GSO_BYTES: usize = 65_000;
 
 /// Gateway counters (monotonic).
 #[derive(Debug, Default)]
@@ -54,14 +62,24 @@ pub struct GatewayStats {
 
 struct SockState {
     reasm: Reassembler<SocketAddr>,
+    /// The last read: datagrams of `stride` bytes (the last may be shorter) from
+    /// `src`, `pos..end` not yet handled.
     buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    stride: usize,
+    src: SocketAddr,
     out: Vec<u8>,
     next_id: u32,
+    /// Fragments of the transmit being sent, back to back, and their lengths.
+    frags: Vec<u8>,
+    lens: Vec<usize>,
 }
 
 /// The gateway's UDP socket, fragmenting and reassembling (see the module docs).
 pub struct GatewaySocket {
     io: UdpSocket,
+    udp: UdpSocketState,
     max_datagram: usize,
     state: Mutex<SockState>,
     stats: Arc<GatewayStats>,
@@ -77,20 +95,71 @@ impl fmt::Debug for GatewaySocket {
 }
 
 impl GatewaySocket {
-    /// Wraps a bound socket.
-    pub fn new(io: UdpSocket, max_datagram: usize, stats: Arc<GatewayStats>) -> Self {
-        GatewaySocket {
+    /// Wraps a bound socket (turning GRO on where the kernel has it).
+    pub fn new(io: UdpSocket, max_datagram: usize, stats: Arc<GatewayStats>) -> io::Result<Self> {
+        let udp = UdpSocketState::new((&io).into())?;
+        let src = io.local_addr()?;
+        Ok(GatewaySocket {
             io,
+            udp,
             max_datagram,
             state: Mutex::new(SockState {
                 reasm: Reassembler::new(REASSEMBLY),
                 buf: vec![0u8; 65536],
+                pos: 0,
+                end: 0,
+                stride: 1,
+                src,
                 out: Vec::new(),
                 next_id: 0,
+                frags: Vec::new(),
+                lens: Vec::new(),
             }),
             stats,
-        }
+        })
     }
+
+    /// Sends `contents` (datagrams of `segment` bytes, the last may be shorter) to
+    /// `to` in one system call.
+    fn send_run(&self, contents: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
+        let t = Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size: (contents.len() > segment).then_some(segment),
+            src_ip: None,
+        };
+        self.io.try_io(Interest::WRITABLE, || {
+            self.udp.try_send((&self.io).into(), &t)
+        })
+    }
+}
+
+/// Splits datagrams of `lens` (sent back to back) into runs one GSO send can carry:
+/// equal sizes, the last of a run possibly shorter, at most `max_segments` datagrams
+/// and [`MAX_GSO_BYTES`] bytes. Returns `(first, count, segment size)` per run.
+pub fn gso_runs(lens: &[usize], max_segments: usize) -> Vec<(usize, usize, usize)> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < lens.len() {
+        let seg = lens[i];
+        let (mut n, mut bytes) = (1, seg);
+        while i + n < lens.len()
+            && n < max_segments.max(1)
+            && bytes + lens[i + n] <= MAX_GSO_BYTES
+            && lens[i + n] <= seg
+        {
+            bytes += lens[i + n];
+            n += 1;
+            if lens[i + n - 1] < seg {
+                // A shorter datagram ends a run.
+                break;
+            }
+        }
+        runs.push((i, n, seg));
+        i += n;
+    }
+    runs
 }
 
 #[derive(Debug)]
@@ -108,32 +177,36 @@ impl AsyncUdpSocket for GatewaySocket {
     }
 
     fn try_send(&self, t: &Transmit) -> io::Result<()> {
-        let id = {
-            let Ok(mut s) = self.state.lock() else {
-                return Err(io::Error::other("gateway socket lock poisoned"));
-            };
-            s.next_id = s.next_id.wrapping_add(1);
-            s.next_id
+        let Ok(mut guard) = self.state.lock() else {
+            return Err(io::Error::other("gateway socket lock poisoned"));
         };
+        let s = &mut *guard;
+        s.frags.clear();
+        s.lens.clear();
         let seg = t.segment_size.unwrap_or(t.contents.len()).max(1);
         for packet in t.contents.chunks(seg) {
-            let mut first = true;
-            let mut result = Ok(());
-            frag::fragment(packet, id, self.max_datagram, |f| {
-                if result.is_err() {
-                    return;
-                }
-                match self.io.try_send_to(f, t.destination) {
-                    Ok(_) => {}
-                    // Nothing of the packet went out yet: let quinn wait for
-                    // writability and try again.
-                    Err(e) if first && e.kind() == io::ErrorKind::WouldBlock => result = Err(e),
-                    // A later fragment: the packet is lost, QUIC recovers.
-                    Err(_) => {}
-                }
-                first = false;
+            s.next_id = s.next_id.wrapping_add(1);
+            let (frags, lens) = (&mut s.frags, &mut s.lens);
+            frag::fragment(packet, s.next_id, self.max_datagram, |f| {
+                frags.extend_from_slice(f);
+                lens.push(f.len());
             });
-            result?;
+        }
+        let mut at = 0;
+        for (k, (first, count, segment)) in gso_runs(&s.lens, self.udp.max_gso_segments())
+            .into_iter()
+            .enumerate()
+        {
+            let bytes: usize = s.lens[first..first + count].iter().sum();
+            match self.send_run(&s.frags[at..at + bytes], segment, t.destination) {
+                Ok(()) => {}
+                // Nothing of the transmit went out yet: let quinn wait for
+                // writability and try again.
+                Err(e) if k == 0 && e.kind() == io::ErrorKind::WouldBlock => return Err(e),
+                // Later fragments: their packets are lost, QUIC recovers.
+                Err(_) => {}
+            }
+            at += bytes;
         }
         Ok(())
     }
@@ -148,45 +221,66 @@ impl AsyncUdpSocket for GatewaySocket {
             return Poll::Ready(Err(io::Error::other("gateway socket lock poisoned")));
         };
         let s = &mut *guard;
-        if bufs.is_empty() || meta.is_empty() {
+        let n = bufs.len().min(meta.len());
+        if n == 0 {
             return Poll::Ready(Ok(0));
         }
+        let mut got = 0;
         loop {
-            let mut rb = ReadBuf::new(&mut s.buf);
-            let src = match ready!(self.io.poll_recv_from(cx, &mut rb)) {
-                Ok(src) => src,
+            // Handle what the last read left, one datagram at a time.
+            while s.pos < s.end && got < n {
+                let end = (s.pos + s.stride).min(s.end);
+                let (pos, src) = (s.pos, s.src);
+                s.pos = end;
+                let d = &s.buf[pos..end];
+                if d.first() == Some(&frag::KIND_ECHO_REQUEST) {
+                    let mut reply = d.to_vec();
+                    reply[0] = frag::KIND_ECHO_REPLY;
+                    let _ = self.io.try_send_to(&reply, src);
+                    self.stats.echoes.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if !s.reasm.push(src, d, &mut s.out) || s.out.len() > bufs[got].len() {
+                    continue;
+                }
+                bufs[got][..s.out.len()].copy_from_slice(&s.out);
+                meta[got] = RecvMeta {
+                    addr: src,
+                    len: s.out.len(),
+                    stride: s.out.len(),
+                    ecn: None,
+                    dst_ip: None,
+                };
+                got += 1;
+            }
+            if got > 0 {
+                return Poll::Ready(Ok(got));
+            }
+            ready!(self.io.poll_recv_ready(cx))?;
+            let mut m = [RecvMeta::default()];
+            let r = {
+                let mut b = [IoSliceMut::new(&mut s.buf)];
+                self.io.try_io(Interest::READABLE, || {
+                    self.udp.recv((&self.io).into(), &mut b, &mut m)
+                })
+            };
+            match r {
+                Ok(k) if k > 0 && m[0].len > 0 => {
+                    s.pos = 0;
+                    s.end = m[0].len;
+                    s.stride = m[0].stride.clamp(1, m[0].len);
+                    s.src = m[0].addr;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 // ICMP errors from earlier sends: the socket is fine.
                 Err(e)
                     if matches!(
                         e.kind(),
                         io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset
-                    ) =>
-                {
-                    continue
-                }
+                    ) => {}
                 Err(e) => return Poll::Ready(Err(e)),
-            };
-            let n = rb.filled().len();
-            let d = &s.buf[..n];
-            if d.first() == Some(&frag::KIND_ECHO_REQUEST) {
-                let mut reply = d.to_vec();
-                reply[0] = frag::KIND_ECHO_REPLY;
-                let _ = self.io.try_send_to(&reply, src);
-                self.stats.echoes.fetch_add(1, Ordering::Relaxed);
-                continue;
             }
-            if !s.reasm.push(src, d, &mut s.out) || s.out.len() > bufs[0].len() {
-                continue;
-            }
-            bufs[0][..s.out.len()].copy_from_slice(&s.out);
-            meta[0] = RecvMeta {
-                addr: src,
-                len: s.out.len(),
-                stride: s.out.len(),
-                ecn: None,
-                dst_ip: None,
-            };
-            return Poll::Ready(Ok(1));
         }
     }
 
@@ -196,6 +290,10 @@ impl AsyncUdpSocket for GatewaySocket {
 
     fn may_fragment(&self) -> bool {
         false
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        TRANSMIT_SEGMENTS
     }
 }
 
@@ -368,7 +466,7 @@ pub fn endpoint(
     let std: std::net::UdpSocket = sock.into();
     std.set_nonblocking(true)?;
     let io = UdpSocket::from_std(std)?;
-    let sock = GatewaySocket::new(io, max_datagram, stats);
+    let sock = GatewaySocket::new(io, max_datagram, stats)?;
     let max_packet = u16::try_from(frag::max_packet(max_datagram)).unwrap_or(u16::MAX);
     quinn::Endpoint::new_with_abstract_socket(
         crate::tls::endpoint_config(max_packet),
@@ -376,4 +474,43 @@ pub fn endpoint(
         Arc::new(sock),
         Arc::new(quinn::TokioRuntime),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_runs_group_equal_sizes_and_end_on_a_shorter_one() {
+        // Two full packets (two full fragments each), then one whose second fragment
+        // is short, then a small one-fragment packet and a full one.
+        let lens = [877, 877, 877, 877, 877, 300, 500, 877, 877];
+        assert_eq!(
+            gso_runs(&lens, 64),
+            vec![(0, 6, 877), (6, 1, 500), (7, 2, 877)]
+        );
+        // The segment limit and the byte limit both cut runs.
+        assert_eq!(gso_runs(&lens[..4], 3), vec![(0, 3, 877), (3, 1, 877)]);
+        let big = vec![1000; 70];
+        let runs = gso_runs(&big, 128);
+        assert_eq!(runs, vec![(0, 65, 1000), (65, 5, 1000)]);
+        // No segmentation offload: one datagram per send.
+        assert_eq!(
+            gso_runs(&[5, 5, 3], 1),
+            vec![(0, 1, 5), (1, 1, 5), (2, 1, 3)]
+        );
+        assert!(gso_runs(&[], 64).is_empty());
+        // Every datagram is in exactly one run, in order.
+        let mixed = [9, 9, 1, 4, 4, 8, 2, 2, 2, 7];
+        let runs = gso_runs(&mixed, 64);
+        let mut next = 0;
+        for (first, count, seg) in runs {
+            assert_eq!(first, next);
+            assert_eq!(mixed[first], seg);
+            assert!(mixed[first..first + count - 1].iter().all(|&l| l == seg));
+            assert!(mixed[first + count - 1] <= seg);
+            next = first + count;
+        }
+        assert_eq!(next, mixed.len());
+    }
 }
