@@ -62,6 +62,9 @@ pub struct ProxySection {
     /// Local address of circuit sockets (default `0.0.0.0:0`).
     #[serde(default = "default_bind")]
     pub bind: SocketAddr,
+    /// Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9102`; none by default.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `[gateway]` in the proxy's config: the stream gateway it uses.
@@ -335,6 +338,9 @@ pub struct GatewaySection {
     /// QUIC idle timeout (default 6000, as the proxy's).
     #[serde(default = "default_idle")]
     pub idle_timeout_ms: u64,
+    /// Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9103`; none by default.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A gateway's configuration file.

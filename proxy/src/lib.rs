@@ -16,6 +16,7 @@ pub mod circuit;
 pub mod config;
 pub mod frag;
 pub mod gateway;
+pub mod metrics;
 pub mod pool;
 pub mod probe;
 pub mod socks;

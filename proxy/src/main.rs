@@ -227,6 +227,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn proxy_main(cfg: ProxyConfig) -> anyhow::Result<()> {
     let listen = cfg.file.proxy.listen;
+    let metrics = cfg.file.proxy.metrics;
     let streams = cfg.file.streams.clone();
     let pool = Pool::new(Arc::new(cfg))?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -252,6 +253,21 @@ async fn proxy_main(cfg: ProxyConfig) -> anyhow::Result<()> {
                 pool.fill().await;
             }
         });
+    }
+    if let Some(addr) = metrics {
+        let (socks, pool) = (socks.clone(), pool.clone());
+        let bound = shroud_proxy::metrics::serve(
+            addr,
+            Arc::new(move || {
+                shroud_proxy::metrics::proxy_text(
+                    &socks.stats,
+                    &pool.stats,
+                    pool.dead_relays().len(),
+                )
+            }),
+        )
+        .await?;
+        tracing::info!(metrics = %bound, "metrics endpoint listening");
     }
     {
         let (socks, pool) = (socks.clone(), pool.clone());
@@ -321,6 +337,15 @@ async fn gateway_main(cfg: GatewayConfig) -> anyhow::Result<()> {
         policy: cfg.policy.clone(),
         connect_timeout: Duration::from_secs(g.connect_timeout_secs),
     });
+    if let Some(addr) = g.metrics {
+        let st = stats.clone();
+        let bound = shroud_proxy::metrics::serve(
+            addr,
+            Arc::new(move || shroud_proxy::metrics::gateway_text(&st)),
+        )
+        .await?;
+        tracing::info!(metrics = %bound, "metrics endpoint listening");
+    }
     {
         let stats = stats.clone();
         tokio::spawn(async move {

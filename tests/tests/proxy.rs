@@ -156,7 +156,8 @@ impl ProxyNet {
             dir.join("gateway.toml"),
             format!(
                 "[gateway]\nlisten = \"{gw}\"\ncert = \"gw.cert\"\nkey = \"gw.key\"\n\
-                 exit_policy = [\"accept {}:*\", \"accept 127.0.0.1:*\"]\nidle_timeout_ms = 4000\n",
+                 exit_policy = [\"accept {}:*\", \"accept 127.0.0.1:*\"]\nidle_timeout_ms = 4000\n\
+                 metrics = \"127.0.{n}.250:9103\"\n",
                 http.ip()
             ),
         )
@@ -175,7 +176,7 @@ impl ProxyNet {
             &config,
             format!(
                 "[proxy]\nlisten = \"{socks}\"\npeer_list = {list:?}\nauthorities = [{auth:?}]\n\
-                 bind = \"127.0.{n}.200:0\"\n\n[gateway]\naddr = \"{gw}\"\ncert_sha256 = \"{fingerprint}\"\n\n\
+                 bind = \"127.0.{n}.200:0\"\nmetrics = \"127.0.{n}.100:9102\"\n\n[gateway]\naddr = \"{gw}\"\ncert_sha256 = \"{fingerprint}\"\n\n\
                  [circuits]\nhops = 3\nprebuild = 1\ndistinct_subnets = false\nidle_timeout_ms = 4000\n\
                  build_timeout_ms = 3000\n{circuits}",
                 list = net.list_path.display().to_string(),
@@ -367,6 +368,49 @@ fn refused_destinations_get_0x02_and_bad_socks_input_a_clean_close() {
     p.fetch_and_check("small.bin", &[]);
     drop(idle);
     assert!(!p.proxy.log().contains("panicked"), "{}", p.logs());
+
+    // The same counters on the Prometheus endpoints, read by curl: the proxy's
+    // replies per code, and the gateway's answers (two refusals by policy, one
+    // connection refused, one success).
+    let scrape = |addr: String, path: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+            .arg(format!("http://{addr}{path}"))
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let proxy_metrics = scrape("127.0.91.100:9102".into(), "/metrics");
+    for line in [
+        "shroud_proxy_socks_replies_total{code=\"0\"} 1",
+        "shroud_proxy_socks_replies_total{code=\"2\"} 2",
+        "shroud_proxy_socks_replies_total{code=\"5\"} 1",
+        "shroud_proxy_socks_replies_total{code=\"7\"} 1",
+        "200",
+    ] {
+        assert!(
+            proxy_metrics.lines().any(|l| l == line),
+            "{line}\n{proxy_metrics}"
+        );
+    }
+    assert!(
+        proxy_metrics
+            .lines()
+            .any(|l| l.starts_with("shroud_proxy_circuits_built_total ") && !l.ends_with(" 0")),
+        "{proxy_metrics}"
+    );
+    let gw_metrics = scrape("127.0.91.250:9103".into(), "/metrics");
+    for line in [
+        "shroud_gateway_stream_status_total{code=\"0\"} 1",
+        "shroud_gateway_stream_status_total{code=\"2\"} 2",
+        "shroud_gateway_stream_status_total{code=\"5\"} 1",
+    ] {
+        assert!(
+            gw_metrics.lines().any(|l| l == line),
+            "{line}\n{gw_metrics}"
+        );
+    }
+    assert!(scrape("127.0.91.100:9102".into(), "/other").ends_with("404"));
 
     // SIGINT: the proxy logs its counters and exits. Replies per SOCKS code: one
     // success, two refusals by policy (by hand and curl's), one connection refused,
