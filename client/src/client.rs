@@ -441,7 +441,9 @@ impl Client {
     }
 
     /// A client on a socket the caller made (e.g. with larger buffers). The socket
-    /// must be bound and blocking; the client sets its read timeout.
+    /// must be bound and blocking; the client sets its read timeout and turns
+    /// `UDP_GRO` on where the kernel has it ([`crate::udp`]), so the socket is the
+    /// client's alone from then on.
     pub fn with_socket(
         socket: UdpSocket,
         layout: Layout,
