@@ -362,6 +362,22 @@ impl Core {
         }
     }
 
+    /// Open circuit `id` and the link of its first hop, for sealing a cell.
+    fn circuit_and_link(
+        &mut self,
+        id: CircuitId,
+    ) -> Result<(&mut ClientCircuit<DefaultAead>, &ClientLink), ClientError> {
+        let c = self
+            .circuits
+            .get_mut(&id.0)
+            .ok_or(ClientError::UnknownCircuit(id))?;
+        let l = self
+            .links
+            .get(&c.circ.first_hop())
+            .ok_or(ClientError::UnknownCircuit(id))?;
+        Ok((&mut c.circ, &l.link))
+    }
+
     fn enqueue(&mut self, q: Queued) {
         if self.queue.len() >= self.queue_limit {
             self.stats.queue_dropped += 1;
@@ -1006,21 +1022,12 @@ impl Client {
     }
 
     fn seal_and_send(&mut self, id: CircuitId, body: Body<'_>) -> Result<(), ClientError> {
-        let c = self
-            .core
-            .circuits
-            .get_mut(&id.0)
-            .ok_or(ClientError::UnknownCircuit(id))?;
-        let hop = c.circ.first_hop();
-        let l = self
-            .core
-            .links
-            .get(&hop)
-            .ok_or(ClientError::UnknownCircuit(id))?;
+        let (circ, link) = self.core.circuit_and_link(id)?;
+        let hop = circ.first_hop();
         match body {
-            Body::Data(p) => c.circ.seal_data(&l.link, p, &mut self.tx, &mut self.rng),
-            Body::Cover => c.circ.seal_padding(&l.link, &mut self.tx, &mut self.rng),
-            Body::Loop => c.circ.seal_loop_cover(&l.link, &mut self.tx, &mut self.rng),
+            Body::Data(p) => circ.seal_data(link, p, &mut self.tx, &mut self.rng),
+            Body::Cover => circ.seal_padding(link, &mut self.tx, &mut self.rng),
+            Body::Loop => circ.seal_loop_cover(link, &mut self.tx, &mut self.rng),
         }
         .map_err(proto)?;
         self.send_tx(hop)?;
@@ -1060,22 +1067,11 @@ impl Client {
                 }
                 continue;
             }
-            let c = self
-                .core
-                .circuits
-                .get_mut(&id.0)
-                .ok_or(ClientError::UnknownCircuit(id))?;
-            let hop = c.circ.first_hop();
-            let l = self
-                .core
-                .links
-                .get(&hop)
-                .ok_or(ClientError::UnknownCircuit(id))?;
+            let (circ, link) = self.core.circuit_and_link(id)?;
+            let hop = circ.first_hop();
             self.tx_batch.resize(chunk.len() * cell, 0);
             for (p, out) in chunk.iter().zip(self.tx_batch.chunks_exact_mut(cell)) {
-                c.circ
-                    .seal_data(&l.link, p, out, &mut self.rng)
-                    .map_err(proto)?;
+                circ.seal_data(link, p, out, &mut self.rng).map_err(proto)?;
             }
             match crate::udp::send_segments(&self.socket, &self.tx_batch, cell, hop) {
                 Ok(()) => self.core.stats.cells_sent += chunk.len() as u64,
