@@ -124,6 +124,11 @@ impl Generator {
     /// A generator bound to `bind`.
     pub fn new(bind: SocketAddr, layout: Layout) -> anyhow::Result<Self> {
         let sock = UdpSocket::bind(bind).with_context(|| format!("cannot bind {bind}"))?;
+        Self::with_socket(sock, layout)
+    }
+
+    /// A generator on a socket the caller made (e.g. in another network namespace).
+    pub fn with_socket(sock: UdpSocket, layout: Layout) -> anyhow::Result<Self> {
         set_buffers(&sock, 16 << 20);
         shroud_relay::sys::enable_gro(&sock)?;
         let rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_rng(OsRng)
@@ -276,6 +281,17 @@ impl SinkRelay {
     pub fn start<A: Aead>(v: &Virtual, peers: Vec<Peer>, layout: Layout) -> anyhow::Result<Self> {
         let sock = UdpSocket::bind(v.addr)
             .with_context(|| format!("cannot bind the sink at {}", v.addr))?;
+        Self::start_on::<A>(sock, v, peers, layout)
+    }
+
+    /// As [`SinkRelay::start`], on a socket bound to `v.addr` by the caller (e.g. in
+    /// another network namespace).
+    pub fn start_on<A: Aead>(
+        sock: UdpSocket,
+        v: &Virtual,
+        peers: Vec<Peer>,
+        layout: Layout,
+    ) -> anyhow::Result<Self> {
         set_buffers(&sock, 32 << 20);
         shroud_relay::sys::enable_gro(&sock)?;
         sock.set_read_timeout(Some(Duration::from_millis(20)))?;
@@ -284,7 +300,9 @@ impl SinkRelay {
             v.identity.clone(),
             vec![v.onion.clone()],
             peers,
-            ExitPolicy::parse(&["accept 127.0.0.0/8:*"]).unwrap_or_default(),
+            // Loopback, and the veth path's block (crate::veth).
+            ExitPolicy::parse(&["accept 127.0.0.0/8:*", "accept 10.251.0.0/24:*"])
+                .unwrap_or_default(),
             RelayLimits {
                 max_circuits: 4096,
                 max_links: 1024,

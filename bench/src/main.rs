@@ -72,7 +72,10 @@ enum Cmd {
         /// Cells per drain round.
         #[arg(long, default_value_t = 8192)]
         round_cells: usize,
-        /// Variants to run (ring, none, per-datagram, rustcrypto, zero-copy); default all.
+        /// Variants to run: ring, none, per-datagram, rustcrypto, zero-copy, the bare
+        /// forwarder baselines bare and bare-none, and any of them prefixed veth- for
+        /// the wire-like path (network namespaces and a veth pair; root). Default: all
+        /// loopback ones, and veth-ring and veth-bare when root.
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
         /// The relay's `[io] batch_wait_us` (0 = wake for every completion).
@@ -81,6 +84,10 @@ enum Cmd {
         /// The relay's `[io] recv_slots` (receive buffers; default: the relay's).
         #[arg(long)]
         recv_slots: Option<usize>,
+        /// Most cells in flight in the veth variants' rounds (sent, not yet at the
+        /// sink); a veth's receive ring holds 256 frames, more overflows it.
+        #[arg(long, default_value_t = 128)]
+        window: u64,
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -207,6 +214,16 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// (internal) Run the bare forwarder (`relay`'s baseline): LISTEN TO CELL BODY CPU,
+    /// BODY 0 for no crypto, CPU `-` for no pinning.
+    #[command(name = "__forward", hide = true)]
+    Forward {
+        listen: std::net::SocketAddr,
+        to: std::net::SocketAddr,
+        cell: usize,
+        body: usize,
+        cpu: String,
+    },
     /// (internal) Run a relay with the same code as shroud-relay.
     #[command(name = "__relay", hide = true, disable_help_flag = true)]
     RelayProcess {
@@ -247,6 +264,19 @@ fn emit(
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.cmd {
+        Cmd::Forward {
+            listen,
+            to,
+            cell,
+            body,
+            cpu,
+        } => {
+            let work = match body {
+                0 => shroud_bench::forward::Work::Nothing,
+                body => shroud_bench::forward::Work::Open { body },
+            };
+            shroud_bench::forward::run(listen, to, cell, work, cpu.parse().ok())
+        }
         Cmd::RelayProcess { args } => {
             let mut all = vec!["shroud-relay".to_string()];
             all.extend(args);
@@ -374,11 +404,13 @@ fn main() -> ExitCode {
             variants,
             batch_wait_us,
             recv_slots,
+            window,
             json,
         } => {
             let opts = relaybench::Opts {
                 batch_wait_us,
                 recv_slots,
+                window,
                 duration,
                 workers,
                 cell,

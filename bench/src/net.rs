@@ -48,6 +48,8 @@ pub struct RelaySpec {
     pub driver: String,
     /// `[io] recv_slots` (None: the relay's default).
     pub recv_slots: Option<usize>,
+    /// A command prefix the relay runs under (e.g. `ip netns exec NS`); empty: none.
+    pub launcher: Vec<String>,
 }
 
 impl Default for RelaySpec {
@@ -63,6 +65,7 @@ impl Default for RelaySpec {
             batch_wait_us: 50,
             driver: "auto".into(),
             recv_slots: None,
+            launcher: Vec::new(),
         }
     }
 }
@@ -108,6 +111,7 @@ impl RelaySpec {
     fn setup(&self, addr: IpAddr) -> RelaySetup {
         let mut s = RelaySetup::new(addr);
         s.workers = self.workers;
+        s.launcher = self.launcher.clone();
         s.exit_policy = self.exit_policy.clone();
         let cpus: Vec<toml::Value> = self.cpus.iter().map(|&c| (c as i64).into()).collect();
         s.set("network", "cpus", cpus)
@@ -141,11 +145,21 @@ pub fn start(
     cmd: &RelayCommand,
     cell: u16,
 ) -> anyhow::Result<LocalNet> {
-    let setups = relays
-        .iter()
-        .enumerate()
-        .map(|(i, r)| r.setup(IpAddr::V4(Ipv4Addr::new(127, 0, net, i as u8 + 1))))
+    let addrs: Vec<IpAddr> = (0..relays.len())
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, net, i as u8 + 1)))
         .collect();
+    start_at(&addrs, relays, virtuals, cmd, cell)
+}
+
+/// As [`start`], relay `i` on `addrs[i]`.
+pub fn start_at(
+    addrs: &[IpAddr],
+    relays: &[RelaySpec],
+    virtuals: &[&Virtual],
+    cmd: &RelayCommand,
+    cell: u16,
+) -> anyhow::Result<LocalNet> {
+    let setups = relays.iter().zip(addrs).map(|(r, &a)| r.setup(a)).collect();
     let program = match cmd {
         RelayCommand::Binary(b) => Program::Binary(b.clone()),
         RelayCommand::SelfExe => Program::SelfExe("__relay".into()),
