@@ -312,13 +312,30 @@ impl<A: Aead> Engine<A> {
         self.relay.count_drop(reason, n);
     }
 
+    /// Opens `circuit`'s exit socket, counting a socket the pool could not supply.
+    fn open_exit(
+        &self,
+        exits: &mut ExitSockets,
+        circuit: CircuitRef,
+        dest: SocketAddr,
+    ) -> std::io::Result<Option<u32>> {
+        let misses = exits.pool_misses();
+        let r = exits.open(circuit, dest);
+        if exits.pool_misses() > misses {
+            self.stats
+                .exit_pool_misses
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
     /// Handles one received datagram held in receive slot `slot`, which arrived on
     /// socket `sock`.
     ///
     /// A setup that makes this relay a circuit's exit gets its exit socket here, before
     /// its CREATED is planned; if the socket cannot be opened the CREATED becomes a
     /// REFUSED (`capacity`), so no client is told a circuit is open that cannot carry
-    /// anything. `nonblocking` is the mode of the exit sockets.
+    /// anything.
     #[allow(clippy::too_many_arguments)]
     pub fn on_datagram(
         &mut self,
@@ -328,7 +345,6 @@ impl<A: Aead> Engine<A> {
         buf: &mut [u8],
         out: Out<'_>,
         exits: &mut ExitSockets,
-        nonblocking: bool,
         now_ms: u64,
     ) {
         let Out { plan, side, arena } = out;
@@ -354,7 +370,7 @@ impl<A: Aead> Engine<A> {
                 Action::Send {
                     to,
                     event: Some(Event::ExitOpened { circuit, dest }),
-                } => match exits.open(circuit, dest, nonblocking) {
+                } => match self.open_exit(exits, circuit, dest) {
                     Ok(Some(_)) => {
                         plan.push(to, loc);
                         side.push(SideEffect::Opened { circuit, dest });

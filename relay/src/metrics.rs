@@ -361,6 +361,12 @@ impl Collector for RelayMetrics {
         )?;
         counters(
             &mut enc,
+            "shroud_exit_pool_misses",
+            "Exit sockets a worker made itself because its pool of ready exit sockets was empty.",
+            &per_worker(&|s| vec![(Vec::new(), s.exit_pool_misses)]),
+        )?;
+        counters(
+            &mut enc,
             "shroud_batches",
             "Worker loop iterations (batches), including empty ones.",
             &per_worker(&|s| vec![(Vec::new(), s.batches)]),

@@ -74,7 +74,9 @@ impl Driver {
                 spec.io.exit_sockets,
                 &spec.local_ips(),
                 spec.io.socket_buffer_bytes,
-            ),
+                true,
+                spec.index,
+            )?,
             cell,
             max_segs: if spec.io.gro_gso {
                 MAX_SEGS.min(65000 / cell).max(1)
@@ -342,7 +344,6 @@ impl Driver {
                                     buf,
                                     out,
                                     &mut self.exits,
-                                    true,
                                     now,
                                 );
                             }

@@ -93,6 +93,9 @@ pub struct WorkerStats {
     /// Times the receive buffer ring ran dry (io_uring driver): receiving paused
     /// until buffers came back, datagrams waiting in the socket meanwhile.
     pub recv_ring_empty: AtomicU64,
+    /// Exit circuits whose socket the worker had to make itself because the pool of
+    /// ready exit sockets was empty.
+    pub exit_pool_misses: AtomicU64,
     /// Batches processed.
     pub batches: AtomicU64,
     /// Worker loop iterations that polled the control channel: the watchdog's sign
@@ -238,6 +241,7 @@ impl WorkerStats {
             send_errors: self.send_errors.load(Relaxed),
             recv_errors: self.recv_errors.load(Relaxed),
             recv_ring_empty: self.recv_ring_empty.load(Relaxed),
+            exit_pool_misses: self.exit_pool_misses.load(Relaxed),
             batches: self.batches.load(Relaxed),
             batch_latency: Some(self.batch_latency.snapshot()),
         }

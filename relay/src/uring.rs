@@ -170,7 +170,9 @@ impl Driver {
                 spec.io.exit_sockets,
                 &spec.local_ips(),
                 spec.io.socket_buffer_bytes,
-            ),
+                false,
+                spec.index,
+            )?,
             cell,
             max_segs,
             plan: Plan::default(),
@@ -518,7 +520,6 @@ impl Driver {
                                     buf,
                                     out,
                                     &mut self.exits,
-                                    false,
                                     now,
                                 );
                             }
@@ -641,6 +642,7 @@ impl Drop for Driver {
                 &mut self.arena,
                 TxArena::new(0, 0, self.cell),
             ));
+            self.exits.stop_pool();
             std::mem::forget(std::mem::replace(&mut self.exits, ExitSockets::new(0)));
             return;
         }

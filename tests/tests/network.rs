@@ -438,7 +438,8 @@ fn set_nofile(pid: u32, soft: u64, hard: u64) {
 /// The exit's socket is opened before its CREATED is sent: an exit that cannot open
 /// it (here: out of file descriptors) answers REFUSED `capacity` instead, which
 /// travels back through the middle hop (removing the circuit there too), so the
-/// client learns at once rather than by timeout, and nothing is left behind. Once
+/// client learns at once rather than by timeout, and nothing is left behind. Sockets
+/// made ready before (the exit's pool) still carry circuits until they run out. Once
 /// the exit can open sockets again, circuits build as before.
 #[test]
 fn an_exit_that_cannot_open_its_socket_refuses_the_circuit() {
@@ -461,8 +462,22 @@ fn an_exit_that_cannot_open_its_socket_refuses_the_circuit() {
     // process's table may have gaps below its count).
     set_nofile(pid, 0, hard);
     let mut c = net.client();
-    let refused = c.build_circuit(&net.path(&[0, 1]), dest, T);
+    // The exit's one worker holds a pool of 16 ready IPv4 exit sockets made before
+    // the limit (and its helper one more, waiting for room); the helper cannot make
+    // more now. The pool carries exits until it is empty, then the exit cannot open
+    // a socket.
+    let mut built = 0;
+    let refused = loop {
+        match c.build_circuit(&net.path(&[0, 1]), dest, T) {
+            Ok(_) if built < 40 => built += 1,
+            other => break other,
+        }
+    };
     set_nofile(pid, soft, hard);
+    assert!(
+        (16..=17).contains(&built),
+        "the pooled sockets carried {built} exits, then {refused:?}"
+    );
     match refused {
         Err(ClientError::Refused {
             hop: 1,
@@ -473,11 +488,12 @@ fn an_exit_that_cannot_open_its_socket_refuses_the_circuit() {
     }
     assert_eq!(
         net.circuits(0),
-        0,
+        built,
         "the middle hop removed the refused circuit"
     );
-    assert_eq!(net.circuits(1), 0, "the exit removed it");
+    assert_eq!(net.circuits(1), built, "the exit removed it");
     assert_eq!(net.drops(1, "capacity"), 1);
+    assert_eq!(net.worker_stat(1, "exit_pool_misses"), 1);
     let id = c
         .build_circuit(&net.path(&[0, 1]), dest, T)
         .expect("builds once sockets can be opened");
@@ -865,4 +881,14 @@ fn exit_traffic_leaves_from_the_relays_own_address() {
     // And the reply goes back through the same socket.
     dest.send_to(b"back", from).expect("reply");
     assert_eq!(c.recv(T).expect("reply").1, b"back");
+    // More exit circuits, one after another: every socket came ready-made from the
+    // exit's pool (made off its worker thread), none was made on the worker.
+    for _ in 0..20 {
+        let id = c
+            .build_circuit(&net.path(&[0, 1]), dest.local_addr().expect("addr"), T)
+            .expect("circuit");
+        c.send(id, b"again").expect("send");
+        assert_eq!(dest.recv_from(&mut buf).expect("delivery").0, 5);
+    }
+    assert_eq!(net.worker_stat(1, "exit_pool_misses"), 0);
 }

@@ -253,6 +253,9 @@ pub struct WorkerCounters {
     pub recv_errors: u64,
     /// Times the receive buffer ring ran dry.
     pub recv_ring_empty: u64,
+    /// Exit sockets the worker made itself (the ready pool was empty).
+    #[serde(default)]
+    pub exit_pool_misses: u64,
     /// Batches (worker loop iterations).
     pub batches: u64,
     /// Batch latency histogram (relays that have it).

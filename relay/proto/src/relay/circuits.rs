@@ -21,6 +21,15 @@ pub struct CircuitRef {
     pub(super) generation: u32,
 }
 
+impl CircuitRef {
+    /// A handle from its parts, for tables kept beside the relay (tests of the exit
+    /// socket table): it names a circuit only if the relay has a live one in `slot`
+    /// of that `generation`, so a made-up handle reaches nothing.
+    pub fn from_parts(slot: u32, generation: u32) -> Self {
+        CircuitRef { slot, generation }
+    }
+}
+
 /// Where a circuit goes after this relay.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Hop {
