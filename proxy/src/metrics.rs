@@ -5,14 +5,13 @@
 //! other path is 404, any other method 405. The endpoint serves at most
 //! [`MAX_CONNECTIONS`] connections at once, each for at most 30 s, with a 5 s limit on
 //! reading the request head, so a slow or flooding scraper costs a bounded amount.
-//! Bind it to loopback or a management address: it has no authentication.
+//! Bind it to loopback or a management address: it has no authentication. The server
+//! is `shroud-httpd`, the relay's too.
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 
@@ -151,38 +150,22 @@ pub fn gateway_text(s: &GatewayStats) -> String {
     o
 }
 
-type Body = http_body_util::Full<hyper::body::Bytes>;
-
-fn route<B>(
-    req: &hyper::Request<B>,
+fn route(
+    req: &shroud_httpd::Request,
     render: &(dyn Fn() -> String + Send + Sync),
-) -> hyper::Response<Body> {
-    let (status, ctype, body) = if req.uri().path() != "/metrics" {
-        (
-            404,
-            "text/plain; charset=utf-8",
-            "not found: GET /metrics\n".to_owned(),
-        )
+) -> hyper::Response<shroud_httpd::Body> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if req.uri().path() != "/metrics" {
+        shroud_httpd::reply(404, TEXT, "not found: GET /metrics\n".to_owned())
     } else if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
-        (
-            405,
-            "text/plain; charset=utf-8",
-            "method not allowed: GET /metrics\n".to_owned(),
-        )
+        shroud_httpd::reply(405, TEXT, "method not allowed: GET /metrics\n".to_owned())
     } else {
-        (200, "text/plain; version=0.0.4; charset=utf-8", render())
-    };
-    let mut r = hyper::Response::new(Body::new(body.into()));
-    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
-    r.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(ctype),
-    );
-    r
+        shroud_httpd::reply(200, "text/plain; version=0.0.4; charset=utf-8", render())
+    }
 }
 
-/// Binds `addr` and serves `render` at `/metrics` on the current tokio runtime;
-/// returns the bound address.
+/// Binds `addr` and serves `render` at `/metrics` on the current tokio runtime
+/// (shroud-httpd: bounded connections and time limits); returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     render: Arc<dyn Fn() -> String + Send + Sync>,
@@ -191,35 +174,9 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot bind metrics on {addr}"))?;
     let bound = listener.local_addr()?;
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
-                Err(_) => {
-                    // Out of file descriptors or similar: back off, retry.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                continue;
-            };
-            let render = render.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                let svc = hyper::service::service_fn(move |req| {
-                    let render = render.clone();
-                    async move { Ok::<_, Infallible>(route(&req, &*render)) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(5))
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-            });
-        }
-    });
+    let handler: shroud_httpd::Handler =
+        Arc::new(move |req: &shroud_httpd::Request| route(req, &*render));
+    tokio::spawn(shroud_httpd::serve(listener, MAX_CONNECTIONS, handler));
     Ok(bound)
 }
 

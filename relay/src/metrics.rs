@@ -20,15 +20,13 @@
 //! runtime: every connection is a task, so a slow or stuck scraper costs no thread
 //! and blocks nobody; a request's headers must arrive within 5 s, a connection lives
 //! at most 30 s, and at most [`MAX_CONNECTIONS`] are served at once (more are closed
-//! at accept).
+//! at accept). The server is `shroud-httpd`, the one the proxy and gateway use too.
 
-use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use prometheus_client::collector::Collector;
@@ -695,16 +693,7 @@ pub fn authorized(header: Option<&[u8]>, token: Option<&str>) -> bool {
     }
 }
 
-type Body = http_body_util::Full<hyper::body::Bytes>;
-
-fn reply(status: u16, content_type: &str, body: String) -> hyper::Response<Body> {
-    let mut r = hyper::Response::new(Body::new(body.into()));
-    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
-    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r
-}
+use shroud_httpd::{reply, Body};
 
 /// Answers one request (see the [module docs](self)).
 pub fn route<B>(
@@ -761,47 +750,15 @@ pub fn serve_metrics(
         .enable_time()
         .build()
         .context("cannot start the metrics server's runtime")?;
-    let state = Arc::new((metrics, token));
+    let handler: shroud_httpd::Handler =
+        Arc::new(move |req: &shroud_httpd::Request| route(req, &metrics, token.as_deref()));
     std::thread::Builder::new()
         .name("shroud-metrics".into())
         .spawn(move || {
             rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "metrics endpoint stopped");
-                        return;
-                    }
-                };
-                let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-                loop {
-                    let stream = match listener.accept().await {
-                        Ok((s, _)) => s,
-                        Err(_) => {
-                            // Out of file descriptors or similar: back off, retry.
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let Ok(permit) = slots.clone().try_acquire_owned() else {
-                        drop(stream);
-                        continue;
-                    };
-                    let state = state.clone();
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        let svc = hyper::service::service_fn(move |req| {
-                            let state = state.clone();
-                            async move {
-                                Ok::<_, Infallible>(route(&req, &state.0, state.1.as_deref()))
-                            }
-                        });
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .timer(hyper_util::rt::TokioTimer::new())
-                            .header_read_timeout(Duration::from_secs(5))
-                            .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                        let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
-                    });
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => shroud_httpd::serve(l, MAX_CONNECTIONS, handler).await,
+                    Err(e) => tracing::error!(error = %e, "metrics endpoint stopped"),
                 }
             });
         })?;
@@ -813,6 +770,7 @@ mod tests {
     use super::*;
     use std::io::{Read as _, Write as _};
     use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
 
     fn sample() -> RelayMetrics {
         let w = Arc::new(WorkerStats::default());
