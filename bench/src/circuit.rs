@@ -63,15 +63,30 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
         let d = s.drive(step, offered, u64::MAX / 2, stop, &bar)?;
         sweep.push(point(offered, &d));
     }
-    // Added latency per hop at half of the N-hop saturation rate.
+    // Added latency per hop at half of the N-hop saturation rate: N-hop and one-hop
+    // circuits alternately, three runs each, and the median of each quantile over the
+    // runs. A quantile of two separate runs differs by the noise of this machine too,
+    // so a small or negative difference means "within the noise".
     let half = 0.5 * sat_rate;
-    let n_hops = s.drive(step, half, u64::MAX / 2, stop, &bar)?;
-    s.build(opts.circuits, 1)?;
-    let one_hop = s.drive(step, half, u64::MAX / 2, stop, &bar)?;
-    let per_hop = |q: f64| {
-        (n_hops.latency.value_at_quantile(q) as f64 - one_hop.latency.value_at_quantile(q) as f64)
-            / (opts.hops - 1) as f64
+    let runs = 3;
+    let short = (step / 2.0).max(0.5);
+    let (mut n_runs, mut one_runs) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        s.build(opts.circuits, opts.hops)?;
+        n_runs.push(s.drive(short, half, u64::MAX / 2, stop, &bar)?);
+        s.build(opts.circuits, 1)?;
+        one_runs.push(s.drive(short, half, u64::MAX / 2, stop, &bar)?);
+    }
+    let quantile = |runs: &[Drive], q: f64| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .map(|d| d.latency.value_at_quantile(q) as f64)
+            .collect();
+        crate::report::median(&mut v)
     };
+    let per_hop = |q: f64| (quantile(&n_runs, q) - quantile(&one_runs, q)) / (opts.hops - 1) as f64;
+    let n_hops = &n_runs[runs / 2];
+    let one_hop = &one_runs[runs / 2];
     let setups = s.setup_rate(opts.hops, Duration::from_secs_f64(step))?;
     let parallel = s.setup_rate_parallel(opts.hops, Duration::from_secs_f64(step), SETUP_BATCH)?;
     let bare = bare_x25519_us(Duration::from_secs_f64(step.min(2.0)));
@@ -88,8 +103,13 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
             "offered_cells_per_sec": half,
             "p50": per_hop(0.5),
             "p99": per_hop(0.99),
-            "n_hops": point(half, &n_hops),
-            "one_hop": point(half, &one_hop),
+            "runs": runs,
+            "n_hops_p50_us_median": quantile(&n_runs, 0.5),
+            "n_hops_p99_us_median": quantile(&n_runs, 0.99),
+            "one_hop_p50_us_median": quantile(&one_runs, 0.5),
+            "one_hop_p99_us_median": quantile(&one_runs, 0.99),
+            "n_hops": point(half, n_hops),
+            "one_hop": point(half, one_hop),
         },
         "latency_cdf_us": crate::plot::cdf_points(&n_hops.latency),
         "setups_per_sec": setups,
@@ -155,10 +175,16 @@ pub fn print(r: &Value) {
     }
     let h = &r["per_hop_latency_us"];
     println!(
-        "added latency per hop at {:.0} cells/s: p50 {:.0} us, p99 {:.0} us",
+        "added latency per hop at {:.0} cells/s: p50 {:.0} us, p99 {:.0} us (medians of {} runs: {} hops p50 {:.0} / p99 {:.0} us, one hop p50 {:.0} / p99 {:.0} us; a negative figure is within the noise)",
         h["offered_cells_per_sec"].as_f64().unwrap_or(0.0),
         h["p50"].as_f64().unwrap_or(0.0),
-        h["p99"].as_f64().unwrap_or(0.0)
+        h["p99"].as_f64().unwrap_or(0.0),
+        h["runs"],
+        r["hops"],
+        h["n_hops_p50_us_median"].as_f64().unwrap_or(0.0),
+        h["n_hops_p99_us_median"].as_f64().unwrap_or(0.0),
+        h["one_hop_p50_us_median"].as_f64().unwrap_or(0.0),
+        h["one_hop_p99_us_median"].as_f64().unwrap_or(0.0),
     );
     println!(
         "circuit setups, one at a time: {:.0}/s ({:.0}/s per relay core)",
