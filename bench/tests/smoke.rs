@@ -151,7 +151,7 @@ fn relay_benchmark_reports_every_variant_and_ratio() {
             "--round-cells",
             "1024",
             "--variants",
-            "ring,none,per-datagram",
+            "ring,none,per-datagram,bare",
             "--json",
         ])
         .arg(&json)
@@ -166,14 +166,71 @@ fn relay_benchmark_reports_every_variant_and_ratio() {
     assert_eq!(r["schema"], "shroud-bench/relay/1");
     assert!(r["cells_per_sec_per_core"].as_f64().unwrap() > 0.0);
     let v = r["variants"].as_array().unwrap();
-    assert_eq!(v.len(), 3);
+    assert_eq!(v.len(), 4);
     for x in v {
         assert!(x["rounds"].as_u64().unwrap() >= 3, "{x}");
         assert!(x["cells_per_sec"].is_f64());
+        assert!(x["core_cpu_ns_per_cell"].as_f64().unwrap() > 0.0, "{x}");
     }
+    assert_eq!(v[3]["forwarder"], "bare");
+    assert!(r["ratios"]["ring_vs_bare"].is_f64());
     assert!(r["ratios"]["ring_vs_no_crypto"].is_f64());
     assert!(r["ratios"]["ring_vs_per_datagram"].is_f64());
     assert!(r["raw_aes_gcm_opens_per_sec_per_core"]["ring"].is_f64());
+    let _ = std::fs::remove_file(json);
+}
+
+/// The wire-like path: the relay and the bare forwarder each in a network namespace
+/// behind a veth pair, single frames in, NAPI on the forwarder's core (root only).
+#[test]
+fn relay_benchmark_over_veth_against_the_bare_forwarder() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: the veth path needs root");
+        return;
+    }
+    let namespaces = || {
+        let list = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .filter(|n| n.starts_with("shb"))
+            .collect::<Vec<_>>()
+    };
+    let before = namespaces();
+    let json = tmp("relay-veth.json");
+    let out = bench()
+        .args([
+            "relay",
+            "--duration",
+            "0.5",
+            "--round-cells",
+            "1024",
+            "--variants",
+            "veth-ring,veth-bare",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v = r["variants"].as_array().unwrap();
+    assert_eq!(v.len(), 2);
+    for x in v {
+        assert_eq!(x["path"], "veth", "{x}");
+        assert!(x["rounds"].as_u64().unwrap() >= 1, "{x}");
+        // The forwarder's NAPI thread did the receive work, on its core.
+        assert!(x["napi_cpu_seconds"].as_f64().unwrap() >= 0.0, "{x}");
+        assert!(x["core_cpu_ns_per_cell"].as_f64().unwrap() > 0.0, "{x}");
+    }
+    assert!(r["ratios"]["veth_ring_vs_veth_bare_core_cpu"].is_f64());
+    // Nothing is left behind.
+    let after = namespaces();
+    assert!(after.iter().all(|n| before.contains(n)), "{after:?}");
     let _ = std::fs::remove_file(json);
 }
 
@@ -205,6 +262,7 @@ fn circuit_benchmark_reports_sweep_per_hop_latency_and_setups() {
     }
     assert!(r["per_hop_latency_us"]["p50"].is_f64());
     assert!(r["per_hop_latency_us"]["p99"].is_f64());
+    assert!(r["per_hop_latency_us"]["one_hop_p99_us_median"].is_f64());
     assert!(r["setups_per_sec"].as_f64().unwrap() > 0.0);
     assert!(r["setups_per_sec_per_relay_core"].is_f64());
     assert!(r["latency_cdf_us"].as_array().unwrap().len() > 10);
