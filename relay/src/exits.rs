@@ -140,8 +140,9 @@ impl Recipe {
     }
 }
 
-/// Ready-made exit sockets, one queue per address family, each kept full by a helper
-/// thread that blocks while its queue is full. Dropping the pool stops the helpers.
+/// Ready-made exit sockets, one queue per address family, filled when the pool starts
+/// and kept full by a helper thread that blocks while its queue is full. Dropping the
+/// pool stops the helpers.
 #[derive(Debug)]
 pub struct SocketPool {
     /// Ready sockets: IPv4 first, IPv6 second.
@@ -157,6 +158,14 @@ impl SocketPool {
         let mut ready = Vec::new();
         for v4 in [true, false] {
             let (tx, rx) = bounded(POOL_SOCKETS);
+            // Filled here first (at start, not on the data path), so the pool is full
+            // before the first receive; best effort: the helper retries what fails.
+            for _ in 0..POOL_SOCKETS {
+                let Ok(s) = recipe.make(v4) else { break };
+                if tx.try_send(s).is_err() {
+                    break;
+                }
+            }
             let stop = stop.clone();
             let family = if v4 { "v4" } else { "v6" };
             helpers.push(
