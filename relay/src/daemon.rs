@@ -334,6 +334,18 @@ fn process_keyring(cfg: &Config, keys: &[OnionKey], start_ms: u64) -> anyhow::Re
     Ok(k.with_journal(Arc::new(journal)))
 }
 
+/// File descriptors the relay may hold at once: per worker its exit sockets, the
+/// ready pool of exit sockets (two families, plus one in each helper's hands), its
+/// listen sockets and its io_uring; and a margin for the rest (admin and metrics
+/// connections, journal, log, standard streams).
+fn descriptors_needed(cfg: &Config) -> u64 {
+    let per_worker = cfg.limits.exit_sockets
+        + 2 * (crate::exits::POOL_SOCKETS + 1)
+        + cfg.network.listen.len()
+        + 1;
+    (cfg.network.workers * per_worker + 128) as u64
+}
+
 /// The unix-ms deadline of a drain of `timeout` from `now_ms`; an absurd timeout (an
 /// admin request may ask for u64::MAX seconds) saturates instead of wrapping into the
 /// past, which would end the drain at once.
@@ -465,6 +477,17 @@ impl Daemon {
         let now_ms = sys::now_ms();
         let keyring = process_keyring(&cfg, &loaded.onion, now_ms).map_err(StartError::Config)?;
         wait_for_next_second(now_ms);
+        let needed = descriptors_needed(&cfg);
+        match sys::raise_nofile(needed) {
+            Ok(soft) if soft >= needed => {}
+            Ok(soft) => tracing::warn!(
+                limit = soft,
+                needed,
+                "the open-file limit is below what the configured exit sockets need: exit \
+                 circuits beyond it are refused (raise LimitNOFILE= or lower [limits] exit_sockets)"
+            ),
+            Err(e) => tracing::warn!(error = %e, needed, "cannot raise the open-file limit"),
+        }
         let mut workers = Vec::new();
         for i in 0..cfg.network.workers {
             let port = cfg.network.base_port + i as u16;

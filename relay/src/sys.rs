@@ -199,6 +199,20 @@ pub fn parse_kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
+/// Raises the soft limit on open files to `needed` (at most the hard limit) if it is
+/// below; returns the soft limit now in force. Unprivileged: only up to the hard
+/// limit, which the service manager sets (`LimitNOFILE=`).
+pub fn raise_nofile(needed: u64) -> io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= needed {
+        return Ok(soft);
+    }
+    let target = needed.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
+    Ok(target)
+}
+
 /// Pins the calling thread to `cpu`.
 pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
     let mut set = CpuSet::new();

@@ -899,3 +899,56 @@ fn exit_traffic_leaves_from_the_relays_own_address() {
     }
     assert_eq!(net.worker_stat(1, "exit_pool_misses"), 0);
 }
+
+/// Open-file limit of process `pid` (soft, hard) from /proc.
+fn nofile(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let l = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("Max open files");
+    let v: Vec<u64> = l
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (v[0], v[1])
+}
+
+/// Every exit circuit holds a socket: a relay started under a low soft limit on open
+/// files raises it to what its exit sockets need (here 256, the test configuration,
+/// plus its pools and a margin), within the hard limit; under a hard limit too low for
+/// that it takes the hard limit and says so in its log, and still carries traffic.
+#[test]
+fn the_relay_raises_its_open_file_limit_to_what_its_exits_need() {
+    let mut opts = NetOpts::new(86, 2);
+    let under = |soft: u32, hard: u32| {
+        ["prlimit", &format!("--nofile={soft}:{hard}"), "--"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+    };
+    // A child may keep at most our own hard limit.
+    let ours = nofile(std::process::id()).1.min(u64::from(u32::MAX)) as u32;
+    assert!(
+        ours >= 2048,
+        "this test needs a hard limit of 2048 open files or more"
+    );
+    opts.launchers = vec![under(64, ours), under(64, 200)];
+    let net = TestNet::start(opts);
+    let pid = |i: usize| net.relays[i].child.as_ref().expect("running").id();
+    let (soft, hard) = nofile(pid(0));
+    assert_eq!(hard, u64::from(ours));
+    assert!((256 + 2 * 16..=2048).contains(&soft), "soft limit {soft}");
+    assert_eq!(nofile(pid(1)), (200, 200));
+    assert!(
+        net.log(1).contains("open-file limit is below"),
+        "{}",
+        net.log(1)
+    );
+    let (dest, _echo) = echo(86);
+    let mut c = net.client();
+    for path in [[0, 1], [1, 0]] {
+        let id = c.build_circuit(&net.path(&path), dest, T).expect("circuit");
+        round_trips(&mut c, id, 4, 3);
+    }
+}
