@@ -24,8 +24,7 @@
 
 use std::io::BufRead;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -41,7 +40,8 @@ use crate::flow::{Generator, SinkRelay};
 use crate::forward::Work;
 use crate::net::{LocalNet, RelayCommand, RelaySpec, Virtual};
 use crate::report::{machine, median};
-use crate::veth::{cpu_seconds, VethPair};
+use crate::veth::VethPair;
+use shroud_localnet::{cpu_seconds, die_with_parent, launch_command};
 
 /// Options of `shroud-bench relay`.
 #[derive(Debug, Clone)]
@@ -118,10 +118,10 @@ enum Dut {
 }
 
 impl Dut {
-    fn pid(&self) -> i32 {
+    fn pid(&self) -> u32 {
         match self {
-            Dut::Relay(net) => net.pids().first().map_or(0, |&p| p as i32),
-            Dut::Bare(c) => c.id() as i32,
+            Dut::Relay(net) => net.pids().first().copied().unwrap_or(0),
+            Dut::Bare(c) => c.id(),
         }
     }
 
@@ -130,7 +130,7 @@ impl Dut {
         if pid > 0 {
             // SAFETY: kill(2) on our own child; no memory is involved.
             unsafe {
-                libc::kill(pid, sig);
+                libc::kill(pid as libc::pid_t, sig);
             }
         }
     }
@@ -181,15 +181,7 @@ fn start_bare(
     cpu: Option<usize>,
     launcher: &[String],
 ) -> anyhow::Result<Child> {
-    let exe = std::env::current_exe()?;
-    let mut cmd = match launcher.split_first() {
-        Some((l, args)) => {
-            let mut c = Command::new(l);
-            c.args(args).arg(&exe);
-            c
-        }
-        None => Command::new(&exe),
-    };
+    let mut cmd = launch_command(launcher, &std::env::current_exe()?);
     cmd.arg("__forward")
         .arg(listen.to_string())
         .arg(to.to_string())
@@ -205,14 +197,7 @@ fn start_bare(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent; the
-    // forwarder dies with the thread that started it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+    die_with_parent(&mut cmd);
     let mut child = cmd.spawn().context("starting the bare forwarder")?;
     let mut line = String::new();
     let out = child.stdout.take().context("forwarder stdout")?;

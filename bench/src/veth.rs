@@ -139,17 +139,6 @@ fn pin(tid: i32, cpus: &[usize]) -> anyhow::Result<()> {
         .with_context(|| format!("pinning NAPI thread {tid}"))
 }
 
-/// CPU seconds (user + system) of thread or process `pid`.
-pub fn cpu_seconds(pid: i32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let rest = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |k: usize| f.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / shroud_relay::sys::clock_ticks() as f64
-}
-
 impl VethPair {
     /// Creates the namespaces and the pair; the forwarder side's NAPI thread runs on
     /// `fwd_cpus`, the generator side's on `gen_cpus`.
@@ -259,7 +248,7 @@ impl VethPair {
     pub fn fwd_napi_cpu_seconds(&self) -> f64 {
         napi_threads(&self.fwd_dev)
             .into_iter()
-            .map(cpu_seconds)
+            .map(|t| shroud_localnet::cpu_seconds(t as u32))
             .sum()
     }
 }

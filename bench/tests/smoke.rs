@@ -15,6 +15,29 @@ fn bench() -> Command {
     c
 }
 
+/// Runs the benchmark with `args`, `--json JSON`, then `more`; asserts that it
+/// succeeded (its stderr in the message) and returns the JSON report and the output.
+fn report(
+    args: &[&str],
+    json: &std::path::Path,
+    more: &[&std::ffi::OsStr],
+) -> (Value, std::process::Output) {
+    let out = bench()
+        .args(args)
+        .arg("--json")
+        .arg(json)
+        .args(more)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (r, out)
+}
+
 fn tmp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("shroud-bench-smoke-{}-{name}", std::process::id()))
 }
@@ -47,16 +70,12 @@ fn pids_from(line: &str) -> Vec<u32> {
 #[test]
 fn demo_reports_and_leaves_nothing_behind() {
     let json = tmp("demo.json");
-    let out = bench()
-        .args(["demo", "--duration", "2", "--net", "61", "--json"])
-        .arg(&json)
-        .arg("--plot")
-        .arg(tmp("demo.svg"))
-        .output()
-        .unwrap();
+    let (r, out) = report(
+        &["demo", "--duration", "2", "--net", "61"],
+        &json,
+        &[std::ffi::OsStr::new("--plot"), tmp("demo.svg").as_os_str()],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["schema"], "shroud-bench/demo/1");
     assert!(r["payload_mb_per_sec"].is_f64());
     assert!(
@@ -143,8 +162,8 @@ fn interrupted_demo_stops_every_relay() {
 #[test]
 fn relay_benchmark_reports_every_variant_and_ratio() {
     let json = tmp("relay.json");
-    let out = bench()
-        .args([
+    let (r, _) = report(
+        &[
             "relay",
             "--duration",
             "0.5",
@@ -152,17 +171,10 @@ fn relay_benchmark_reports_every_variant_and_ratio() {
             "1024",
             "--variants",
             "ring,none,per-datagram,bare",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &json,
+        &[],
     );
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["schema"], "shroud-bench/relay/1");
     assert!(r["cells_per_sec_per_core"].as_f64().unwrap() > 0.0);
     let v = r["variants"].as_array().unwrap();
@@ -198,8 +210,8 @@ fn relay_benchmark_over_veth_against_the_bare_forwarder() {
     };
     let before = namespaces();
     let json = tmp("relay-veth.json");
-    let out = bench()
-        .args([
+    let (r, _) = report(
+        &[
             "relay",
             "--duration",
             "0.5",
@@ -207,17 +219,10 @@ fn relay_benchmark_over_veth_against_the_bare_forwarder() {
             "1024",
             "--variants",
             "veth-ring,veth-bare",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &json,
+        &[],
     );
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let v = r["variants"].as_array().unwrap();
     assert_eq!(v.len(), 2);
     for x in v {
@@ -237,19 +242,14 @@ fn relay_benchmark_over_veth_against_the_bare_forwarder() {
 #[test]
 fn circuit_benchmark_reports_sweep_per_hop_latency_and_setups() {
     let json = tmp("circuit.json");
-    let out = bench()
-        .args(["circuit", "--duration", "4.5", "--net", "63", "--json"])
-        .arg(&json)
-        .arg("--plot")
-        .arg(tmp("circuit.svg"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (r, _) = report(
+        &["circuit", "--duration", "4.5", "--net", "63"],
+        &json,
+        &[
+            std::ffi::OsStr::new("--plot"),
+            tmp("circuit.svg").as_os_str(),
+        ],
     );
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["schema"], "shroud-bench/circuit/1");
     assert!(r["payload_mb_per_sec"].as_f64().unwrap() > 0.0);
     let sweep = r["sweep"].as_array().unwrap();
@@ -281,8 +281,8 @@ fn circuit_benchmark_reports_sweep_per_hop_latency_and_setups() {
 #[test]
 fn flood_reports_every_case_and_ratio() {
     let json = tmp("flood.json");
-    let out = bench()
-        .args([
+    let (r, out) = report(
+        &[
             "flood",
             "--duration",
             "1",
@@ -292,14 +292,10 @@ fn flood_reports_every_case_and_ratio() {
             "5000",
             "--net",
             "64",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        ],
+        &json,
+        &[],
+    );
     assert_eq!(r["schema"], "shroud-bench/flood/1");
     let cases = r["cases"].as_array().expect("cases");
     // 1 source x {after, before} circuits x {sink, relays}.
@@ -330,8 +326,8 @@ fn proxy_reports_one_stream_against_direct_loopback() {
     // Needs shroud-proxy and shroud-relay next to this binary (`cargo build
     // -p shroud-proxy -p shroud-relay`, or any workspace build).
     let json = tmp("proxy.json");
-    let out = bench()
-        .args([
+    let (r, _) = report(
+        &[
             "proxy",
             "--size",
             "1000000",
@@ -341,14 +337,10 @@ fn proxy_reports_one_stream_against_direct_loopback() {
             "2",
             "--net",
             "97",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        ],
+        &json,
+        &[],
+    );
     assert_eq!(r["schema"], "shroud-bench/proxy/1");
     assert_eq!(r["bytes_per_stream"], 1_000_000);
     for side in ["direct_loopback", "proxy"] {

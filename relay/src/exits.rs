@@ -243,7 +243,7 @@ impl ExitSockets {
     /// `n` exit slots binding the unspecified address, with the kernel's buffers,
     /// blocking sockets and no pool (for tests and for dropping a table).
     pub fn new(n: usize) -> Self {
-        Self::build(n, &[], 0, false, None)
+        Self::build(n, &[], 0, false)
     }
 
     /// `n` exit slots whose sockets bind the first address of the destination's family
@@ -259,20 +259,15 @@ impl ExitSockets {
         nonblocking: bool,
         worker: usize,
     ) -> io::Result<Self> {
-        let mut t = Self::build(n, local, buffer, nonblocking, None);
+        let mut t = Self::build(n, local, buffer, nonblocking);
         if n > 0 {
             t.pool = Some(SocketPool::start(t.recipe, worker)?);
         }
         Ok(t)
     }
 
-    fn build(
-        n: usize,
-        local: &[IpAddr],
-        buffer: usize,
-        nonblocking: bool,
-        pool: Option<SocketPool>,
-    ) -> Self {
+    /// The table without a pool.
+    fn build(n: usize, local: &[IpAddr], buffer: usize, nonblocking: bool) -> Self {
         let first = |v4: bool| {
             local
                 .iter()
@@ -291,7 +286,7 @@ impl ExitSockets {
                 buffer,
                 nonblocking,
             },
-            pool,
+            pool: None,
             pool_misses: 0,
             slots: (0..n)
                 .map(|_| ExitSlot {

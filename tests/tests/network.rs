@@ -446,18 +446,7 @@ fn an_exit_that_cannot_open_its_socket_refuses_the_circuit() {
     let net = TestNet::start(NetOpts::new(76, 2));
     let (dest, _echo) = echo(76);
     let pid = net.relays[1].child.as_ref().expect("running").id();
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let (soft, hard) = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| {
-            let v: Vec<u64> = l
-                .split_whitespace()
-                .filter_map(|w| w.parse().ok())
-                .collect();
-            Some((*v.first()?, *v.get(1)?))
-        })
-        .expect("Max open files in /proc/PID/limits");
+    let (soft, hard) = nofile(pid);
     // The exit's worker is running (its first exit circuit carried data), and its
     // pool of ready exit sockets has had time to fill again.
     let mut c = net.client();

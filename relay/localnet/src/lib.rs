@@ -396,14 +396,7 @@ impl LocalNet {
             Program::Binary(b) => (b.clone(), None),
             Program::SelfExe(arg) => (std::env::current_exe()?, Some(arg.as_str())),
         };
-        let mut cmd = match self.setups[i].launcher.split_first() {
-            Some((launcher, args)) => {
-                let mut c = Command::new(launcher);
-                c.args(args).arg(&program);
-                c
-            }
-            None => Command::new(&program),
-        };
+        let mut cmd = launch_command(&self.setups[i].launcher, &program);
         cmd.args(first)
             .arg("--config")
             .arg(&r.config)
@@ -412,14 +405,7 @@ impl LocalNet {
             .stdout(Stdio::null())
             .stderr(log);
         if self.die_with_parent {
-            // SAFETY: prctl is async-signal-safe and touches no memory of the parent;
-            // it makes the kernel kill the relay when the thread that started it ends.
-            unsafe {
-                cmd.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
+            die_with_parent(&mut cmd);
         }
         let child = cmd
             .spawn()
@@ -530,19 +516,10 @@ impl LocalNet {
 
     /// CPU seconds (user + system) relay `i` has used so far.
     pub fn cpu_seconds(&self, i: usize) -> f64 {
-        let Some(c) = &self.relays[i].child else {
-            return 0.0;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", c.id())) else {
-            return 0.0;
-        };
-        // Fields after the parenthesised command name; utime and stime are 14 and 15.
-        let rest = stat.rsplit(')').next().unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |k: usize| f.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // SAFETY: sysconf has no memory effects.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        (ticks(11) + ticks(12)) / hz
+        self.relays[i]
+            .child
+            .as_ref()
+            .map_or(0.0, |c| cpu_seconds(c.id()))
     }
 
     /// Relay process ids (for checks that nothing is left behind).
@@ -573,6 +550,46 @@ impl Drop for LocalNet {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A command that runs `program` under `launcher` (a command prefix such as `ip netns
+/// exec NS` or `prlimit ...`; empty: directly).
+pub fn launch_command(launcher: &[String], program: &Path) -> Command {
+    match launcher.split_first() {
+        Some((first, args)) => {
+            let mut c = Command::new(first);
+            c.args(args).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Makes the kernel kill the process `cmd` starts (SIGKILL) when the thread that
+/// started it ends (`PR_SET_PDEATHSIG`), so that nothing outlives an interrupted run.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// CPU seconds (user + system) process or thread `pid` has used so far (0 if it is
+/// gone).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |k: usize| f.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
 }
 
 /// One line to an admin socket and its JSON reply (10 s timeout).
