@@ -19,6 +19,13 @@ use crate::spec::{CryptoChoice, DriverChoice, IoConfig};
 /// Exit code for a bad configuration (sysexits.h `EX_CONFIG`).
 pub const EX_CONFIG: i32 = 78;
 
+/// Largest `[limits] max_circuits` (per worker): 16 M slots, about 10 GiB of circuit
+/// table at ~630 bytes a slot.
+pub const MAX_CIRCUITS: usize = 1 << 24;
+
+/// Largest `[limits] key_cache` (per worker): 1 M entries, about 800 MiB.
+pub const MAX_KEY_CACHE: usize = 1 << 20;
+
 /// A configuration error, with the file and what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -159,6 +166,9 @@ impl Default for NetworkSection {
 pub struct LimitsSection {
     /// Circuits per worker.
     pub max_circuits: usize,
+    /// Entries of the cache of expanded layer keys per worker (one per circuit and
+    /// direction carrying cells; rounded up to a power of two).
+    pub key_cache: usize,
     /// Client links per worker (peer links have their own table, sized from the
     /// peer list).
     pub max_links: usize,
@@ -194,6 +204,7 @@ impl Default for LimitsSection {
         let d = RelayLimits::default();
         LimitsSection {
             max_circuits: d.max_circuits,
+            key_cache: d.key_cache,
             max_links: d.max_links,
             links_per_prefix: d.links_per_prefix,
             circuits_per_prefix: d.circuits_per_prefix,
@@ -505,6 +516,18 @@ impl Config {
                 "max_circuits, max_links and setup_filter_capacity must be positive",
             ));
         }
+        if l.max_circuits > MAX_CIRCUITS {
+            return Err(self.invalid(
+                "limits.max_circuits",
+                format!("at most {MAX_CIRCUITS} per worker"),
+            ));
+        }
+        if l.key_cache == 0 || l.key_cache > MAX_KEY_CACHE {
+            return Err(self.invalid(
+                "limits.key_cache",
+                format!("between 1 and {MAX_KEY_CACHE} entries"),
+            ));
+        }
         if l.circuit_idle_secs == 0 || l.link_idle_secs == 0 {
             return Err(self.invalid(
                 "limits",
@@ -579,12 +602,25 @@ impl Config {
         ExitPolicy::parse(&self.relay.exit_policy).unwrap_or_default()
     }
 
+    /// Exit sockets per worker in force: `[limits] exit_sockets` when the exit policy
+    /// accepts some destination, else 0 (a relay that is no exit holds no exit socket
+    /// slots, no ready pool and no descriptors for them; changing the policy needs a
+    /// restart anyway).
+    pub fn exit_sockets(&self) -> usize {
+        if self.exit_policy().is_exit() {
+            self.limits.exit_sockets
+        } else {
+            0
+        }
+    }
+
     /// Per-worker protocol limits.
     pub fn relay_limits(&self) -> RelayLimits {
         let l = &self.limits;
         RelayLimits {
             max_circuits: l.max_circuits,
-            max_exit_circuits: l.exit_sockets,
+            key_cache: l.key_cache,
+            max_exit_circuits: self.exit_sockets(),
             max_links: l.max_links,
             links_per_prefix: l.links_per_prefix,
             circuits_per_prefix: l.circuits_per_prefix,
@@ -609,7 +645,7 @@ impl Config {
             recv_slots: self.io.recv_slots,
             send_slots: self.io.send_slots,
             tx_cells: self.io.tx_cells,
-            exit_sockets: self.limits.exit_sockets,
+            exit_sockets: self.exit_sockets(),
             setup_budget: self.io.setup_budget,
             gro_gso: self.io.gro_gso,
             zero_copy_send: self.io.zero_copy_send,
@@ -636,6 +672,31 @@ onion_keys = ["onion.key"]
 peer_list = "peers.list"
 authorities = ["AAAA"]
 "#;
+
+    #[test]
+    fn a_relay_that_is_no_exit_holds_no_exit_sockets() {
+        let c = Config::parse(
+            &format!("{MIN}\n[limits]\nexit_sockets = 300\n"),
+            Path::new("r.toml"),
+        )
+        .unwrap();
+        assert!(!c.exit_policy().is_exit());
+        assert_eq!(c.io_config().exit_sockets, 0);
+        assert_eq!(c.relay_limits().max_exit_circuits, 0);
+        let c = Config::parse(
+            &format!(
+                "{}\n[limits]\nexit_sockets = 300\n",
+                MIN.replace(
+                    "authorities = [\"AAAA\"]",
+                    "authorities = [\"AAAA\"]\nexit_policy = [\"accept 10.0.0.0/8:*\"]"
+                )
+            ),
+            Path::new("r.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.io_config().exit_sockets, 300);
+        assert_eq!(c.relay_limits().max_exit_circuits, 300);
+    }
 
     #[test]
     fn minimal_config_gets_defaults_and_absolute_paths() {
@@ -727,6 +788,14 @@ authorities = ["AAAA"]
             (
                 format!("{MIN}\n[limits]\nlink_idle_secs = 0\n"),
                 "link_idle_secs",
+            ),
+            (
+                format!("{MIN}\n[limits]\nkey_cache = 0\n"),
+                "limits.key_cache",
+            ),
+            (
+                format!("{MIN}\n[limits]\nmax_circuits = 1000000000\n"),
+                "limits.max_circuits",
             ),
             (
                 format!("{MIN}\n[log]\nformat = \"xml\"\n"),

@@ -334,15 +334,18 @@ fn process_keyring(cfg: &Config, keys: &[OnionKey], start_ms: u64) -> anyhow::Re
     Ok(k.with_journal(Arc::new(journal)))
 }
 
-/// File descriptors the relay may hold at once: per worker its exit sockets, the
-/// ready pool of exit sockets (two families, plus one in each helper's hands), its
-/// listen sockets and its io_uring; and a margin for the rest (admin and metrics
-/// connections, journal, log, standard streams).
+/// File descriptors the relay may hold at once: per worker its exit sockets and, on
+/// an exit, the ready pool of exit sockets (two families, plus one in each helper's
+/// hands), its listen sockets and its io_uring; and a margin for the rest (admin and
+/// metrics connections, journal, log, standard streams).
 fn descriptors_needed(cfg: &Config) -> u64 {
-    let per_worker = cfg.limits.exit_sockets
-        + 2 * (crate::exits::POOL_SOCKETS + 1)
-        + cfg.network.listen.len()
-        + 1;
+    let exits = cfg.exit_sockets();
+    let pool = if exits > 0 {
+        2 * (crate::exits::POOL_SOCKETS + 1)
+    } else {
+        0
+    };
+    let per_worker = exits + pool + cfg.network.listen.len() + 1;
     (cfg.network.workers * per_worker + 128) as u64
 }
 

@@ -365,6 +365,12 @@ impl Collector for RelayMetrics {
         )?;
         counters(
             &mut enc,
+            "shroud_key_cache_misses",
+            "Cells whose circuit's layer keys were not in the worker's key cache and were expanded ([limits] key_cache).",
+            &per_worker(&|s| vec![(Vec::new(), s.key_cache_misses)]),
+        )?;
+        counters(
+            &mut enc,
             "shroud_batches",
             "Worker loop iterations (batches), including empty ones.",
             &per_worker(&|s| vec![(Vec::new(), s.batches)]),

@@ -61,6 +61,9 @@ pub struct WorkerStats {
     pub setup_dh: AtomicU64,
     /// `RETRY` replies sent to new addresses under load.
     pub retries_sent: AtomicU64,
+    /// Cells whose circuit's layer keys were expanded because the key cache did not
+    /// hold them.
+    pub key_cache_misses: AtomicU64,
     /// Circuits expired for idleness.
     pub expired_circuits: AtomicU64,
     /// Cover cells that ended here (exit), loop cover included.
@@ -198,6 +201,7 @@ impl WorkerStats {
         self.setups.store(s.setups, Relaxed);
         self.setup_dh.store(s.setup_dh, Relaxed);
         self.retries_sent.store(s.retries_sent, Relaxed);
+        self.key_cache_misses.store(s.key_cache_misses, Relaxed);
         self.expired_circuits.store(s.expired_circuits, Relaxed);
         self.cover_received.store(s.cover_received, Relaxed);
         self.loop_cover_returned
@@ -242,6 +246,7 @@ impl WorkerStats {
             recv_errors: self.recv_errors.load(Relaxed),
             recv_ring_empty: self.recv_ring_empty.load(Relaxed),
             exit_pool_misses: self.exit_pool_misses.load(Relaxed),
+            key_cache_misses: self.key_cache_misses.load(Relaxed),
             batches: self.batches.load(Relaxed),
             batch_latency: Some(self.batch_latency.snapshot()),
         }

@@ -256,6 +256,9 @@ pub struct WorkerCounters {
     /// Exit sockets the worker made itself (the ready pool was empty).
     #[serde(default)]
     pub exit_pool_misses: u64,
+    /// Cells whose circuit's layer keys were not in the key cache (expanded then).
+    #[serde(default)]
+    pub key_cache_misses: u64,
     /// Batches (worker loop iterations).
     pub batches: u64,
     /// Batch latency histogram (relays that have it).

@@ -90,6 +90,45 @@ impl<A: Aead> LayerKeys<A> {
     }
 }
 
+/// The raw keys of one hop in one direction (two 256-bit keys and the counter shift):
+/// 72 bytes, against about 800 for their expanded schedules ([`LayerKeys`]). A relay
+/// keeps these per circuit and expands them on demand into a fixed-size cache, so that
+/// a circuit slot costs well under 1 KiB. Wiped on drop.
+#[derive(Clone, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub struct LayerSecret {
+    aead: [u8; 32],
+    stack: [u8; 32],
+    shift: u64,
+}
+
+impl core::fmt::Debug for LayerSecret {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("LayerSecret(<redacted>)")
+    }
+}
+
+impl LayerSecret {
+    /// The keys of a layer: AEAD key, stack key, counter shift (48 bits).
+    pub fn new(aead: &[u8; 32], stack: &[u8; 32], shift: u64) -> Self {
+        LayerSecret {
+            aead: *aead,
+            stack: *stack,
+            shift: shift & crate::cell::COUNTER_MAX,
+        }
+    }
+
+    /// This hop's counter for a cell that arrived with header counter `counter` (the
+    /// same as [`LayerKeys::shifted`] of the expanded keys).
+    pub fn shifted(&self, counter: u64) -> u64 {
+        counter_add(counter, self.shift)
+    }
+
+    /// The key schedules.
+    pub fn expand<A: Aead>(&self) -> LayerKeys<A> {
+        LayerKeys::new(&self.aead, &self.stack).with_shift(self.shift)
+    }
+}
+
 /// The GCM nonce of a cell: `0 0 0 command || counter` (big endian). Binding the
 /// command into the nonce authenticates it without associated-data copies.
 pub fn cell_nonce(command: Command, counter: u64) -> [u8; NONCE_LEN] {

@@ -35,7 +35,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use crate::aead::{Aead, BadTag, NONCE_LEN};
 use crate::cell::{Layout, PROTOCOL_VERSION, ROUTING_SLOT_LEN};
 use crate::keys::{OnionSecret, RelayId};
-use crate::layer::LayerKeys;
+use crate::layer::{LayerKeys, LayerSecret};
 
 /// The secrets one hop shares with the client for one circuit.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -102,12 +102,22 @@ impl HopSecrets {
 
     /// Forward layer keys.
     pub fn forward<A: Aead>(&self) -> LayerKeys<A> {
-        LayerKeys::new(&self.kf, &self.sf).with_shift(self.shift_f)
+        self.forward_secret().expand()
     }
 
     /// Backward layer keys.
     pub fn backward<A: Aead>(&self) -> LayerKeys<A> {
-        LayerKeys::new(&self.kb, &self.sb).with_shift(self.shift_b)
+        self.backward_secret().expand()
+    }
+
+    /// Forward layer keys, unexpanded (what a relay keeps per circuit).
+    pub fn forward_secret(&self) -> LayerSecret {
+        LayerSecret::new(&self.kf, &self.sf, self.shift_f)
+    }
+
+    /// Backward layer keys, unexpanded.
+    pub fn backward_secret(&self) -> LayerSecret {
+        LayerSecret::new(&self.kb, &self.sb, self.shift_b)
     }
 
     fn filler(&self) -> [u8; ROUTING_SLOT_LEN] {

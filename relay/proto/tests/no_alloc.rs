@@ -20,37 +20,49 @@ struct Counting;
 thread_local! {
     static COUNTING: Cell<bool> = const { Cell::new(false) };
     static ALLOCS: Cell<u64> = const { Cell::new(0) };
+    /// Bytes allocated less bytes freed while counting.
+    static BYTES: Cell<i64> = const { Cell::new(0) };
 }
 
 // SAFETY: every call is forwarded to the system allocator unchanged; the counters
 // are thread-local `Cell`s (no allocation, no locking).
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
-        note();
+        note(layout.size() as i64);
         // SAFETY: forwarded with the caller's layout.
         unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: AllocLayout) -> *mut u8 {
-        note();
+        note(layout.size() as i64);
         // SAFETY: as above.
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new: usize) -> *mut u8 {
-        note();
+        note(new as i64 - layout.size() as i64);
         // SAFETY: as above; `ptr` came from this allocator, i.e. from System.
         unsafe { System.realloc(ptr, layout, new) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        freed(layout.size() as i64);
         // SAFETY: as above.
         unsafe { System.dealloc(ptr, layout) }
     }
 }
 
-fn note() {
+fn note(bytes: i64) {
     // `try_with`: the thread-locals may be gone while a thread shuts down.
     let _ = COUNTING.try_with(|c| {
         if c.get() {
             let _ = ALLOCS.try_with(|a| a.set(a.get() + 1));
+            let _ = BYTES.try_with(|b| b.set(b.get() + bytes));
+        }
+    });
+}
+
+fn freed(bytes: i64) {
+    let _ = COUNTING.try_with(|c| {
+        if c.get() {
+            let _ = BYTES.try_with(|b| b.set(b.get() - bytes));
         }
     });
 }
@@ -60,11 +72,19 @@ static GLOBAL: Counting = Counting;
 
 /// Runs `f` and returns its result with the allocations it made on this thread.
 fn counted<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    let (out, allocs, _) = counted_bytes(f);
+    (out, allocs)
+}
+
+/// Runs `f` and returns its result, the allocations it made on this thread and the
+/// bytes it left allocated (what it returns holds them).
+fn counted_bytes<T>(f: impl FnOnce() -> T) -> (T, u64, i64) {
     ALLOCS.with(|a| a.set(0));
+    BYTES.with(|b| b.set(0));
     COUNTING.with(|c| c.set(true));
     let out = f();
     COUNTING.with(|c| c.set(false));
-    (out, ALLOCS.with(Cell::get))
+    (out, ALLOCS.with(Cell::get), BYTES.with(Cell::get))
 }
 
 #[test]
@@ -252,4 +272,48 @@ fn the_mix_delay_queue_allocates_nothing_after_it_is_built() {
     });
     assert_eq!(allocs, 0, "{allocs} allocations in the delay queue");
     assert_eq!(released + q.overflows(), 20_000);
+}
+
+/// What one circuit slot costs, all included: the bytes a relay worker allocates for
+/// its tables at two sizes (`max_circuits`), less the part that does not grow with it
+/// (the key cache, the link tables, the setup filter): the difference per slot covers
+/// the circuit with its raw keys and replay windows, its two index entries, its
+/// activity time, generation, free-list entry and expiry scratch.
+#[test]
+fn a_circuit_slot_costs_at_most_1_kib_all_included() {
+    use shroud_proto::keys::{IdentityKey, OnionSecret};
+    use shroud_proto::policy::ExitPolicy;
+    use shroud_proto::relay::{Relay, RelayLimits};
+    let mut r = rng(11);
+    let identity = IdentityKey::generate(&mut r);
+    let onion = OnionSecret::generate(&mut r);
+    let bytes = |max_circuits: usize| {
+        let (relay, _, bytes) = counted_bytes(|| {
+            Relay::<RingAead>::new(
+                Layout::default(),
+                identity.clone(),
+                vec![onion.clone()],
+                Vec::new(),
+                ExitPolicy::default(),
+                RelayLimits {
+                    max_circuits,
+                    ..RelayLimits::default()
+                },
+                NOW_MS,
+            )
+        });
+        drop(relay);
+        bytes
+    };
+    let (small, large) = (4096usize, 65536usize);
+    let (a, b) = (bytes(small), bytes(large));
+    let per_slot = (b - a) as f64 / (large - small) as f64;
+    let default = RelayLimits::default().max_circuits;
+    let whole = bytes(default) as f64 / default as f64;
+    eprintln!(
+        "per circuit slot: {per_slot:.0} B; a worker with the default {default} slots: \
+         {:.1} MB, {whole:.0} B a slot with the fixed part",
+        bytes(default) as f64 / 1e6
+    );
+    assert!(per_slot <= 1024.0, "a circuit slot costs {per_slot:.0} B");
 }

@@ -892,3 +892,59 @@ fn setup_budget_caps_client_setups_per_batch_but_not_peer_setups() {
         other => panic!("a peer's setup was charged to the client budget: {other:?}"),
     }
 }
+
+/// The relay keeps only raw layer keys per circuit and expands them into a small
+/// cache (`RelayLimits::key_cache`). With 2 entries and 6 circuits through the same
+/// three relays whose cells interleave, nearly every cell finds another circuit's keys
+/// in its entry: each must still get its own, both ways (forward tags verify at every
+/// hop, the client verifies every backward layer).
+#[test]
+fn more_busy_circuits_than_the_key_cache_holds_still_carry_every_cell_both_ways() {
+    let layout = Layout::default();
+    for (cache, rounds) in [(2usize, 4u64), (4096, 4)] {
+        let mut r = rng(31);
+        let limits = RelayLimits {
+            max_circuits: 64,
+            max_links: 64,
+            key_cache: cache,
+            ..RelayLimits::default()
+        };
+        let mut net = Net::<RingAead>::with_limits(layout, 3, limits, &mut r);
+        let mut link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+        let mut circuits: Vec<ClientCircuit<RingAead>> = (0..6)
+            .map(|_| net.open_circuit(&[0, 1, 2], &mut link, &mut r))
+            .collect();
+        let before: Vec<u64> = net
+            .relays
+            .iter()
+            .map(|x| x.stats().key_cache_misses)
+            .collect();
+        for round in 0..rounds {
+            for (k, c) in circuits.iter_mut().enumerate() {
+                let payload = vec![(round * 16 + k as u64) as u8; 300];
+                let mut cell = vec![0u8; layout.cell];
+                c.seal_data(&link, &payload, &mut cell, &mut r).unwrap();
+                net.send(CLIENT, net.addrs[0], cell);
+                assert_eq!(net.delivered.pop().expect("delivered").1, payload);
+                let mut back = net.to_client.pop_front().expect("the echo returns");
+                let hdr = link.read_header(&back).unwrap();
+                match c.open(&hdr, &mut back).unwrap() {
+                    Received::Data(range) => assert_eq!(&back[range], &payload[..]),
+                    other => panic!("expected data, got {other:?}"),
+                }
+            }
+        }
+        assert!(net.drops.is_empty(), "{:?}", net.drops);
+        for (i, relay) in net.relays.iter().enumerate() {
+            let misses = relay.stats().key_cache_misses - before[i];
+            if cache == 2 {
+                // 6 circuits x rounds cells each way; the entries alternate.
+                assert!(misses >= 6 * rounds, "relay {i}: only {misses} misses");
+            } else {
+                // The backward keys were cached by the CREATED; each circuit's
+                // forward keys miss once, on its first data cell.
+                assert_eq!(misses, 6, "relay {i}");
+            }
+        }
+    }
+}

@@ -9,10 +9,15 @@
 
 use std::net::SocketAddr;
 
+use super::keycache::KeyCache;
 use super::HashMap;
 use crate::aead::Aead;
-use crate::layer::LayerKeys;
+use crate::layer::{LayerKeys, LayerSecret};
 use crate::replay::ReplayWindow;
+
+/// The most circuit slots a table may have (a slot number fits in 31 bits with room
+/// for the key cache's empty tag).
+pub const MAX_CIRCUIT_SLOTS: usize = (1 << 31) - 2;
 
 /// A handle on a circuit slot; stale handles (slot reused) are detected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -39,13 +44,14 @@ pub(super) enum Hop {
     Exit { dest: SocketAddr },
 }
 
-/// One circuit's state at this relay.
-pub(super) struct Circuit<A: Aead> {
+/// One circuit's state at this relay: its raw layer keys (expanded on demand into the
+/// table's [`KeyCache`]), replay windows, ids and next hop.
+pub(super) struct Circuit {
     pub(super) prev_link: u32,
     pub(super) prev_id: u64,
     pub(super) next: Hop,
-    pub(super) fwd: LayerKeys<A>,
-    pub(super) bwd: LayerKeys<A>,
+    pub(super) fwd: LayerSecret,
+    pub(super) bwd: LayerSecret,
     pub(super) win_fwd: ReplayWindow,
     pub(super) win_bwd: ReplayWindow,
     /// Exit only: the sequence number of the next backward cell it originates.
@@ -61,14 +67,16 @@ pub(super) struct Circuit<A: Aead> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Direction {
     /// Towards the exit.
-    Forward,
+    Forward = 0,
     /// Towards the client.
-    Backward,
+    Backward = 1,
 }
 
 /// The circuits of one worker, allocated at start.
 pub(super) struct CircuitTable<A: Aead> {
-    slots: Vec<Option<Circuit<A>>>,
+    slots: Vec<Option<Circuit>>,
+    /// The expanded keys of the circuits in use.
+    keys: KeyCache<A>,
     /// When each slot's circuit last carried a cell (ms; `u64::MAX` for a free slot),
     /// kept apart from the circuits so that idle expiry reads 8 bytes a slot instead
     /// of walking every circuit's keys.
@@ -80,10 +88,16 @@ pub(super) struct CircuitTable<A: Aead> {
 }
 
 impl<A: Aead> CircuitTable<A> {
-    /// A table of `capacity` circuits.
-    pub(super) fn new(capacity: usize) -> Self {
+    /// A table of `capacity` circuits (at most [`MAX_CIRCUIT_SLOTS`]) whose key cache
+    /// has `key_cache` entries (rounded up to a power of two).
+    pub(super) fn new(capacity: usize, key_cache: usize) -> Self {
+        assert!(
+            capacity <= MAX_CIRCUIT_SLOTS,
+            "at most {MAX_CIRCUIT_SLOTS} circuit slots"
+        );
         CircuitTable {
             slots: (0..capacity).map(|_| None).collect(),
+            keys: KeyCache::new(key_cache),
             active: vec![u64::MAX; capacity],
             generations: vec![0; capacity],
             free: (0..capacity as u32).rev().collect(),
@@ -112,24 +126,47 @@ impl<A: Aead> CircuitTable<A> {
         self.by_link_id.contains_key(&(link, id))
     }
 
-    pub(super) fn get_mut(&mut self, slot: u32) -> Option<&mut Circuit<A>> {
+    pub(super) fn get_mut(&mut self, slot: u32) -> Option<&mut Circuit> {
         self.slots.get_mut(slot as usize)?.as_mut()
     }
 
+    /// The circuit in `slot` and its expanded keys for direction `dir` (from the
+    /// cache, or expanded now: `misses` counts those).
+    pub(super) fn with_keys(
+        &mut self,
+        slot: u32,
+        dir: Direction,
+        misses: &mut u64,
+    ) -> Option<(&mut Circuit, &LayerKeys<A>)> {
+        let c = self.slots.get_mut(slot as usize)?.as_mut()?;
+        let generation = self.generations[slot as usize];
+        let secret = match dir {
+            Direction::Forward => &c.fwd,
+            Direction::Backward => &c.bwd,
+        };
+        let keys = self.keys.get(slot, generation, dir, secret, misses);
+        Some((c, keys))
+    }
+
+    /// [`Self::with_keys`] for the circuit `r` names, if that handle is not stale.
+    pub(super) fn with_keys_ref(
+        &mut self,
+        r: CircuitRef,
+        dir: Direction,
+        misses: &mut u64,
+    ) -> Option<(&mut Circuit, &LayerKeys<A>)> {
+        if self.generations.get(r.slot as usize) != Some(&r.generation) {
+            return None;
+        }
+        self.with_keys(r.slot, dir, misses)
+    }
+
     /// The circuit `r` names, if that handle is not stale.
-    pub(super) fn get_ref(&self, r: CircuitRef) -> Option<&Circuit<A>> {
+    pub(super) fn get_ref(&self, r: CircuitRef) -> Option<&Circuit> {
         if self.generations.get(r.slot as usize) != Some(&r.generation) {
             return None;
         }
         self.slots.get(r.slot as usize).and_then(Option::as_ref)
-    }
-
-    /// The circuit `r` names, mutable, if that handle is not stale.
-    pub(super) fn get_ref_mut(&mut self, r: CircuitRef) -> Option<&mut Circuit<A>> {
-        if self.generations.get(r.slot as usize) != Some(&r.generation) {
-            return None;
-        }
-        self.get_mut(r.slot)
     }
 
     /// The handle of the circuit in `slot` now.
@@ -149,7 +186,7 @@ impl<A: Aead> CircuitTable<A> {
 
     /// Installs a circuit, active at `now_ms`, and indexes it; `None` when the table is
     /// full. The caller has checked that its `(link, id)` keys are free.
-    pub(super) fn insert(&mut self, c: Circuit<A>, now_ms: u64) -> Option<CircuitRef> {
+    pub(super) fn insert(&mut self, c: Circuit, now_ms: u64) -> Option<CircuitRef> {
         let slot = self.free.pop()?;
         self.active[slot as usize] = now_ms;
         let g = &mut self.generations[slot as usize];
@@ -165,10 +202,11 @@ impl<A: Aead> CircuitTable<A> {
         Some(self.handle(slot))
     }
 
-    /// Removes the circuit in `slot` and its index entries, returning it so the caller
-    /// can release its links.
-    pub(super) fn remove(&mut self, slot: u32) -> Option<Circuit<A>> {
+    /// Removes the circuit in `slot`, its index entries and its cached keys, returning
+    /// it so the caller can release its links (its raw keys are wiped when it drops).
+    pub(super) fn remove(&mut self, slot: u32) -> Option<Circuit> {
         let c = self.slots.get_mut(slot as usize)?.take()?;
+        self.keys.forget(slot, self.generations[slot as usize]);
         self.active[slot as usize] = u64::MAX;
         self.live -= 1;
         self.by_link_id.remove(&(c.prev_link, c.prev_id));
@@ -201,5 +239,18 @@ impl<A: Aead> CircuitTable<A> {
                 .filter(|&(_, &t)| t < cutoff)
                 .map(|(i, _)| i as u32),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The circuit itself (raw keys, windows, ids, next hop) stays small: the expanded
+    /// keys are in the cache, not here (ARCHITECTURE.md, Memory).
+    #[test]
+    fn a_circuit_slot_holds_no_expanded_keys() {
+        let size = core::mem::size_of::<Option<Circuit>>();
+        assert!(size <= 512, "{size} B");
     }
 }

@@ -20,6 +20,7 @@
 //! module holds the per-cell path: [`Relay::handle`], forward and backward.
 
 mod circuits;
+mod keycache;
 mod limiter;
 mod links;
 mod setup;
@@ -203,6 +204,10 @@ pub struct Peer {
 pub struct RelayLimits {
     /// Circuits this worker can hold.
     pub max_circuits: usize,
+    /// Entries of the cache of expanded layer keys (rounded up to a power of two; one
+    /// per circuit and direction that carries cells, about 800 bytes each with `ring`).
+    /// Circuits keep only their raw keys, so a circuit slot costs well under 1 KiB.
+    pub key_cache: usize,
     /// Of those, circuits for which this worker is the exit (one exit socket each): a
     /// setup beyond it is refused before CREATED, so no circuit is announced open
     /// without room for its socket.
@@ -246,6 +251,7 @@ impl Default for RelayLimits {
     fn default() -> Self {
         RelayLimits {
             max_circuits: 16384,
+            key_cache: 4096,
             max_exit_circuits: 1024,
             max_links: 4096,
             links_per_prefix: 256,
@@ -294,6 +300,8 @@ pub struct RelayStats {
     pub setup_dh: u64,
     /// `RETRY` replies sent (setups from new addresses, under load, without a token).
     pub retries_sent: u64,
+    /// Cells whose circuit's keys were not in the key cache and were expanded.
+    pub key_cache_misses: u64,
 }
 
 /// One relay worker's protocol state.
@@ -404,7 +412,7 @@ impl<A: Aead> Relay<A> {
             policy,
             links: Links::new(0, limits.max_links),
             peer_keys: Vec::new(),
-            circuits: CircuitTable::new(limits.max_circuits),
+            circuits: CircuitTable::new(limits.max_circuits, limits.key_cache),
             prefixes: PrefixTable::new(
                 limits.setup_rate,
                 limits.setup_burst,
@@ -630,7 +638,11 @@ impl<A: Aead> Relay<A> {
         if c.win_fwd.check(counter) == WindowCheck::Replay {
             return self.drop(DropReason::Replay);
         }
-        if strip_forward(&layout, &c.fwd, hdr.command, counter, cell).is_err() {
+        let misses = &mut self.stats.key_cache_misses;
+        let Some((c, keys)) = self.circuits.with_keys(slot, Direction::Forward, misses) else {
+            return self.drop(DropReason::UnknownCircuit);
+        };
+        if strip_forward(&layout, keys, hdr.command, counter, cell).is_err() {
             return self.drop(DropReason::BadTag);
         }
         c.win_fwd.commit(counter);
@@ -722,8 +734,12 @@ impl<A: Aead> Relay<A> {
         if c.win_bwd.check(counter) == WindowCheck::Replay {
             return self.drop(DropReason::Replay);
         }
+        let misses = &mut self.stats.key_cache_misses;
+        let Some((c, keys)) = self.circuits.with_keys(slot, Direction::Backward, misses) else {
+            return self.drop(DropReason::UnknownCircuit);
+        };
         c.win_bwd.commit(counter);
-        add_backward(&layout, &c.bwd, hdr.command, counter, cell);
+        add_backward(&layout, keys, hdr.command, counter, cell);
         let (prev_link, prev_id, mix) = (c.prev_link, c.prev_id, c.mix_mean_ms);
         let cookie = c.cookie;
         // A DESTROY or REFUSED ends the circuit here whether or not it can be sent on.
@@ -826,10 +842,11 @@ impl<A: Aead> Relay<A> {
         cell: &mut [u8],
     ) -> Result<SocketAddr, DropReason> {
         let layout = self.layout;
-        let Some(c) = self
+        let misses = &mut self.stats.key_cache_misses;
+        let Some((c, keys)) = self
             .circuits
-            .get_ref_mut(circuit)
-            .filter(|c| matches!(c.next, Hop::Exit { .. }))
+            .with_keys_ref(circuit, Direction::Backward, misses)
+            .filter(|(c, _)| matches!(c.next, Hop::Exit { .. }))
         else {
             self.stats.drops[DropReason::UnknownCircuit as usize] += 1;
             return Err(DropReason::UnknownCircuit);
@@ -852,7 +869,7 @@ impl<A: Aead> Relay<A> {
             }
             None => write_cover(&layout, cell),
         }
-        add_backward(&layout, &c.bwd, Command::Data, counter, cell);
+        add_backward(&layout, keys, Command::Data, counter, cell);
         l.protect(
             cell,
             &Header {
@@ -874,7 +891,8 @@ impl<A: Aead> Relay<A> {
         if cell.len() != layout.cell {
             return None;
         }
-        let c = self.circuits.get_mut(slot)?;
+        let misses = &mut self.stats.key_cache_misses;
+        let (c, keys) = self.circuits.with_keys(slot, Direction::Backward, misses)?;
         let l = self.links.get_mut(c.prev_link)?;
         if !l.spend(layout.cell) {
             self.stats.drops[DropReason::Unvalidated as usize] += 1;
@@ -893,7 +911,7 @@ impl<A: Aead> Relay<A> {
             Hop::Relay { .. } => 0,
         };
         let counter = c.bwd.shifted(sequence);
-        add_backward(&layout, &c.bwd, Command::Destroy, counter, cell);
+        add_backward(&layout, keys, Command::Destroy, counter, cell);
         l.protect(
             cell,
             &Header {
@@ -913,14 +931,15 @@ impl<A: Aead> Relay<A> {
         let layout = self.layout;
         let reason = DropReason::Capacity;
         let slot = circuit.slot;
-        let c = self
+        let misses = &mut self.stats.key_cache_misses;
+        let (c, keys) = self
             .circuits
-            .get_ref_mut(circuit)
-            .filter(|c| matches!(c.next, Hop::Exit { .. }))?;
+            .with_keys_ref(circuit, Direction::Backward, misses)
+            .filter(|(c, _)| matches!(c.next, Hop::Exit { .. }))?;
         write_control(&layout, cell, &[reason as u8]);
         cell[layout.stack_start()..layout.stack_end()].fill(0);
         let counter = c.bwd.shifted(0);
-        add_backward(&layout, &c.bwd, Command::Refused, counter, cell);
+        add_backward(&layout, keys, Command::Refused, counter, cell);
         let (prev_link, prev_id) = (c.prev_link, c.prev_id);
         self.remove_circuit(slot);
         self.stats.drops[reason as usize] += 1;

@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use super::circuits::{Circuit, Hop};
+use super::circuits::{Circuit, Direction, Hop};
 use super::links::{client_link_keys, Link, LinkKind};
 use super::{Action, DropReason, Event, Relay};
 use crate::aead::Aead;
@@ -326,8 +326,8 @@ impl<A: Aead> Relay<A> {
                 return self.drop(DropReason::Malformed);
             }
         }
-        let fwd = secrets.forward::<A>();
-        let bwd = secrets.backward::<A>();
+        let fwd = secrets.forward_secret();
+        let bwd = secrets.backward_secret();
         // A setup comes from a peer relay's link or from a client (new or known).
         let to_client = !from_peer;
         let refuse = |relay: &mut Self,
@@ -345,7 +345,7 @@ impl<A: Aead> Relay<A> {
             } else {
                 bwd.shifted(0)
             };
-            add_backward(&layout, &bwd, Command::Refused, counter, cell);
+            add_backward(&layout, &bwd.expand::<A>(), Command::Refused, counter, cell);
             let l = match incoming {
                 Incoming::Known(i) => relay.links.get_mut(*i),
                 Incoming::New(l) => Some(l),
@@ -479,11 +479,11 @@ impl<A: Aead> Relay<A> {
                 }
             }
             Hop::Exit { dest } => {
-                let bwd = &self
+                let misses = &mut self.stats.key_cache_misses;
+                let (_, bwd) = self
                     .circuits
-                    .get_ref_mut(circuit)
-                    .unwrap_or_else(|| unreachable!("just inserted"))
-                    .bwd;
+                    .with_keys_ref(circuit, Direction::Backward, misses)
+                    .unwrap_or_else(|| unreachable!("just inserted"));
                 write_control(&layout, cell, &[]);
                 cell[layout.stack_start()..layout.stack_end()].fill(0);
                 let counter = bwd.shifted(0);

@@ -86,6 +86,26 @@ pub fn relay_addr(i: usize) -> SocketAddr {
 
 impl<A: Aead> Net<A> {
     pub fn new<R: RngCore + CryptoRng>(layout: Layout, n: usize, rng: &mut R) -> Self {
+        Self::with_limits(
+            layout,
+            n,
+            RelayLimits {
+                max_circuits: 64,
+                max_links: 64,
+                max_mix_mean_ms: 1000,
+                ..RelayLimits::default()
+            },
+            rng,
+        )
+    }
+
+    /// `n` relays with `limits`.
+    pub fn with_limits<R: RngCore + CryptoRng>(
+        layout: Layout,
+        n: usize,
+        limits: RelayLimits,
+        rng: &mut R,
+    ) -> Self {
         let identities: Vec<IdentityKey> = (0..n).map(|_| IdentityKey::generate(rng)).collect();
         let onions: Vec<OnionSecret> = (0..n).map(|_| OnionSecret::generate(rng)).collect();
         let addrs: Vec<SocketAddr> = (0..n).map(relay_addr).collect();
@@ -110,12 +130,7 @@ impl<A: Aead> Net<A> {
                     vec![o.clone()],
                     peers.clone(),
                     policy.clone(),
-                    RelayLimits {
-                        max_circuits: 64,
-                        max_links: 64,
-                        max_mix_mean_ms: 1000,
-                        ..RelayLimits::default()
-                    },
+                    limits.clone(),
                     NOW_MS,
                 )
             })
