@@ -224,6 +224,40 @@ impl Generator {
         bail!("no CREATED from {first} within {timeout:?}")
     }
 
+    /// `n` setup cells (appended to `out`) of circuits through `path` to `dest`, on the
+    /// link to `path[0]` that an earlier [`Generator::build`] established, built now
+    /// and not sent: the setup benchmark sends them later, so that the relay is timed
+    /// and not the client's public-key work.
+    pub fn setup_cells<A: Aead>(
+        &mut self,
+        path: &[PathHop],
+        dest: SocketAddr,
+        n: usize,
+        out: &mut Vec<u8>,
+    ) -> anyhow::Result<()> {
+        let link = self
+            .links
+            .iter()
+            .position(|l| l.relay() == path[0].addr && l.is_linked())
+            .context("no established link to the first hop: build a circuit first")?;
+        let cell = self.layout.cell;
+        for _ in 0..n {
+            let start = out.len();
+            out.resize(start + cell, 0);
+            ClientCircuit::<A>::build_mixed(
+                &self.layout,
+                &self.links[link],
+                path,
+                &[],
+                dest,
+                now_ms(),
+                &mut self.rng,
+                &mut out[start..],
+            )?;
+        }
+        Ok(())
+    }
+
     /// Seals one data cell carrying `payload` for `c` into `cell`.
     pub fn seal_one<A: Aead>(
         &mut self,

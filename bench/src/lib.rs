@@ -19,4 +19,5 @@ pub mod plot;
 pub mod proxybench;
 pub mod relaybench;
 pub mod report;
+pub mod setupbench;
 pub mod veth;

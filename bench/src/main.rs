@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use shroud_bench::{circuit, demo, flood, mixbench, proxybench, relaybench, report};
+use shroud_bench::{circuit, demo, flood, mixbench, proxybench, relaybench, report, setupbench};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -56,6 +56,26 @@ enum Cmd {
         /// Draw the latency CDF into this SVG file.
         #[arg(long)]
         plot: Option<PathBuf>,
+    },
+    /// Circuit setups one relay core handles (setup cells built ahead, sent in
+    /// windows), against a bare X25519 and an Elligator2 decode + X25519 timed in the
+    /// same run.
+    Setups {
+        /// Setups per round.
+        #[arg(long, default_value_t = 3000)]
+        setups: usize,
+        /// Setups sent at once (at most the relay's per-batch budget, 16).
+        #[arg(long, default_value_t = 16)]
+        window: usize,
+        /// Rounds (fresh setups each; medians reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Third octet of the loopback block (127.0.NET.x).
+        #[arg(long, default_value_t = 99)]
+        net: u8,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Throughput of ONE relay (generator -> relay -> sink), with the no-crypto
     /// forwarder, the per-datagram path and raw AES-GCM measured in the same run.
@@ -395,6 +415,21 @@ fn main() -> ExitCode {
                 sources,
             };
             flood::run(&opts, &stop).and_then(|r| emit(&r, flood::print, json, None))
+        }
+        Cmd::Setups {
+            setups,
+            window,
+            rounds,
+            net,
+            json,
+        } => {
+            let opts = setupbench::Opts {
+                setups,
+                window,
+                rounds,
+                net,
+            };
+            setupbench::run(&opts).and_then(|r| emit(&r, setupbench::print, json, None))
         }
         Cmd::Relay {
             duration,

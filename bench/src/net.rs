@@ -50,6 +50,8 @@ pub struct RelaySpec {
     pub recv_slots: Option<usize>,
     /// A command prefix the relay runs under (e.g. `ip netns exec NS`); empty: none.
     pub launcher: Vec<String>,
+    /// Further `[limits]` settings (name, value).
+    pub limits: Vec<(&'static str, i64)>,
 }
 
 impl Default for RelaySpec {
@@ -66,6 +68,7 @@ impl Default for RelaySpec {
             driver: "auto".into(),
             recv_slots: None,
             launcher: Vec::new(),
+            limits: Vec::new(),
         }
     }
 }
@@ -130,6 +133,9 @@ impl RelaySpec {
             .set("log", "level", "warn");
         if let Some(n) = self.recv_slots {
             s.set("io", "recv_slots", n as i64);
+        }
+        for &(name, value) in &self.limits {
+            s.set("limits", name, value);
         }
         s
     }

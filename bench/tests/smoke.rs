@@ -355,3 +355,33 @@ fn proxy_reports_one_stream_against_direct_loopback() {
     assert!(r["ratio_to_tor"].as_f64().unwrap() > 0.0);
     assert!(r["machine"]["cores"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn setups_benchmark_reports_the_relay_against_its_baselines() {
+    let json = tmp("setups.json");
+    let (r, out) = report(
+        &["setups", "--setups", "300", "--rounds", "2", "--net", "65"],
+        &json,
+        &[],
+    );
+    assert_eq!(r["schema"], "shroud-bench/setups/1");
+    // Every setup sent in a window reaches the relay's budget, so all are accepted.
+    assert_eq!(r["accepted"], 600, "{r}");
+    for k in [
+        "relay_cpu_us_per_setup",
+        "setups_per_sec_per_relay_core",
+        "bare_x25519_us",
+        "decode_and_x25519_us",
+        "share_of_bare_x25519",
+        "share_of_decode_and_x25519",
+    ] {
+        assert!(r[k].as_f64().unwrap() > 0.0, "{k}: {r}");
+    }
+    assert_eq!(
+        r["relay_cpu_us_per_setup_rounds"].as_array().unwrap().len(),
+        2
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ratio relay_vs_bare_x25519"), "{text}");
+    let _ = std::fs::remove_file(json);
+}

@@ -577,9 +577,22 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-/// CPU seconds (user + system) process or thread `pid` has used so far (0 if it is
-/// gone).
+/// CPU seconds (user + system) process `pid` (or kernel thread, e.g. a NAPI thread)
+/// has used so far (0 if it is gone): from its CPU-time clock, in nanoseconds, where
+/// `/proc/<pid>/stat` counts 10 ms ticks (the fallback if the clock is refused).
 pub fn cpu_seconds(pid: u32) -> f64 {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: clock_getcpuclockid only writes the clock id through the valid pointer.
+    if unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) } == 0 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime only writes the timespec through the valid pointer.
+        if unsafe { libc::clock_gettime(clock, &mut ts) } == 0 {
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9;
+        }
+    }
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -605,6 +618,35 @@ pub fn admin_line(path: &Path, line: &str) -> io::Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_seconds_of_a_busy_child_are_finer_than_a_tick() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(300));
+        let a = cpu_seconds(pid);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            (0.02..1.0).contains(&a),
+            "{a} s after 300 ms of a busy loop"
+        );
+        // Nanoseconds, where /proc's ticks are 10 ms (a whole number of ticks by
+        // chance has odds of about one in ten million).
+        let ticks = a * 100.0;
+        assert!(
+            (ticks - ticks.round()).abs() > 1e-9,
+            "{a} s is a whole number of ticks"
+        );
+        assert_eq!(
+            cpu_seconds(pid),
+            0.0,
+            "a reaped child has used nothing we can read"
+        );
+    }
 
     #[test]
     fn settings_merge_over_the_launchers_keys_table_by_table() {
