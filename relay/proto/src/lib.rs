@@ -24,6 +24,7 @@
 pub mod aead;
 pub mod cell;
 pub mod client;
+pub mod elligator;
 pub mod keys;
 pub mod layer;
 pub mod mix;
