@@ -12,7 +12,7 @@ runs="${FUZZ_RUNS:-10000000}"
 san="${FUZZ_SANITIZER:-address}"
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(cell setup setup_open peerlist policy config keyfile admin backward socks frag)
+  targets=(cell setup setup_open peerlist policy config keyfile admin backward socks frag elligator)
 fi
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet

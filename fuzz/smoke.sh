@@ -9,7 +9,7 @@ if ! command -v cargo-fuzz >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
 export RUSTC_BOOTSTRAP=1
-for t in cell setup setup_open peerlist policy config keyfile admin backward socks frag; do
+for t in cell setup setup_open peerlist policy config keyfile admin backward socks frag elligator; do
   corpus=$(mktemp -d)
   cp seeds/"$t"/* "$corpus"/ 2>/dev/null || true
   echo "fuzz $t for ${secs}s ($(ls "$corpus" | wc -l) seeds)"
