@@ -39,7 +39,7 @@ use shroud_proto::Layout;
 use crate::flow::{Generator, SinkRelay};
 use crate::forward::Work;
 use crate::net::{LocalNet, RelayCommand, RelaySpec, Virtual};
-use crate::report::{machine, median};
+use crate::report::{machine, median, worker_sum};
 use crate::veth::VethPair;
 use shroud_localnet::{cpu_seconds, die_with_parent, launch_command};
 
@@ -579,14 +579,6 @@ fn run_variant_with<A: Aead>(
 
 /// Refills a drain round's cells (per destination) with the generator.
 type Filler = dyn FnMut(&mut Generator, &mut Round) -> anyhow::Result<()>;
-
-/// A worker counter from an admin `status` reply, summed over the workers.
-fn worker_sum(status: &Value, name: &str) -> u64 {
-    status["workers"]
-        .as_array()
-        .map(|ws| ws.iter().filter_map(|w| w["stats"][name].as_u64()).sum())
-        .unwrap_or(0)
-}
 
 /// Runs the benchmark and returns the report.
 pub fn run(opts: &Opts) -> anyhow::Result<Value> {

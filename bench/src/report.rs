@@ -58,6 +58,14 @@ pub fn write_json(path: &std::path::Path, v: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A worker counter from a relay's admin `status` reply, summed over its workers.
+pub fn worker_sum(status: &Value, name: &str) -> u64 {
+    status["workers"]
+        .as_array()
+        .map(|ws| ws.iter().filter_map(|w| w["stats"][name].as_u64()).sum())
+        .unwrap_or(0)
+}
+
 /// Median of a sample (0 for an empty one).
 pub fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {

@@ -32,7 +32,7 @@ use shroud_proto::Layout;
 
 use crate::flow::{Generator, SinkRelay};
 use crate::net::{RelayCommand, RelaySpec, Virtual};
-use crate::report::{machine, median};
+use crate::report::{machine, median, worker_sum};
 
 /// Options of `shroud-bench setups`.
 #[derive(Debug, Clone)]
@@ -95,13 +95,6 @@ fn baselines_on(cpu: Option<usize>, budget: Duration) -> anyhow::Result<(f64, f6
         .join()
         .map_err(|_| anyhow::anyhow!("the baseline thread panicked"))?
     })
-}
-
-fn worker_sum(status: &Value, name: &str) -> u64 {
-    status["workers"]
-        .as_array()
-        .map(|ws| ws.iter().filter_map(|w| w["stats"][name].as_u64()).sum())
-        .unwrap_or(0)
 }
 
 /// Runs the benchmark; returns the report.
