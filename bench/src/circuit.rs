@@ -138,19 +138,11 @@ fn bare_x25519_us(budget: Duration) -> f64 {
     let mut peer = shroud_proto::keys::OnionSecret::generate(&mut rand_core::OsRng)
         .public()
         .0;
-    let mut rounds = Vec::new();
-    let started = std::time::Instant::now();
-    while rounds.len() < 20 || (started.elapsed() < budget && rounds.len() < 200) {
-        let t = std::time::Instant::now();
-        for _ in 0..50 {
-            let out = secret.diffie_hellman(&peer);
-            peer[..8].copy_from_slice(&out[..8]);
-            peer[31] &= 0x7f;
-        }
-        rounds.push(t.elapsed().as_secs_f64() * 1e6 / 50.0);
-    }
-    rounds.sort_by(f64::total_cmp);
-    rounds[rounds.len() / 2]
+    crate::report::time_us(budget, 50, || {
+        let out = secret.diffie_hellman(&peer);
+        peer[..8].copy_from_slice(&out[..8]);
+        peer[31] &= 0x7f;
+    })
 }
 
 /// Prints the human summary.

@@ -577,7 +577,7 @@ fn run_variant_with<A: Aead>(
     }))
 }
 
-/// Refills a drain round's cells (per destination) with the generator.
+/// Refills a round's cells (per destination) with the generator.
 type Filler = dyn FnMut(&mut Generator, &mut Round) -> anyhow::Result<()>;
 
 /// Runs the benchmark and returns the report.

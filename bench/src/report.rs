@@ -58,6 +58,21 @@ pub fn write_json(path: &std::path::Path, v: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Microseconds of one call of `f`: the median of timed groups of `group` calls, at
+/// least 20 groups and at most 200, over about `budget`.
+pub fn time_us(budget: std::time::Duration, group: u32, mut f: impl FnMut()) -> f64 {
+    let mut groups = Vec::new();
+    let started = std::time::Instant::now();
+    while groups.len() < 20 || (started.elapsed() < budget && groups.len() < 200) {
+        let t = std::time::Instant::now();
+        for _ in 0..group {
+            f();
+        }
+        groups.push(t.elapsed().as_secs_f64() * 1e6 / f64::from(group));
+    }
+    median(&mut groups)
+}
+
 /// A worker counter from a relay's admin `status` reply, summed over its workers.
 pub fn worker_sum(status: &Value, name: &str) -> u64 {
     status["workers"]

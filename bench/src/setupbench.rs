@@ -32,7 +32,7 @@ use shroud_proto::Layout;
 
 use crate::flow::{Generator, SinkRelay};
 use crate::net::{RelayCommand, RelaySpec, Virtual};
-use crate::report::{machine, median, worker_sum};
+use crate::report::{machine, median, time_us, worker_sum};
 
 /// Options of `shroud-bench setups`.
 #[derive(Debug, Clone)]
@@ -47,33 +47,18 @@ pub struct Opts {
     pub net: u8,
 }
 
-/// Microseconds of one call of `f`: the median of timed groups of 20 calls over at
-/// least 20 groups and about `budget`.
-fn time_us(budget: Duration, mut f: impl FnMut()) -> f64 {
-    let mut groups = Vec::new();
-    let started = Instant::now();
-    while groups.len() < 20 || (started.elapsed() < budget && groups.len() < 200) {
-        let t = Instant::now();
-        for _ in 0..20 {
-            f();
-        }
-        groups.push(t.elapsed().as_secs_f64() * 1e6 / 20.0);
-    }
-    median(&mut groups)
-}
-
 /// The two baselines: (bare X25519, Elligator2 decode + X25519), microseconds.
 fn baselines(budget: Duration) -> (f64, f64) {
     let secret = OnionSecret::generate(&mut OsRng);
     let peer = *OnionSecret::generate(&mut OsRng).public().as_bytes();
-    let bare = time_us(budget, || {
+    let bare = time_us(budget, 20, || {
         std::hint::black_box(secret.diffie_hellman(std::hint::black_box(&peer)));
     });
     let reps: Vec<[u8; 32]> = (0..64)
         .map(|_| shroud_proto::setup::Ephemeral::generate(&mut OsRng).representative)
         .collect();
     let mut k = 0;
-    let decode = time_us(budget, || {
+    let decode = time_us(budget, 20, || {
         k = (k + 1) % reps.len();
         std::hint::black_box(shroud_proto::setup::relay_agree(&secret, &reps[k]));
     });

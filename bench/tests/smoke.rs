@@ -159,22 +159,24 @@ fn interrupted_demo_stops_every_relay() {
     }
 }
 
+/// A short `relay` run of `variants`, its report written to `json`.
+fn relay_report(variants: &str, json: &std::path::Path) -> Value {
+    let args = [
+        "relay",
+        "--duration",
+        "0.5",
+        "--round-cells",
+        "1024",
+        "--variants",
+        variants,
+    ];
+    report(&args, json, &[]).0
+}
+
 #[test]
 fn relay_benchmark_reports_every_variant_and_ratio() {
     let json = tmp("relay.json");
-    let (r, _) = report(
-        &[
-            "relay",
-            "--duration",
-            "0.5",
-            "--round-cells",
-            "1024",
-            "--variants",
-            "ring,none,per-datagram,bare",
-        ],
-        &json,
-        &[],
-    );
+    let r = relay_report("ring,none,per-datagram,bare", &json);
     assert_eq!(r["schema"], "shroud-bench/relay/1");
     assert!(r["cells_per_sec_per_core"].as_f64().unwrap() > 0.0);
     let v = r["variants"].as_array().unwrap();
@@ -210,19 +212,7 @@ fn relay_benchmark_over_veth_against_the_bare_forwarder() {
     };
     let before = namespaces();
     let json = tmp("relay-veth.json");
-    let (r, _) = report(
-        &[
-            "relay",
-            "--duration",
-            "0.5",
-            "--round-cells",
-            "1024",
-            "--variants",
-            "veth-ring,veth-bare",
-        ],
-        &json,
-        &[],
-    );
+    let r = relay_report("veth-ring,veth-bare", &json);
     let v = r["variants"].as_array().unwrap();
     assert_eq!(v.len(), 2);
     for x in v {

@@ -312,20 +312,18 @@ impl<A: Aead> Engine<A> {
         self.relay.count_drop(reason, n);
     }
 
-    /// Opens `circuit`'s exit socket, counting a socket the pool could not supply.
+    /// Opens `circuit`'s exit socket and publishes the table's count of sockets the
+    /// pool could not supply (the table is this worker's own: its count is the stat).
     fn open_exit(
         &self,
         exits: &mut ExitSockets,
         circuit: CircuitRef,
         dest: SocketAddr,
     ) -> std::io::Result<Option<u32>> {
-        let misses = exits.pool_misses();
         let r = exits.open(circuit, dest);
-        if exits.pool_misses() > misses {
-            self.stats
-                .exit_pool_misses
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.stats
+            .exit_pool_misses
+            .store(exits.pool_misses(), std::sync::atomic::Ordering::Relaxed);
         r
     }
 

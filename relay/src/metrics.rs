@@ -35,6 +35,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use shroud_httpd::{reply, Body};
 
 use crate::stats::WorkerStats;
 use shroud_admin::WorkerCounters;
@@ -698,8 +699,6 @@ pub fn authorized(header: Option<&[u8]>, token: Option<&str>) -> bool {
         None => false,
     }
 }
-
-use shroud_httpd::{reply, Body};
 
 /// Answers one request (see the [module docs](self)).
 pub fn route<B>(
