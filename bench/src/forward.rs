@@ -2,8 +2,8 @@
 //!
 //! It does what the probes in `shared/limits` measured as this machine's ceiling and
 //! nothing else: read with UDP GRO (one `recvmmsg` returns up to 64 runs of cells),
-//! optionally open one AES-256-GCM layer per cell in place with `ring` (the same body
-//! size the relay opens), and send every cell on to one destination in GSO sends of
+//! optionally open one AES-256-GCM layer per cell in place with `ring` (as many bytes
+//! as the relay's forward layer opens: tag-stack slots 1.. and body), and send every cell on to one destination in GSO sends of
 //! up to 64 cells (gathered from however they arrived), all in one `sendmmsg`. No
 //! circuits, no headers, no replay windows, no policy: the difference between the
 //! relay and this is what Shroud's own work costs.
@@ -38,7 +38,8 @@ pub enum Work {
     Nothing,
     /// One `ring` AES-256-GCM open of `body` bytes per cell.
     Open {
-        /// Bytes the AEAD opens per cell (the relay's body length).
+        /// Bytes the AEAD opens per cell (the relay's forward layer:
+        /// `Layout::forward_sealed_len`).
         body: usize,
     },
 }

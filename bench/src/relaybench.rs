@@ -391,7 +391,7 @@ fn run_variant_with<A: Aead>(
             Work::Nothing
         } else {
             Work::Open {
-                body: cell.body_len(),
+                body: cell.forward_sealed_len(),
             }
         };
         let listen = SocketAddr::new(fwd_ip, 9000);
@@ -589,7 +589,7 @@ pub fn run(opts: &Opts) -> anyhow::Result<Value> {
     .layout()
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let restore = raise_buffer_limits(64 << 20);
-    let body = layout.body_len();
+    let body = layout.forward_sealed_len();
     let dur = Duration::from_millis(500);
     let raw = json!({
         "ring": raw_aead::<RingAead>(body, dur),

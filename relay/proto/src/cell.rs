@@ -267,6 +267,11 @@ impl Layout {
     pub const fn body_len(&self) -> usize {
         self.cell - self.stack_end()
     }
+    /// Bytes a hop's forward layer opens as one AEAD ciphertext: tag-stack slots
+    /// `1..H_MAX` and the body (992 with the defaults).
+    pub const fn forward_sealed_len(&self) -> usize {
+        self.cell - self.stack_start() - SLOT_LEN
+    }
     /// Most application bytes one data cell carries (body minus the 1-byte type and
     /// the 2-byte length).
     pub const fn payload_max(&self) -> usize {

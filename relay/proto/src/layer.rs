@@ -11,12 +11,16 @@
 //!
 //! **Forward** (client to exit), at each hop, with the hop's forward keys `(kf, sf)`
 //! and its counter `c`:
-//! 1. open the body with AES-256-GCM under `kf`, nonce `(command, c)`, associated
-//!    data = slots `1..H`, tag = slot 0 — so a change to any byte of the body or of the
-//!    stack is caught by this hop;
-//! 2. XOR slots `1..H` with `M[j] = AES-256(sf, counter || j)` and shift them down one
-//!    slot;
-//! 3. write the filler `M[H-1]` into the last slot.
+//! 1. open slots `1..H` and the body, contiguous in the cell, as one AES-256-GCM
+//!    ciphertext under `kf`, nonce `(command, c)`, tag = slot 0 — so a change to any
+//!    byte of the body or of the stack is caught by this hop, and the decryption
+//!    unmasks the stack (slot `j` is XORed with keystream block `j - 1`);
+//! 2. shift slots `1..H` down one slot;
+//! 3. write the filler `M[H-1] = AES-256(sf, counter || H-1)` into the last slot.
+//!
+//! One AEAD call per cell covers the stack, with no associated data: `ring` hashes
+//! associated data one 16-byte block per call, which cost a relay more than the seven
+//! mask blocks it replaces.
 //!
 //! **Backward** (exit to client), at each hop, with `(kb, sb)`: shift slots `0..H-1` up
 //! one slot (the last is dropped), XOR them with `N[j] = AES-256(sb, counter || j)`,
@@ -74,16 +78,48 @@ impl<A: Aead> LayerKeys<A> {
         &self.aead
     }
 
-    /// `AES-256(stack, counter || j)` for `j` in `0..h_max`.
-    fn masks(&self, counter: u64, h_max: usize) -> [[u8; 16]; H_MAX_LIMIT] {
+    /// `AES-256(stack, counter || j)` for `j` in `0..n`: the backward stack masks.
+    fn masks(&self, counter: u64, n: usize) -> [[u8; 16]; H_MAX_LIMIT] {
         let mut blocks = [aes::Block::default(); H_MAX_LIMIT];
-        for (j, b) in blocks.iter_mut().enumerate().take(h_max) {
+        for (j, b) in blocks.iter_mut().enumerate().take(n) {
             b[..8].copy_from_slice(&counter.to_be_bytes());
             b[8..].copy_from_slice(&(j as u64).to_be_bytes());
         }
-        self.stack.encrypt_blocks(&mut blocks[..h_max]);
+        self.stack.encrypt_blocks(&mut blocks[..n]);
         let mut out = [[0u8; 16]; H_MAX_LIMIT];
         for (o, b) in out.iter_mut().zip(blocks.iter()) {
+            o.copy_from_slice(b);
+        }
+        out
+    }
+
+    /// The forward filler `AES-256(stack, counter || h_max - 1)`.
+    fn filler(&self, counter: u64, h_max: usize) -> [u8; 16] {
+        let mut b = aes::Block::default();
+        b[..8].copy_from_slice(&counter.to_be_bytes());
+        b[8..].copy_from_slice(&((h_max - 1) as u64).to_be_bytes());
+        self.stack.encrypt_block(&mut b);
+        b.into()
+    }
+
+    /// The first `h_max - 1` blocks of the AEAD's keystream under `nonce(command,
+    /// counter)`: what a forward open XORs onto slots `1..h_max`. Computed as the
+    /// encryption of zeros, whose tag is thrown away (client side only: it reuses the
+    /// cell's nonce, and nothing of it is ever sent).
+    fn stack_keystream(
+        &self,
+        command: Command,
+        counter: u64,
+        h_max: usize,
+    ) -> [[u8; 16]; H_MAX_LIMIT] {
+        let mut z = [0u8; SLOT_LEN * H_MAX_LIMIT];
+        let n = SLOT_LEN * (h_max - 1);
+        if n > 0 {
+            self.aead
+                .seal(&cell_nonce(command, counter), &[], &mut z[..n]);
+        }
+        let mut out = [[0u8; 16]; H_MAX_LIMIT];
+        for (o, b) in out.iter_mut().zip(z.chunks_exact(SLOT_LEN)) {
             o.copy_from_slice(b);
         }
         out
@@ -160,26 +196,17 @@ pub fn strip_forward<A: Aead>(
     counter: u64,
     cell: &mut [u8],
 ) -> Result<(), BadTag> {
-    let h = layout.h_max;
     let s0 = layout.stack_start();
     let se = layout.stack_end();
     let tag = tag_at(cell, s0);
-    let (front, body) = cell.split_at_mut(se);
     keys.aead.open(
         &cell_nonce(command, counter),
-        &front[s0 + SLOT_LEN..],
-        body,
+        &[],
+        &mut cell[s0 + SLOT_LEN..],
         &tag,
     )?;
-    let m = keys.masks(counter, h);
-    for j in 1..h {
-        xor16(
-            &mut cell[s0 + j * SLOT_LEN..s0 + (j + 1) * SLOT_LEN],
-            &m[j - 1],
-        );
-    }
     cell.copy_within(s0 + SLOT_LEN..se, s0);
-    cell[se - SLOT_LEN..se].copy_from_slice(&m[h - 1]);
+    cell[se - SLOT_LEN..se].copy_from_slice(&keys.filler(counter, layout.h_max));
     Ok(())
 }
 
@@ -209,7 +236,7 @@ pub fn add_backward<A: Aead>(
     let s0 = layout.stack_start();
     let se = layout.stack_end();
     cell.copy_within(s0..se - SLOT_LEN, s0 + SLOT_LEN);
-    let m = keys.masks(counter, h);
+    let m = keys.masks(counter, h - 1);
     for j in 1..h {
         xor16(
             &mut cell[s0 + j * SLOT_LEN..s0 + (j + 1) * SLOT_LEN],
@@ -244,46 +271,42 @@ pub fn seal_forward<A: Aead>(
         c = k.shifted(c);
         *ci = c;
     }
-    let mut masks = [[[0u8; 16]; H_MAX_LIMIT]; H_MAX_LIMIT];
-    for ((m, k), c) in masks.iter_mut().zip(hops).zip(counters) {
-        *m = k.masks(c, h);
+    let mut keystream = [[[0u8; 16]; H_MAX_LIMIT]; H_MAX_LIMIT];
+    for ((ks, k), c) in keystream.iter_mut().zip(hops).zip(counters) {
+        *ks = k.stack_keystream(command, c, h);
     }
-    // Simulate what each hop sees below the real tags: start with the client's random
-    // junk, then apply each hop's unmask-and-shift and filler.
+    // Simulate what each hop receives below the real tags: start with the client's
+    // random junk, then apply each hop's decryption, shift and filler.
     let mut slots = *junk;
-    for m in masks.iter().take(l - 1) {
+    for ((ks, k), c) in keystream.iter().zip(hops).zip(counters).take(l - 1) {
         let mut next = [[0u8; 16]; H_MAX_LIMIT];
         for j in 0..h - 1 {
             next[j] = slots[j + 1];
-            xor_arr(&mut next[j], &m[j]);
+            xor_arr(&mut next[j], &ks[j]);
         }
-        next[h - 1] = m[h - 1];
+        next[h - 1] = k.filler(c, h);
         slots = next;
     }
-    // `slots` is now the exit's view (slot 0 to be filled). Seal from the exit back.
-    let se = layout.stack_end();
-    let mut aad = [0u8; SLOT_LEN * H_MAX_LIMIT];
-    for i in (0..l).rev() {
-        for j in 1..h {
-            aad[(j - 1) * SLOT_LEN..j * SLOT_LEN].copy_from_slice(&slots[j]);
-        }
-        slots[0] = hops[i].aead.seal(
-            &cell_nonce(command, counters[i]),
-            &aad[..SLOT_LEN * (h - 1)],
-            &mut cell[se..],
-        );
-        if i > 0 {
-            let mut prev = [[0u8; 16]; H_MAX_LIMIT];
-            for j in 1..h {
-                prev[j] = slots[j - 1];
-                xor_arr(&mut prev[j], &masks[i - 1][j - 1]);
-            }
-            slots = prev;
-        }
-    }
+    // `slots` is now the exit's stack. Its slots 1.. must arrive as they are: write
+    // the plaintext that encrypts to them, then seal from the exit back, each hop's
+    // plaintext stack being the next hop's tag and slots.
     let s0 = layout.stack_start();
-    for (j, s) in slots.iter().enumerate().take(h) {
-        cell[s0 + j * SLOT_LEN..s0 + (j + 1) * SLOT_LEN].copy_from_slice(s);
+    let se = layout.stack_end();
+    for j in 1..h {
+        let at = s0 + j * SLOT_LEN;
+        cell[at..at + SLOT_LEN].copy_from_slice(&slots[j]);
+        xor16(&mut cell[at..at + SLOT_LEN], &keystream[l - 1][j - 1]);
+    }
+    for i in (0..l).rev() {
+        if i + 1 < l {
+            cell.copy_within(s0..se - SLOT_LEN, s0 + SLOT_LEN);
+        }
+        let tag = hops[i].aead.seal(
+            &cell_nonce(command, counters[i]),
+            &[],
+            &mut cell[s0 + SLOT_LEN..],
+        );
+        cell[s0..s0 + SLOT_LEN].copy_from_slice(&tag);
     }
 }
 
@@ -309,7 +332,7 @@ pub fn peel_backward<A: Aead>(
     let tag = tag_at(cell, s0);
     keys.aead
         .open(&cell_nonce(command, counter), &[], &mut cell[se..], &tag)?;
-    let m = keys.masks(counter, h);
+    let m = keys.masks(counter, h - 1);
     for j in 1..h {
         xor16(
             &mut cell[s0 + j * SLOT_LEN..s0 + (j + 1) * SLOT_LEN],
@@ -452,4 +475,130 @@ pub fn write_control(layout: &Layout, cell: &mut [u8], info: &[u8]) {
     cell[se..].fill(0);
     let n = info.len().min(layout.body_len() - ORIGIN_MARKER_LEN);
     cell[se + ORIGIN_MARKER_LEN..se + ORIGIN_MARKER_LEN + n].copy_from_slice(&info[..n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aead::{RingAead, RustCryptoAead};
+    use aes_gcm::aead::AeadInOut;
+
+    fn bytes(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn key(seed: u8) -> [u8; 32] {
+        bytes(32, seed).try_into().unwrap()
+    }
+
+    /// PROTOCOL.md §4: `K[j] = AES-256(k, nonce || (j + 2))`, computed from the block
+    /// cipher alone.
+    fn spec_keystream(k: &[u8; 32], nonce: &[u8; NONCE_LEN], j: usize) -> [u8; 16] {
+        let mut b = aes::Block::default();
+        b[..NONCE_LEN].copy_from_slice(nonce);
+        b[NONCE_LEN..].copy_from_slice(&((j + 2) as u32).to_be_bytes());
+        Aes256::new(k.into()).encrypt_block(&mut b);
+        b.into()
+    }
+
+    #[test]
+    fn the_stack_keystream_is_the_gcm_counter_stream_the_spec_names() {
+        for h in [1, 2, 8, H_MAX_LIMIT] {
+            let keys = LayerKeys::<RingAead>::new(&key(1), &key(2));
+            let ks = keys.stack_keystream(Command::Data, 0xabcdef, h);
+            let nonce = cell_nonce(Command::Data, 0xabcdef);
+            for (j, block) in ks.iter().enumerate() {
+                let want = if j + 1 < h {
+                    spec_keystream(&key(1), &nonce, j)
+                } else {
+                    [0; 16]
+                };
+                assert_eq!(*block, want, "h {h}, block {j}");
+            }
+        }
+    }
+
+    /// A forward strip computed from the spec's steps with RustCrypto's AES-GCM and
+    /// AES directly (not through [`Aead`]) gives the relay's output byte for byte.
+    #[test]
+    fn a_forward_strip_is_one_gcm_open_of_the_stack_and_body_then_shift_and_filler() {
+        let layout = Layout::default();
+        let (h, s0, se) = (layout.h_max, layout.stack_start(), layout.stack_end());
+        let (kf, sf) = (key(7), key(9));
+        let hops = [
+            LayerKeys::<RingAead>::new(&kf, &sf).with_shift(5),
+            LayerKeys::<RingAead>::new(&key(3), &key(4)).with_shift(11),
+        ];
+        let mut cell = bytes(layout.cell, 0x5a);
+        write_payload(&layout, &mut cell, b"one forward cell");
+        let junk = [[0x33u8; 16]; H_MAX_LIMIT];
+        seal_forward(&layout, &hops, Command::Data, 1000, &mut cell, &junk);
+        let counter = hops[0].shifted(1000);
+
+        let mut spec = cell.clone();
+        let nonce = cell_nonce(Command::Data, counter);
+        let tag: [u8; 16] = spec[s0..s0 + SLOT_LEN].try_into().unwrap();
+        aes_gcm::Aes256Gcm::new((&kf).into())
+            .decrypt_inout_detached(
+                (&nonce).into(),
+                &[],
+                (&mut spec[s0 + SLOT_LEN..]).into(),
+                (&tag).into(),
+            )
+            .expect("the spec's open verifies");
+        spec.copy_within(s0 + SLOT_LEN..se, s0);
+        let mut filler = aes::Block::default();
+        filler[..8].copy_from_slice(&counter.to_be_bytes());
+        filler[8..].copy_from_slice(&((h - 1) as u64).to_be_bytes());
+        Aes256::new((&sf).into()).encrypt_block(&mut filler);
+        spec[se - SLOT_LEN..se].copy_from_slice(&filler);
+
+        strip_forward(&layout, &hops[0], Command::Data, counter, &mut cell).unwrap();
+        assert_eq!(cell, spec);
+        // And the next hop, the exit, verifies and reads the payload.
+        let c1 = hops[1].shifted(counter);
+        strip_forward(&layout, &hops[1], Command::Data, c1, &mut cell).unwrap();
+        let Some(Body::Data(r)) = read_body(&layout, &cell) else {
+            panic!("no payload at the exit");
+        };
+        assert_eq!(&cell[r], b"one forward cell");
+    }
+
+    /// Both backends build and strip the same onion, for every circuit length.
+    #[test]
+    fn ring_and_rustcrypto_seal_and_strip_the_same_bytes() {
+        let layout = Layout::default();
+        for l in 1..=layout.h_max {
+            let keys = |i: usize| (key(i as u8 * 2), key(i as u8 * 2 + 1), i as u64 * 77);
+            let ring: Vec<LayerKeys<RingAead>> = (0..l)
+                .map(|i| {
+                    let (a, s, d) = keys(i);
+                    LayerKeys::new(&a, &s).with_shift(d)
+                })
+                .collect();
+            let rc: Vec<LayerKeys<RustCryptoAead>> = (0..l)
+                .map(|i| {
+                    let (a, s, d) = keys(i);
+                    LayerKeys::new(&a, &s).with_shift(d)
+                })
+                .collect();
+            let junk = [[0x44u8; 16]; H_MAX_LIMIT];
+            let mut a = bytes(layout.cell, 1);
+            write_cover(&layout, &mut a);
+            let mut b = a.clone();
+            seal_forward(&layout, &ring, Command::Data, 9, &mut a, &junk);
+            seal_forward(&layout, &rc, Command::Data, 9, &mut b, &junk);
+            assert_eq!(a, b, "{l} hops");
+            let mut c = 9;
+            for (r, k) in ring.iter().zip(&rc) {
+                c = r.shifted(c);
+                strip_forward(&layout, r, Command::Data, c, &mut a).unwrap();
+                strip_forward(&layout, k, Command::Data, c, &mut b).unwrap();
+                assert_eq!(a, b, "{l} hops");
+            }
+            assert_eq!(read_body(&layout, &a), Some(Body::Cover));
+        }
+    }
 }
