@@ -155,6 +155,10 @@ const PEER_BIT: u32 = 1 << 31;
 pub(super) struct Links {
     peers: LinkTable,
     clients: LinkTable,
+    /// The last address found and its link: the cells of one datagram share their
+    /// source, so all but the first skip the two hash lookups. Forgotten whenever a
+    /// link is removed (an id is only reused after its removal).
+    last: core::cell::Cell<Option<(SocketAddr, u32)>>,
 }
 
 impl Links {
@@ -163,6 +167,7 @@ impl Links {
         Links {
             peers: LinkTable::new(peers),
             clients: LinkTable::new(clients),
+            last: core::cell::Cell::new(None),
         }
     }
 
@@ -171,10 +176,18 @@ impl Links {
     }
 
     pub(super) fn find(&self, addr: &SocketAddr) -> Option<u32> {
-        self.peers
+        if let Some((a, id)) = self.last.get() {
+            if a == *addr {
+                return Some(id);
+            }
+        }
+        let id = self
+            .peers
             .find(addr)
             .map(|i| i | PEER_BIT)
-            .or_else(|| self.clients.find(addr))
+            .or_else(|| self.clients.find(addr))?;
+        self.last.set(Some((*addr, id)));
+        Some(id)
     }
 
     pub(super) fn get(&self, id: u32) -> Option<&Link> {
@@ -200,6 +213,7 @@ impl Links {
     }
 
     pub(super) fn remove(&mut self, id: u32) -> Option<Link> {
+        self.last.set(None);
         match Self::split(id) {
             (true, i) => self.peers.remove(i),
             (false, i) => self.clients.remove(i),
@@ -282,4 +296,48 @@ fn split_keys(okm: &[u8; 64]) -> (HeaderKey, HeaderKey) {
     a.copy_from_slice(&okm[..32]);
     b.copy_from_slice(&okm[32..]);
     (HeaderKey::new(&a), HeaderKey::new(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(port: u16, kind: LinkKind) -> Link {
+        let (tx, rx) = split_keys(&[port as u8; 64]);
+        Link {
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            kind,
+            tx,
+            rx,
+            seed: [0; 16],
+            circuits: 0,
+            last_active: 0,
+            validated: true,
+            credit: 0,
+            sent: 0,
+        }
+    }
+
+    #[test]
+    fn the_remembered_lookup_never_outlives_a_removal() {
+        let mut links = Links::new(2, 2);
+        let a = links.insert(link(1, LinkKind::Client)).unwrap();
+        let b = links.insert(link(2, LinkKind::Peer)).unwrap();
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        for _ in 0..3 {
+            assert_eq!(links.find(&addr(1)), Some(a));
+            assert_eq!(links.find(&addr(2)), Some(b));
+        }
+        // The same address twice in a row comes from the memo; after the removal it
+        // must not, and the freed slot's next owner is found under its own address.
+        assert_eq!(links.find(&addr(1)), Some(a));
+        links.remove(a).unwrap();
+        assert_eq!(links.find(&addr(1)), None);
+        let c = links.insert(link(3, LinkKind::Client)).unwrap();
+        assert_eq!(c, a, "the slot is reused");
+        assert_eq!(links.find(&addr(1)), None);
+        assert_eq!(links.find(&addr(3)), Some(c));
+        assert_eq!(links.find(&addr(2)), Some(b));
+        assert_eq!(links.find(&addr(4)), None);
+    }
 }
