@@ -214,6 +214,47 @@ pub enum SideEffect {
     },
 }
 
+/// Most payloads one exit send carries: the kernel's limit on UDP GSO segments.
+pub const MAX_DELIVERY_RUN: usize = 64;
+
+/// Most bytes one exit send carries (UDP GSO builds one datagram-sized buffer).
+const MAX_DELIVERY_BYTES: usize = 65_000;
+
+/// How many exit deliveries, from `side[i]` on, can leave in one UDP GSO send (at
+/// least 1; 1 when `side[i]` is not a [`SideEffect::Deliver`]): consecutive deliveries
+/// for the same circuit (so the same exit socket) whose payloads all have the first
+/// one's length, except that the last may be shorter — the kernel cuts the send into
+/// datagrams of the first one's size, so the destination receives exactly the
+/// datagrams it would have from one send each. At most [`MAX_DELIVERY_RUN`] and
+/// 65,000 bytes; an empty payload always goes alone.
+pub fn delivery_run(side: &[SideEffect], i: usize) -> usize {
+    let Some(SideEffect::Deliver { circuit, range, .. }) = side.get(i) else {
+        return 1;
+    };
+    let seg = range.len();
+    if seg == 0 {
+        return 1;
+    }
+    let max = MAX_DELIVERY_RUN.min(MAX_DELIVERY_BYTES / seg).max(1);
+    let mut n = 1;
+    while n < max {
+        match side.get(i + n) {
+            Some(SideEffect::Deliver {
+                circuit: c,
+                range: r,
+                ..
+            }) if c == circuit && r.len() == seg => n += 1,
+            Some(SideEffect::Deliver {
+                circuit: c,
+                range: r,
+                ..
+            }) if c == circuit && !r.is_empty() && r.len() < seg => return n + 1,
+            _ => break,
+        }
+    }
+    n
+}
+
 /// Protocol state and counters of one worker.
 pub struct Engine<A: Aead> {
     /// The protocol state machine.
@@ -694,6 +735,58 @@ fn side_of(e: Event) -> SideEffect {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deliver(circuit: u32, len: usize) -> SideEffect {
+        SideEffect::Deliver {
+            circuit: CircuitRef::from_parts(circuit, 0),
+            dest: addr(9),
+            slot: 0,
+            range: 100..100 + len,
+        }
+    }
+
+    #[test]
+    fn exit_deliveries_group_per_circuit_and_length_as_udp_gso_allows() {
+        let closed = SideEffect::Closed {
+            circuit: CircuitRef::from_parts(1, 0),
+        };
+        // Same circuit, same length: one run; a shorter payload ends it (GSO's last
+        // segment may be short); a longer one, another circuit or another effect
+        // starts a new one.
+        let side = vec![
+            deliver(1, 500),
+            deliver(1, 500),
+            deliver(1, 500),
+            deliver(1, 120),
+            deliver(1, 500),
+            deliver(1, 600),
+            deliver(2, 600),
+            closed.clone(),
+            deliver(2, 600),
+            deliver(2, 0),
+            deliver(2, 0),
+        ];
+        assert_eq!(delivery_run(&side, 0), 4);
+        assert_eq!(delivery_run(&side, 1), 3);
+        assert_eq!(delivery_run(&side, 4), 1, "a longer payload cannot follow");
+        assert_eq!(
+            delivery_run(&side, 5),
+            1,
+            "another circuit is another socket"
+        );
+        assert_eq!(delivery_run(&side, 6), 1, "a non-delivery ends the run");
+        assert_eq!(delivery_run(&side, 7), 1);
+        assert_eq!(delivery_run(&side, 8), 1, "an empty payload goes alone");
+        assert_eq!(delivery_run(&side, 9), 1);
+        assert_eq!(delivery_run(&side, 10), 1);
+        assert_eq!(delivery_run(&side, 11), 1, "past the end");
+        // The kernel's limits: 64 segments, and about 64 KiB in one send.
+        let many: Vec<SideEffect> = (0..100).map(|_| deliver(3, 877)).collect();
+        assert_eq!(delivery_run(&many, 0), MAX_DELIVERY_RUN);
+        assert_eq!(delivery_run(&many, 90), 10);
+        let big: Vec<SideEffect> = (0..100).map(|_| deliver(3, 1400)).collect();
+        assert_eq!(delivery_run(&big, 0), 65_000 / 1400);
+    }
 
     #[test]
     fn routes_send_from_the_socket_an_address_was_heard_on() {

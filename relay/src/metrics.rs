@@ -250,6 +250,12 @@ impl Collector for RelayMetrics {
         )?;
         counters(
             &mut enc,
+            "shroud_exit_sends",
+            "Sends carrying exit deliveries (consecutive deliveries of one circuit leave in one UDP GSO send).",
+            &per_worker(&|s| vec![(vec![], s.exit_sends)]),
+        )?;
+        counters(
+            &mut enc,
             "shroud_drops",
             "Cells dropped, by reason.",
             &per_worker(&|s| {

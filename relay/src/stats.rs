@@ -53,6 +53,9 @@ pub struct WorkerStats {
     pub cells_backward: AtomicU64,
     /// Payload datagrams delivered to exit destinations.
     pub exit_delivered: AtomicU64,
+    /// Sends to exit destinations: consecutive deliveries of one circuit leave in one
+    /// UDP GSO send, which counts once.
+    pub exit_sends: AtomicU64,
     /// Datagrams received from exit destinations and sent back on circuits.
     pub exit_replies: AtomicU64,
     /// Setups accepted.
@@ -223,6 +226,7 @@ impl WorkerStats {
             cells_forward: self.cells_forward.load(Relaxed),
             cells_backward: self.cells_backward.load(Relaxed),
             exit_delivered: self.exit_delivered.load(Relaxed),
+            exit_sends: self.exit_sends.load(Relaxed),
             exit_replies: self.exit_replies.load(Relaxed),
             setups: self.setups.load(Relaxed),
             setup_dh: self.setup_dh.load(Relaxed),

@@ -20,7 +20,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use shroud_proto::relay::DropReason;
 
 use crate::bufring::BufRing;
-use crate::engine::{CellAt, Out, Plan, SideEffect};
+use crate::engine::{delivery_run, CellAt, Out, Plan, SideEffect};
 use crate::engine::{Engine, WorkerEnd};
 use crate::exits::{ExitSockets, TxArena, EXIT_BUF};
 
@@ -45,6 +45,8 @@ const K_XSEND: u64 = 4;
 const K_CANCEL: u64 = 5;
 /// An exit delivery from the transmit arena (mix mode).
 const K_XSEND_TX: u64 = 6;
+/// A run of exit deliveries in one UDP GSO send, from send slot `idx`.
+const K_XSEND_RUN: u64 = 7;
 
 fn pack_user_data(kind: u64, idx: u64) -> u64 {
     (kind << 56) | idx
@@ -312,9 +314,113 @@ impl Driver {
         Ok(())
     }
 
+    /// Sends `run`, consecutive exit deliveries of one circuit ([`delivery_run`]), in
+    /// one UDP GSO send from a send slot; with every send slot busy, one send each.
+    fn deliver_run<A: Aead>(
+        &mut self,
+        engine: &mut Engine<A>,
+        run: &[SideEffect],
+    ) -> io::Result<()> {
+        let Some(SideEffect::Deliver { circuit, range, .. }) = run.first() else {
+            return Ok(());
+        };
+        let seg = range.len() as u16;
+        let fd = self
+            .exits
+            .get(circuit)
+            .and_then(|x| self.exits.slots[x as usize].sock.as_ref())
+            .map(|s| s.as_raw_fd());
+        let Some(fd) = fd else {
+            // No exit socket (the circuit is gone or its socket is closing).
+            engine.count_drop(DropReason::UnknownCircuit, run.len() as u64);
+            return Ok(());
+        };
+        let Some(t) = self.free_tx.pop() else {
+            for d in run {
+                self.deliver_one(engine, d)?;
+            }
+            return Ok(());
+        };
+        let s = &mut self.tx[t as usize];
+        s.n = 0;
+        for d in run {
+            let SideEffect::Deliver { slot, range, .. } = d else {
+                continue;
+            };
+            self.refs[*slot as usize] += 1;
+            s.iovs[s.n] = libc::iovec {
+                iov_base: self.bufs.payload_ptr(*slot as u16, range.start) as *mut libc::c_void,
+                iov_len: range.len(),
+            };
+            s.locs[s.n] = CellAt::Rx {
+                slot: *slot,
+                off: range.start as u32,
+            };
+            s.n += 1;
+        }
+        // The exit socket is connected: no address.
+        s.hdr.msg_name = std::ptr::null_mut();
+        s.hdr.msg_namelen = 0;
+        s.hdr.msg_iov = s.iovs.as_mut_ptr();
+        s.hdr.msg_iovlen = s.n;
+        s.hdr.msg_controllen = sys::write_gso_cmsg(&mut s.ctrl, seg);
+        s.hdr.msg_control = s.ctrl.as_mut_ptr().cast();
+        let n = s.n as u64;
+        let e = opcode::SendMsg::new(types::Fd(fd), &s.hdr)
+            .build()
+            .user_data(pack_user_data(K_XSEND_RUN, u64::from(t)));
+        self.push(e)?;
+        engine.stats().exit_delivered.fetch_add(n, Relaxed);
+        engine.stats().exit_sends.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    /// Sends one exit delivery from its receive slot.
+    fn deliver_one<A: Aead>(&mut self, engine: &mut Engine<A>, d: &SideEffect) -> io::Result<()> {
+        let SideEffect::Deliver {
+            circuit,
+            slot,
+            range,
+            ..
+        } = d
+        else {
+            return Ok(());
+        };
+        let Some(x) = self.exits.get(circuit) else {
+            engine.count_drop(DropReason::UnknownCircuit, 1);
+            return Ok(());
+        };
+        let Some(sock) = self.exits.slots[x as usize].sock.as_ref() else {
+            // The circuit's exit socket is already closing.
+            engine.count_drop(DropReason::UnknownCircuit, 1);
+            return Ok(());
+        };
+        self.refs[*slot as usize] += 1;
+        let e = opcode::Send::new(
+            types::Fd(sock.as_raw_fd()),
+            self.bufs.payload_ptr(*slot as u16, range.start),
+            range.len() as u32,
+        )
+        .build()
+        .user_data(pack_user_data(K_XSEND, u64::from(*slot)));
+        self.push(e)?;
+        engine.stats().exit_delivered.fetch_add(1, Relaxed);
+        engine.stats().exit_sends.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
     fn on_side<A: Aead>(&mut self, engine: &mut Engine<A>) -> io::Result<()> {
         let side = std::mem::take(&mut self.side);
-        for s in &side {
+        let mut i = 0;
+        while i < side.len() {
+            let n = delivery_run(&side, i);
+            if n > 1 {
+                self.deliver_run(engine, &side[i..i + n])?;
+                i += n;
+                continue;
+            }
+            let s = &side[i];
+            i += 1;
             match s {
                 SideEffect::Opened { circuit, .. } => {
                     if let Some(x) = self.exits.get(circuit) {
@@ -329,32 +435,7 @@ impl Driver {
                         self.push(e)?;
                     }
                 }
-                SideEffect::Deliver {
-                    circuit,
-                    slot,
-                    range,
-                    ..
-                } => {
-                    let Some(x) = self.exits.get(circuit) else {
-                        engine.count_drop(DropReason::UnknownCircuit, 1);
-                        continue;
-                    };
-                    let Some(sock) = self.exits.slots[x as usize].sock.as_ref() else {
-                        // The circuit's exit socket is already closing.
-                        engine.count_drop(DropReason::UnknownCircuit, 1);
-                        continue;
-                    };
-                    self.refs[*slot as usize] += 1;
-                    let e = opcode::Send::new(
-                        types::Fd(sock.as_raw_fd()),
-                        self.bufs.payload_ptr(*slot as u16, range.start),
-                        range.len() as u32,
-                    )
-                    .build()
-                    .user_data(pack_user_data(K_XSEND, u64::from(*slot)));
-                    self.push(e)?;
-                    engine.stats().exit_delivered.fetch_add(1, Relaxed);
-                }
+                SideEffect::Deliver { .. } => self.deliver_one(engine, s)?,
                 SideEffect::DeliverHeld { circuit, idx, len } => {
                     let sock = self
                         .exits
@@ -375,6 +456,7 @@ impl Driver {
                     .user_data(pack_user_data(K_XSEND_TX, u64::from(*idx)));
                     self.push(e)?;
                     engine.stats().exit_delivered.fetch_add(1, Relaxed);
+                    engine.stats().exit_sends.fetch_add(1, Relaxed);
                 }
             }
         }
@@ -551,6 +633,16 @@ impl Driver {
                             engine.stats().send_errors.fetch_add(1, Relaxed);
                         }
                         self.release(CellAt::Rx { slot: idx, off: 0 })?;
+                    }
+                    K_XSEND_RUN => {
+                        if res < 0 {
+                            engine.stats().send_errors.fetch_add(1, Relaxed);
+                        }
+                        for k in 0..self.tx[idx as usize].n {
+                            let loc = self.tx[idx as usize].locs[k];
+                            self.release(loc)?;
+                        }
+                        self.free_tx.push(idx);
                     }
                     K_XSEND_TX => {
                         if res < 0 {

@@ -858,6 +858,82 @@ fn circuits_build_in_parallel_with_their_own_results() {
     );
 }
 
+/// An exit sends consecutive payloads of one circuit in one UDP GSO send: the
+/// destination, a plain socket, still receives every payload as its own datagram,
+/// byte for byte and in order, and the exit counts fewer sends than deliveries.
+fn exit_deliveries_leave_in_gso_sends(driver: &'static str, net_no: u8) {
+    let mut opts = NetOpts::new(net_no, 2);
+    opts.driver = driver;
+    let net = TestNet::start(opts);
+    let dest = UdpSocket::bind(SocketAddr::from(([127, 0, net_no, 250], 0))).expect("dest");
+    dest.set_read_timeout(Some(T)).expect("timeout");
+    let to = dest.local_addr().expect("addr");
+    let mut c = net.client();
+    let payload = |k: usize, len: usize| -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(7) ^ k as u8)
+            .collect()
+    };
+    // Equal lengths then a shorter last one (one run); then lengths that must split
+    // (a longer payload cannot follow in the same send).
+    let lengths: Vec<usize> = [vec![600; 39], vec![100], vec![600, 600, 700, 700, 100]].concat();
+    for (hops, path) in [(1, vec![1]), (2, vec![0, 1])] {
+        let id = c
+            .build_circuit(&net.path(&path), to, T)
+            .unwrap_or_else(|e| panic!("{hops} hops: {e}"));
+        let (sends0, delivered0) = (
+            net.worker_stat(1, "exit_sends"),
+            net.worker_stat(1, "exit_delivered"),
+        );
+        let payloads: Vec<Vec<u8>> = lengths
+            .iter()
+            .enumerate()
+            .map(|(k, &l)| payload(k, l))
+            .collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
+        c.send_batch(id, &refs[..40]).expect("first batch");
+        c.send_batch(id, &refs[40..]).expect("second batch");
+        let mut buf = [0u8; 2048];
+        for (k, p) in payloads.iter().enumerate() {
+            let (n, _) = dest
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("{hops} hops, payload {k}: {e}\n{}", net.log(1)));
+            assert_eq!(
+                &buf[..n],
+                &p[..],
+                "{hops} hops: payload {k} is its own datagram, intact"
+            );
+        }
+        let delivered = net.worker_stat(1, "exit_delivered") - delivered0;
+        let sends = net.worker_stat(1, "exit_sends") - sends0;
+        assert_eq!(delivered, payloads.len() as u64);
+        // At best 1 send for the first batch and 2 for the second; cells of a batch
+        // that reach the exit in separate receives take more, but never one each.
+        assert!(
+            (3..=10).contains(&sends),
+            "{hops} hops, {driver}: {sends} sends for {delivered} deliveries"
+        );
+    }
+    // Nothing more than the payloads arrived (no datagram twice, none merged away).
+    dest.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let extra = dest.recv_from(&mut [0u8; 2048]);
+    assert!(
+        extra.is_err(),
+        "an extra datagram at the destination: {extra:?}"
+    );
+}
+
+#[test]
+fn exit_deliveries_leave_in_gso_sends_io_uring() {
+    exit_deliveries_leave_in_gso_sends("uring", 33);
+}
+
+#[test]
+fn exit_deliveries_leave_in_gso_sends_fallback_driver() {
+    exit_deliveries_leave_in_gso_sends("mmsg", 34);
+}
+
 /// An exit's traffic leaves from the relay's own address (the one its peer-list entry
 /// names), not from whatever address the kernel picks for an unbound socket.
 #[test]

@@ -215,6 +215,10 @@ pub struct WorkerCounters {
     pub cells_backward: u64,
     /// Exit deliveries.
     pub exit_delivered: u64,
+    /// Sends carrying them (a GSO send of several deliveries counts once; absent from
+    /// relays before 2026-12-04).
+    #[serde(default)]
+    pub exit_sends: u64,
     /// Exit replies.
     pub exit_replies: u64,
     /// Circuit setups accepted.
