@@ -32,6 +32,9 @@ pub struct Driver {
     exits: ExitSockets,
     cell: usize,
     max_segs: usize,
+    /// Exit deliveries may leave in GSO runs (`[io] gro_gso`; off for good once the
+    /// kernel refuses one).
+    exit_gso: bool,
     plan: Plan,
     side: Vec<SideEffect>,
     pollfds: Vec<libc::pollfd>,
@@ -78,6 +81,7 @@ impl Driver {
                 spec.index,
             )?,
             cell,
+            exit_gso: spec.io.gro_gso,
             max_segs: if spec.io.gro_gso {
                 MAX_SEGS.min(65000 / cell).max(1)
             } else {
@@ -161,7 +165,7 @@ impl Driver {
 
     /// Sends `run`, consecutive exit deliveries of one circuit ([`delivery_run`]), in
     /// one UDP GSO send.
-    fn deliver_run<A: Aead>(&self, engine: &mut Engine<A>, run: &[SideEffect]) {
+    fn deliver_run<A: Aead>(&mut self, engine: &mut Engine<A>, run: &[SideEffect]) {
         let Some(SideEffect::Deliver { circuit, range, .. }) = run.first() else {
             return;
         };
@@ -197,19 +201,46 @@ impl Driver {
         // self, all alive for this synchronous call; the socket is connected, so the
         // msghdr has no address.
         let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, 0) };
-        if r < 0 {
-            engine.stats().send_errors.fetch_add(1, Relaxed);
-        } else {
-            engine.stats().exit_delivered.fetch_add(n as u64, Relaxed);
-        }
         engine.stats().exit_sends.fetch_add(1, Relaxed);
+        if r >= 0 {
+            engine.stats().exit_delivered.fetch_add(n as u64, Relaxed);
+            return;
+        }
+        engine.stats().send_errors.fetch_add(1, Relaxed);
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        if !sys::gso_refused(errno) {
+            return;
+        }
+        // This path cannot segment: send these payloads and every later one alone.
+        self.exit_gso = false;
+        tracing::warn!(
+            errno,
+            "the kernel refused a GSO exit send; exit payloads now leave one send each"
+        );
+        for d in run {
+            if let SideEffect::Deliver { slot, range, .. } = d {
+                match sock.send(&self.bufs[*slot as usize][range.clone()]) {
+                    Ok(_) => {
+                        engine.stats().exit_delivered.fetch_add(1, Relaxed);
+                    }
+                    Err(_) => {
+                        engine.stats().send_errors.fetch_add(1, Relaxed);
+                    }
+                }
+                engine.stats().exit_sends.fetch_add(1, Relaxed);
+            }
+        }
     }
 
     fn flush<A: Aead>(&mut self, engine: &mut Engine<A>) {
         let side = std::mem::take(&mut self.side);
         let mut i = 0;
         while i < side.len() {
-            let n = delivery_run(&side, i);
+            let n = if self.exit_gso {
+                delivery_run(&side, i)
+            } else {
+                1
+            };
             if n > 1 {
                 self.deliver_run(engine, &side[i..i + n]);
                 i += n;

@@ -128,6 +128,13 @@ pub fn write_gso_cmsg(buf: &mut [u8; CMSG_BUF], seg: u16) -> usize {
     cmsg_align(CMSG_HDR) + cmsg_align(size_of::<u16>())
 }
 
+/// Whether a send failed because the path cannot segment (`UDP_SEGMENT`): `EIO` from
+/// a device without checksum offload, `EINVAL`/`EOPNOTSUPP` from a kernel or socket
+/// without GSO.
+pub fn gso_refused(errno: i32) -> bool {
+    matches!(errno, libc::EIO | libc::EINVAL | libc::EOPNOTSUPP)
+}
+
 /// Finds the `UDP_GRO` segment size in the control bytes the kernel returned
 /// (`msg_control[..msg_controllen]`). Reads bytes only, so the buffer needs no
 /// alignment; a malformed or truncated control message ends the search.

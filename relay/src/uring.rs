@@ -86,6 +86,9 @@ pub struct Driver {
     side: Vec<SideEffect>,
     completions: Vec<(u64, i32, u32)>,
     zero_copy: bool,
+    /// Exit deliveries may leave in GSO runs (`[io] gro_gso`; off for good once the
+    /// kernel refuses one).
+    exit_gso: bool,
     batch_bufs: Vec<u32>,
     /// `min_wait_usec` for the wait (0 when unsupported or off).
     batch_wait_us: u32,
@@ -181,6 +184,7 @@ impl Driver {
             side: Vec::with_capacity(256),
             completions: Vec::with_capacity(1024),
             zero_copy: spec.io.zero_copy_send,
+            exit_gso: spec.io.gro_gso,
             batch_bufs: Vec::with_capacity(64),
             batch_wait_us,
         };
@@ -413,7 +417,11 @@ impl Driver {
         let side = std::mem::take(&mut self.side);
         let mut i = 0;
         while i < side.len() {
-            let n = delivery_run(&side, i);
+            let n = if self.exit_gso {
+                delivery_run(&side, i)
+            } else {
+                1
+            };
             if n > 1 {
                 self.deliver_run(engine, &side[i..i + n])?;
                 i += n;
@@ -637,6 +645,16 @@ impl Driver {
                     K_XSEND_RUN => {
                         if res < 0 {
                             engine.stats().send_errors.fetch_add(1, Relaxed);
+                            if self.exit_gso && sys::gso_refused(-res) {
+                                // The send's payloads are lost (its socket may be
+                                // closed and its descriptor reused by now, so they
+                                // are not sent again); later ones go one by one.
+                                self.exit_gso = false;
+                                tracing::warn!(
+                                    errno = -res,
+                                    "the kernel refused a GSO exit send; exit payloads now leave one send each"
+                                );
+                            }
                         }
                         for k in 0..self.tx[idx as usize].n {
                             let loc = self.tx[idx as usize].locs[k];

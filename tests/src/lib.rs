@@ -45,6 +45,8 @@ pub struct NetOpts {
     pub driver: &'static str,
     /// Send with SENDMSG_ZC (io_uring driver).
     pub zero_copy_send: bool,
+    /// UDP GRO and GSO (`[io] gro_gso`, default true).
+    pub gro_gso: bool,
     /// Exit policy of every relay.
     pub exit_policy: Vec<String>,
     /// Setup rate per source per second.
@@ -103,6 +105,7 @@ impl NetOpts {
             workers: 1,
             driver: "auto",
             zero_copy_send: false,
+            gro_gso: true,
             exit_policy: vec!["accept 127.0.0.0/8:*".into()],
             setup_rate: 200,
             setup_burst: 400,
@@ -237,6 +240,7 @@ impl NetOpts {
             .set("limits", "exit_sockets", 256)
             .set("io", "driver", self.driver)
             .set("io", "zero_copy_send", self.zero_copy_send)
+            .set("io", "gro_gso", self.gro_gso)
             .set("io", "recv_slots", int(self.recv_slots as u64))
             .set("io", "send_slots", 128)
             .set("io", "tx_cells", int(self.tx_cells as u64))
