@@ -100,9 +100,10 @@ impl HopSecrets {
         s
     }
 
-    /// Forward layer keys.
+    /// Forward layer keys, as the client holds them (with the AEAD key's AES schedule
+    /// for the stack keystream, [`LayerSecret::expand_for_sealing`]).
     pub fn forward<A: Aead>(&self) -> LayerKeys<A> {
-        self.forward_secret().expand()
+        self.forward_secret().expand_for_sealing()
     }
 
     /// Backward layer keys.
