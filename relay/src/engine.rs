@@ -226,11 +226,15 @@ const MAX_DELIVERY_BYTES: usize = 65_000;
 /// one's length, except that the last may be shorter — the kernel cuts the send into
 /// datagrams of the first one's size, so the destination receives exactly the
 /// datagrams it would have from one send each. At most [`MAX_DELIVERY_RUN`] and
-/// 65,000 bytes; an empty payload always goes alone.
-pub fn delivery_run(side: &[SideEffect], i: usize) -> usize {
+/// 65,000 bytes; an empty payload always goes alone, and everything does when `gso`
+/// is off (`[io] gro_gso = false`, or after the kernel refused a GSO send).
+pub fn delivery_run(side: &[SideEffect], i: usize, gso: bool) -> usize {
     let Some(SideEffect::Deliver { circuit, range, .. }) = side.get(i) else {
         return 1;
     };
+    if !gso {
+        return 1;
+    }
     let seg = range.len();
     if seg == 0 {
         return 1;
@@ -766,26 +770,39 @@ mod tests {
             deliver(2, 0),
             deliver(2, 0),
         ];
-        assert_eq!(delivery_run(&side, 0), 4);
-        assert_eq!(delivery_run(&side, 1), 3);
-        assert_eq!(delivery_run(&side, 4), 1, "a longer payload cannot follow");
+        assert_eq!(delivery_run(&side, 0, true), 4);
+        assert_eq!(delivery_run(&side, 0, false), 1, "GSO off: one send each");
+        assert_eq!(delivery_run(&side, 1, true), 3);
         assert_eq!(
-            delivery_run(&side, 5),
+            delivery_run(&side, 4, true),
+            1,
+            "a longer payload cannot follow"
+        );
+        assert_eq!(
+            delivery_run(&side, 5, true),
             1,
             "another circuit is another socket"
         );
-        assert_eq!(delivery_run(&side, 6), 1, "a non-delivery ends the run");
-        assert_eq!(delivery_run(&side, 7), 1);
-        assert_eq!(delivery_run(&side, 8), 1, "an empty payload goes alone");
-        assert_eq!(delivery_run(&side, 9), 1);
-        assert_eq!(delivery_run(&side, 10), 1);
-        assert_eq!(delivery_run(&side, 11), 1, "past the end");
+        assert_eq!(
+            delivery_run(&side, 6, true),
+            1,
+            "a non-delivery ends the run"
+        );
+        assert_eq!(delivery_run(&side, 7, true), 1);
+        assert_eq!(
+            delivery_run(&side, 8, true),
+            1,
+            "an empty payload goes alone"
+        );
+        assert_eq!(delivery_run(&side, 9, true), 1);
+        assert_eq!(delivery_run(&side, 10, true), 1);
+        assert_eq!(delivery_run(&side, 11, true), 1, "past the end");
         // The kernel's limits: 64 segments, and about 64 KiB in one send.
         let many: Vec<SideEffect> = (0..100).map(|_| deliver(3, 877)).collect();
-        assert_eq!(delivery_run(&many, 0), MAX_DELIVERY_RUN);
-        assert_eq!(delivery_run(&many, 90), 10);
+        assert_eq!(delivery_run(&many, 0, true), MAX_DELIVERY_RUN);
+        assert_eq!(delivery_run(&many, 90, true), 10);
         let big: Vec<SideEffect> = (0..100).map(|_| deliver(3, 1400)).collect();
-        assert_eq!(delivery_run(&big, 0), 65_000 / 1400);
+        assert_eq!(delivery_run(&big, 0, true), 65_000 / 1400);
     }
 
     #[test]

@@ -48,6 +48,15 @@ impl std::fmt::Debug for Driver {
     }
 }
 
+/// Sends one exit payload on its circuit's connected socket, and counts it.
+fn send_payload<A: Aead>(engine: &mut Engine<A>, sock: &std::net::UdpSocket, payload: &[u8]) {
+    match sock.send(payload) {
+        Ok(_) => engine.stats().exit_delivered.fetch_add(1, Relaxed),
+        Err(_) => engine.stats().send_errors.fetch_add(1, Relaxed),
+    };
+    engine.stats().exit_sends.fetch_add(1, Relaxed);
+}
+
 impl Driver {
     /// Allocates every buffer.
     pub fn new(spec: &WorkerSpec) -> io::Result<Self> {
@@ -219,15 +228,7 @@ impl Driver {
         );
         for d in run {
             if let SideEffect::Deliver { slot, range, .. } = d {
-                match sock.send(&self.bufs[*slot as usize][range.clone()]) {
-                    Ok(_) => {
-                        engine.stats().exit_delivered.fetch_add(1, Relaxed);
-                    }
-                    Err(_) => {
-                        engine.stats().send_errors.fetch_add(1, Relaxed);
-                    }
-                }
-                engine.stats().exit_sends.fetch_add(1, Relaxed);
+                send_payload(engine, sock, &self.bufs[*slot as usize][range.clone()]);
             }
         }
     }
@@ -236,11 +237,7 @@ impl Driver {
         let side = std::mem::take(&mut self.side);
         let mut i = 0;
         while i < side.len() {
-            let n = if self.exit_gso {
-                delivery_run(&side, i)
-            } else {
-                1
-            };
+            let n = delivery_run(&side, i, self.exit_gso);
             if n > 1 {
                 self.deliver_run(engine, &side[i..i + n]);
                 i += n;
@@ -268,15 +265,7 @@ impl Driver {
                         .and_then(|x| self.exits.slots[x as usize].sock.as_ref());
                     match sock {
                         Some(sock) => {
-                            match sock.send(&self.bufs[*slot as usize][range.clone()]) {
-                                Ok(_) => {
-                                    engine.stats().exit_delivered.fetch_add(1, Relaxed);
-                                }
-                                Err(_) => {
-                                    engine.stats().send_errors.fetch_add(1, Relaxed);
-                                }
-                            }
-                            engine.stats().exit_sends.fetch_add(1, Relaxed);
+                            send_payload(engine, sock, &self.bufs[*slot as usize][range.clone()])
                         }
                         None => engine.count_drop(DropReason::UnknownCircuit, 1),
                     }
@@ -289,15 +278,7 @@ impl Driver {
                     match sock {
                         Some(sock) => {
                             let cell = self.arena.cell_mut(*idx);
-                            match sock.send(&cell[..usize::from(*len)]) {
-                                Ok(_) => {
-                                    engine.stats().exit_delivered.fetch_add(1, Relaxed);
-                                }
-                                Err(_) => {
-                                    engine.stats().send_errors.fetch_add(1, Relaxed);
-                                }
-                            }
-                            engine.stats().exit_sends.fetch_add(1, Relaxed);
+                            send_payload(engine, sock, &cell[..usize::from(*len)]);
                         }
                         // The circuit closed while its payload was held.
                         None => engine.count_drop(DropReason::UnknownCircuit, 1),

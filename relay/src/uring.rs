@@ -417,11 +417,7 @@ impl Driver {
         let side = std::mem::take(&mut self.side);
         let mut i = 0;
         while i < side.len() {
-            let n = if self.exit_gso {
-                delivery_run(&side, i)
-            } else {
-                1
-            };
+            let n = delivery_run(&side, i, self.exit_gso);
             if n > 1 {
                 self.deliver_run(engine, &side[i..i + n])?;
                 i += n;
