@@ -108,9 +108,11 @@ impl<A: Aead> LayerKeys<A> {
     }
 
     /// The first `h_max - 1` blocks of the AEAD's keystream under `nonce(command,
-    /// counter)`: what a forward open XORs onto slots `1..h_max`. Computed as the
-    /// encryption of zeros, whose tag is thrown away (client side only: it reuses the
-    /// cell's nonce, and nothing of it is ever sent).
+    /// counter)`: what a forward open XORs onto slots `1..h_max`. Computed from the
+    /// AEAD key's AES schedule when these keys carry it
+    /// ([`LayerSecret::expand_for_sealing`]), else as the encryption of zeros, whose
+    /// tag is thrown away (client side only: it reuses the cell's nonce, and nothing
+    /// of it is ever sent).
     fn stack_keystream(
         &self,
         command: Command,
