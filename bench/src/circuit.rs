@@ -55,12 +55,12 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let bar = indicatif::ProgressBar::hidden();
     let step = (opts.duration / 9.0).max(0.5);
     s.build(opts.circuits, opts.hops)?;
-    let sat = s.drive(step, 0.0, opts.window, stop, &bar)?;
+    let sat = s.drive(step, 0.0, opts.window, None, stop, &bar)?;
     let sat_rate = sat.cells_per_sec();
     let mut sweep = Vec::new();
     for f in [0.25, 0.5, 0.75, 1.0, 1.25] {
         let offered = f * sat_rate;
-        let d = s.drive(step, offered, u64::MAX / 2, stop, &bar)?;
+        let d = s.drive(step, offered, u64::MAX / 2, None, stop, &bar)?;
         sweep.push(point(offered, &d));
     }
     // Added latency per hop at half of the N-hop saturation rate: N-hop and one-hop
@@ -73,9 +73,9 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let (mut n_runs, mut one_runs) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         s.build(opts.circuits, opts.hops)?;
-        n_runs.push(s.drive(short, half, u64::MAX / 2, stop, &bar)?);
+        n_runs.push(s.drive(short, half, u64::MAX / 2, None, stop, &bar)?);
         s.build(opts.circuits, 1)?;
-        one_runs.push(s.drive(short, half, u64::MAX / 2, stop, &bar)?);
+        one_runs.push(s.drive(short, half, u64::MAX / 2, None, stop, &bar)?);
     }
     let quantile = |runs: &[Drive], q: f64| {
         let mut v: Vec<f64> = runs

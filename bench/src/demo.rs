@@ -5,9 +5,18 @@
 //! hops (rotating which relay is entry, middle and exit), and pushes cells for
 //! `duration` seconds. The generator keeps at most `window` cells in flight (sent but
 //! not yet counted at the sink), so the network runs at its saturation rate without
-//! overflowing queues; `--rate` caps the offered load instead. Every payload carries
-//! its send time, so the sink measures one-way latency (same clock). Ctrl-C stops
-//! early and still tears everything down.
+//! overflowing queues; `--rate` caps the offered load instead. Ctrl-C stops early and
+//! still tears everything down.
+//!
+//! The demo measures the relays, not the generator: the relays and the client share
+//! this machine's cores, and a client sealing three layers per cell while the relays
+//! run takes about a third of them. So the generator seals up to `preseal_mb` of cells
+//! before the clock starts ([`Session::preseal`]) and only sends while it runs; if the
+//! sealed cells run out before `duration`, the rest of the time runs with the
+//! generator sealing live, reported separately. One-way latency is measured at the
+//! sink (same clock): a live payload carries its send time; a presealed payload
+//! carries (circuit, cell index) and the generator notes each batch's send time in a
+//! [`SendBook`] the sink reads.
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, UdpSocket};
@@ -47,16 +56,66 @@ pub struct Opts {
     pub progress: bool,
     /// Third octet of the loopback block (127.0.NET.x).
     pub net: u8,
+    /// MiB of cells to seal before the clock starts (0: seal live).
+    pub preseal_mb: u64,
 }
 
 fn now_ns(epoch: Instant) -> u64 {
     epoch.elapsed().as_nanos() as u64
 }
 
+/// Marks a payload stamp as (circuit, cell index) of presealed cells rather than a
+/// send time.
+const PRESEALED: u64 = 1 << 63;
+/// Cells per send (one GSO send) and per entry of the [`SendBook`].
+const BATCH: usize = 32;
+
+/// When each batch of presealed cells was sent (ns since the session's epoch; 0 not
+/// yet), per circuit: the sink turns a presealed payload's stamp into its send time.
+#[derive(Debug)]
+pub struct SendBook {
+    sent_ns: Vec<Vec<AtomicU64>>,
+}
+
+impl SendBook {
+    fn stamp(circuit: usize, cell: usize) -> u64 {
+        PRESEALED | ((circuit as u64) << 32) | cell as u64
+    }
+
+    fn sent_ns(&self, stamp: u64) -> Option<u64> {
+        let circuit = ((stamp & !PRESEALED) >> 32) as usize;
+        let cell = (stamp & 0xffff_ffff) as usize;
+        let t = self.sent_ns.get(circuit)?.get(cell / BATCH)?.load(Relaxed);
+        (t != 0).then_some(t)
+    }
+}
+
+/// Cells sealed before the clock starts, per circuit, and how far each was sent.
+#[derive(Debug)]
+pub struct Presealed {
+    cells: Vec<Vec<u8>>,
+    next: Vec<usize>,
+    book: Arc<SendBook>,
+    /// Seconds the sealing took (all threads, wall clock).
+    pub seal_secs: f64,
+}
+
+impl Presealed {
+    /// Cells sealed in all.
+    pub fn len(&self, cell: usize) -> usize {
+        self.cells.iter().map(|c| c.len() / cell).sum()
+    }
+}
+
+struct SinkState {
+    hist: Histogram<u64>,
+    book: Option<Arc<SendBook>>,
+}
+
 struct Sink {
     bytes: Arc<AtomicU64>,
     payloads: Arc<AtomicU64>,
-    hist: Arc<Mutex<Histogram<u64>>>,
+    state: Arc<Mutex<SinkState>>,
     _thread: Background,
 }
 
@@ -73,10 +132,11 @@ impl Sink {
         let addr = sock.local_addr()?;
         let bytes = Arc::new(AtomicU64::new(0));
         let payloads = Arc::new(AtomicU64::new(0));
-        let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-            1, 60_000_000, 3,
-        )?));
-        let (b, p, h) = (bytes.clone(), payloads.clone(), hist.clone());
+        let state = Arc::new(Mutex::new(SinkState {
+            hist: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
+            book: None,
+        }));
+        let (b, p, h) = (bytes.clone(), payloads.clone(), state.clone());
         let thread = Background::spawn("demo-sink", move |s| {
             let mut buf = vec![0u8; 65536];
             let mut k = 0u64;
@@ -91,9 +151,19 @@ impl Sink {
                     // the shared histogram (an uncontended lock) so a drive sees all
                     // of its samples however short it is.
                     if k.is_multiple_of(16) && chunk.len() >= 8 {
-                        let sent = u64::from_le_bytes(chunk[..8].try_into().unwrap_or([0; 8]));
-                        let lat_us = now_ns(epoch).saturating_sub(sent) / 1000;
-                        let _ = h.lock().map(|mut g| g.record(lat_us.max(1)));
+                        let stamp = u64::from_le_bytes(chunk[..8].try_into().unwrap_or([0; 8]));
+                        let now = now_ns(epoch);
+                        let _ = h.lock().map(|mut g| {
+                            let sent = if stamp & PRESEALED == 0 {
+                                Some(stamp)
+                            } else {
+                                g.book.as_ref().and_then(|b| b.sent_ns(stamp))
+                            };
+                            if let Some(sent) = sent {
+                                let lat_us = now.saturating_sub(sent) / 1000;
+                                g.hist.record(lat_us.max(1)).ok();
+                            }
+                        });
                     }
                 }
                 b.fetch_add(n as u64, Relaxed);
@@ -104,7 +174,7 @@ impl Sink {
             Sink {
                 bytes,
                 payloads,
-                hist,
+                state,
                 _thread: thread,
             },
         ))
@@ -139,6 +209,24 @@ impl Drive {
     /// Payload MB (10^6 bytes) per second.
     pub fn payload_mb_per_sec(&self) -> f64 {
         self.bytes as f64 / 1e6 / self.elapsed.max(1e-9)
+    }
+
+    /// Throughput, loss, latency and duration as report keys.
+    pub fn json(&self) -> Value {
+        json!({
+            "payload_mb_per_sec": self.payload_mb_per_sec(),
+            "cells_per_sec": self.cells_per_sec(),
+            "sent_payloads": self.sent,
+            "delivered_payloads": self.delivered,
+            "lost_payloads": self.sent.saturating_sub(self.delivered),
+            "latency_us": {
+                "p50": self.latency.value_at_quantile(0.5),
+                "p99": self.latency.value_at_quantile(0.99),
+                "p999": self.latency.value_at_quantile(0.999),
+                "samples": self.latency.len(),
+            },
+            "duration_s": self.elapsed,
+        })
     }
 }
 
@@ -332,23 +420,62 @@ impl Session {
         })
     }
 
+    /// Seals cells for every circuit ahead of time, about `bytes` of them in all (a
+    /// whole number of 32-cell batches per circuit), on one thread per core; stops early
+    /// (keeping what it sealed) when `stop` is set.
+    pub fn preseal(&mut self, bytes: usize, stop: &AtomicBool) -> anyhow::Result<Presealed> {
+        let cell = self.layout.cell;
+        let n = self.circuits.len().max(1);
+        let per_circuit = bytes / cell / n / BATCH * BATCH;
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        let data = vec![0x5au8; self.layout.payload_max()];
+        let t0 = Instant::now();
+        let cells = self.generator.preseal(
+            &mut self.circuits,
+            per_circuit,
+            &data,
+            threads,
+            SendBook::stamp,
+            stop,
+        )?;
+        let book = SendBook {
+            sent_ns: (0..n)
+                .map(|_| {
+                    (0..per_circuit / BATCH)
+                        .map(|_| AtomicU64::new(0))
+                        .collect()
+                })
+                .collect(),
+        };
+        Ok(Presealed {
+            next: vec![0; cells.len()],
+            cells,
+            book: Arc::new(book),
+            seal_secs: t0.elapsed().as_secs_f64(),
+        })
+    }
+
     /// Drives traffic for `duration`: at `rate` cells/s (0 = as fast as the window
-    /// allows) with at most `window` cells in flight.
+    /// allows) with at most `window` cells in flight. With `pool`, sends its presealed
+    /// cells and stops early when they run out; without, seals every cell live.
     pub fn drive(
         &mut self,
         duration: f64,
         rate: f64,
         window: u64,
+        mut pool: Option<&mut Presealed>,
         stop: &AtomicBool,
         bar: &indicatif::ProgressBar,
     ) -> anyhow::Result<Drive> {
         let layout = self.layout;
-        let batch = 32usize;
-        let mut buf = Vec::with_capacity(batch * layout.cell);
+        let mut buf = Vec::with_capacity(BATCH * layout.cell);
         let mut data = vec![0x5au8; layout.payload_max()];
         let base_delivered = self.sink.payloads.load(Relaxed);
         let base_bytes = self.sink.bytes.load(Relaxed);
-        let _ = self.sink.hist.lock().map(|mut h| h.reset());
+        let _ = self.sink.state.lock().map(|mut s| {
+            s.hist.reset();
+            s.book = pool.as_ref().map(|p| p.book.clone());
+        });
         let mut sent = 0u64;
         let started = Instant::now();
         let mut last_report = started;
@@ -376,20 +503,34 @@ impl Session {
             } else {
                 u64::MAX
             };
-            if in_flight + batch as u64 > window || sent >= allowed {
+            if in_flight + BATCH as u64 > window || sent >= allowed {
                 std::thread::sleep(Duration::from_micros(50));
             } else {
-                let n = self.circuits.len();
-                let c = &mut self.circuits[k % n];
+                let i = k % self.circuits.len();
                 k += 1;
-                buf.clear();
-                for _ in 0..batch {
-                    data[..8].copy_from_slice(&now_ns(self.epoch).to_le_bytes());
-                    let start = buf.len();
-                    buf.resize(start + layout.cell, 0);
-                    self.generator.seal_one(c, &data, &mut buf[start..])?;
-                }
-                sent += gso_send(&self.generator.sock, c.first, &buf, layout.cell) as u64;
+                let c = &mut self.circuits[i];
+                let cells: &[u8] = match pool.as_deref_mut() {
+                    Some(p) => {
+                        let (from, to) = (p.next[i], p.next[i] + BATCH);
+                        if to * layout.cell > p.cells[i].len() {
+                            break; // sealed ahead and all sent
+                        }
+                        p.next[i] = to;
+                        p.book.sent_ns[i][from / BATCH].store(now_ns(self.epoch), Relaxed);
+                        &p.cells[i][from * layout.cell..to * layout.cell]
+                    }
+                    None => {
+                        buf.clear();
+                        for _ in 0..BATCH {
+                            data[..8].copy_from_slice(&now_ns(self.epoch).to_le_bytes());
+                            let start = buf.len();
+                            buf.resize(start + layout.cell, 0);
+                            self.generator.seal_one(c, &data, &mut buf[start..])?;
+                        }
+                        &buf
+                    }
+                };
+                sent += gso_send(&self.generator.sock, c.first, cells, layout.cell) as u64;
                 checkpoints.push_back((Instant::now(), sent));
             }
             if last_report.elapsed() > Duration::from_millis(250) {
@@ -414,10 +555,10 @@ impl Session {
         }
         let latency = self
             .sink
-            .hist
+            .state
             .lock()
-            .map(|h| h.clone())
-            .unwrap_or_else(|e| e.into_inner().clone());
+            .map(|s| s.hist.clone())
+            .unwrap_or_else(|e| e.into_inner().hist.clone());
         Ok(Drive {
             sent,
             delivered: self.sink.payloads.load(Relaxed) - base_delivered,
@@ -428,10 +569,45 @@ impl Session {
     }
 }
 
+/// The bytes of cells to seal ahead: `mb` MiB, at most a third of the memory the
+/// kernel reports available (MemAvailable), so that the demo never pushes a small
+/// machine into swap.
+fn preseal_bytes(mb: u64) -> usize {
+    let wanted = (mb as usize).saturating_mul(1 << 20);
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        })
+        .map_or(usize::MAX, |kb| kb.saturating_mul(1024) / 3);
+    wanted.min(available)
+}
+
 /// Runs the demo; returns the report.
 pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let mut session = Session::start(opts.relays, opts.cell, opts.net)?;
     session.build(opts.circuits, opts.hops)?;
+    let cell = session.layout.cell;
+    let mut budget = preseal_bytes(opts.preseal_mb);
+    if opts.rate > 0 {
+        // An offered rate needs no more than the run sends.
+        let cells = (opts.rate as f64 * opts.duration) as usize;
+        budget = budget.min((cells + BATCH * session.circuits.len()).saturating_mul(cell));
+    }
+    let mut pool = if budget >= cell * BATCH * session.circuits.len() {
+        let p = session.preseal(budget, stop)?;
+        eprintln!(
+            "sealed {} cells ahead of time in {:.1} s ({} MiB); the clock starts now",
+            p.len(cell),
+            p.seal_secs,
+            (p.len(cell) * cell) >> 20
+        );
+        Some(p)
+    } else {
+        None
+    };
     let cpu0: Vec<f64> = (0..opts.relays)
         .map(|i| session.net.cpu_seconds(i))
         .collect();
@@ -445,11 +621,32 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    let d = session.drive(opts.duration, opts.rate as f64, opts.window, stop, &bar)?;
-    bar.finish_and_clear();
+    let d = session.drive(
+        opts.duration,
+        opts.rate as f64,
+        opts.window,
+        pool.as_mut(),
+        stop,
+        &bar,
+    )?;
     let cpu: Vec<f64> = (0..opts.relays)
         .map(|i| (session.net.cpu_seconds(i) - cpu0[i]) / d.elapsed * 100.0)
         .collect();
+    let presealed = pool.as_ref().map(|p| (p.len(cell), p.seal_secs));
+    drop(pool);
+    // The sealed cells ran out before the time was up: the rest runs sealing live.
+    let live = match presealed {
+        Some(_) if d.elapsed + 0.25 < opts.duration && !stop.load(Relaxed) => Some(session.drive(
+            opts.duration - d.elapsed,
+            opts.rate as f64,
+            opts.window,
+            None,
+            stop,
+            &bar,
+        )?),
+        _ => None,
+    };
+    bar.finish_and_clear();
     let relays: Vec<Value> = session
         .net
         .relays
@@ -459,41 +656,43 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
         .collect();
     let cells_per_sec = d.cells_per_sec();
     let layout = session.layout;
-    Ok(json!({
+    let mut report = d.json();
+    let extra = json!({
         "schema": "shroud-bench/demo/1",
-        "payload_mb_per_sec": d.payload_mb_per_sec(),
-        "cells_per_sec": cells_per_sec,
+        "sealing": if presealed.is_some() { "ahead" } else { "live" },
+        "presealed_cells": presealed.map(|p| p.0),
+        "preseal_seconds": presealed.map(|p| p.1),
+        "live_sealing": live.as_ref().map(Drive::json),
         "gbit_per_sec": cells_per_sec * layout.cell as f64 * 8.0 / 1e9,
-        "sent_payloads": d.sent,
-        "delivered_payloads": d.delivered,
-        "lost_payloads": d.sent.saturating_sub(d.delivered),
-        "latency_us": {
-            "p50": d.latency.value_at_quantile(0.5),
-            "p99": d.latency.value_at_quantile(0.99),
-            "p999": d.latency.value_at_quantile(0.999),
-            "samples": d.latency.len(),
-        },
         "latency_cdf_us": crate::plot::cdf_points(&d.latency),
         "relays": relays,
         "hops": opts.hops,
         "circuits": session.circuits.len(),
         "cell": opts.cell,
         "payload_bytes_per_cell": layout.payload_max(),
-        "duration_s": d.elapsed,
         "interrupted": stop.load(Relaxed),
         "machine": machine(),
-    }))
+    });
+    if let (Some(r), Value::Object(e)) = (report.as_object_mut(), extra) {
+        r.extend(e);
+    }
+    Ok(report)
 }
 
 /// Prints the human summary.
 pub fn print(r: &Value) {
     println!(
-        "shroud-bench demo: {} relays, {} circuits of {} hops, CELL={} B, {:.1} s",
+        "shroud-bench demo: {} relays, {} circuits of {} hops, CELL={} B, {:.1} s, cells sealed {}",
         r["relays"].as_array().map_or(0, Vec::len),
         r["circuits"],
         r["hops"],
         r["cell"],
-        r["duration_s"].as_f64().unwrap_or(0.0)
+        r["duration_s"].as_f64().unwrap_or(0.0),
+        if r["sealing"] == "ahead" {
+            "ahead of time (the relays measured, not the client)"
+        } else {
+            "live by the generator (on the same cores as the relays)"
+        }
     );
     println!(
         "  delivered {:.0} cells/s = {:.2} Gbit/s of cells, {:.1} MB/s of payload ({} of {} payloads delivered, {} lost)",
@@ -516,6 +715,17 @@ pub fn print(r: &Value) {
             rel["ports"][0],
             rel["ports"][1],
             rel["cpu_percent"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let l = &r["live_sealing"];
+    if l.is_object() {
+        println!(
+            "  then {:.1} s with the generator sealing live: {:.0} cells/s, {:.1} MB/s of payload ({} lost), p99 {} us",
+            l["duration_s"].as_f64().unwrap_or(0.0),
+            l["cells_per_sec"].as_f64().unwrap_or(0.0),
+            l["payload_mb_per_sec"].as_f64().unwrap_or(0.0),
+            l["lost_payloads"],
+            l["latency_us"]["p99"]
         );
     }
 }

@@ -220,29 +220,24 @@ fn case(
         std::thread::sleep(Duration::from_millis(300));
     }
     let bar = indicatif::ProgressBar::hidden();
-    let d = session.drive(opts.duration, 0.0, opts.window, stop, &bar)?;
+    let d = session.drive(opts.duration, 0.0, opts.window, None, stop, &bar)?;
     let flood_sent = flood.map_or(0, Flood::finish);
     let rcvbuf = udp_rcvbuf_errors().saturating_sub(rcvbuf0);
-    Ok(json!({
+    let mut report = d.json();
+    let case = json!({
         "sources": sources,
         "flood_started": if before { "before_circuits" } else { "after_circuits" },
         "flood_at": if at_relays { "relays" } else { "sink" },
-        "payload_mb_per_sec": d.payload_mb_per_sec(),
-        "cells_per_sec": d.cells_per_sec(),
-        "sent_payloads": d.sent,
-        "delivered_payloads": d.delivered,
-        "lost_payloads": d.sent.saturating_sub(d.delivered),
-        "latency_us": {
-            "p50": d.latency.value_at_quantile(0.5),
-            "p99": d.latency.value_at_quantile(0.99),
-        },
         "circuit_build_s": build_s,
         "flood_datagrams": flood_sent,
         "flood_datagrams_per_sec": flood_sent as f64 / (d.elapsed + 0.3),
         "udp_rcvbuf_errors": rcvbuf,
         "relay_drops": if at_relays { relay_drops(&session) } else { Value::Null },
-        "duration_s": d.elapsed,
-    }))
+    });
+    if let (Some(r), Value::Object(c)) = (report.as_object_mut(), case) {
+        r.extend(c);
+    }
+    Ok(report)
 }
 
 /// Runs every case; returns the report.

@@ -270,6 +270,69 @@ impl Generator {
         Ok(())
     }
 
+    /// Seals `per_circuit` data cells for each of `circuits` ahead of time, on up to
+    /// `threads` threads (each seals whole circuits, with its own randomness). Cell `j`
+    /// of circuit `i` carries `payload` with its first 8 bytes replaced by
+    /// `stamp(i, j)` (little endian). Returns each circuit's cells back to back, in the
+    /// order they must be sent: each cell's counter is one more than the last one's,
+    /// and the circuits' own counters move past them, so cells sealed live afterwards
+    /// follow on. When `stop` is set, each thread stops after the cell at hand and the
+    /// circuits it was sealing keep the cells sealed so far.
+    pub fn preseal<A: Aead + Send>(
+        &self,
+        circuits: &mut [Circ<A>],
+        per_circuit: usize,
+        payload: &[u8],
+        threads: usize,
+        stamp: impl Fn(usize, usize) -> u64 + Sync,
+        stop: &AtomicBool,
+    ) -> anyhow::Result<Vec<Vec<u8>>> {
+        anyhow::ensure!(payload.len() >= 8, "a stamped payload needs 8 bytes");
+        let cell = self.layout.cell;
+        let per_thread = circuits.len().div_ceil(threads.max(1)).max(1);
+        let (links, stamp) = (&self.links, &stamp);
+        let count = circuits.len();
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = circuits
+                .chunks_mut(per_thread)
+                .enumerate()
+                .map(|(t, chunk)| {
+                    scope.spawn(move || -> anyhow::Result<Vec<Vec<u8>>> {
+                        let mut rng =
+                            <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_rng(OsRng)
+                                .map_err(|e| anyhow::anyhow!("seeding a sealer: {e}"))?;
+                        let mut data = payload.to_vec();
+                        let mut out = Vec::with_capacity(chunk.len());
+                        for (k, c) in chunk.iter_mut().enumerate() {
+                            let i = t * per_thread + k;
+                            let mut cells = vec![0u8; per_circuit * cell];
+                            let mut sealed = 0;
+                            for (j, dst) in cells.chunks_exact_mut(cell).enumerate() {
+                                if stop.load(Relaxed) {
+                                    break;
+                                }
+                                data[..8].copy_from_slice(&stamp(i, j).to_le_bytes());
+                                c.inner.seal_data(&links[c.link], &data, dst, &mut rng)?;
+                                sealed += 1;
+                            }
+                            cells.truncate(sealed * cell);
+                            out.push(cells);
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            let mut all = Vec::with_capacity(count);
+            for w in workers {
+                let part = w
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a sealing thread panicked"))??;
+                all.extend(part);
+            }
+            Ok(all)
+        })
+    }
+
     /// Seals `n` data cells with `payload` bytes each for `c` into `out` (appended).
     pub fn seal<A: Aead>(
         &mut self,

@@ -50,6 +50,12 @@ enum Cmd {
         /// Third octet of the loopback block the relays use (127.0.NET.x).
         #[arg(long, default_value_t = 60)]
         net: u8,
+        /// MiB of cells to seal before the clock starts, so that the relays are
+        /// measured and not the client's sealing (at most a third of the available
+        /// memory; 0 = seal live). When they run out, the rest of the time runs with
+        /// live sealing, reported separately.
+        #[arg(long, default_value_t = 2048)]
+        preseal_mb: u64,
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -311,12 +317,14 @@ fn main() -> ExitCode {
             circuits,
             window,
             net,
+            preseal_mb,
             json,
             plot,
         } => {
             let stop = stop_on_signals();
             let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
             let opts = demo::Opts {
+                preseal_mb,
                 relays,
                 hops,
                 duration,

@@ -403,15 +403,15 @@ fn saturation(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let mut s = Session::start(opts.relays, 1024, opts.net.wrapping_add(1))?;
     let bar = indicatif::ProgressBar::hidden();
     s.build(opts.circuits, opts.hops)?;
-    let sat = s.drive(step, 0.0, 1024, stop, &bar)?;
+    let sat = s.drive(step, 0.0, 1024, None, stop, &bar)?;
     let offered = sat.cells_per_sec();
     let cpu = |s: &Session| -> f64 { (0..opts.relays).map(|i| s.net.cpu_seconds(i)).sum() };
     let c0 = cpu(&s);
-    let plain = s.drive(step, offered, u64::MAX / 2, stop, &bar)?;
+    let plain = s.drive(step, offered, u64::MAX / 2, None, stop, &bar)?;
     let c1 = cpu(&s);
     s.build_mixed(opts.circuits, opts.hops, opts.saturation_delay)?;
     let c2 = cpu(&s);
-    let mixed = s.drive(step, offered, u64::MAX / 2, stop, &bar)?;
+    let mixed = s.drive(step, offered, u64::MAX / 2, None, stop, &bar)?;
     let c3 = cpu(&s);
     let per_cell = |cpu: f64, d: &crate::demo::Drive| cpu / (d.delivered.max(1) as f64) * 1e6;
     let r = json!({

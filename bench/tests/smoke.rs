@@ -71,12 +71,22 @@ fn pids_from(line: &str) -> Vec<u32> {
 fn demo_reports_and_leaves_nothing_behind() {
     let json = tmp("demo.json");
     let (r, out) = report(
-        &["demo", "--duration", "2", "--net", "61"],
+        &[
+            "demo",
+            "--duration",
+            "2",
+            "--net",
+            "61",
+            "--preseal-mb",
+            "0",
+        ],
         &json,
         &[std::ffi::OsStr::new("--plot"), tmp("demo.svg").as_os_str()],
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(r["schema"], "shroud-bench/demo/1");
+    assert_eq!(r["sealing"], "live");
+    assert!(r["live_sealing"].is_null());
     assert!(r["payload_mb_per_sec"].is_f64());
     assert!(
         r["delivered_payloads"].as_u64().unwrap() > 0,
@@ -113,6 +123,50 @@ fn demo_reports_and_leaves_nothing_behind() {
     for p in pids {
         assert!(!alive(p), "relay {p} still running");
     }
+    let _ = std::fs::remove_file(json);
+}
+
+/// With a small presealed pool the demo sends every presealed cell, measures their
+/// latency through the send book, and then runs the rest of the time sealing live.
+#[test]
+fn demo_sends_presealed_cells_then_seals_live() {
+    let json = tmp("demo-preseal.json");
+    let (r, _) = report(
+        &[
+            "demo",
+            "--duration",
+            "3",
+            "--net",
+            "66",
+            "--preseal-mb",
+            "48",
+        ],
+        &json,
+        &[],
+    );
+    assert_eq!(r["sealing"], "ahead", "{r}");
+    let presealed = r["presealed_cells"].as_u64().unwrap();
+    // 48 MiB of 1024-byte cells over 6 circuits, whole batches of 32 per circuit.
+    assert_eq!(presealed, (48 << 20) / 1024 / 6 / 32 * 32 * 6, "{r}");
+    assert_eq!(r["sent_payloads"].as_u64().unwrap(), presealed, "{r}");
+    assert_eq!(
+        r["delivered_payloads"].as_u64().unwrap() + r["lost_payloads"].as_u64().unwrap(),
+        presealed
+    );
+    assert!(
+        r["delivered_payloads"].as_u64().unwrap() >= presealed * 99 / 100,
+        "{r}"
+    );
+    // Every 16th delivered payload is a latency sample, found in the send book.
+    let samples = r["latency_us"]["samples"].as_u64().unwrap();
+    assert!(
+        samples >= r["delivered_payloads"].as_u64().unwrap() / 16 - 1,
+        "{r}"
+    );
+    assert!(r["latency_us"]["p99"].as_u64().unwrap() < 5_000_000, "{r}");
+    let live = &r["live_sealing"];
+    assert!(live["delivered_payloads"].as_u64().unwrap() > 0, "{r}");
+    assert!(live["latency_us"]["samples"].as_u64().unwrap() > 0, "{r}");
     let _ = std::fs::remove_file(json);
 }
 
