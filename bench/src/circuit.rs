@@ -2,6 +2,10 @@
 //!
 //! 1. Saturation: the demo's closed loop (at most `window` cells in flight) gives the
 //!    saturation rate of `hops`-hop circuits on this network.
+//!
+//! Every step's cells are sealed before its clock starts (at most `preseal_mb` MiB
+//! per step; `0` seals live), as in the demo: the rates and latencies are the relays',
+//! not those of a client sealing on the same two cores.
 //! 2. Offered-load sweep: fixed offered rates at 25 %, 50 %, 75 %, 100 % and 125 % of
 //!    saturation; delivered rate and one-way latency (p50, p99) at each.
 //! 3. Added latency per hop at 50 % of saturation: the same offered rate through
@@ -35,11 +39,14 @@ pub struct Opts {
     pub window: u64,
     /// Loopback block.
     pub net: u8,
+    /// MiB of cells to seal ahead of each step at most (0: seal live).
+    pub preseal_mb: u64,
 }
 
 fn point(offered: f64, d: &Drive) -> Value {
     json!({
         "offered_cells_per_sec": offered,
+        "sent_cells_per_sec": d.sent as f64 / d.elapsed.max(1e-9),
         "delivered_cells_per_sec": d.cells_per_sec(),
         "payload_mb_per_sec": d.payload_mb_per_sec(),
         "lost": d.sent.saturating_sub(d.delivered),
@@ -55,12 +62,13 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let bar = indicatif::ProgressBar::hidden();
     let step = (opts.duration / 9.0).max(0.5);
     s.build(opts.circuits, opts.hops)?;
-    let sat = s.drive(step, 0.0, opts.window, None, stop, &bar)?;
+    let max = crate::demo::preseal_bytes(opts.preseal_mb);
+    let sat = s.drive_presealed(step, 0.0, opts.window, max, stop, &bar)?;
     let sat_rate = sat.cells_per_sec();
     let mut sweep = Vec::new();
     for f in [0.25, 0.5, 0.75, 1.0, 1.25] {
         let offered = f * sat_rate;
-        let d = s.drive(step, offered, u64::MAX / 2, None, stop, &bar)?;
+        let d = s.drive_presealed(step, offered, u64::MAX / 2, max, stop, &bar)?;
         sweep.push(point(offered, &d));
     }
     // Added latency per hop at half of the N-hop saturation rate: N-hop and one-hop
@@ -73,9 +81,9 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let (mut n_runs, mut one_runs) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         s.build(opts.circuits, opts.hops)?;
-        n_runs.push(s.drive(short, half, u64::MAX / 2, None, stop, &bar)?);
+        n_runs.push(s.drive_presealed(short, half, u64::MAX / 2, max, stop, &bar)?);
         s.build(opts.circuits, 1)?;
-        one_runs.push(s.drive(short, half, u64::MAX / 2, None, stop, &bar)?);
+        one_runs.push(s.drive_presealed(short, half, u64::MAX / 2, max, stop, &bar)?);
     }
     let quantile = |runs: &[Drive], q: f64| {
         let mut v: Vec<f64> = runs
@@ -92,6 +100,7 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let bare = bare_x25519_us(Duration::from_secs_f64(step.min(2.0)));
     Ok(json!({
         "schema": "shroud-bench/circuit/1",
+        "sealing": if max > 0 { "ahead" } else { "live" },
         "payload_mb_per_sec": sat.payload_mb_per_sec(),
         "saturation_cells_per_sec": sat_rate,
         "hops": opts.hops,
@@ -152,13 +161,14 @@ pub fn print(r: &Value) {
         r["hops"], r["relays"], r["cell"], r["saturation_cells_per_sec"].as_f64().unwrap_or(0.0), r["payload_mb_per_sec"].as_f64().unwrap_or(0.0)
     );
     println!(
-        "{:>16} {:>16} {:>8} {:>10} {:>10}",
-        "offered cells/s", "delivered", "lost", "p50 us", "p99 us"
+        "{:>16} {:>12} {:>12} {:>8} {:>10} {:>10}",
+        "offered cells/s", "sent", "delivered", "lost", "p50 us", "p99 us"
     );
     for p in r["sweep"].as_array().into_iter().flatten() {
         println!(
-            "{:>16.0} {:>16.0} {:>8} {:>10} {:>10}",
+            "{:>16.0} {:>12.0} {:>12.0} {:>8} {:>10} {:>10}",
             p["offered_cells_per_sec"].as_f64().unwrap_or(0.0),
+            p["sent_cells_per_sec"].as_f64().unwrap_or(0.0),
             p["delivered_cells_per_sec"].as_f64().unwrap_or(0.0),
             p["lost"],
             p["p50_us"],

@@ -69,6 +69,8 @@ fn now_ns(epoch: Instant) -> u64 {
 const PRESEALED: u64 = 1 << 63;
 /// Cells per send (one GSO send) and per entry of the [`SendBook`].
 const BATCH: usize = 32;
+/// Most cells a drive at an offered rate sends at once after falling behind.
+const PACE_BURST: f64 = 256.0;
 
 /// When each batch of presealed cells was sent (ns since the session's epoch; 0 not
 /// yet), per circuit: the sink turns a presealed payload's stamp into its send time.
@@ -455,6 +457,36 @@ impl Session {
         })
     }
 
+    /// How many bytes of cells a drive of `duration` at `rate` cells/s sends at most
+    /// (a closed loop, `rate` 0: `max_bytes`), capped at `max_bytes`.
+    fn preseal_budget(&self, duration: f64, rate: f64, max_bytes: usize) -> usize {
+        if rate > 0.0 {
+            let cells = (rate * duration) as usize + BATCH * self.circuits.len();
+            max_bytes.min(cells.saturating_mul(self.layout.cell))
+        } else {
+            max_bytes
+        }
+    }
+
+    /// [`Session::drive`] on cells sealed before the clock starts (as many as the drive
+    /// can send, at most `max_bytes`; fewer than a batch per circuit: sealed live).
+    pub fn drive_presealed(
+        &mut self,
+        duration: f64,
+        rate: f64,
+        window: u64,
+        max_bytes: usize,
+        stop: &AtomicBool,
+        bar: &indicatif::ProgressBar,
+    ) -> anyhow::Result<Drive> {
+        let budget = self.preseal_budget(duration, rate, max_bytes);
+        if budget < self.layout.cell * BATCH * self.circuits.len() {
+            return self.drive(duration, rate, window, None, stop, bar);
+        }
+        let mut pool = self.preseal(budget, stop)?;
+        self.drive(duration, rate, window, Some(&mut pool), stop, bar)
+    }
+
     /// Drives traffic for `duration`: at `rate` cells/s (0 = as fast as the window
     /// allows) with at most `window` cells in flight. With `pool`, sends its presealed
     /// cells and stops early when they run out; without, seals every cell live.
@@ -487,6 +519,7 @@ impl Session {
         // losses stopped the generator for good.
         let mut checkpoints: VecDeque<(Instant, u64)> = VecDeque::with_capacity(1 << 16);
         let mut settled = 0u64;
+        let (mut credit, mut credit_at) = (BATCH as f64, 0.0f64);
         while started.elapsed() < limit && !stop.load(Relaxed) {
             let delivered = self.sink.payloads.load(Relaxed) - base_delivered;
             let now = Instant::now();
@@ -498,12 +531,16 @@ impl Session {
                 checkpoints.pop_front();
             }
             let in_flight = sent.saturating_sub(delivered.max(settled));
-            let allowed = if rate > 0.0 {
-                (started.elapsed().as_secs_f64() * rate) as u64
-            } else {
-                u64::MAX
-            };
-            if in_flight + BATCH as u64 > window || sent >= allowed {
+            // An offered rate is paced by a token bucket of PACE_BURST cells: after a
+            // stall of the generator's thread (two cores shared with three relays) it
+            // sends at most that many at once rather than the whole backlog, as a
+            // paced sender would; the rate it reached is `sent / elapsed`.
+            if rate > 0.0 {
+                let t = now.duration_since(started).as_secs_f64();
+                credit = (credit + (t - credit_at) * rate).min(PACE_BURST);
+                credit_at = t;
+            }
+            if in_flight + BATCH as u64 > window || (rate > 0.0 && credit < BATCH as f64) {
                 std::thread::sleep(Duration::from_micros(50));
             } else {
                 let i = k % self.circuits.len();
@@ -531,6 +568,7 @@ impl Session {
                     }
                 };
                 sent += gso_send(&self.generator.sock, c.first, cells, layout.cell) as u64;
+                credit -= BATCH as f64;
                 checkpoints.push_back((Instant::now(), sent));
             }
             if last_report.elapsed() > Duration::from_millis(250) {
@@ -572,7 +610,7 @@ impl Session {
 /// The bytes of cells to seal ahead: `mb` MiB, at most a third of the memory the
 /// kernel reports available (MemAvailable), so that the demo never pushes a small
 /// machine into swap.
-fn preseal_bytes(mb: u64) -> usize {
+pub fn preseal_bytes(mb: u64) -> usize {
     let wanted = (mb as usize).saturating_mul(1 << 20);
     let available = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -590,12 +628,11 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let mut session = Session::start(opts.relays, opts.cell, opts.net)?;
     session.build(opts.circuits, opts.hops)?;
     let cell = session.layout.cell;
-    let mut budget = preseal_bytes(opts.preseal_mb);
-    if opts.rate > 0 {
-        // An offered rate needs no more than the run sends.
-        let cells = (opts.rate as f64 * opts.duration) as usize;
-        budget = budget.min((cells + BATCH * session.circuits.len()).saturating_mul(cell));
-    }
+    let budget = session.preseal_budget(
+        opts.duration,
+        opts.rate as f64,
+        preseal_bytes(opts.preseal_mb),
+    );
     let mut pool = if budget >= cell * BATCH * session.circuits.len() {
         let p = session.preseal(budget, stop)?;
         eprintln!(

@@ -142,6 +142,10 @@ enum Cmd {
         /// Third octet of the loopback block the relays use (127.0.NET.x).
         #[arg(long, default_value_t = 70)]
         net: u8,
+        /// MiB of cells to seal before each step's clock starts, at most (a third of
+        /// the available memory at most; 0 = seal live).
+        #[arg(long, default_value_t = 2048)]
+        preseal_mb: u64,
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -345,11 +349,13 @@ fn main() -> ExitCode {
             circuits,
             window,
             net,
+            preseal_mb,
             json,
             plot,
         } => {
             let stop = stop_on_signals();
             let opts = circuit::Opts {
+                preseal_mb,
                 relays,
                 hops,
                 duration,

@@ -295,9 +295,18 @@ fn circuit_benchmark_reports_sweep_per_hop_latency_and_setups() {
         ],
     );
     assert_eq!(r["schema"], "shroud-bench/circuit/1");
+    assert_eq!(r["sealing"], "ahead");
     assert!(r["payload_mb_per_sec"].as_f64().unwrap() > 0.0);
     let sweep = r["sweep"].as_array().unwrap();
     assert_eq!(sweep.len(), 5);
+    for p in sweep {
+        // Paced: a step sends no more than its offered rate (plus one burst).
+        let (offered, sent) = (
+            p["offered_cells_per_sec"].as_f64().unwrap(),
+            p["sent_cells_per_sec"].as_f64().unwrap(),
+        );
+        assert!(sent > 0.0 && sent <= offered * 1.05 + 1024.0, "{p}");
+    }
     for p in sweep {
         for k in ["offered_cells_per_sec", "delivered_cells_per_sec"] {
             assert!(p[k].is_f64(), "{k}: {p}");
