@@ -49,32 +49,16 @@ pub fn set_buffers(s: &UdpSocket, bytes: usize) {
 /// `sendmsg` with `UDP_SEGMENT`. Returns the cells the kernel accepted.
 pub fn gso_send(sock: &UdpSocket, dest: SocketAddr, cells: &[u8], cell: usize) -> usize {
     use shroud_relay::sys;
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let namelen = sys::to_sockaddr(&dest, &mut addr);
-    let per = 64.min(65000 / cell).max(1);
-    let mut ctrl = [0u8; sys::CMSG_BUF];
-    let ctrl_len = sys::write_gso_cmsg(&mut ctrl, cell as u16);
+    let per = sys::gso_segments(64, cell);
     let mut sent = 0;
     for chunk in cells.chunks(per * cell) {
-        let mut iov = libc::iovec {
+        let mut iov = [libc::iovec {
             iov_base: chunk.as_ptr() as *mut libc::c_void,
             iov_len: chunk.len(),
-        };
-        // SAFETY: all-zero is a valid msghdr; every pointer set below refers to a live
-        // local (address, iovec, control bytes) for the duration of the sendmsg call.
-        let r = unsafe {
-            let mut h: libc::msghdr = std::mem::zeroed();
-            h.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
-            h.msg_namelen = namelen;
-            h.msg_iov = &mut iov;
-            h.msg_iovlen = 1;
-            if chunk.len() > cell {
-                h.msg_control = ctrl.as_mut_ptr().cast();
-                h.msg_controllen = ctrl_len;
-            }
-            libc::sendmsg(sock.as_raw_fd(), &h, 0)
-        };
+        }];
+        let seg = (chunk.len() > cell).then_some(cell as u16);
+        // SAFETY: the iovec points to `chunk`, borrowed for this synchronous call.
+        let r = unsafe { sys::send_gso(sock, Some(&dest), &mut iov, seg) };
         if r > 0 {
             sent += r as usize / cell;
         }

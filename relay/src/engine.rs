@@ -217,16 +217,13 @@ pub enum SideEffect {
 /// Most payloads one exit send carries: the kernel's limit on UDP GSO segments.
 pub const MAX_DELIVERY_RUN: usize = 64;
 
-/// Most bytes one exit send carries (UDP GSO builds one datagram-sized buffer).
-const MAX_DELIVERY_BYTES: usize = 65_000;
-
 /// How many exit deliveries, from `side[i]` on, can leave in one UDP GSO send (at
 /// least 1; 1 when `side[i]` is not a [`SideEffect::Deliver`]): consecutive deliveries
 /// for the same circuit (so the same exit socket) whose payloads all have the first
 /// one's length, except that the last may be shorter — the kernel cuts the send into
 /// datagrams of the first one's size, so the destination receives exactly the
 /// datagrams it would have from one send each. At most [`MAX_DELIVERY_RUN`] and
-/// 65,000 bytes; an empty payload always goes alone, and everything does when `gso`
+/// [`crate::sys::GSO_MAX_BYTES`]; an empty payload always goes alone, and everything does when `gso`
 /// is off (`[io] gro_gso = false`, or after the kernel refused a GSO send).
 pub fn delivery_run(side: &[SideEffect], i: usize, gso: bool) -> usize {
     let Some(SideEffect::Deliver { circuit, range, .. }) = side.get(i) else {
@@ -239,7 +236,7 @@ pub fn delivery_run(side: &[SideEffect], i: usize, gso: bool) -> usize {
     if seg == 0 {
         return 1;
     }
-    let max = MAX_DELIVERY_RUN.min(MAX_DELIVERY_BYTES / seg).max(1);
+    let max = crate::sys::gso_segments(MAX_DELIVERY_RUN, seg);
     let mut n = 1;
     while n < max {
         match side.get(i + n) {

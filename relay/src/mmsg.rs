@@ -92,7 +92,7 @@ impl Driver {
             cell,
             exit_gso: spec.io.gro_gso,
             max_segs: if spec.io.gro_gso {
-                MAX_SEGS.min(65000 / cell).max(1)
+                sys::gso_segments(MAX_SEGS, cell)
             } else {
                 1
             },
@@ -131,10 +131,7 @@ impl Driver {
             engine.count_drop(DropReason::QueueFull, cells.len() as u64);
             return;
         };
-        // SAFETY: all-zero is a valid sockaddr_storage/msghdr/iovec array.
-        let mut addr: libc::sockaddr_storage = unsafe { zeroed() };
-        let namelen = sys::to_sockaddr(dest, &mut addr);
-        let mut ctrl = [0u8; CMSG_BUF];
+        // SAFETY: all-zero is a valid iovec array.
         let mut iovs: [libc::iovec; MAX_SEGS] = unsafe { zeroed() };
         for chunk in cells.chunks(self.max_segs) {
             for (k, loc) in chunk.iter().enumerate() {
@@ -147,19 +144,10 @@ impl Driver {
                     iov_len: self.cell,
                 };
             }
-            // SAFETY: as above.
-            let mut hdr: libc::msghdr = unsafe { zeroed() };
-            hdr.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
-            hdr.msg_namelen = namelen;
-            hdr.msg_iov = iovs.as_mut_ptr();
-            hdr.msg_iovlen = chunk.len();
-            if chunk.len() > 1 {
-                hdr.msg_controllen = sys::write_gso_cmsg(&mut ctrl, self.cell as u16);
-                hdr.msg_control = ctrl.as_mut_ptr().cast();
-            }
-            // SAFETY: every pointer in `hdr` refers to live locals or buffers owned by
-            // self for the duration of this synchronous call.
-            let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, 0) };
+            let seg = (chunk.len() > 1).then_some(self.cell as u16);
+            // SAFETY: every iovec points to a whole cell in a receive buffer or the
+            // transmit arena, both owned by self and alive for this synchronous call.
+            let r = unsafe { sys::send_gso(sock, Some(dest), &mut iovs[..chunk.len()], seg) };
             if r < 0 {
                 engine.send_failed(chunk.len() as u64);
             } else {
@@ -199,17 +187,9 @@ impl Driver {
                 n += 1;
             }
         }
-        let mut ctrl = [0u8; CMSG_BUF];
-        // SAFETY: as above.
-        let mut hdr: libc::msghdr = unsafe { zeroed() };
-        hdr.msg_iov = iovs.as_mut_ptr();
-        hdr.msg_iovlen = n;
-        hdr.msg_controllen = sys::write_gso_cmsg(&mut ctrl, range.len() as u16);
-        hdr.msg_control = ctrl.as_mut_ptr().cast();
-        // SAFETY: `hdr` points to the locals above and to receive buffers owned by
-        // self, all alive for this synchronous call; the socket is connected, so the
-        // msghdr has no address.
-        let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, 0) };
+        // SAFETY: every iovec points to a payload in a receive buffer owned by self,
+        // alive for this synchronous call; the socket is connected (no address).
+        let r = unsafe { sys::send_gso(sock, None, &mut iovs[..n], Some(range.len() as u16)) };
         engine.stats().exit_sends.fetch_add(1, Relaxed);
         if r >= 0 {
             engine.stats().exit_delivered.fetch_add(n as u64, Relaxed);

@@ -128,6 +128,49 @@ pub fn write_gso_cmsg(buf: &mut [u8; CMSG_BUF], seg: u16) -> usize {
     cmsg_align(CMSG_HDR) + cmsg_align(size_of::<u16>())
 }
 
+/// Most bytes one UDP GSO send carries: the kernel builds one datagram-sized buffer
+/// (64 KiB less the headers) and segments it.
+pub const GSO_MAX_BYTES: usize = 65_000;
+
+/// How many `seg`-byte segments one GSO send carries: at most `cap` and
+/// [`GSO_MAX_BYTES`] in all, at least 1.
+pub fn gso_segments(cap: usize, seg: usize) -> usize {
+    let by_bytes = GSO_MAX_BYTES.checked_div(seg).unwrap_or(cap);
+    cap.min(by_bytes).max(1)
+}
+
+/// One `sendmsg` of the buffers `iovs` points to, to `dest` (`None`: a connected
+/// socket), with a `UDP_SEGMENT` cmsg of `seg` bytes when `seg` is given. Returns what
+/// `sendmsg` returned (bytes sent, or -1 with `errno` set).
+///
+/// # Safety
+/// Every `iov_base` in `iovs` must point to `iov_len` readable bytes that stay alive
+/// for the call (it is synchronous: the kernel copies them before it returns).
+pub unsafe fn send_gso(
+    fd: &impl std::os::fd::AsRawFd,
+    dest: Option<&SocketAddr>,
+    iovs: &mut [libc::iovec],
+    seg: Option<u16>,
+) -> isize {
+    // SAFETY: all-zero is a valid sockaddr_storage and msghdr.
+    let mut addr: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut ctrl = [0u8; CMSG_BUF];
+    let mut hdr: libc::msghdr = unsafe { zeroed() };
+    if let Some(d) = dest {
+        hdr.msg_namelen = to_sockaddr(d, &mut addr);
+        hdr.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+    }
+    hdr.msg_iov = iovs.as_mut_ptr();
+    hdr.msg_iovlen = iovs.len();
+    if let Some(seg) = seg {
+        hdr.msg_controllen = write_gso_cmsg(&mut ctrl, seg);
+        hdr.msg_control = ctrl.as_mut_ptr().cast();
+    }
+    // SAFETY: `hdr` points to the locals above (address, control bytes) and to
+    // `iovs`, whose buffers the caller guarantees; all outlive this synchronous call.
+    unsafe { libc::sendmsg(fd.as_raw_fd(), &hdr, 0) }
+}
+
 /// Whether a send failed because the path cannot segment (`UDP_SEGMENT`): `EIO` from
 /// a device without checksum offload, `EINVAL`/`EOPNOTSUPP` from a kernel or socket
 /// without GSO.
@@ -247,6 +290,57 @@ pub fn clock_ticks() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gso_segments_respect_the_count_and_the_byte_bound() {
+        assert_eq!(gso_segments(64, 1024), 63); // 65,000 / 1024
+        assert_eq!(gso_segments(64, 600), 64);
+        assert_eq!(gso_segments(16, 1024), 16);
+        assert_eq!(gso_segments(64, 65_000), 1);
+        assert_eq!(gso_segments(64, 70_000), 1);
+        assert_eq!(gso_segments(64, 0), 64);
+        assert_eq!(gso_segments(0, 100), 1);
+    }
+
+    /// A GSO send through `send_gso` arrives as one datagram per segment, the last
+    /// one shorter; without a segment size, the buffers leave as one datagram.
+    #[test]
+    fn send_gso_segments_and_concatenates() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dest = rx.local_addr().unwrap();
+        let (a, b) = ([1u8; 100], [2u8; 40]);
+        let mut iovs = [
+            libc::iovec {
+                iov_base: a.as_ptr() as *mut libc::c_void,
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            },
+        ];
+        // SAFETY: the iovecs point to `a` and `b`, alive for the call.
+        let r = unsafe { send_gso(&tx, Some(&dest), &mut iovs, Some(60)) };
+        assert_eq!(r, 140);
+        let mut buf = [0u8; 256];
+        let sizes: Vec<usize> = (0..3).map(|_| rx.recv(&mut buf).unwrap()).collect();
+        assert_eq!(sizes, [60, 60, 20]);
+        // SAFETY: as above.
+        let r = unsafe { send_gso(&tx, Some(&dest), &mut iovs, None) };
+        assert_eq!(r, 140);
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(n, 140);
+        assert!(buf[..100].iter().all(|&x| x == 1) && buf[100..140].iter().all(|&x| x == 2));
+        // Connected, no address.
+        tx.connect(dest).unwrap();
+        // SAFETY: as above.
+        let r = unsafe { send_gso(&tx, None, &mut iovs[..1], None) };
+        assert_eq!(r, 100);
+        assert_eq!(rx.recv(&mut buf).unwrap(), 100);
+    }
 
     #[test]
     fn gso_cmsg_matches_the_libc_macros_and_parses_back() {

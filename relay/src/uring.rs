@@ -139,7 +139,7 @@ impl Driver {
         }
         let cell = spec.layout.cell;
         let max_segs = if spec.io.gro_gso {
-            MAX_SEGS.min(65000 / cell).max(1)
+            sys::gso_segments(MAX_SEGS, cell)
         } else {
             1
         };
