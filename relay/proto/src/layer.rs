@@ -85,17 +85,10 @@ impl<A: Aead> LayerKeys<A> {
 
     /// `AES-256(stack, counter || j)` for `j` in `0..n`: the backward stack masks.
     fn masks(&self, counter: u64, n: usize) -> [[u8; 16]; H_MAX_LIMIT] {
-        let mut blocks = [aes::Block::default(); H_MAX_LIMIT];
-        for (j, b) in blocks.iter_mut().enumerate().take(n) {
+        encrypt_counter_blocks(&self.stack, n, |j, b| {
             b[..8].copy_from_slice(&counter.to_be_bytes());
             b[8..].copy_from_slice(&(j as u64).to_be_bytes());
-        }
-        self.stack.encrypt_blocks(&mut blocks[..n]);
-        let mut out = [[0u8; 16]; H_MAX_LIMIT];
-        for (o, b) in out.iter_mut().zip(blocks.iter()) {
-            o.copy_from_slice(b);
-        }
-        out
+        })
     }
 
     /// The forward filler `AES-256(stack, counter || h_max - 1)`.
@@ -123,17 +116,10 @@ impl<A: Aead> LayerKeys<A> {
             // GCM's counter blocks for a 96-bit nonce: J0 = nonce || 1, and the
             // message's block j is encrypted with nonce || (j + 2).
             let nonce = cell_nonce(command, counter);
-            let mut blocks = [aes::Block::default(); H_MAX_LIMIT];
-            for (j, b) in blocks.iter_mut().enumerate().take(h_max - 1) {
+            return encrypt_counter_blocks(aes, h_max - 1, |j, b| {
                 b[..NONCE_LEN].copy_from_slice(&nonce);
                 b[NONCE_LEN..].copy_from_slice(&((j + 2) as u32).to_be_bytes());
-            }
-            aes.encrypt_blocks(&mut blocks[..h_max - 1]);
-            let mut out = [[0u8; 16]; H_MAX_LIMIT];
-            for (o, b) in out.iter_mut().zip(blocks.iter()).take(h_max - 1) {
-                o.copy_from_slice(b);
-            }
-            return out;
+            });
         }
         let mut z = [0u8; SLOT_LEN * H_MAX_LIMIT];
         let n = SLOT_LEN * (h_max - 1);
@@ -147,6 +133,25 @@ impl<A: Aead> LayerKeys<A> {
         }
         out
     }
+}
+
+/// `AES-256(aes, block_j)` for `j` in `0..n` (at most [`H_MAX_LIMIT`]), each counter
+/// block written by `fill(j, block)`, encrypted in one pipelined call; the rest zero.
+fn encrypt_counter_blocks(
+    aes: &Aes256,
+    n: usize,
+    fill: impl Fn(usize, &mut [u8; 16]),
+) -> [[u8; 16]; H_MAX_LIMIT] {
+    let mut blocks = [aes::Block::default(); H_MAX_LIMIT];
+    for (j, b) in blocks.iter_mut().enumerate().take(n) {
+        fill(j, b.as_mut());
+    }
+    aes.encrypt_blocks(&mut blocks[..n]);
+    let mut out = [[0u8; 16]; H_MAX_LIMIT];
+    for (o, b) in out.iter_mut().zip(blocks.iter()).take(n) {
+        o.copy_from_slice(b);
+    }
+    out
 }
 
 /// The raw keys of one hop in one direction (two 256-bit keys and the counter shift):
