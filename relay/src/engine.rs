@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use shroud_proto::aead::Aead;
-use shroud_proto::relay::{Action, CircuitRef, DropReason, Event, OnionKeyring, Peer, Relay};
+use shroud_proto::relay::{
+    Action, CircuitRef, DropReason, Event, HeaderMasks, OnionKeyring, Peer, Relay,
+};
 use shroud_proto::Layout;
 
 use crate::exits::{ExitSockets, TxArena};
@@ -276,6 +278,9 @@ pub struct Engine<A: Aead> {
     link_rate: u32,
     pad_last_ms: u64,
     pad_carry: f64,
+    /// The header masks of the datagram at hand, computed in one AES call
+    /// ([`Relay::header_masks`]).
+    masks: HeaderMasks,
 }
 
 /// Constant-rate links: padding rounds at most this often (ms).
@@ -316,6 +321,7 @@ impl<A: Aead> Engine<A> {
             link_rate: io.link_cells_per_sec,
             pad_last_ms: now,
             pad_carry: 0.0,
+            masks: HeaderMasks::default(),
         }
     }
 
@@ -400,13 +406,19 @@ impl<A: Aead> Engine<A> {
             (buf.len() / cell) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        // The cells of one datagram share their source, so their link: unmask all
+        // their headers with one pipelined AES call instead of one call per cell.
+        self.relay.header_masks(src, buf, &mut self.masks);
         for (i, c) in buf.chunks_exact_mut(cell).enumerate() {
             let off = i * cell;
             let loc = CellAt::Rx {
                 slot,
                 off: off as u32,
             };
-            match self.relay.handle(src, c, now_ms) {
+            match self
+                .relay
+                .handle_masked(src, c, now_ms, Some((&self.masks, i)))
+            {
                 Action::Send {
                     to,
                     event: Some(Event::ExitOpened { circuit, dest }),

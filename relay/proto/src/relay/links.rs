@@ -159,6 +159,10 @@ pub(super) struct Links {
     /// source, so all but the first skip the two hash lookups. Forgotten whenever a
     /// link is removed (an id is only reused after its removal).
     last: core::cell::Cell<Option<(SocketAddr, u32)>>,
+    /// Bumped whenever a link is removed or its receive key replaced: header masks
+    /// computed ahead under a link's key ([`super::HeaderMasks`]) are used only while
+    /// it is unchanged.
+    epoch: u64,
 }
 
 impl Links {
@@ -168,7 +172,17 @@ impl Links {
             peers: LinkTable::new(peers),
             clients: LinkTable::new(clients),
             last: core::cell::Cell::new(None),
+            epoch: 0,
         }
+    }
+
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// A link's receive key was replaced.
+    pub(super) fn rekeyed(&mut self) {
+        self.epoch += 1;
     }
 
     fn split(id: u32) -> (bool, u32) {
@@ -214,6 +228,7 @@ impl Links {
 
     pub(super) fn remove(&mut self, id: u32) -> Option<Link> {
         self.last.set(None);
+        self.epoch += 1;
         match Self::split(id) {
             (true, i) => self.peers.remove(i),
             (false, i) => self.clients.remove(i),

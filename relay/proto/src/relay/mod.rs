@@ -275,6 +275,45 @@ impl Default for RelayLimits {
 /// the cookie; the span allows for lost cells).
 const COOKIE_SPAN: u64 = 1 << 16;
 
+/// Most cells of one datagram whose header masks [`Relay::header_masks`] computes at
+/// once: UDP GRO's limit of 64 segments per datagram.
+pub const HEADER_MASK_BATCH: usize = 64;
+
+/// The header masks of one received datagram's cells, computed together
+/// ([`Relay::header_masks`]), with the link and link-table epoch they belong to.
+pub struct HeaderMasks {
+    link: u32,
+    epoch: u64,
+    n: usize,
+    blocks: [aes::Block; HEADER_MASK_BATCH],
+}
+
+impl Default for HeaderMasks {
+    fn default() -> Self {
+        HeaderMasks {
+            link: 0,
+            epoch: 0,
+            n: 0,
+            blocks: [aes::Block::default(); HEADER_MASK_BATCH],
+        }
+    }
+}
+
+impl core::fmt::Debug for HeaderMasks {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("HeaderMasks")
+            .field("n", &self.n)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HeaderMasks {
+    /// Cell `i`'s mask, if it was computed under `link`'s key as of `epoch`.
+    fn get(&self, link: u32, epoch: u64, i: usize) -> Option<&[u8]> {
+        (i < self.n && self.link == link && self.epoch == epoch).then(|| self.blocks[i].as_slice())
+    }
+}
+
 /// Counters a worker exports (cells handled per outcome).
 #[derive(Debug, Clone, Default)]
 pub struct RelayStats {
@@ -573,8 +612,43 @@ impl<A: Aead> Relay<A> {
         self.stats.drops[r as usize] += n;
     }
 
+    /// Computes the header masks of a received datagram's cells (`cells`, a whole
+    /// number of cells from `src`) into `masks`, in one pipelined AES call under the
+    /// link's receive key, so that [`Relay::handle_masked`] need not make one
+    /// latency-bound AES call per cell. Nothing when `src` has no link yet (its cells
+    /// are setups, handled without) or the datagram holds one cell.
+    pub fn header_masks(&self, src: SocketAddr, cells: &[u8], masks: &mut HeaderMasks) {
+        masks.n = 0;
+        if cells.len() < 2 * self.layout.cell {
+            return;
+        }
+        let Some(link) = self.links.find(&src) else {
+            return;
+        };
+        let Some(l) = self.links.get(link) else {
+            return;
+        };
+        masks.link = link;
+        masks.epoch = self.links.epoch();
+        masks.n = l.rx.masks(cells, self.layout.cell, &mut masks.blocks);
+    }
+
     /// Handles one received cell from `src`, rewriting it in place.
     pub fn handle(&mut self, src: SocketAddr, cell: &mut [u8], now_ms: u64) -> Action {
+        self.handle_masked(src, cell, now_ms, None)
+    }
+
+    /// [`Relay::handle`] for cell `i` of a datagram whose header masks
+    /// [`Relay::header_masks`] computed: the mask is used if it was computed under the
+    /// key of the link the cell arrives on, still unchanged; otherwise the header is
+    /// unmasked on its own, so the result is always that of [`Relay::handle`].
+    pub fn handle_masked(
+        &mut self,
+        src: SocketAddr,
+        cell: &mut [u8],
+        now_ms: u64,
+        masks: Option<(&HeaderMasks, usize)>,
+    ) -> Action {
         if cell.len() != self.layout.cell {
             return self.drop(DropReason::Malformed);
         }
@@ -594,6 +668,8 @@ impl<A: Aead> Relay<A> {
         let Some(link) = link else {
             return self.setup(src, None, cell, now_ms);
         };
+        let epoch = self.links.epoch();
+        let mask = masks.and_then(|(m, i)| m.get(link, epoch, i));
         let (kind, hdr) = {
             let Some(l) = self.links.get_mut(link) else {
                 return self.drop(DropReason::Malformed);
@@ -602,7 +678,11 @@ impl<A: Aead> Relay<A> {
             if !l.validated {
                 l.credit = l.credit.saturating_add(cell.len() as u64);
             }
-            (l.kind, l.rx.unprotect(cell))
+            let hdr = match mask {
+                Some(m) => l.rx.unprotect_with(cell, m),
+                None => l.rx.unprotect(cell),
+            };
+            (l.kind, hdr)
         };
         let hdr = match hdr {
             Ok(h) => h,

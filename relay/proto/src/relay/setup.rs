@@ -320,6 +320,7 @@ impl<A: Aead> Relay<A> {
                     l.seed = routing.link_seed;
                     l.validated = false;
                     l.credit = l.credit.min(cell.len() as u64);
+                    self.links.rekeyed();
                 }
             }
             if self.circuits.id_in_use(in_link, routing.in_id) {
