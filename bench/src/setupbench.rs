@@ -47,12 +47,19 @@ pub struct Opts {
     pub net: u8,
 }
 
-/// The two baselines: (bare X25519, Elligator2 decode + X25519), microseconds.
-fn baselines(budget: Duration) -> (f64, f64) {
+/// The baselines, microseconds: a bare X25519 (x25519-dalek's ladder), the same
+/// X25519 on the Edwards form (what the relay computes since 2026-12-04,
+/// `OnionSecret::diffie_hellman_checked_fast`), and the Elligator2 decode plus that
+/// X25519 (`relay_agree`, all a setup's public-key work).
+fn baselines(budget: Duration) -> (f64, f64, f64) {
     let secret = OnionSecret::generate(&mut OsRng);
     let peer = *OnionSecret::generate(&mut OsRng).public().as_bytes();
     let bare = time_us(budget, 20, || {
         std::hint::black_box(secret.diffie_hellman(std::hint::black_box(&peer)));
+    });
+    let edwards = time_us(budget, 20, || {
+        let _ =
+            std::hint::black_box(secret.diffie_hellman_checked_fast(std::hint::black_box(&peer)));
     });
     let reps: Vec<[u8; 32]> = (0..64)
         .map(|_| shroud_proto::setup::Ephemeral::generate(&mut OsRng).representative)
@@ -62,11 +69,11 @@ fn baselines(budget: Duration) -> (f64, f64) {
         k = (k + 1) % reps.len();
         std::hint::black_box(shroud_proto::setup::relay_agree(&secret, &reps[k]));
     });
-    (bare, decode)
+    (bare, edwards, decode)
 }
 
 /// [`baselines`] on a thread pinned to `cpu` (if any).
-fn baselines_on(cpu: Option<usize>, budget: Duration) -> anyhow::Result<(f64, f64)> {
+fn baselines_on(cpu: Option<usize>, budget: Duration) -> anyhow::Result<(f64, f64, f64)> {
     std::thread::scope(|s| {
         s.spawn(|| {
             if let Some(c) = cpu {
@@ -160,9 +167,10 @@ pub fn run(opts: &Opts) -> anyhow::Result<Value> {
     let (mut cpu_us, mut rates, mut lost) = (Vec::new(), Vec::new(), 0u64);
     let (mut bares, mut decodes, mut shares, mut decode_shares) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut edwardses, mut edwards_shares) = (Vec::new(), Vec::new());
     let mut accepted_total = 0u64;
     for _ in 0..opts.rounds {
-        let (bare, decode) = baselines_on(relay_cpu, Duration::from_millis(400))?;
+        let (bare, edwards, decode) = baselines_on(relay_cpu, Duration::from_millis(400))?;
         let mut cells = Vec::new();
         generator.setup_cells::<RingAead>(&path, dest, opts.setups, &mut cells)?;
         let before = worker_sum(&net.request(0, &shroud_admin::Request::Status)?, "setups");
@@ -197,6 +205,8 @@ pub fn run(opts: &Opts) -> anyhow::Result<Value> {
         rates.push(accepted as f64 / wall);
         bares.push(bare);
         decodes.push(decode);
+        edwardses.push(edwards);
+        edwards_shares.push(edwards / per_setup);
         shares.push(bare / per_setup);
         decode_shares.push(decode / per_setup);
     }
@@ -216,6 +226,11 @@ pub fn run(opts: &Opts) -> anyhow::Result<Value> {
         "relay_cpu": relay_cpu,
         "bare_x25519_us": median(&mut bares.clone()),
         "bare_x25519_us_rounds": bares,
+        "x25519_edwards_us": median(&mut edwardses.clone()),
+        "x25519_edwards_us_rounds": edwardses,
+        // The same against the X25519 the relay itself computes (Edwards form).
+        "share_of_x25519_edwards": median(&mut edwards_shares.clone()),
+        "share_of_x25519_edwards_rounds": edwards_shares,
         "decode_and_x25519_us": median(&mut decodes.clone()),
         "decode_and_x25519_us_rounds": decodes,
         // Per round, its baseline over its relay CPU per setup; the median of those.
@@ -243,15 +258,18 @@ pub fn print(r: &Value) {
         f("setups_per_sec_wall")
     );
     println!(
-        "baselines on the relay's core before each round: bare X25519 {:.1} us {}, Elligator2 decode + X25519 {:.1} us",
+        "baselines on the relay's core before each round: bare X25519 (x25519-dalek ladder) {:.1} us {}, the same on the Edwards form (the relay's) {:.1} us, Elligator2 decode + that X25519 {:.1} us",
         f("bare_x25519_us"),
         r["bare_x25519_us_rounds"],
+        f("x25519_edwards_us"),
         f("decode_and_x25519_us")
     );
     println!(
-        "ratio relay_vs_bare_x25519: {:.3} (rounds {})\nratio relay_vs_decode_and_x25519: {:.3}",
+        "ratio relay_vs_bare_x25519: {:.3} (rounds {})\nratio relay_vs_x25519_edwards: {:.3} (rounds {})\nratio relay_vs_decode_and_x25519: {:.3}",
         f("share_of_bare_x25519"),
         r["share_of_bare_x25519_rounds"],
+        f("share_of_x25519_edwards"),
+        r["share_of_x25519_edwards_rounds"],
         f("share_of_decode_and_x25519")
     );
 }

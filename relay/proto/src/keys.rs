@@ -463,6 +463,35 @@ impl OnionSecret {
         Zeroizing::new(self.0.diffie_hellman(&peer).to_bytes())
     }
 
+    /// [`Self::diffie_hellman_checked`] computed on the Edwards form: `u` is mapped to
+    /// an Edwards point (`MontgomeryPoint::to_edwards`), multiplied by the clamped
+    /// secret with curve25519-dalek's variable-base multiplication (vectorised with
+    /// AVX2 where the CPU has it, constant time in the secret) and mapped back. The
+    /// u-coordinate of `[k]P` does not depend on which of the two points with that
+    /// `u` is taken, and the clamped scalar (a multiple of 8, below 2^255) is used
+    /// unreduced, exactly as the Montgomery ladder does, so the result is the same
+    /// bytes as X25519 for every `u` on the curve (the relay's `u` come from Elligator2,
+    /// which always lands on it). A `u` on the twist has no Edwards point and goes
+    /// through the ladder (`x25519_equivalence` checks both against x25519-dalek).
+    pub fn diffie_hellman_checked_fast(
+        &self,
+        peer_montgomery_bytes: &[u8; KEY_LEN],
+    ) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
+        let u = curve25519_dalek::montgomery::MontgomeryPoint(*peer_montgomery_bytes);
+        let Some(point) = u.to_edwards(0) else {
+            return self.diffie_hellman_checked(peer_montgomery_bytes);
+        };
+        let secret = Zeroizing::new(self.0.to_bytes());
+        let shared = Zeroizing::new(point.mul_clamped(*secret).to_montgomery().to_bytes());
+        // OR of every byte (no early exit: the position of a first non-zero byte of
+        // the shared secret must not show in the timing).
+        if shared.iter().fold(0u8, |acc, &b| acc | b) == 0 {
+            Err(KeyError::NonContributory)
+        } else {
+            Ok(shared)
+        }
+    }
+
     /// Like [`Self::diffie_hellman`] but refuses a non-contributory
     /// (all-zero) result.
     pub fn diffie_hellman_checked(
@@ -544,6 +573,65 @@ impl FromStr for OnionPublic {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Edwards-form X25519 gives x25519-dalek's bytes, or the same refusal, for
+    /// random points on the curve (Elligator2 outputs), random 32-byte strings (half
+    /// of them on the twist, which take the ladder), the small-order points and
+    /// non-canonical encodings.
+    #[test]
+    fn x25519_equivalence() {
+        let mut rng = rand_core::OsRng;
+        let p_minus = |k: u8| {
+            // p - k, little endian (p = 2^255 - 19).
+            let mut b = [0xffu8; 32];
+            b[0] = 0xed - k;
+            b[31] = 0x7f;
+            b
+        };
+        let mut inputs: Vec<[u8; 32]> = vec![
+            [0; 32],
+            {
+                let mut b = [0; 32];
+                b[0] = 1;
+                b
+            },
+            p_minus(0),
+            p_minus(1),
+            [0xff; 32],
+            hex_u("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"),
+            hex_u("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"),
+            hex_u("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+            hex_u("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+            hex_u("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
+        ];
+        for _ in 0..300 {
+            let mut r = [0u8; 32];
+            rand_core::RngCore::fill_bytes(&mut rng, &mut r);
+            inputs.push(r);
+            inputs.push(crate::elligator::representative_to_u(&r));
+        }
+        let mut on_curve = 0;
+        for _ in 0..4 {
+            let secret = OnionSecret::generate(&mut rng);
+            for u in &inputs {
+                let ladder = secret.diffie_hellman_checked(u).map(|s| *s);
+                let fast = secret.diffie_hellman_checked_fast(u).map(|s| *s);
+                assert_eq!(ladder, fast, "u = {}", hex::encode(u));
+                if curve25519_dalek::montgomery::MontgomeryPoint(*u)
+                    .to_edwards(0)
+                    .is_some()
+                {
+                    on_curve += 1;
+                }
+            }
+        }
+        // Every Elligator2 output and some random strings took the Edwards path.
+        assert!(on_curve >= 4 * 300, "{on_curve}");
+    }
+
+    fn hex_u(s: &str) -> [u8; 32] {
+        hex::decode(s).unwrap().try_into().unwrap()
+    }
 
     fn hex32(s: &str) -> [u8; 32] {
         let mut out = [0u8; 32];

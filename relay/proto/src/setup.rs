@@ -354,7 +354,7 @@ pub fn relay_agree(onion: &OnionSecret, representative: &[u8; 32]) -> Option<Zer
     // exponentiation (`crate::elligator`; the same u as `curve25519-elligator2`'s
     // `map_to_point`, which spends four).
     let u = crate::elligator::representative_to_u(representative);
-    onion.diffie_hellman_checked(&u).ok()
+    onion.diffie_hellman_checked_fast(&u).ok()
 }
 
 const SETUP_NONCE: [u8; NONCE_LEN] = [0u8; NONCE_LEN];
