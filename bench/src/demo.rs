@@ -74,18 +74,24 @@ const PACE_BURST: f64 = 256.0;
 
 /// When each batch of presealed cells was sent (ns since the session's epoch; 0 not
 /// yet), per circuit: the sink turns a presealed payload's stamp into its send time.
+/// A stamp is `PRESEALED | pool << 48 | circuit << 32 | cell`: a straggler of an
+/// earlier pool (same session, an earlier drive) is not timed against this one.
 #[derive(Debug)]
 pub struct SendBook {
+    pool: u64,
     sent_ns: Vec<Vec<AtomicU64>>,
 }
 
 impl SendBook {
-    fn stamp(circuit: usize, cell: usize) -> u64 {
-        PRESEALED | ((circuit as u64) << 32) | cell as u64
+    fn stamp(pool: u64, circuit: usize, cell: usize) -> u64 {
+        PRESEALED | (pool & 0x7fff) << 48 | ((circuit as u64) & 0xffff) << 32 | cell as u64
     }
 
     fn sent_ns(&self, stamp: u64) -> Option<u64> {
-        let circuit = ((stamp & !PRESEALED) >> 32) as usize;
+        if (stamp >> 48) & 0x7fff != self.pool & 0x7fff {
+            return None;
+        }
+        let circuit = ((stamp >> 32) & 0xffff) as usize;
         let cell = (stamp & 0xffff_ffff) as usize;
         let t = self.sent_ns.get(circuit)?.get(cell / BATCH)?.load(Relaxed);
         (t != 0).then_some(t)
@@ -254,6 +260,8 @@ pub struct Session {
     circuits: Vec<Circ<RingAead>>,
     layout: shroud_proto::Layout,
     epoch: Instant,
+    /// Pools sealed so far ([`Session::preseal`]), numbering their stamps.
+    pools: u64,
 }
 
 impl std::fmt::Debug for Session {
@@ -307,6 +315,7 @@ impl Session {
             circuits: Vec::new(),
             layout,
             epoch,
+            pools: 0,
         })
     }
 
@@ -432,15 +441,18 @@ impl Session {
         let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
         let data = vec![0x5au8; self.layout.payload_max()];
         let t0 = Instant::now();
+        self.pools += 1;
+        let pool = self.pools;
         let cells = self.generator.preseal(
             &mut self.circuits,
             per_circuit,
             &data,
             threads,
-            SendBook::stamp,
+            |circuit, cell| SendBook::stamp(pool, circuit, cell),
             stop,
         )?;
         let book = SendBook {
+            pool,
             sent_ns: (0..n)
                 .map(|_| {
                     (0..per_circuit / BATCH)
