@@ -15,8 +15,8 @@
 //! sealed cells run out before `duration`, the rest of the time runs with the
 //! generator sealing live, reported separately. One-way latency is measured at the
 //! sink (same clock): a live payload carries its send time; a presealed payload
-//! carries (circuit, cell index) and the generator notes each batch's send time in a
-//! [`SendBook`] the sink reads.
+//! carries (pool, circuit, cell index) and the generator notes each batch's send time
+//! in a [`SendBook`] the sink reads.
 
 use std::collections::VecDeque;
 use std::net::{SocketAddr, UdpSocket};
@@ -64,8 +64,8 @@ fn now_ns(epoch: Instant) -> u64 {
     epoch.elapsed().as_nanos() as u64
 }
 
-/// Marks a payload stamp as (circuit, cell index) of presealed cells rather than a
-/// send time.
+/// Marks a payload stamp as (pool, circuit, cell index) of presealed cells rather
+/// than a send time.
 const PRESEALED: u64 = 1 << 63;
 /// Cells per send (one GSO send) and per entry of the [`SendBook`].
 const BATCH: usize = 32;
