@@ -2,10 +2,6 @@
 //!
 //! 1. Saturation: the demo's closed loop (at most `window` cells in flight) gives the
 //!    saturation rate of `hops`-hop circuits on this network.
-//!
-//! Every step's cells are sealed before its clock starts (at most `preseal_mb` MiB
-//! per step; `0` seals live), as in the demo: the rates and latencies are the relays',
-//! not those of a client sealing on the same two cores.
 //! 2. Offered-load sweep: fixed offered rates at 25 %, 50 %, 75 %, 100 % and 125 % of
 //!    saturation; delivered rate and one-way latency (p50, p99) at each.
 //! 3. Added latency per hop at 50 % of saturation: the same offered rate through
@@ -13,6 +9,10 @@
 //! 4. Setups: circuits built one after another (each waits for CREATED) for a while;
 //!    setups per second, and per relay core (each setup costs every hop one X25519,
 //!    spread over the relays).
+//!
+//! Every step's cells are sealed before its clock starts (at most `preseal_mb` MiB
+//! per step; `0` seals live), as in the demo: the rates and latencies are the relays',
+//! not those of a client sealing on the same two cores.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;

@@ -225,8 +225,9 @@ pub const MAX_DELIVERY_RUN: usize = 64;
 /// one's length, except that the last may be shorter — the kernel cuts the send into
 /// datagrams of the first one's size, so the destination receives exactly the
 /// datagrams it would have from one send each. At most [`MAX_DELIVERY_RUN`] and
-/// [`crate::sys::GSO_MAX_BYTES`]; an empty payload always goes alone, and everything does when `gso`
-/// is off (`[io] gro_gso = false`, or after the kernel refused a GSO send).
+/// [`crate::sys::GSO_MAX_BYTES`]; an empty payload always goes alone, and everything
+/// does when `gso` is off (`[io] gro_gso = false`, or after the kernel refused a GSO
+/// send).
 pub fn delivery_run(side: &[SideEffect], i: usize, gso: bool) -> usize {
     let Some(SideEffect::Deliver { circuit, range, .. }) = side.get(i) else {
         return 1;
