@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use shroud_proto::aead::Aead;
 use shroud_proto::relay::{
-    Action, CircuitRef, DropReason, Event, HeaderMasks, OnionKeyring, Peer, Relay,
+    Action, CellBatch, CircuitRef, DropReason, Event, OnionKeyring, Peer, Relay, CELL_BATCH,
 };
 use shroud_proto::Layout;
 
@@ -279,9 +279,8 @@ pub struct Engine<A: Aead> {
     link_rate: u32,
     pad_last_ms: u64,
     pad_carry: f64,
-    /// The header masks of the datagram at hand, computed in one AES call
-    /// ([`Relay::header_masks`]).
-    masks: HeaderMasks,
+    /// The working space of [`Relay::handle_batch`] for the datagram at hand.
+    batch: CellBatch,
 }
 
 /// Constant-rate links: padding rounds at most this often (ms).
@@ -322,7 +321,7 @@ impl<A: Aead> Engine<A> {
             link_rate: io.link_cells_per_sec,
             pad_last_ms: now,
             pad_carry: 0.0,
-            masks: HeaderMasks::default(),
+            batch: CellBatch::default(),
         }
     }
 
@@ -407,80 +406,81 @@ impl<A: Aead> Engine<A> {
             (buf.len() / cell) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        // The cells of one datagram share their source, so their link: unmask all
-        // their headers with one pipelined AES call instead of one call per cell.
-        self.relay.header_masks(src, buf, &mut self.masks);
-        for (i, c) in buf.chunks_exact_mut(cell).enumerate() {
-            let off = i * cell;
-            let loc = CellAt::Rx {
-                slot,
-                off: off as u32,
-            };
-            match self
-                .relay
-                .handle_masked(src, c, now_ms, Some((&self.masks, i)))
-            {
-                Action::Send {
-                    to,
-                    event: Some(Event::ExitOpened { circuit, dest }),
-                } => match self.open_exit(exits, circuit, dest) {
-                    Ok(Some(_)) => {
-                        plan.push(to, loc);
-                        side.push(SideEffect::Opened { circuit, dest });
-                    }
-                    failed => {
-                        if let Err(e) = failed {
-                            tracing::debug!(error = %e, %dest, "exit socket failed; refusing the circuit");
-                        }
-                        if let Some(to) = self.relay.refuse_exit(circuit, c) {
+        // The cells of one datagram share their source, so their link: the relay
+        // handles them as batches (header masks in one AES call, the layers of
+        // consecutive data cells stripped together), then the actions are carried out
+        // in the cells' order.
+        for (part, cells) in buf.chunks_mut(CELL_BATCH * cell).enumerate() {
+            self.relay.handle_batch(src, cells, now_ms, &mut self.batch);
+            for (i, c) in cells.chunks_exact_mut(cell).enumerate() {
+                let off = (part * CELL_BATCH + i) * cell;
+                let loc = CellAt::Rx {
+                    slot,
+                    off: off as u32,
+                };
+                match self.batch.take(i) {
+                    Action::Send {
+                        to,
+                        event: Some(Event::ExitOpened { circuit, dest }),
+                    } => match self.open_exit(exits, circuit, dest) {
+                        Ok(Some(_)) => {
                             plan.push(to, loc);
+                            side.push(SideEffect::Opened { circuit, dest });
+                        }
+                        failed => {
+                            if let Err(e) = failed {
+                                tracing::debug!(error = %e, %dest, "exit socket failed; refusing the circuit");
+                            }
+                            if let Some(to) = self.relay.refuse_exit(circuit, c) {
+                                plan.push(to, loc);
+                            }
+                        }
+                    },
+                    Action::Send { to, event } => {
+                        plan.push(to, loc);
+                        if let Some(e) = event {
+                            side.push(side_of(e));
                         }
                     }
-                },
-                Action::Send { to, event } => {
-                    plan.push(to, loc);
-                    if let Some(e) = event {
-                        side.push(side_of(e));
+                    Action::Delay { to, mean_ms } => {
+                        let Some(idx) = arena.alloc_held() else {
+                            self.mix_overflow();
+                            continue;
+                        };
+                        arena.cell_mut(idx).copy_from_slice(c);
+                        self.hold(Held::Cell { to, idx }, mean_ms, arena, now_ms);
                     }
-                }
-                Action::Delay { to, mean_ms } => {
-                    let Some(idx) = arena.alloc_held() else {
-                        self.mix_overflow();
-                        continue;
-                    };
-                    arena.cell_mut(idx).copy_from_slice(c);
-                    self.hold(Held::Cell { to, idx }, mean_ms, arena, now_ms);
-                }
-                Action::Refuse { to, .. } => plan.push(to, loc),
-                Action::Deliver {
-                    circuit,
-                    dest,
-                    payload,
-                } => {
-                    let mean_ms = self.relay.mix_mean_ms(circuit);
-                    if mean_ms == 0 {
-                        side.push(SideEffect::Deliver {
-                            circuit,
-                            dest,
-                            slot,
-                            range: off + payload.start..off + payload.end,
-                        });
-                        continue;
-                    }
-                    let Some(idx) = arena.alloc_held() else {
-                        self.mix_overflow();
-                        continue;
-                    };
-                    arena.cell_mut(idx)[..payload.len()].copy_from_slice(&c[payload.clone()]);
-                    let held = Held::Deliver {
+                    Action::Refuse { to, .. } => plan.push(to, loc),
+                    Action::Deliver {
                         circuit,
-                        idx,
-                        len: payload.len() as u16,
-                    };
-                    self.hold(held, mean_ms, arena, now_ms);
+                        dest,
+                        payload,
+                    } => {
+                        let mean_ms = self.relay.mix_mean_ms(circuit);
+                        if mean_ms == 0 {
+                            side.push(SideEffect::Deliver {
+                                circuit,
+                                dest,
+                                slot,
+                                range: off + payload.start..off + payload.end,
+                            });
+                            continue;
+                        }
+                        let Some(idx) = arena.alloc_held() else {
+                            self.mix_overflow();
+                            continue;
+                        };
+                        arena.cell_mut(idx)[..payload.len()].copy_from_slice(&c[payload.clone()]);
+                        let held = Held::Deliver {
+                            circuit,
+                            idx,
+                            len: payload.len() as u16,
+                        };
+                        self.hold(held, mean_ms, arena, now_ms);
+                    }
+                    Action::Consumed { event: Some(e) } => side.push(side_of(e)),
+                    Action::Consumed { event: None } | Action::Drop(_) => {}
                 }
-                Action::Consumed { event: Some(e) } => side.push(side_of(e)),
-                Action::Consumed { event: None } | Action::Drop(_) => {}
             }
         }
         if self.routes.choose && self.relay.has_link(&src) {

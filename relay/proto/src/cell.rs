@@ -176,11 +176,7 @@ impl HeaderKey {
     /// Writes `hdr` into `cell[0..16]`, protected. The sample (`cell[16..32]`) must
     /// already hold its final bytes.
     pub fn protect(&self, cell: &mut [u8], hdr: &Header) {
-        let mask = self.mask(cell);
-        let plain = hdr.encode();
-        for i in 0..HEADER_LEN {
-            cell[i] = plain[i] ^ mask[i];
-        }
+        self.protect_with(cell, hdr, &self.mask(cell));
     }
 
     /// Removes the protection of `cell[0..16]` and decodes the header, leaving the cell
@@ -201,6 +197,35 @@ impl HeaderKey {
         }
         self.0.encrypt_blocks(&mut out[..n]);
         n
+    }
+
+    /// The header masks of cells `which` of `cells` (`cell_len` bytes each), into
+    /// `out[..n]` for the first `n` of them that fit, in one pipelined AES call (the
+    /// cells a batch sends on one link). Returns `n`.
+    pub fn masks_of(
+        &self,
+        cells: &[u8],
+        cell_len: usize,
+        which: impl IntoIterator<Item = usize>,
+        out: &mut [aes::Block],
+    ) -> usize {
+        let mut n = 0;
+        for (i, o) in which.into_iter().zip(out.iter_mut()) {
+            let at = i * cell_len + HEADER_LEN;
+            o.copy_from_slice(&cells[at..at + 16]);
+            n += 1;
+        }
+        self.0.encrypt_blocks(&mut out[..n]);
+        n
+    }
+
+    /// [`HeaderKey::protect`] with the cell's mask computed already
+    /// ([`HeaderKey::masks_of`]).
+    pub fn protect_with(&self, cell: &mut [u8], hdr: &Header, mask: &[u8]) {
+        let plain = hdr.encode();
+        for i in 0..HEADER_LEN {
+            cell[i] = plain[i] ^ mask[i];
+        }
     }
 
     /// [`HeaderKey::unprotect`] with the cell's mask computed already

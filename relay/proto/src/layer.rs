@@ -93,9 +93,7 @@ impl<A: Aead> LayerKeys<A> {
 
     /// The forward filler `AES-256(stack, counter || h_max - 1)`.
     fn filler(&self, counter: u64, h_max: usize) -> [u8; 16] {
-        let mut b = aes::Block::default();
-        b[..8].copy_from_slice(&counter.to_be_bytes());
-        b[8..].copy_from_slice(&((h_max - 1) as u64).to_be_bytes());
+        let mut b = filler_block(counter, h_max);
         self.stack.encrypt_block(&mut b);
         b.into()
     }
@@ -133,6 +131,14 @@ impl<A: Aead> LayerKeys<A> {
         }
         out
     }
+}
+
+/// The plaintext block of a forward filler: `counter || h_max - 1`.
+fn filler_block(counter: u64, h_max: usize) -> aes::Block {
+    let mut b = aes::Block::default();
+    b[..8].copy_from_slice(&counter.to_be_bytes());
+    b[8..].copy_from_slice(&((h_max - 1) as u64).to_be_bytes());
+    b
 }
 
 /// `AES-256(aes, block_j)` for `j` in `0..n` (at most [`H_MAX_LIMIT`]), each counter
@@ -247,17 +253,64 @@ pub fn strip_forward<A: Aead>(
     Ok(())
 }
 
-/// Strips one layer from every cell of a batch. `jobs` pairs each cell with its keys,
-/// command and counter; the result for cell `i` lands in `results[i]`.
-pub fn strip_forward_batch<A: Aead>(
+/// Strips one layer from several cells of `cells` (a whole number of `layout.cell`-byte
+/// cells), as [`strip_forward`] does each: job `(keys, command, counter, i)` strips
+/// cell `i`, and the `k`-th job's result lands in `results[k]` (at most
+/// `results.len()` jobs are done). Each cell's AES-GCM open is one call (the AEAD
+/// backends open one message per call); the forward fillers of consecutive jobs under
+/// the same keys are computed in one pipelined AES call.
+pub fn strip_forward_batch<'k, A: Aead + 'k>(
     layout: &Layout,
-    jobs: &mut [(&LayerKeys<A>, Command, u64, &mut [u8])],
+    cells: &mut [u8],
+    jobs: impl IntoIterator<Item = (&'k LayerKeys<A>, Command, u64, usize)>,
     results: &mut [Result<(), BadTag>],
 ) {
-    for ((keys, cmd, ctr, cell), r) in jobs.iter_mut().zip(results.iter_mut()) {
-        *r = strip_forward(layout, keys, *cmd, *ctr, cell);
+    let size = layout.cell;
+    let s0 = layout.stack_start();
+    let se = layout.stack_end();
+    // The current run of jobs under one key: their cells and filler blocks.
+    let mut run: Option<&LayerKeys<A>> = None;
+    let mut run_cells = [0usize; FILLER_RUN];
+    let mut fillers = [aes::Block::default(); FILLER_RUN];
+    let mut n = 0;
+    let flush =
+        |keys: &LayerKeys<A>, run_cells: &[usize], fillers: &mut [aes::Block], cells: &mut [u8]| {
+            keys.stack.encrypt_blocks(fillers);
+            for (&i, f) in run_cells.iter().zip(fillers.iter()) {
+                cells[i * size + se - SLOT_LEN..i * size + se].copy_from_slice(f);
+            }
+        };
+    for ((keys, command, counter, i), r) in jobs.into_iter().zip(results.iter_mut()) {
+        let cell = &mut cells[i * size..(i + 1) * size];
+        let tag = tag_at(cell, s0);
+        *r = keys.aead.open(
+            &cell_nonce(command, counter),
+            &[],
+            &mut cell[s0 + SLOT_LEN..],
+            &tag,
+        );
+        if r.is_err() {
+            continue;
+        }
+        cell.copy_within(s0 + SLOT_LEN..se, s0);
+        if let Some(k) = run {
+            if !core::ptr::eq(k, keys) || n == FILLER_RUN {
+                flush(k, &run_cells[..n], &mut fillers[..n], cells);
+                n = 0;
+            }
+        }
+        run = Some(keys);
+        run_cells[n] = i;
+        fillers[n] = filler_block(counter, layout.h_max);
+        n += 1;
+    }
+    if let Some(k) = run {
+        flush(k, &run_cells[..n], &mut fillers[..n], cells);
     }
 }
+
+/// Most forward fillers [`strip_forward_batch`] computes in one call.
+const FILLER_RUN: usize = 64;
 
 /// Relay (and exit), backward direction: add this hop's layer in place. `counter` is
 /// this hop's counter: [`LayerKeys::shifted`] of the counter received from the next

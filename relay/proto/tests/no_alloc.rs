@@ -11,7 +11,7 @@ use std::cell::Cell;
 
 use common::*;
 use shroud_proto::client::ClientLink;
-use shroud_proto::relay::{Action, DropReason};
+use shroud_proto::relay::{Action, CellBatch, DropReason, CELL_BATCH};
 use shroud_proto::{Layout, RingAead};
 
 /// Counts allocations made by the current thread while `COUNTING` is set.
@@ -179,6 +179,73 @@ fn forwarding_delivering_replying_and_dropping_cells_allocates_nothing() {
             other => panic!("reply read as {other:?}"),
         }
     }
+}
+
+/// The engine's way: each hop takes datagrams of up to 64 cells as one batch
+/// (`Relay::handle_batch`), with a replayed cell and garbage inside the batches.
+#[test]
+fn handling_datagrams_as_batches_allocates_nothing() {
+    let layout = Layout::default();
+    let cell = layout.cell;
+    let mut r = rng(10);
+    let mut net = Net::<RingAead>::new(layout, 3, &mut r);
+    let mut link = ClientLink::new(&net.hops[0].id, net.addrs[0], &mut r);
+    let mut c = net.open_circuit(&[0, 1, 2], &mut link, &mut r);
+    let mut warm = vec![0u8; cell];
+    c.seal_data(&link, b"warm-up", &mut warm, &mut r).unwrap();
+    net.send(CLIENT, net.addrs[0], warm);
+    assert_eq!(net.delivered.len(), 1);
+
+    // Four datagrams of 63 data cells, each ending with a copy of its first cell.
+    let per = CELL_BATCH - 1;
+    let mut datagrams: Vec<Vec<u8>> = (0..4)
+        .map(|d| {
+            let mut v = Vec::with_capacity(CELL_BATCH * cell);
+            for k in 0..per {
+                let mut x = vec![0u8; cell];
+                c.seal_data(&link, &[(d * per + k) as u8; 500], &mut x, &mut r)
+                    .unwrap();
+                v.extend_from_slice(&x);
+            }
+            let first = v[..cell].to_vec();
+            v.extend_from_slice(&first);
+            v
+        })
+        .collect();
+    let mut garbage = vec![0x5au8; 8 * cell];
+    let a = net.addrs.clone();
+    let from = [CLIENT, a[0], a[1]];
+    let relays = &mut net.relays;
+    let mut batch = CellBatch::default();
+    let mut delivered = 0;
+
+    let ((), allocs) = counted(|| {
+        for hop in 0..3 {
+            for d in datagrams.iter_mut() {
+                relays[hop].handle_batch(from[hop], d, NOW_MS, &mut batch);
+                assert_eq!(batch.len(), if hop == 0 { CELL_BATCH } else { per });
+                for i in 0..per {
+                    match batch.take(i) {
+                        Action::Send { to, .. } => assert_eq!(to, a[hop + 1]),
+                        Action::Deliver { payload, .. } => {
+                            assert_eq!((hop, payload.len()), (2, 500));
+                            delivered += 1;
+                        }
+                        other => panic!("hop {hop}, cell {i}: {other:?}"),
+                    }
+                }
+                if hop == 0 {
+                    // The copy of the first cell, later in the same batch.
+                    assert_eq!(batch.take(per), Action::Drop(DropReason::Replay));
+                    d.truncate(per * cell);
+                }
+            }
+        }
+        relays[1].handle_batch(a[0], &mut garbage, NOW_MS, &mut batch);
+        assert!((0..8).all(|i| matches!(batch.take(i), Action::Drop(_))));
+    });
+    assert_eq!(delivered, 4 * per);
+    assert_eq!(allocs, 0, "{allocs} allocations on the data path");
 }
 
 #[test]

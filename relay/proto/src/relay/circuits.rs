@@ -138,14 +138,41 @@ impl<A: Aead> CircuitTable<A> {
         dir: Direction,
         misses: &mut u64,
     ) -> Option<(&mut Circuit, &LayerKeys<A>)> {
+        let entry = self.load_keys(slot, dir, misses)?;
         let c = self.slots.get_mut(slot as usize)?.as_mut()?;
+        Some((c, self.keys.at(entry)))
+    }
+
+    /// The key-cache entry that holds the keys of `(slot, dir)` when cached: two
+    /// circuits with the same entry evict each other.
+    pub(super) fn key_entry(&self, slot: u32, dir: Direction) -> u32 {
+        self.keys.entry(slot, dir)
+    }
+
+    /// Brings the keys of the circuit in `slot` for `dir` into the key cache (counting
+    /// a miss in `misses`) and returns their entry, for [`Self::keys_at`]; `None` for
+    /// an empty slot.
+    pub(super) fn load_keys(&mut self, slot: u32, dir: Direction, misses: &mut u64) -> Option<u32> {
+        let c = self.slots.get(slot as usize)?.as_ref()?;
         let generation = self.generations[slot as usize];
         let secret = match dir {
             Direction::Forward => &c.fwd,
             Direction::Backward => &c.bwd,
         };
-        let keys = self.keys.get(slot, generation, dir, secret, misses);
-        Some((c, keys))
+        Some(self.keys.load(slot, generation, dir, secret, misses))
+    }
+
+    /// The keys in key-cache entry `entry` (see [`Self::load_keys`]).
+    pub(super) fn keys_at(&self, entry: u32) -> &LayerKeys<A> {
+        self.keys.at(entry)
+    }
+
+    /// The circuit `r` names, if that handle is not stale.
+    pub(super) fn get_mut_ref(&mut self, r: CircuitRef) -> Option<&mut Circuit> {
+        if self.generations.get(r.slot as usize) != Some(&r.generation) {
+            return None;
+        }
+        self.slots.get_mut(r.slot as usize)?.as_mut()
     }
 
     /// [`Self::with_keys`] for the circuit `r` names, if that handle is not stale.

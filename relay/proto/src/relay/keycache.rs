@@ -67,8 +67,8 @@ impl<A: Aead> KeyCache<A> {
     }
 
     /// The expanded `secret`, which is the key of the circuit in `slot` of
-    /// `generation` in direction `dir`; expands it if its entry holds anything else,
-    /// and then adds one to `misses`.
+    /// `generation` in direction `dir` ([`Self::load`], then [`Self::at`]; tests).
+    #[cfg(test)]
     pub(super) fn get(
         &mut self,
         slot: u32,
@@ -77,6 +77,26 @@ impl<A: Aead> KeyCache<A> {
         secret: &LayerSecret,
         misses: &mut u64,
     ) -> &LayerKeys<A> {
+        let entry = self.load(slot, generation, dir, secret, misses);
+        self.at(entry)
+    }
+
+    /// The entry the keys of `(slot, dir)` live in when cached.
+    pub(super) fn entry(&self, slot: u32, dir: Direction) -> u32 {
+        self.index(slot, dir) as u32
+    }
+
+    /// Brings the keys of `(slot, generation, dir)`, expanded from `secret`, into
+    /// their entry if it holds anything else (and then adds one to `misses`), and
+    /// returns the entry, for [`Self::at`] to read.
+    pub(super) fn load(
+        &mut self,
+        slot: u32,
+        generation: u32,
+        dir: Direction,
+        secret: &LayerSecret,
+        misses: &mut u64,
+    ) -> u32 {
         let i = self.index(slot, dir);
         let t = tag(slot, generation, dir);
         if self.tags[i] != t {
@@ -84,7 +104,13 @@ impl<A: Aead> KeyCache<A> {
             self.tags[i] = t;
             *misses += 1;
         }
-        &self.keys[i]
+        i as u32
+    }
+
+    /// The keys in `entry` (whatever circuit's they are now: a caller holding an entry
+    /// from [`Self::load`] must not have loaded a colliding circuit since).
+    pub(super) fn at(&self, entry: u32) -> &LayerKeys<A> {
+        &self.keys[entry as usize]
     }
 
     /// Overwrites the keys of the circuit in `slot` of `generation`, if cached, so

@@ -56,6 +56,12 @@ impl Link {
         self.sent = self.sent.saturating_add(1);
     }
 
+    /// Counts a cell whose header the caller protects later with this link's send
+    /// key (`tx`), together with others ([`crate::cell::HeaderKey::masks_of`]).
+    pub(super) fn count_sent(&mut self) {
+        self.sent = self.sent.saturating_add(1);
+    }
+
     /// Takes `len` bytes of credit for a send; false if the address is unvalidated
     /// and has not sent that much.
     pub(super) fn spend(&mut self, len: usize) -> bool {
@@ -160,7 +166,7 @@ pub(super) struct Links {
     /// link is removed (an id is only reused after its removal).
     last: core::cell::Cell<Option<(SocketAddr, u32)>>,
     /// Bumped whenever a link is removed or its receive key replaced: header masks
-    /// computed ahead under a link's key ([`super::HeaderMasks`]) are used only while
+    /// computed ahead under a link's key (`super::batch::HeaderMasks`) are used only while
     /// it is unchanged.
     epoch: u64,
 }

@@ -7,7 +7,9 @@
 //! refuses with a counted [`DropReason`].
 //!
 //! The caller passes each received cell (and its source address) to [`Relay::handle`],
-//! which rewrites the cell in place and says what to do with it. Time is an argument
+//! or the cells of one datagram together to [`Relay::handle_batch`] (which strips the
+//! layers of consecutive data cells as a batch, with the same result); either rewrites
+//! each cell in place and says what to do with it. Time is an argument
 //! (`now_ms`, milliseconds since the Unix epoch); nothing here reads a clock or does
 //! I/O.
 //!
@@ -16,15 +18,18 @@
 //!
 //! The parts: `links` (who the relay talks to and with which header
 //! keys), `circuits` (the circuit table), `limiter` (per-source setup
-//! budgets) and `setup` (setup admission and the onion keyring). This
-//! module holds the per-cell path: [`Relay::handle`], forward and backward.
+//! budgets), `setup` (setup admission and the onion keyring) and `batch` (a
+//! datagram's cells handled together). This module holds the per-cell path:
+//! [`Relay::handle`], forward and backward.
 
+mod batch;
 mod circuits;
 mod keycache;
 mod limiter;
 mod links;
 mod setup;
 
+pub use batch::{CellBatch, CELL_BATCH};
 pub use circuits::CircuitRef;
 pub use links::{client_link_keys, peer_link_keys};
 pub use setup::{OnionKeyring, SetupJournal, MAX_ONION_KEYS};
@@ -37,7 +42,7 @@ use std::collections::HashMap as StdHashMap;
 type HashMap<K, V> = StdHashMap<K, V, ahash::RandomState>;
 use std::net::{IpAddr, SocketAddr};
 
-use crate::aead::Aead;
+use crate::aead::{Aead, BadTag};
 use crate::cell::{counter_sub, Command, Header, HeaderKey, Layout};
 use crate::keys::{IdentityKey, IdentityPublic, OnionSecret, RelayId};
 use crate::layer::{
@@ -46,6 +51,7 @@ use crate::layer::{
 use crate::policy::ExitPolicy;
 use crate::replay::WindowCheck;
 
+use batch::{HeaderMasks, Protect, Received, Stripping};
 use circuits::{CircuitTable, Direction, Hop};
 use limiter::PrefixTable;
 use links::{peer_link_keys as derive_peer_link_keys, Link, LinkKind, Links};
@@ -274,45 +280,6 @@ impl Default for RelayLimits {
 /// How far past its cookie a client's first forward counters may be (they start at
 /// the cookie; the span allows for lost cells).
 const COOKIE_SPAN: u64 = 1 << 16;
-
-/// Most cells of one datagram whose header masks [`Relay::header_masks`] computes at
-/// once: UDP GRO's limit of 64 segments per datagram.
-pub const HEADER_MASK_BATCH: usize = 64;
-
-/// The header masks of one received datagram's cells, computed together
-/// ([`Relay::header_masks`]), with the link and link-table epoch they belong to.
-pub struct HeaderMasks {
-    link: u32,
-    epoch: u64,
-    n: usize,
-    blocks: [aes::Block; HEADER_MASK_BATCH],
-}
-
-impl Default for HeaderMasks {
-    fn default() -> Self {
-        HeaderMasks {
-            link: 0,
-            epoch: 0,
-            n: 0,
-            blocks: [aes::Block::default(); HEADER_MASK_BATCH],
-        }
-    }
-}
-
-impl core::fmt::Debug for HeaderMasks {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("HeaderMasks")
-            .field("n", &self.n)
-            .finish_non_exhaustive()
-    }
-}
-
-impl HeaderMasks {
-    /// Cell `i`'s mask, if it was computed under `link`'s key as of `epoch`.
-    fn get(&self, link: u32, epoch: u64, i: usize) -> Option<&[u8]> {
-        (i < self.n && self.link == link && self.epoch == epoch).then(|| self.blocks[i].as_slice())
-    }
-}
 
 /// Counters a worker exports (cells handled per outcome).
 #[derive(Debug, Clone, Default)]
@@ -613,11 +580,11 @@ impl<A: Aead> Relay<A> {
     }
 
     /// Computes the header masks of a received datagram's cells (`cells`, a whole
-    /// number of cells from `src`) into `masks`, in one pipelined AES call under the
-    /// link's receive key, so that [`Relay::handle_masked`] need not make one
-    /// latency-bound AES call per cell. Nothing when `src` has no link yet (its cells
-    /// are setups, handled without) or the datagram holds one cell.
-    pub fn header_masks(&self, src: SocketAddr, cells: &[u8], masks: &mut HeaderMasks) {
+    /// number of cells from `src`, at most [`CELL_BATCH`]) into `masks`, in one
+    /// pipelined AES call under the link's receive key, so that the cells need not
+    /// make one latency-bound AES call each. Nothing when `src` has no link yet (its
+    /// cells are setups, handled without) or the datagram holds one cell.
+    fn header_masks(&self, src: SocketAddr, cells: &[u8], masks: &mut HeaderMasks) {
         masks.n = 0;
         if cells.len() < 2 * self.layout.cell {
             return;
@@ -633,24 +600,28 @@ impl<A: Aead> Relay<A> {
         masks.n = l.rx.masks(cells, self.layout.cell, &mut masks.blocks);
     }
 
-    /// Handles one received cell from `src`, rewriting it in place.
+    /// Handles one received cell from `src`, rewriting it in place. A datagram's
+    /// cells are better handled together ([`Relay::handle_batch`]); the result is the
+    /// same.
     pub fn handle(&mut self, src: SocketAddr, cell: &mut [u8], now_ms: u64) -> Action {
-        self.handle_masked(src, cell, now_ms, None)
+        match self.receive(src, cell, now_ms, None) {
+            Received::Forward(slot, hdr) => self.forward(slot, hdr, cell, now_ms),
+            other => self.finish(other, src, cell, now_ms),
+        }
     }
 
-    /// [`Relay::handle`] for cell `i` of a datagram whose header masks
-    /// [`Relay::header_masks`] computed: the mask is used if it was computed under the
-    /// key of the link the cell arrives on, still unchanged; otherwise the header is
-    /// unmasked on its own, so the result is always that of [`Relay::handle`].
-    pub fn handle_masked(
+    /// The first half of handling a cell: its link (a peer's is opened on its first
+    /// cell), its header (unmasked with `masks`' cell `i` if that mask was computed
+    /// under the key of this link, still unchanged), and what it is.
+    fn receive(
         &mut self,
         src: SocketAddr,
         cell: &mut [u8],
         now_ms: u64,
         masks: Option<(&HeaderMasks, usize)>,
-    ) -> Action {
+    ) -> Received {
         if cell.len() != self.layout.cell {
-            return self.drop(DropReason::Malformed);
+            return Received::Done(self.drop(DropReason::Malformed));
         }
         let link = match self.links.find(&src) {
             Some(l) => Some(l),
@@ -658,7 +629,7 @@ impl<A: Aead> Relay<A> {
                 if self.peer_for_addr(src).is_some() {
                     match self.peer_link(src, now_ms) {
                         Some(l) => Some(l),
-                        None => return self.drop(DropReason::Capacity),
+                        None => return Received::Done(self.drop(DropReason::Capacity)),
                     }
                 } else {
                     None
@@ -666,13 +637,13 @@ impl<A: Aead> Relay<A> {
             }
         };
         let Some(link) = link else {
-            return self.setup(src, None, cell, now_ms);
+            return Received::Setup(None);
         };
         let epoch = self.links.epoch();
         let mask = masks.and_then(|(m, i)| m.get(link, epoch, i));
         let (kind, hdr) = {
             let Some(l) = self.links.get_mut(link) else {
-                return self.drop(DropReason::Malformed);
+                return Received::Done(self.drop(DropReason::Malformed));
             };
             l.last_active = now_ms;
             if !l.validated {
@@ -686,44 +657,97 @@ impl<A: Aead> Relay<A> {
         };
         let hdr = match hdr {
             Ok(h) => h,
-            Err(_) if kind == LinkKind::Client => return self.setup(src, Some(link), cell, now_ms),
-            Err(_) => return self.drop(DropReason::Malformed),
+            Err(_) if kind == LinkKind::Client => return Received::Setup(Some(link)),
+            Err(_) => return Received::Done(self.drop(DropReason::Malformed)),
         };
         if hdr.circuit == LINK_PADDING_ID && kind == LinkKind::Peer {
             // Constant-rate link padding from a peer: it ends here.
             self.stats.link_padding_received += 1;
-            return Action::Consumed { event: None };
+            return Received::Done(Action::Consumed { event: None });
         }
         if hdr.command == Command::Setup {
-            return self.setup(src, Some(link), cell, now_ms);
+            return Received::Setup(Some(link));
         }
         match self.circuits.lookup(link, hdr.circuit) {
-            None => self.drop(DropReason::UnknownCircuit),
-            Some((slot, Direction::Forward)) => self.forward(slot, hdr, cell, now_ms),
-            Some((slot, Direction::Backward)) => self.backward(slot, hdr, cell),
+            None => Received::Done(self.drop(DropReason::UnknownCircuit)),
+            Some((slot, Direction::Forward)) => Received::Forward(slot, hdr),
+            Some((slot, Direction::Backward)) => Received::Backward(slot, hdr),
         }
     }
 
+    /// The second half of handling a received cell that is not forward (a setup, a
+    /// backward cell) or needed no second half.
+    fn finish(&mut self, r: Received, src: SocketAddr, cell: &mut [u8], now_ms: u64) -> Action {
+        match r {
+            Received::Done(a) => a,
+            Received::Setup(link) => self.setup(src, link, cell, now_ms),
+            Received::Forward(slot, hdr) => self.forward(slot, hdr, cell, now_ms),
+            Received::Backward(slot, hdr) => self.backward(slot, hdr, cell),
+        }
+    }
+
+    /// A forward cell: strip this hop's layer and pass it on (or deliver it, at the
+    /// exit).
     fn forward(&mut self, slot: u32, hdr: Header, cell: &mut [u8], now_ms: u64) -> Action {
-        let layout = self.layout;
+        let s = match self.forward_check(slot, hdr) {
+            Ok(s) => s,
+            Err(a) => return a,
+        };
+        let misses = &mut self.stats.key_cache_misses;
+        let Some(entry) = self.circuits.load_keys(slot, Direction::Forward, misses) else {
+            return self.drop(DropReason::UnknownCircuit);
+        };
+        let keys = self.circuits.keys_at(entry);
+        let stripped = strip_forward(&self.layout, keys, hdr.command, s.counter, cell);
+        self.forward_finish(&s, stripped, cell, now_ms, None)
+    }
+
+    /// Before a forward cell's layer is stripped: its command must be DATA or DESTROY
+    /// and its counter new to the circuit's replay window.
+    fn forward_check(&mut self, slot: u32, hdr: Header) -> Result<Stripping, Action> {
         if !matches!(hdr.command, Command::Data | Command::Destroy) {
-            return self.drop(DropReason::Malformed);
+            return Err(self.drop(DropReason::Malformed));
         }
         let circuit = self.circuits.handle(slot);
         let Some(c) = self.circuits.get_mut(slot) else {
-            return self.drop(DropReason::UnknownCircuit);
+            return Err(self.drop(DropReason::UnknownCircuit));
         };
         // This hop's counter: the header's plus this hop's secret shift.
         let counter = c.fwd.shifted(hdr.counter);
         if c.win_fwd.check(counter) == WindowCheck::Replay {
-            return self.drop(DropReason::Replay);
+            return Err(self.drop(DropReason::Replay));
         }
-        let misses = &mut self.stats.key_cache_misses;
-        let Some((c, keys)) = self.circuits.with_keys(slot, Direction::Forward, misses) else {
+        Ok(Stripping {
+            circuit,
+            hdr,
+            counter,
+        })
+    }
+
+    /// After a forward cell's layer was stripped (`stripped`): the replay window takes
+    /// its counter (checked again: an earlier copy in the same batch may have taken
+    /// it), and the cell goes on to the next hop or is delivered. With `later`, the
+    /// header of a cell sent on is not protected here but noted in
+    /// `later.0` as cell `later.1` of the batch, for the batch to protect with others
+    /// on the same link.
+    fn forward_finish(
+        &mut self,
+        s: &Stripping,
+        stripped: Result<(), BadTag>,
+        cell: &mut [u8],
+        now_ms: u64,
+        later: Option<(&mut Vec<Protect>, usize)>,
+    ) -> Action {
+        let layout = self.layout;
+        let (slot, hdr, counter) = (s.circuit.slot, s.hdr, s.counter);
+        if stripped.is_err() {
+            return self.drop(DropReason::BadTag);
+        }
+        let Some(c) = self.circuits.get_mut_ref(s.circuit) else {
             return self.drop(DropReason::UnknownCircuit);
         };
-        if strip_forward(&layout, keys, hdr.command, counter, cell).is_err() {
-            return self.drop(DropReason::BadTag);
+        if c.win_fwd.check(counter) == WindowCheck::Replay {
+            return self.drop(DropReason::Replay);
         }
         c.win_fwd.commit(counter);
         self.stats.cells_forward += 1;
@@ -732,6 +756,7 @@ impl<A: Aead> Relay<A> {
         // cookie; a guess succeeds with probability 2^-32).
         let echoed = counter_sub(hdr.counter, c.cookie) < COOKIE_SPAN;
         let (prev_link, next, mix) = (c.prev_link, c.next, c.mix_mean_ms);
+        let circuit = s.circuit;
         self.circuits.touch(slot, now_ms);
         if let Some(l) = self.links.get_mut(prev_link) {
             if !l.validated && echoed {
@@ -744,14 +769,22 @@ impl<A: Aead> Relay<A> {
                     return self.drop(DropReason::UnknownCircuit);
                 };
                 let to = l.addr;
-                l.protect(
-                    cell,
-                    &Header {
-                        circuit: id,
-                        counter,
-                        command: hdr.command,
-                    },
-                );
+                let out = Header {
+                    circuit: id,
+                    counter,
+                    command: hdr.command,
+                };
+                match later {
+                    Some((protects, i)) => {
+                        l.count_sent();
+                        protects.push(Protect {
+                            cell: i,
+                            link,
+                            hdr: out,
+                        });
+                    }
+                    None => l.protect(cell, &out),
+                }
                 if hdr.command == Command::Destroy {
                     self.remove_circuit(slot);
                     Action::Send {
