@@ -97,7 +97,7 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let one_hop = &one_runs[runs / 2];
     let setups = s.setup_rate(opts.hops, Duration::from_secs_f64(step))?;
     let parallel = s.setup_rate_parallel(opts.hops, Duration::from_secs_f64(step), SETUP_BATCH)?;
-    let bare = bare_x25519_us(Duration::from_secs_f64(step.min(2.0)));
+    let (bare, edwards, _) = crate::setupbench::baselines(Duration::from_secs_f64(step.min(2.0)));
     Ok(json!({
         "schema": "shroud-bench/circuit/1",
         "sealing": if max > 0 { "ahead" } else { "live" },
@@ -129,9 +129,13 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
             "failed": parallel.failed,
             "relay_cpu_us_per_hop": parallel.relay_cpu_us_per_hop,
             "bare_x25519_us": bare,
-            // A hop's whole setup against one bare X25519 on this machine, same run:
-            // 1.0 would mean the relay spends nothing beyond the X25519.
+            "x25519_edwards_us": edwards,
+            // A hop's whole setup against one bare X25519 (x25519-dalek's ladder) on
+            // this machine, same run: 1.0 would mean the relay spends nothing beyond
+            // that X25519. The relay computes its X25519 on the Edwards form, so the
+            // second share is against what it computes.
             "x25519_share": bare / parallel.relay_cpu_us_per_hop.max(1e-9),
+            "x25519_edwards_share": edwards / parallel.relay_cpu_us_per_hop.max(1e-9),
         },
         "machine": machine(),
     }))
@@ -139,20 +143,6 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
 
 /// Setups sent at once in the parallel setup step.
 const SETUP_BATCH: usize = 32;
-
-/// Microseconds one X25519 (a relay's onion-key exchange) takes on this machine: the
-/// median of 20 timed rounds of 50 exchanges over about `budget`.
-fn bare_x25519_us(budget: Duration) -> f64 {
-    let secret = shroud_proto::keys::OnionSecret::generate(&mut rand_core::OsRng);
-    let mut peer = shroud_proto::keys::OnionSecret::generate(&mut rand_core::OsRng)
-        .public()
-        .0;
-    crate::report::time_us(budget, 50, || {
-        let out = secret.diffie_hellman(&peer);
-        peer[..8].copy_from_slice(&out[..8]);
-        peer[31] &= 0x7f;
-    })
-}
 
 /// Prints the human summary.
 pub fn print(r: &Value) {
@@ -195,12 +185,14 @@ pub fn print(r: &Value) {
     );
     let p = &r["setups_parallel"];
     println!(
-        "circuit setups, {} at once: {:.0}/s ({} failed); relay CPU {:.0} us per hop against {:.0} us for a bare X25519 (share {:.2})",
+        "circuit setups, {} at once: {:.0}/s ({} failed); relay CPU {:.0} us per hop against {:.0} us for a bare X25519 (share {:.2}) and {:.0} us for the Edwards-form X25519 the relay computes (share {:.2})",
         p["batch"],
         p["setups_per_sec"].as_f64().unwrap_or(0.0),
         p["failed"],
         p["relay_cpu_us_per_hop"].as_f64().unwrap_or(0.0),
         p["bare_x25519_us"].as_f64().unwrap_or(0.0),
-        p["x25519_share"].as_f64().unwrap_or(0.0)
+        p["x25519_share"].as_f64().unwrap_or(0.0),
+        p["x25519_edwards_us"].as_f64().unwrap_or(0.0),
+        p["x25519_edwards_share"].as_f64().unwrap_or(0.0)
     );
 }

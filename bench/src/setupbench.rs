@@ -51,7 +51,7 @@ pub struct Opts {
 /// X25519 on the Edwards form (what the relay computes since 2026-12-04,
 /// `OnionSecret::diffie_hellman_checked_fast`), and the Elligator2 decode plus that
 /// X25519 (`relay_agree`, all a setup's public-key work).
-fn baselines(budget: Duration) -> (f64, f64, f64) {
+pub(crate) fn baselines(budget: Duration) -> (f64, f64, f64) {
     let secret = OnionSecret::generate(&mut OsRng);
     let peer = *OnionSecret::generate(&mut OsRng).public().as_bytes();
     let bare = time_us(budget, 20, || {
