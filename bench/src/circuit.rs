@@ -72,11 +72,11 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
         sweep.push(point(offered, &d));
     }
     // Added latency per hop at half of the N-hop saturation rate: N-hop and one-hop
-    // circuits alternately, three runs each, and the median of each quantile over the
+    // circuits alternately, five runs each, and the median of each quantile over the
     // runs. A quantile of two separate runs differs by the noise of this machine too,
     // so a small or negative difference means "within the noise".
     let half = 0.5 * sat_rate;
-    let runs = 3;
+    let runs = 5;
     let short = (step / 2.0).max(0.5);
     let (mut n_runs, mut one_runs) = (Vec::new(), Vec::new());
     for _ in 0..runs {
