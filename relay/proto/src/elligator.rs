@@ -224,10 +224,9 @@ impl Fe {
     }
 }
 
-/// The Montgomery `u` (canonical little-endian bytes) of an Elligator2 representative,
-/// the same as `curve25519_elligator2::MontgomeryPoint::map_to_point` (its two top
-/// bits are ignored).
-pub fn representative_to_u(representative: &[u8; 32]) -> [u8; 32] {
+/// `w = 1 + 2 r^2` of a representative (its two top bits ignored) and `t = N w`, whose
+/// Legendre symbol picks the map's branch (see the module docs).
+fn w_and_t(representative: &[u8; 32]) -> (Fe, Fe) {
     let mut b = *representative;
     b[31] &= 0x3f;
     let r = Fe::from_bytes(&b);
@@ -239,7 +238,14 @@ pub fn representative_to_u(representative: &[u8; 32]) -> [u8; 32] {
     let w = ONE.add(tv1);
     let a2 = A.square();
     let n = A.mul(a2.mul(w.sub(ONE)).sub(w.square()));
-    let t = n.mul(w);
+    (w, n.mul(w))
+}
+
+/// The Montgomery `u` (canonical little-endian bytes) of an Elligator2 representative,
+/// the same as `curve25519_elligator2::MontgomeryPoint::map_to_point` (its two top
+/// bits are ignored).
+pub fn representative_to_u(representative: &[u8; 32]) -> [u8; 32] {
+    let (w, t) = w_and_t(representative);
     let v = w.square().mul(t);
     if v.is_zero() {
         // g(d) = 0: d is the u of a point of order 2; d is the answer.
@@ -254,6 +260,40 @@ pub fn representative_to_u(representative: &[u8; 32]) -> [u8; 32] {
     let d = A.neg().mul(inv_w);
     let u = if square { d } else { d.add(A).neg() };
     u.to_bytes()
+}
+
+/// The Edwards `y` (canonical bytes, sign bit 0) of the point whose Montgomery `u` is
+/// [`representative_to_u`], computed with the same single exponentiation: what
+/// `curve25519_dalek`'s `MontgomeryPoint::to_edwards` would compute from that `u`
+/// with one more (`y = (u - 1) / (u + 1)`). `None` where that map has no answer or the
+/// trick below does not apply (`u = -1`, or `v = 0`); the caller then goes through `u`.
+///
+/// With `u = d = -A / w` (square branch), `y = (A + w) / D1`, `D1 = A - w`; with
+/// `u = -d - A = A (1 - w) / w`, `y = (A - A w - w) / D2`, `D2 = A - A w + w`. One
+/// inversion of `Y = D1 D2` serves both (`1 / D1 = D2 / Y`), and the exponentiation of
+/// [`representative_to_u`] yields it with `v = t Y^2` in place of `t w^2`: `e v` is
+/// `chi(t)` and `1 / Y = chi(t) e t Y`.
+pub fn representative_to_edwards_y(representative: &[u8; 32]) -> Option<[u8; 32]> {
+    let (w, t) = w_and_t(representative);
+    let d1 = A.sub(w);
+    let d2 = A.sub(A.mul(w)).add(w);
+    let y_den = d1.mul(d2);
+    let v = y_den.square().mul(t);
+    if v.is_zero() {
+        return None;
+    }
+    let e = v.pow_p_minus_3_half();
+    let square = e.mul(v).eq(ONE);
+    let mut inv = e.mul(t).mul(y_den);
+    if !square {
+        inv = inv.neg();
+    }
+    let y = if square {
+        A.add(w).mul(d2).mul(inv)
+    } else {
+        A.sub(A.mul(w)).sub(w).mul(d1).mul(inv)
+    };
+    Some(y.to_bytes())
 }
 
 #[cfg(test)]
@@ -372,6 +412,43 @@ mod tests {
         // w, and no representative, reaches the `v = 0` branch; it stays for safety.
         let a2 = A.square();
         assert!(sqrt(a2.square().sub(a2.mul(fe(4)))).is_none());
+    }
+
+    /// The `y` computed straight from the representative is the one
+    /// curve25519-dalek's `to_edwards` computes from its `u`, for random
+    /// representatives, clients' ones and the special inputs.
+    #[test]
+    fn the_edwards_y_is_that_of_the_u() {
+        use curve25519_dalek::montgomery::MontgomeryPoint as Dalek;
+        let check = |r: &[u8; 32]| {
+            let u = Dalek(representative_to_u(r));
+            match (representative_to_edwards_y(r), u.to_edwards(0)) {
+                (Some(y), Some(p)) => assert_eq!(y, p.compress().to_bytes(), "{r:02x?}"),
+                (None, _) => {}
+                (Some(y), None) => panic!("y {y:02x?} for a u without a point: {r:02x?}"),
+            }
+        };
+        let mut none = 0;
+        for _ in 0..5000 {
+            let mut r = [0u8; 32];
+            OsRng.fill_bytes(&mut r);
+            check(&r);
+            none += usize::from(representative_to_edwards_y(&r).is_none());
+        }
+        assert_eq!(none, 0, "random representatives all take the direct way");
+        for _ in 0..200 {
+            check(&crate::setup::Ephemeral::generate(&mut OsRng).representative);
+        }
+        for r in [[0u8; 32], [0xff; 32], p_plus(0), p_plus(1), p_plus(2)] {
+            check(&r);
+        }
+        // Y = 0 needs w = A (D1 = 0: u = -1, which has no Edwards point) or
+        // w = A / (A - 1) (D2 = 0), so 2 r^2 = w - 1; neither (w - 1) / 2 is a square,
+        // so no representative gets None (the fallback through u stays for safety),
+        // and t = 0 is unreachable too (`the_exceptional_inputs_match_too`).
+        for w in [A, A.mul(A.sub(ONE).invert())] {
+            assert!(sqrt(w.sub(ONE).mul(fe(2).invert())).is_none());
+        }
     }
 
     #[test]

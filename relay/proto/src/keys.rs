@@ -481,6 +481,27 @@ impl OnionSecret {
         let Some(point) = u.to_edwards(0) else {
             return self.diffie_hellman_checked(peer_montgomery_bytes);
         };
+        self.mul_edwards(&point)
+    }
+
+    /// [`Self::diffie_hellman_checked_fast`] for a peer given as the Edwards `y` of
+    /// its point with sign bit 0 (`peer_edwards_y`, what `to_edwards(0)` of its `u`
+    /// compresses to: [`crate::elligator::representative_to_edwards_y`] computes it
+    /// without the inversion `to_edwards` makes). `None` if `y` is no point's.
+    pub fn diffie_hellman_checked_edwards_y(
+        &self,
+        peer_edwards_y: &[u8; KEY_LEN],
+    ) -> Option<Result<Zeroizing<[u8; KEY_LEN]>, KeyError>> {
+        let point = curve25519_dalek::edwards::CompressedEdwardsY(*peer_edwards_y).decompress()?;
+        Some(self.mul_edwards(&point))
+    }
+
+    /// The X25519 output (the Montgomery `u` of the clamped secret times `point`), or
+    /// [`KeyError::NonContributory`] if it is zero.
+    fn mul_edwards(
+        &self,
+        point: &curve25519_dalek::edwards::EdwardsPoint,
+    ) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
         let secret = Zeroizing::new(self.0.to_bytes());
         let shared = Zeroizing::new(point.mul_clamped(*secret).to_montgomery().to_bytes());
         // OR of every byte (no early exit: the position of a first non-zero byte of
@@ -604,15 +625,25 @@ mod tests {
             hex_u("edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
             hex_u("eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f"),
         ];
+        let mut representatives = Vec::new();
         for _ in 0..300 {
             let mut r = [0u8; 32];
             rand_core::RngCore::fill_bytes(&mut rng, &mut r);
             inputs.push(r);
             inputs.push(crate::elligator::representative_to_u(&r));
+            representatives.push(r);
         }
         let mut on_curve = 0;
         for _ in 0..4 {
             let secret = OnionSecret::generate(&mut rng);
+            // The relay's way (the Edwards y straight from the representative) gives
+            // the ladder's bytes on the representative's u.
+            for r in &representatives {
+                let u = crate::elligator::representative_to_u(r);
+                let ladder = secret.diffie_hellman_checked(&u).ok().map(|s| *s);
+                let relay = crate::setup::relay_agree(&secret, r).map(|s| *s);
+                assert_eq!(ladder, relay, "representative {}", hex::encode(r));
+            }
             for u in &inputs {
                 let ladder = secret.diffie_hellman_checked(u).map(|s| *s);
                 let fast = secret.diffie_hellman_checked_fast(u).map(|s| *s);

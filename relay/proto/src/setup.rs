@@ -350,9 +350,17 @@ impl Ephemeral {
 /// Relay side: X25519 between the onion secret and a representative (wiped on drop).
 /// `None` if the result is the all-zero point (low-order input).
 pub fn relay_agree(onion: &OnionSecret, representative: &[u8; 32]) -> Option<Zeroizing<[u8; 32]>> {
-    // Elligator2 maps straight to the Montgomery u-coordinate, with one field
-    // exponentiation (`crate::elligator`; the same u as `curve25519-elligator2`'s
-    // `map_to_point`, which spends four).
+    // Elligator2 maps straight to the Edwards y of the client's point (the u of
+    // `curve25519-elligator2`'s `map_to_point`, which spends four exponentiations, and
+    // the y curve25519-dalek's `to_edwards` would compute from it with one more), with
+    // one field exponentiation (`crate::elligator`); the X25519 is then computed on the
+    // Edwards form. The way through u is kept for inputs the direct map does not
+    // cover (none is known to exist).
+    if let Some(y) = crate::elligator::representative_to_edwards_y(representative) {
+        if let Some(shared) = onion.diffie_hellman_checked_edwards_y(&y) {
+            return shared.ok();
+        }
+    }
     let u = crate::elligator::representative_to_u(representative);
     onion.diffie_hellman_checked_fast(&u).ok()
 }
