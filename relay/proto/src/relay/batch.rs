@@ -98,7 +98,7 @@ pub struct CellBatch {
     jobs: Vec<Job>,
     /// Bit `e mod 64` set for the key-cache entry `e` of every job.
     entries: u64,
-    results: [Result<(), BadTag>; CELL_BATCH],
+    results: [Result<(), BadTag>; STRIP_BATCH],
     /// The headers the finished jobs send on, protected together per link.
     protects: Vec<Protect>,
     send_masks: [aes::Block; STRIP_BATCH],
@@ -116,7 +116,7 @@ impl Default for CellBatch {
             },
             jobs: Vec::with_capacity(CELL_BATCH),
             entries: 0,
-            results: [Ok(()); CELL_BATCH],
+            results: [Ok(()); STRIP_BATCH],
             protects: Vec::with_capacity(STRIP_BATCH),
             send_masks: [aes::Block::default(); STRIP_BATCH],
             actions: Vec::with_capacity(CELL_BATCH),
@@ -244,6 +244,8 @@ impl<A: Aead> Relay<A> {
             return;
         }
         let size = self.layout.cell;
+        // add_job keeps at most STRIP_BATCH jobs, one result each.
+        debug_assert!(batch.jobs.len() <= batch.results.len());
         let jobs = batch.jobs.iter().map(|j| {
             (
                 self.circuits.keys_at(j.entry),
