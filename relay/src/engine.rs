@@ -381,7 +381,11 @@ impl<A: Aead> Engine<A> {
     /// A setup that makes this relay a circuit's exit gets its exit socket here, before
     /// its CREATED is planned; if the socket cannot be opened the CREATED becomes a
     /// REFUSED (`capacity`), so no client is told a circuit is open that cannot carry
-    /// anything.
+    /// anything. The relay decides a batch of cells ([`Relay::handle_batch`]) before
+    /// the actions are carried out, so a data cell that follows such a setup in the
+    /// same datagram (a client does not send one before CREATED) is already decided
+    /// when the circuit is refused: its delivery finds no exit socket and is counted
+    /// as `unknown_circuit`, as it would be after the refusal.
     #[allow(clippy::too_many_arguments)]
     pub fn on_datagram(
         &mut self,

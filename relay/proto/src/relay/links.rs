@@ -53,7 +53,7 @@ impl Link {
     /// Protects `hdr` into `cell` for sending on this link, and counts the cell.
     pub(super) fn protect(&mut self, cell: &mut [u8], hdr: &crate::cell::Header) {
         self.tx.protect(cell, hdr);
-        self.sent = self.sent.saturating_add(1);
+        self.count_sent();
     }
 
     /// Counts a cell whose header the caller protects later with this link's send
