@@ -604,10 +604,8 @@ impl<A: Aead> Relay<A> {
     /// cells are better handled together ([`Relay::handle_batch`]); the result is the
     /// same.
     pub fn handle(&mut self, src: SocketAddr, cell: &mut [u8], now_ms: u64) -> Action {
-        match self.receive(src, cell, now_ms, None) {
-            Received::Forward(slot, hdr) => self.forward(slot, hdr, cell, now_ms),
-            other => self.finish(other, src, cell, now_ms),
-        }
+        let received = self.receive(src, cell, now_ms, None);
+        self.finish(received, src, cell, now_ms)
     }
 
     /// The first half of handling a cell: its link (a peer's is opened on its first
@@ -675,8 +673,8 @@ impl<A: Aead> Relay<A> {
         }
     }
 
-    /// The second half of handling a received cell that is not forward (a setup, a
-    /// backward cell) or needed no second half.
+    /// The second half of handling a received cell, one cell alone (a batch takes
+    /// forward DATA cells its own way).
     fn finish(&mut self, r: Received, src: SocketAddr, cell: &mut [u8], now_ms: u64) -> Action {
         match r {
             Received::Done(a) => a,
