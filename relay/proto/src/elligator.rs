@@ -241,22 +241,29 @@ fn w_and_t(representative: &[u8; 32]) -> (Fe, Fe) {
     (w, n.mul(w))
 }
 
+/// Whether `t` is a square (or zero) and `1 / x`, from one exponentiation: with
+/// `v = x^2 t` and `e = v^((p-3)/2)`, `e v = chi(t)` and `1 / x = chi(t) e t x` (see
+/// the module docs). `None` when `v = 0`.
+fn square_test_and_inverse(t: Fe, x: Fe) -> Option<(bool, Fe)> {
+    let v = x.square().mul(t);
+    if v.is_zero() {
+        return None;
+    }
+    let e = v.pow_p_minus_3_half();
+    let square = e.mul(v).eq(ONE);
+    let inv = e.mul(t).mul(x);
+    Some((square, if square { inv } else { inv.neg() }))
+}
+
 /// The Montgomery `u` (canonical little-endian bytes) of an Elligator2 representative,
 /// the same as `curve25519_elligator2::MontgomeryPoint::map_to_point` (its two top
 /// bits are ignored).
 pub fn representative_to_u(representative: &[u8; 32]) -> [u8; 32] {
     let (w, t) = w_and_t(representative);
-    let v = w.square().mul(t);
-    if v.is_zero() {
+    let Some((square, inv_w)) = square_test_and_inverse(t, w) else {
         // g(d) = 0: d is the u of a point of order 2; d is the answer.
         return A.neg().mul(w.invert()).to_bytes();
-    }
-    let e = v.pow_p_minus_3_half();
-    let square = e.mul(v).eq(ONE);
-    let mut inv_w = e.mul(w).mul(t);
-    if !square {
-        inv_w = inv_w.neg();
-    }
+    };
     let d = A.neg().mul(inv_w);
     let u = if square { d } else { d.add(A).neg() };
     u.to_bytes()
@@ -272,26 +279,17 @@ pub fn representative_to_u(representative: &[u8; 32]) -> [u8; 32] {
 /// `u = -d - A = A (1 - w) / w`, `y = (A - A w - w) / D2`, `D2 = A - A w + w`. One
 /// inversion of `Y = D1 D2` serves both (`1 / D1 = D2 / Y`), and the exponentiation of
 /// [`representative_to_u`] yields it with `v = t Y^2` in place of `t w^2`: `e v` is
-/// `chi(t)` and `1 / Y = chi(t) e t Y`.
+/// `chi(t)` and `1 / Y = chi(t) e t Y` (`square_test_and_inverse`).
 pub fn representative_to_edwards_y(representative: &[u8; 32]) -> Option<[u8; 32]> {
     let (w, t) = w_and_t(representative);
+    let a_minus_aw = A.sub(A.mul(w));
     let d1 = A.sub(w);
-    let d2 = A.sub(A.mul(w)).add(w);
-    let y_den = d1.mul(d2);
-    let v = y_den.square().mul(t);
-    if v.is_zero() {
-        return None;
-    }
-    let e = v.pow_p_minus_3_half();
-    let square = e.mul(v).eq(ONE);
-    let mut inv = e.mul(t).mul(y_den);
-    if !square {
-        inv = inv.neg();
-    }
+    let d2 = a_minus_aw.add(w);
+    let (square, inv) = square_test_and_inverse(t, d1.mul(d2))?;
     let y = if square {
         A.add(w).mul(d2).mul(inv)
     } else {
-        A.sub(A.mul(w)).sub(w).mul(d1).mul(inv)
+        a_minus_aw.sub(w).mul(d1).mul(inv)
     };
     Some(y.to_bytes())
 }
