@@ -167,9 +167,15 @@ impl<A: Aead> CircuitTable<A> {
         self.keys.at(entry)
     }
 
+    /// Whether `r`'s slot still has the generation `r` was taken at (the handle is not
+    /// stale).
+    fn is_current(&self, r: CircuitRef) -> bool {
+        self.generations.get(r.slot as usize) == Some(&r.generation)
+    }
+
     /// The circuit `r` names, if that handle is not stale.
     pub(super) fn get_mut_ref(&mut self, r: CircuitRef) -> Option<&mut Circuit> {
-        if self.generations.get(r.slot as usize) != Some(&r.generation) {
+        if !self.is_current(r) {
             return None;
         }
         self.slots.get_mut(r.slot as usize)?.as_mut()
@@ -182,7 +188,7 @@ impl<A: Aead> CircuitTable<A> {
         dir: Direction,
         misses: &mut u64,
     ) -> Option<(&mut Circuit, &LayerKeys<A>)> {
-        if self.generations.get(r.slot as usize) != Some(&r.generation) {
+        if !self.is_current(r) {
             return None;
         }
         self.with_keys(r.slot, dir, misses)
@@ -190,7 +196,7 @@ impl<A: Aead> CircuitTable<A> {
 
     /// The circuit `r` names, if that handle is not stale.
     pub(super) fn get_ref(&self, r: CircuitRef) -> Option<&Circuit> {
-        if self.generations.get(r.slot as usize) != Some(&r.generation) {
+        if !self.is_current(r) {
             return None;
         }
         self.slots.get(r.slot as usize).and_then(Option::as_ref)
