@@ -417,78 +417,102 @@ impl<A: Aead> Engine<A> {
         for (part, cells) in buf.chunks_mut(CELL_BATCH * cell).enumerate() {
             self.relay.handle_batch(src, cells, now_ms, &mut self.batch);
             for (i, c) in cells.chunks_exact_mut(cell).enumerate() {
+                let action = self.batch.take(i);
                 let off = (part * CELL_BATCH + i) * cell;
-                let loc = CellAt::Rx {
-                    slot,
-                    off: off as u32,
+                let out = Out {
+                    plan: &mut *plan,
+                    side: &mut *side,
+                    arena: &mut *arena,
                 };
-                match self.batch.take(i) {
-                    Action::Send {
-                        to,
-                        event: Some(Event::ExitOpened { circuit, dest }),
-                    } => match self.open_exit(exits, circuit, dest) {
-                        Ok(Some(_)) => {
-                            plan.push(to, loc);
-                            side.push(SideEffect::Opened { circuit, dest });
-                        }
-                        failed => {
-                            if let Err(e) = failed {
-                                tracing::debug!(error = %e, %dest, "exit socket failed; refusing the circuit");
-                            }
-                            if let Some(to) = self.relay.refuse_exit(circuit, c) {
-                                plan.push(to, loc);
-                            }
-                        }
-                    },
-                    Action::Send { to, event } => {
-                        plan.push(to, loc);
-                        if let Some(e) = event {
-                            side.push(side_of(e));
-                        }
-                    }
-                    Action::Delay { to, mean_ms } => {
-                        let Some(idx) = arena.alloc_held() else {
-                            self.mix_overflow();
-                            continue;
-                        };
-                        arena.cell_mut(idx).copy_from_slice(c);
-                        self.hold(Held::Cell { to, idx }, mean_ms, arena, now_ms);
-                    }
-                    Action::Refuse { to, .. } => plan.push(to, loc),
-                    Action::Deliver {
-                        circuit,
-                        dest,
-                        payload,
-                    } => {
-                        let mean_ms = self.relay.mix_mean_ms(circuit);
-                        if mean_ms == 0 {
-                            side.push(SideEffect::Deliver {
-                                circuit,
-                                dest,
-                                slot,
-                                range: off + payload.start..off + payload.end,
-                            });
-                            continue;
-                        }
-                        let Some(idx) = arena.alloc_held() else {
-                            self.mix_overflow();
-                            continue;
-                        };
-                        arena.cell_mut(idx)[..payload.len()].copy_from_slice(&c[payload.clone()]);
-                        let held = Held::Deliver {
-                            circuit,
-                            idx,
-                            len: payload.len() as u16,
-                        };
-                        self.hold(held, mean_ms, arena, now_ms);
-                    }
-                    Action::Consumed { event: Some(e) } => side.push(side_of(e)),
-                    Action::Consumed { event: None } | Action::Drop(_) => {}
-                }
+                self.carry_out(action, c, slot, off, out, exits, now_ms);
             }
         }
         if self.routes.choose && self.relay.has_link(&src) {
             self.routes.learn(src, sock);
+        }
+    }
+
+    /// Carries out the relay's `action` for cell `c`, which lies at byte `off` of
+    /// receive slot `slot`: plans it for sending, holds it (mix mode), delivers its
+    /// payload or notes the event.
+    #[allow(clippy::too_many_arguments)]
+    fn carry_out(
+        &mut self,
+        action: Action,
+        c: &mut [u8],
+        slot: u32,
+        off: usize,
+        out: Out<'_>,
+        exits: &mut ExitSockets,
+        now_ms: u64,
+    ) {
+        let Out { plan, side, arena } = out;
+        let loc = CellAt::Rx {
+            slot,
+            off: off as u32,
+        };
+        match action {
+            Action::Send {
+                to,
+                event: Some(Event::ExitOpened { circuit, dest }),
+            } => match self.open_exit(exits, circuit, dest) {
+                Ok(Some(_)) => {
+                    plan.push(to, loc);
+                    side.push(SideEffect::Opened { circuit, dest });
+                }
+                failed => {
+                    if let Err(e) = failed {
+                        tracing::debug!(error = %e, %dest, "exit socket failed; refusing the circuit");
+                    }
+                    if let Some(to) = self.relay.refuse_exit(circuit, c) {
+                        plan.push(to, loc);
+                    }
+                }
+            },
+            Action::Send { to, event } => {
+                plan.push(to, loc);
+                if let Some(e) = event {
+                    side.push(side_of(e));
+                }
+            }
+            Action::Delay { to, mean_ms } => {
+                let Some(idx) = arena.alloc_held() else {
+                    self.mix_overflow();
+                    return;
+                };
+                arena.cell_mut(idx).copy_from_slice(c);
+                self.hold(Held::Cell { to, idx }, mean_ms, arena, now_ms);
+            }
+            Action::Refuse { to, .. } => plan.push(to, loc),
+            Action::Deliver {
+                circuit,
+                dest,
+                payload,
+            } => {
+                let mean_ms = self.relay.mix_mean_ms(circuit);
+                if mean_ms == 0 {
+                    side.push(SideEffect::Deliver {
+                        circuit,
+                        dest,
+                        slot,
+                        range: off + payload.start..off + payload.end,
+                    });
+                    return;
+                }
+                let Some(idx) = arena.alloc_held() else {
+                    self.mix_overflow();
+                    return;
+                };
+                arena.cell_mut(idx)[..payload.len()].copy_from_slice(&c[payload.clone()]);
+                let held = Held::Deliver {
+                    circuit,
+                    idx,
+                    len: payload.len() as u16,
+                };
+                self.hold(held, mean_ms, arena, now_ms);
+            }
+            Action::Consumed { event: Some(e) } => side.push(side_of(e)),
+            Action::Consumed { event: None } | Action::Drop(_) => {}
         }
     }
 
