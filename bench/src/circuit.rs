@@ -4,8 +4,13 @@
 //!    saturation rate of `hops`-hop circuits on this network.
 //! 2. Offered-load sweep: fixed offered rates at 25 %, 50 %, 75 %, 100 % and 125 % of
 //!    saturation; delivered rate and one-way latency (p50, p99) at each.
-//! 3. Added latency per hop at 50 % of saturation: the same offered rate through
-//!    1-hop and `hops`-hop circuits; (p50 and p99 of N hops − those of 1 hop) / (N − 1).
+//! 3. Added latency per hop at 50 % of saturation, two ways: the same offered rate
+//!    through 1-hop and `hops`-hop circuits, (p50 and p99 of N hops − those of 1 hop) /
+//!    (N − 1); and the relays' own histogram of each cell's time in a relay (from its
+//!    datagram reaching the relay's socket to the relay handing the sends on to the
+//!    kernel), read from their status before and after each run. The first carries
+//!    the client, the sink and the machine's contention between five busy processes
+//!    on its cores as well; the second is what a hop holds a cell.
 //! 4. Setups: circuits built one after another (each waits for CREATED) for a while;
 //!    setups per second, and per relay core (each setup costs every hop one X25519,
 //!    spread over the relays).
@@ -19,8 +24,10 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use shroud_admin::Latency;
+
 use crate::demo::{Drive, Session};
-use crate::report::machine;
+use crate::report::{add_latency, in_relay, latency_quantile, machine, residence};
 
 /// Options of `shroud-bench circuit`.
 #[derive(Debug, Clone)]
@@ -43,7 +50,7 @@ pub struct Opts {
     pub preseal_mb: u64,
 }
 
-fn point(offered: f64, d: &Drive) -> Value {
+fn point(offered: f64, d: &Drive, held: &Latency) -> Value {
     json!({
         "offered_cells_per_sec": offered,
         "sent_cells_per_sec": d.sent as f64 / d.elapsed.max(1e-9),
@@ -52,7 +59,25 @@ fn point(offered: f64, d: &Drive) -> Value {
         "lost": d.sent.saturating_sub(d.delivered),
         "p50_us": d.latency.value_at_quantile(0.5),
         "p99_us": d.latency.value_at_quantile(0.99),
+        "in_relay": in_relay(held),
     })
+}
+
+/// Runs `drive` and returns what it returned with the relays' histogram of the cells'
+/// time in a relay over the run (`cell_residence` of every worker of every relay, the
+/// reading after the run less the one before): from a cell's datagram reaching a
+/// relay's socket (the kernel's receive timestamp) to that relay handing its batch's
+/// sends to the kernel. Unlike the end-to-end difference it leaves out the client,
+/// the sink and the wire, and it counts each hop of each cell once.
+fn held_during(
+    s: &mut Session,
+    drive: impl FnOnce(&mut Session) -> anyhow::Result<Drive>,
+) -> anyhow::Result<(Drive, Latency)> {
+    let before = residence(&s.net);
+    let d = drive(s)?;
+    let mut held = residence(&s.net);
+    add_latency(&mut held, &before, -1);
+    Ok((d, held))
 }
 
 /// Runs the benchmark; returns the report.
@@ -68,8 +93,10 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let mut sweep = Vec::new();
     for f in [0.25, 0.5, 0.75, 1.0, 1.25] {
         let offered = f * sat_rate;
-        let d = s.drive_presealed(step, offered, u64::MAX / 2, max, stop, &bar)?;
-        sweep.push(point(offered, &d));
+        let (d, held) = held_during(&mut s, |s| {
+            s.drive_presealed(step, offered, u64::MAX / 2, max, stop, &bar)
+        })?;
+        sweep.push(point(offered, &d, &held));
     }
     // Added latency per hop at half of the N-hop saturation rate: N-hop and one-hop
     // circuits alternately, five runs each, and the median of each quantile over the
@@ -79,11 +106,22 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let runs = 5;
     let short = (step / 2.0).max(0.5);
     let (mut n_runs, mut one_runs) = (Vec::new(), Vec::new());
+    let (mut n_held, mut one_held) = (Latency::default(), Latency::default());
+    let mut n_held_p99 = Vec::new();
     for _ in 0..runs {
         s.build(opts.circuits, opts.hops)?;
-        n_runs.push(s.drive_presealed(short, half, u64::MAX / 2, max, stop, &bar)?);
+        let (d, held) = held_during(&mut s, |s| {
+            s.drive_presealed(short, half, u64::MAX / 2, max, stop, &bar)
+        })?;
+        n_runs.push(d);
+        n_held_p99.push(latency_quantile(&held, 0.99).map_or(f64::INFINITY, |s| s * 1e6));
+        add_latency(&mut n_held, &held, 1);
         s.build(opts.circuits, 1)?;
-        one_runs.push(s.drive_presealed(short, half, u64::MAX / 2, max, stop, &bar)?);
+        let (d, held) = held_during(&mut s, |s| {
+            s.drive_presealed(short, half, u64::MAX / 2, max, stop, &bar)
+        })?;
+        one_runs.push(d);
+        add_latency(&mut one_held, &held, 1);
     }
     let quantile = |runs: &[Drive], q: f64| {
         let mut v: Vec<f64> = runs
@@ -117,8 +155,12 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
             "n_hops_p99_us_median": quantile(&n_runs, 0.99),
             "one_hop_p50_us_median": quantile(&one_runs, 0.5),
             "one_hop_p99_us_median": quantile(&one_runs, 0.99),
-            "n_hops": point(half, n_hops),
-            "one_hop": point(half, one_hop),
+            "n_hops": point(half, n_hops, &Latency::default()),
+            "one_hop": point(half, one_hop, &Latency::default()),
+            // The relays' own measure, all runs together: each hop of each cell once.
+            "in_relay": in_relay(&n_held),
+            "in_relay_p99_us_per_run": n_held_p99,
+            "one_hop_in_relay": in_relay(&one_held),
         },
         "latency_cdf_us": crate::plot::cdf_points(&n_hops.latency),
         "setups_per_sec": setups,
@@ -150,19 +192,32 @@ pub fn print(r: &Value) {
         "shroud-bench circuit: {} hops over {} relays, CELL={} B; saturation {:.0} cells/s ({:.1} MB/s payload)",
         r["hops"], r["relays"], r["cell"], r["saturation_cells_per_sec"].as_f64().unwrap_or(0.0), r["payload_mb_per_sec"].as_f64().unwrap_or(0.0)
     );
+    let us = |v: &Value| {
+        v.as_f64()
+            .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
+    };
     println!(
-        "{:>16} {:>12} {:>12} {:>8} {:>10} {:>10}",
-        "offered cells/s", "sent", "delivered", "lost", "p50 us", "p99 us"
+        "{:>16} {:>12} {:>12} {:>8} {:>10} {:>10} {:>14} {:>14}",
+        "offered cells/s",
+        "sent",
+        "delivered",
+        "lost",
+        "p50 us",
+        "p99 us",
+        "in relay p50",
+        "in relay p99"
     );
     for p in r["sweep"].as_array().into_iter().flatten() {
         println!(
-            "{:>16.0} {:>12.0} {:>12.0} {:>8} {:>10} {:>10}",
+            "{:>16.0} {:>12.0} {:>12.0} {:>8} {:>10} {:>10} {:>14} {:>14}",
             p["offered_cells_per_sec"].as_f64().unwrap_or(0.0),
             p["sent_cells_per_sec"].as_f64().unwrap_or(0.0),
             p["delivered_cells_per_sec"].as_f64().unwrap_or(0.0),
             p["lost"],
             p["p50_us"],
-            p["p99_us"]
+            p["p99_us"],
+            us(&p["in_relay"]["p50_us"]),
+            us(&p["in_relay"]["p99_us"]),
         );
     }
     let h = &r["per_hop_latency_us"];
@@ -177,6 +232,24 @@ pub fn print(r: &Value) {
         h["n_hops_p99_us_median"].as_f64().unwrap_or(0.0),
         h["one_hop_p50_us_median"].as_f64().unwrap_or(0.0),
         h["one_hop_p99_us_median"].as_f64().unwrap_or(0.0),
+    );
+    let held = &h["in_relay"];
+    println!(
+        "time in a relay at {:.0} cells/s, the relays' own measure ({} cell-hops over the {} runs): p50 {} us, p99 {} us, {:.2} % within 1 ms; p99 per run {}; one-hop runs p99 {} us",
+        h["offered_cells_per_sec"].as_f64().unwrap_or(0.0),
+        held["cells"],
+        h["runs"],
+        us(&held["p50_us"]),
+        us(&held["p99_us"]),
+        held["share_within_1ms"].as_f64().unwrap_or(0.0) * 100.0,
+        h["in_relay_p99_us_per_run"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(us)
+            .collect::<Vec<_>>()
+            .join(" / "),
+        us(&h["one_hop_in_relay"]["p99_us"]),
     );
     println!(
         "circuit setups, one at a time: {:.0}/s ({:.0}/s per relay core)",

@@ -33,7 +33,7 @@ use shroud_proto::client::PathHop;
 use crate::background::Background;
 use crate::flow::{gso_send, set_buffers, Circ, Generator};
 use crate::net::{relay_binary, LocalNet, RelayCommand, RelaySpec};
-use crate::report::machine;
+use crate::report::{add_latency, in_relay, machine, residence_of};
 
 /// Options of `shroud-bench demo`.
 #[derive(Debug, Clone)]
@@ -660,6 +660,9 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let cpu0: Vec<f64> = (0..opts.relays)
         .map(|i| session.net.cpu_seconds(i))
         .collect();
+    let held0: Vec<_> = (0..opts.relays)
+        .map(|i| residence_of(&session.net, i))
+        .collect();
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_style(
@@ -681,6 +684,14 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let cpu: Vec<f64> = (0..opts.relays)
         .map(|i| (session.net.cpu_seconds(i) - cpu0[i]) / d.elapsed * 100.0)
         .collect();
+    // Each relay's own measure of the cells' time in it over the run.
+    let held: Vec<Value> = (0..opts.relays)
+        .map(|i| {
+            let mut h = residence_of(&session.net, i);
+            add_latency(&mut h, &held0[i], -1);
+            in_relay(&h)
+        })
+        .collect();
     let presealed = pool.as_ref().map(|p| (p.len(cell), p.seal_secs));
     drop(pool);
     // The sealed cells ran out before the time was up: the rest runs sealing live.
@@ -700,8 +711,8 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
         .net
         .relays
         .iter()
-        .zip(&cpu)
-        .map(|(r, c)| json!({"id": r.id.to_string(), "addr": r.addr.to_string(), "ports": [r.ports.0, r.ports.1], "cpu_percent": c}))
+        .zip(cpu.iter().zip(&held))
+        .map(|(r, (c, h))| json!({"id": r.id.to_string(), "addr": r.addr.to_string(), "ports": [r.ports.0, r.ports.1], "cpu_percent": c, "in_relay": h}))
         .collect();
     let cells_per_sec = d.cells_per_sec();
     let layout = session.layout;
@@ -758,12 +769,18 @@ pub fn print(r: &Value) {
         r["hops"], l["p50"], l["p99"], l["p999"]
     );
     for (i, rel) in r["relays"].as_array().into_iter().flatten().enumerate() {
+        let us = |v: &Value| {
+            v.as_f64()
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
+        };
         println!(
-            "  relay {i} {}:{}-{} cpu {:.0}%",
+            "  relay {i} {}:{}-{} cpu {:.0}%, a cell's time in it p50 {} us, p99 {} us",
             rel["addr"].as_str().unwrap_or(""),
             rel["ports"][0],
             rel["ports"][1],
-            rel["cpu_percent"].as_f64().unwrap_or(0.0)
+            rel["cpu_percent"].as_f64().unwrap_or(0.0),
+            us(&rel["in_relay"]["p50_us"]),
+            us(&rel["in_relay"]["p99_us"]),
         );
     }
     let l = &r["live_sealing"];

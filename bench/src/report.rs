@@ -5,6 +5,7 @@
 //! at the top level.
 
 use serde_json::{json, Value};
+use shroud_admin::Latency;
 
 /// Versions of the crates that decide the numbers (kept in step with Cargo.lock by a
 /// unit test).
@@ -81,6 +82,87 @@ pub fn worker_sum(status: &Value, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The cells' time in relay `i` of `net`
+/// ([`shroud_admin::WorkerCounters::cell_residence`]), its workers added up; an
+/// unreadable status counts nothing.
+pub fn residence_of(net: &shroud_localnet::LocalNet, i: usize) -> Latency {
+    let mut total = Latency::default();
+    let status = net
+        .request(i, &shroud_admin::Request::Status)
+        .ok()
+        .and_then(|v| serde_json::from_value::<shroud_admin::Status>(v).ok());
+    for w in status.iter().flat_map(|s| &s.workers) {
+        if let Some(h) = &w.stats.cell_residence {
+            add_latency(&mut total, h, 1);
+        }
+    }
+    total
+}
+
+/// [`residence_of`] every relay of `net`, added up: one histogram of what a hop holds
+/// a cell.
+pub fn residence(net: &shroud_localnet::LocalNet) -> Latency {
+    let mut total = Latency::default();
+    for i in 0..net.relays.len() {
+        add_latency(&mut total, &residence_of(net, i), 1);
+    }
+    total
+}
+
+/// A report's summary of a [`residence`] histogram: cells, p50 and p99 in
+/// microseconds, share within 1 ms.
+pub fn in_relay(h: &Latency) -> Value {
+    let us = |q: f64| latency_quantile(h, q).map(|s| s * 1e6);
+    json!({
+        "cells": h.count,
+        "p50_us": us(0.5),
+        "p99_us": us(0.99),
+        "share_within_1ms": latency_share_at_most(h, 1e-3),
+    })
+}
+
+/// `into += sign * h`, bucket by bucket (the relays' histograms share their bounds);
+/// `sign` -1 takes an earlier reading off a later one.
+pub fn add_latency(into: &mut Latency, h: &Latency, sign: i64) {
+    if h.buckets.is_empty() {
+        return;
+    }
+    if into.buckets.is_empty() {
+        into.buckets = h.buckets.iter().map(|&(le, _)| (le, 0)).collect();
+    }
+    let apply = |a: u64, b: u64| a.saturating_add_signed(sign.saturating_mul(b as i64));
+    for (a, b) in into.buckets.iter_mut().zip(&h.buckets) {
+        a.1 = apply(a.1, b.1);
+    }
+    into.count = apply(into.count, h.count);
+    into.sum_s += sign as f64 * h.sum_s;
+}
+
+/// The `q` quantile of a bucketed histogram, in seconds, interpolated linearly inside
+/// its bucket (from the bucket below's bound); `None` without observations or in the
+/// `+Inf` bucket.
+pub fn latency_quantile(h: &Latency, q: f64) -> Option<f64> {
+    if h.count == 0 {
+        return None;
+    }
+    let want = q * h.count as f64;
+    let (mut low, mut below) = (0.0, 0u64);
+    for &(le, n) in &h.buckets {
+        if n as f64 >= want && n > below {
+            let frac = (want - below as f64) / (n - below) as f64;
+            return Some(low + frac.clamp(0.0, 1.0) * (le - low));
+        }
+        (low, below) = (le, n);
+    }
+    None
+}
+
+/// The share of a histogram's observations at or below the bucket bound `le`.
+pub fn latency_share_at_most(h: &Latency, le: f64) -> Option<f64> {
+    let n = h.buckets.iter().find(|b| (b.0 - le).abs() < 1e-12)?.1;
+    (h.count > 0).then(|| n as f64 / h.count as f64)
+}
+
 /// Median of a sample (0 for an empty one).
 pub fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
@@ -102,6 +184,35 @@ mod tests {
             let entry = format!("name = \"{name}\"\nversion = \"{version}");
             assert!(lock.contains(&entry), "{name} {version} not in Cargo.lock");
         }
+    }
+
+    #[test]
+    fn bucketed_quantiles_interpolate_and_readings_subtract() {
+        let h = |b: [u64; 3], count: u64| Latency {
+            buckets: vec![(1e-4, b[0]), (5e-4, b[1]), (1e-3, b[2])],
+            count,
+            sum_s: count as f64 * 1e-4,
+        };
+        let mut total = Latency::default();
+        add_latency(&mut total, &h([10, 80, 99], 100), 1);
+        add_latency(&mut total, &h([30, 90, 100], 100), 1);
+        assert_eq!(total.count, 200);
+        assert_eq!(total.buckets[1], (5e-4, 170));
+        // Median: the 100th of 200 lies 60 of 130 into (100 us, 500 us].
+        let p50 = latency_quantile(&total, 0.5).unwrap();
+        assert!((p50 - (1e-4 + 60.0 / 130.0 * 4e-4)).abs() < 1e-12, "{p50}");
+        // p99: the 198th lies in (500 us, 1 ms], 28 of 29.
+        let p99 = latency_quantile(&total, 0.99).unwrap();
+        assert!((p99 - (5e-4 + 28.0 / 29.0 * 5e-4)).abs() < 1e-12, "{p99}");
+        assert_eq!(latency_share_at_most(&total, 1e-3), Some(199.0 / 200.0));
+        // The last observation is above every bound.
+        assert_eq!(latency_quantile(&total, 1.0), None);
+        // A later reading minus an earlier one is what happened in between.
+        let mut between = h([30, 150, 199], 200);
+        add_latency(&mut between, &h([10, 80, 99], 100), -1);
+        assert_eq!(between.buckets, vec![(1e-4, 20), (5e-4, 70), (1e-3, 100)]);
+        assert_eq!(between.count, 100);
+        assert_eq!(latency_quantile(&Latency::default(), 0.5), None);
     }
 
     #[test]

@@ -142,14 +142,17 @@ pub enum Command {
             draining or not (or refusing new circuits: its peer list expired), the peer list in \
             use, its onion keys and when each expires, and per worker its port, I/O driver, \
             cells/s received and sent, setups/s, drops/s, \
-            live circuits and 99th-percentile batch latency; then drops by reason.\n\n\
+            live circuits, 99th-percentile batch latency (from reaping a batch to queueing its \
+            sends) and 99th-percentile cell time in the relay (from a cell's datagram reaching \
+            the socket to its sends being handed to the kernel); then drops by reason.\n\n\
             Rates come from two status samples --interval seconds apart (default 1; 0 takes one \
             sample and shows no rates).\n\n\
             With --json, prints one JSON object for scripts: {\"status\": the relay's status \
             document as it sent it (second sample), \"rates\": {interval_s, workers: [{index, \
             port, cells_rx_per_s, cells_tx_per_s, datagrams_rx_per_s, datagrams_tx_per_s, \
             setups_per_s, drops_per_s, batch_latency_observations, batch_latency_p50_s, \
-            batch_latency_p99_s}], total: {...}, drops_per_s: {reason: n}} or null}.",
+            batch_latency_p99_s, cell_residence_observations, cell_residence_p50_s, \
+            cell_residence_p99_s}], total: {...}, drops_per_s: {reason: n}} or null}.",
         after_help = concat!(admin_socket_help!(), exit_codes!())
     )]
     Status(StatusArgs),

@@ -41,6 +41,13 @@ pub struct WorkerRates {
     pub batch_latency_p50_s: Option<f64>,
     /// Upper bucket bound of the 99th-percentile batch latency in the interval.
     pub batch_latency_p99_s: Option<f64>,
+    /// Cells whose time in the relay was observed in the interval (each received
+    /// cell once).
+    pub cell_residence_observations: u64,
+    /// Upper bucket bound of the median cell's time in the relay in the interval.
+    pub cell_residence_p50_s: Option<f64>,
+    /// Upper bucket bound of the 99th-percentile cell's time in the relay.
+    pub cell_residence_p99_s: Option<f64>,
 }
 
 /// Rates between two [`Status`] samples.
@@ -58,6 +65,18 @@ pub struct Rates {
 
 fn per_s(a: u64, b: u64, secs: f64) -> f64 {
     b.saturating_sub(a) as f64 / secs
+}
+
+/// Observations made between `a` and `b`, and the bucket bounds of their p50 and p99.
+fn interval(a: Option<&Latency>, b: Option<&Latency>) -> (u64, Option<f64>, Option<f64>) {
+    let observations = b
+        .map_or(0, |l| l.count)
+        .saturating_sub(a.map_or(0, |l| l.count));
+    (
+        observations,
+        interval_quantile(a, b, 0.5),
+        interval_quantile(a, b, 0.99),
+    )
 }
 
 /// The `q` quantile's bucket bound among the observations made between `a` and `b`.
@@ -84,6 +103,8 @@ impl Rates {
                 continue;
             };
             let (x, y) = (&wa.stats, &wb.stats);
+            let batch = interval(x.batch_latency.as_ref(), y.batch_latency.as_ref());
+            let held = interval(x.cell_residence.as_ref(), y.cell_residence.as_ref());
             workers.push(WorkerRates {
                 index: wb.index,
                 port: wb.port,
@@ -93,21 +114,12 @@ impl Rates {
                 datagrams_tx_per_s: per_s(x.datagrams_tx, y.datagrams_tx, secs),
                 setups_per_s: per_s(x.setups, y.setups, secs),
                 drops_per_s: per_s(x.drops_total(), y.drops_total(), secs),
-                batch_latency_observations: y
-                    .batch_latency
-                    .as_ref()
-                    .map_or(0, |l| l.count)
-                    .saturating_sub(x.batch_latency.as_ref().map_or(0, |l| l.count)),
-                batch_latency_p50_s: interval_quantile(
-                    x.batch_latency.as_ref(),
-                    y.batch_latency.as_ref(),
-                    0.5,
-                ),
-                batch_latency_p99_s: interval_quantile(
-                    x.batch_latency.as_ref(),
-                    y.batch_latency.as_ref(),
-                    0.99,
-                ),
+                batch_latency_observations: batch.0,
+                batch_latency_p50_s: batch.1,
+                batch_latency_p99_s: batch.2,
+                cell_residence_observations: held.0,
+                cell_residence_p50_s: held.1,
+                cell_residence_p99_s: held.2,
             });
         }
         let mut total = WorkerRates::default();
@@ -156,12 +168,12 @@ fn format_seconds(s: f64) -> String {
     }
 }
 
-/// The p99 batch latency column: `<=250us`, or `>100ms` above the largest bucket,
+/// A p99 latency column: `<=250us`, or `>100ms` above the largest bucket of `h`,
 /// or `-` without observations.
-fn p99_cell(r: &WorkerRates, h: Option<&Latency>) -> String {
-    match (r.batch_latency_p99_s, h.and_then(|h| h.buckets.last())) {
+fn p99_cell(p99_s: Option<f64>, observations: u64, h: Option<&Latency>) -> String {
+    match (p99_s, h.and_then(|h| h.buckets.last())) {
         (Some(v), _) => format!("<={}", format_seconds(v)),
-        (None, Some((last, _))) if r.batch_latency_observations > 0 => {
+        (None, Some((last, _))) if observations > 0 => {
             format!(">{}", format_seconds(*last))
         }
         _ => "-".into(),
@@ -267,6 +279,7 @@ pub fn render_status(s: &Status, rates: Option<&Rates>, now: u64) -> String {
         "DROPS/S",
         "CIRCUITS",
         "BATCH P99",
+        "CELL P99",
     ];
     let rate_of =
         |w: &WorkerStatus| rates.and_then(|r| r.workers.iter().find(|x| x.index == w.index));
@@ -278,6 +291,15 @@ pub fn render_status(s: &Status, rates: Option<&Rates>, now: u64) -> String {
             let f = |g: fn(&WorkerRates) -> f64| {
                 r.map_or_else(|| "-".to_owned(), |r| format_rate(g(r)))
             };
+            let p99 = |g: fn(&WorkerRates) -> (Option<f64>, u64), h: Option<&Latency>| {
+                r.map_or_else(
+                    || "-".to_owned(),
+                    |r| {
+                        let (p99, n) = g(r);
+                        p99_cell(p99, n, h)
+                    },
+                )
+            };
             vec![
                 w.index.to_string(),
                 w.port.to_string(),
@@ -287,9 +309,13 @@ pub fn render_status(s: &Status, rates: Option<&Rates>, now: u64) -> String {
                 f(|r| r.setups_per_s),
                 f(|r| r.drops_per_s),
                 w.stats.circuits.to_string(),
-                r.map_or_else(
-                    || "-".into(),
-                    |r| p99_cell(r, w.stats.batch_latency.as_ref()),
+                p99(
+                    |r| (r.batch_latency_p99_s, r.batch_latency_observations),
+                    w.stats.batch_latency.as_ref(),
+                ),
+                p99(
+                    |r| (r.cell_residence_p99_s, r.cell_residence_observations),
+                    w.stats.cell_residence.as_ref(),
                 ),
             ]
         })
@@ -307,6 +333,7 @@ pub fn render_status(s: &Status, rates: Option<&Rates>, now: u64) -> String {
             f(|r| r.setups_per_s),
             f(|r| r.drops_per_s),
             s.circuits.to_string(),
+            String::new(),
             String::new(),
         ]);
     }
@@ -352,7 +379,9 @@ mod tests {
                     "drops": [["bad_tag", bad_tag], ["replay", 0]], "send_errors": 0,
                     "batches": 10, "some_new_counter": 5,
                     "batch_latency": {"buckets": [[0.00001, latency.0], [0.001, latency.1]],
-                                      "count": latency.1, "sum_s": 0.0}}},
+                                      "count": latency.1, "sum_s": 0.0},
+                    "cell_residence": {"buckets": [[0.0001, rx / 2], [0.0025, rx]],
+                                       "count": rx, "sum_s": 0.0}}},
                 {"index": 1, "port": 9001, "stats": {"driver": "io_uring", "circuits": 1,
                     "drops": [["bad_tag", 0], ["replay", 0]]}}
             ],
@@ -380,6 +409,11 @@ mod tests {
         assert_eq!(r.workers[0].batch_latency_p99_s, Some(0.001));
         assert_eq!(r.workers[0].batch_latency_observations, 100);
         assert_eq!(r.workers[1].batch_latency_p99_s, None);
+        // 2,000 cells in the interval, 1,000 of them at or below 100 us.
+        assert_eq!(r.workers[0].cell_residence_observations, 2_000);
+        assert_eq!(r.workers[0].cell_residence_p50_s, Some(0.0001));
+        assert_eq!(r.workers[0].cell_residence_p99_s, Some(0.0025));
+        assert_eq!(r.workers[1].cell_residence_observations, 0);
         let mut slow = sample(3_000, 14, 3, (10, 20));
         if let Some(l) = slow.workers[0].stats.batch_latency.as_mut() {
             l.count += 100; // 100 batches above the largest bound
@@ -387,7 +421,11 @@ mod tests {
         let r2 = Rates::between(&a, &slow, 1.0);
         assert_eq!(r2.workers[0].batch_latency_p99_s, None);
         assert_eq!(
-            p99_cell(&r2.workers[0], a.workers[0].stats.batch_latency.as_ref()),
+            p99_cell(
+                r2.workers[0].batch_latency_p99_s,
+                r2.workers[0].batch_latency_observations,
+                a.workers[0].stats.batch_latency.as_ref()
+            ),
             ">1ms"
         );
         assert_eq!(format_seconds(0.0000025), "2.5us");
@@ -426,7 +464,7 @@ mod tests {
             .lines()
             .find(|l| l.trim_start().starts_with("0 "))
             .expect("worker row");
-        for want in ["9000", "io_uring", "1000", "2.0", "<=1ms"] {
+        for want in ["9000", "io_uring", "1000", "2.0", "<=1ms", "<=2.5ms"] {
             assert!(row.contains(want), "{want}: {row}");
         }
         assert!(
@@ -456,7 +494,7 @@ mod tests {
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(
             cells,
-            ["0", "9000", "io_uring", "-", "-", "-", "-", "2", "-"]
+            ["0", "9000", "io_uring", "-", "-", "-", "-", "2", "-", "-"]
         );
     }
 }

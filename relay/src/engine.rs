@@ -281,6 +281,10 @@ pub struct Engine<A: Aead> {
     pad_carry: f64,
     /// The working space of [`Relay::handle_batch`] for the datagram at hand.
     batch: CellBatch,
+    /// (receive time, cells) of each datagram handled since the driver last handed
+    /// sends to the kernel: the cells' time in the relay ends there
+    /// ([`Engine::sends_handed_over`]).
+    arrivals: Vec<(u64, u32)>,
 }
 
 /// Constant-rate links: padding rounds at most this often (ms).
@@ -322,6 +326,7 @@ impl<A: Aead> Engine<A> {
             pad_last_ms: now,
             pad_carry: 0.0,
             batch: CellBatch::default(),
+            arrivals: Vec::with_capacity(1024),
         }
     }
 
@@ -375,8 +380,26 @@ impl<A: Aead> Engine<A> {
         r
     }
 
+    /// The driver has handed the sends planned so far to the kernel: the cells of
+    /// every datagram handled since the last call have left the relay (forwarded,
+    /// delivered, answered or dropped), and their time in it enters
+    /// [`WorkerStats::cell_residence`](crate::stats::WorkerStats::cell_residence).
+    pub fn sends_handed_over(&mut self) {
+        if self.arrivals.is_empty() {
+            return;
+        }
+        let now = crate::sys::realtime_ns();
+        for &(at, cells) in &self.arrivals {
+            self.stats
+                .cell_residence
+                .record_ns(now.saturating_sub(at), u64::from(cells));
+        }
+        self.arrivals.clear();
+    }
+
     /// Handles one received datagram held in receive slot `slot`, which arrived on
-    /// socket `sock`.
+    /// socket `sock` at `received_ns` on the realtime clock (the kernel's receive
+    /// timestamp; `None` when the kernel gave none).
     ///
     /// A setup that makes this relay a circuit's exit gets its exit socket here, before
     /// its CREATED is planned; if the socket cannot be opened the CREATED becomes a
@@ -393,6 +416,7 @@ impl<A: Aead> Engine<A> {
         sock: usize,
         slot: u32,
         buf: &mut [u8],
+        received_ns: Option<u64>,
         out: Out<'_>,
         exits: &mut ExitSockets,
         now_ms: u64,
@@ -410,6 +434,9 @@ impl<A: Aead> Engine<A> {
             (buf.len() / cell) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        if let Some(at) = received_ns {
+            self.arrivals.push((at, (buf.len() / cell) as u32));
+        }
         // The cells of one datagram share their source, so their link: the relay
         // handles them as batches (header masks in one AES call, the layers of
         // consecutive data cells stripped together), then the actions are carried out

@@ -38,7 +38,7 @@ use prometheus_client::registry::Registry;
 use shroud_httpd::{reply, Body};
 
 use crate::stats::WorkerStats;
-use shroud_admin::WorkerCounters;
+use shroud_admin::{Latency, WorkerCounters};
 
 /// Connections served at once; more are closed as soon as they are accepted.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -175,6 +175,33 @@ fn gauges<V: prometheus_client::encoding::EncodeGaugeValue + Copy>(
     family(enc, name, help, MetricType::Gauge, samples, |v, m| {
         ConstGauge::new(v).encode(m)
     })
+}
+
+/// A histogram family, one histogram per worker that has `pick`'s.
+fn histograms(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    snaps: &[(Labels, WorkerCounters)],
+    pick: impl Fn(&WorkerCounters) -> Option<&Latency>,
+) -> fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (labels, s) in snaps {
+        let Some(h) = pick(s) else {
+            continue;
+        };
+        // The encoder wants per-bucket counts, +Inf as f64::MAX.
+        let mut buckets = Vec::with_capacity(h.buckets.len() + 1);
+        let mut below = 0;
+        for (le, cum) in &h.buckets {
+            buckets.push((*le, cum - below));
+            below = *cum;
+        }
+        buckets.push((f64::MAX, h.count - below));
+        m.encode_family(labels)?
+            .encode_histogram::<NoLabelSet>(h.sum_s, h.count, &buckets, None)?;
+    }
+    Ok(())
 }
 
 fn one<V>(v: V) -> [(Labels, V); 1] {
@@ -388,29 +415,20 @@ impl Collector for RelayMetrics {
             "The I/O driver a worker runs (1 for the active one).",
             &per_worker(&|s| vec![(vec![("driver", s.driver.clone())], 1)]),
         )?;
-        {
-            let mut m = enc.encode_descriptor(
-                "shroud_batch_latency_seconds",
-                "Relay-internal time per batch: from reaping its completions to queueing its sends to the kernel.",
-                None,
-                MetricType::Histogram,
-            )?;
-            for (labels, s) in &snaps {
-                let Some(h) = &s.batch_latency else {
-                    continue;
-                };
-                // The encoder wants per-bucket counts, +Inf as f64::MAX.
-                let mut buckets = Vec::with_capacity(h.buckets.len() + 1);
-                let mut below = 0;
-                for (le, cum) in &h.buckets {
-                    buckets.push((*le, cum - below));
-                    below = *cum;
-                }
-                buckets.push((f64::MAX, h.count - below));
-                m.encode_family(labels)?
-                    .encode_histogram::<NoLabelSet>(h.sum_s, h.count, &buckets, None)?;
-            }
-        }
+        histograms(
+            &mut enc,
+            "shroud_batch_latency_seconds",
+            "Relay-internal time per batch: from reaping its completions to queueing its sends to the kernel.",
+            &snaps,
+            |s| s.batch_latency.as_ref(),
+        )?;
+        histograms(
+            &mut enc,
+            "shroud_cell_residence_seconds",
+            "Each received cell's time in the relay: from its datagram reaching the socket (kernel receive timestamp) to its batch's sends being handed to the kernel.",
+            &snaps,
+            |s| s.cell_residence.as_ref(),
+        )?;
         let keys: Vec<(Labels, u64)> = info
             .onion_keys
             .iter()
@@ -787,6 +805,7 @@ mod tests {
         let w = Arc::new(WorkerStats::default());
         w.cells_rx.store(10, Relaxed);
         w.batch_latency.record(Duration::from_micros(3));
+        w.cell_residence.record_ns(80_000, 64);
         let info = RelayInfo {
             cell: 1024,
             onion_keys: vec![
@@ -841,6 +860,10 @@ mod tests {
             "shroud_batch_latency_seconds_bucket{le=\"0.000005\",worker=\"0\",port=\"9000\"} 1\n",
             "shroud_batch_latency_seconds_bucket{le=\"+Inf\",worker=\"0\",port=\"9000\"} 1\n",
             "shroud_batch_latency_seconds_count{worker=\"1\",port=\"9001\"} 1\n",
+            "shroud_cell_residence_seconds_bucket{le=\"0.00005\",worker=\"0\",port=\"9000\"} 0\n",
+            "shroud_cell_residence_seconds_bucket{le=\"0.0001\",worker=\"0\",port=\"9000\"} 64\n",
+            "shroud_cell_residence_seconds_count{worker=\"1\",port=\"9001\"} 64\n",
+            "# TYPE shroud_cell_residence_seconds histogram\n",
             "# TYPE shroud_cells counter\n",
             "# TYPE shroud_batch_latency_seconds histogram\n",
             "process_threads ",

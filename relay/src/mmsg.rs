@@ -66,6 +66,7 @@ impl Driver {
             if spec.io.gro_gso {
                 sys::enable_gro(&s)?;
             }
+            sys::enable_rx_timestamps(&s)?;
             s.set_nonblocking(true)?;
             sockets.push(s);
         }
@@ -280,6 +281,7 @@ impl Driver {
         }
         self.plan = plan;
         self.plan.clear();
+        engine.sends_handed_over();
     }
 
     fn read_exits<A: Aead>(&mut self, engine: &mut Engine<A>, now: u64) {
@@ -377,7 +379,8 @@ impl Driver {
                         let h = &self.msgs[i].msg_hdr;
                         let len = self.msgs[i].msg_len as usize;
                         let ctrl = &self.ctrls[i][..h.msg_controllen.min(CMSG_BUF)];
-                        let seg = sys::gro_segment(ctrl).unwrap_or(len);
+                        let cmsgs = sys::recv_cmsgs(ctrl);
+                        let seg = cmsgs.gro_segment.unwrap_or(len);
                         let src = sys::from_sockaddr(&self.addrs[i], h.msg_namelen);
                         let trunc = h.msg_flags & libc::MSG_TRUNC != 0;
                         match src {
@@ -393,6 +396,7 @@ impl Driver {
                                     si,
                                     i as u32,
                                     buf,
+                                    cmsgs.received_ns,
                                     out,
                                     &mut self.exits,
                                     now,

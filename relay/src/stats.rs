@@ -1,11 +1,13 @@
 //! Per-worker counters, written by the worker after each batch (relaxed atomics, one
 //! writer) and read by the admin socket and metrics off the data path.
 //!
-//! [`BatchLatency`] is a fixed-bucket histogram of the relay-internal time per batch
-//! (from a batch's completions being reaped to its sends being queued to the kernel):
-//! recording is one bucket search over [`LATENCY_BUCKETS_NS`] and three relaxed
+//! [`LatencyHistogram`] is a fixed-bucket histogram, kept for two times: the
+//! relay-internal time per batch (from a batch's completions being reaped to its sends
+//! being queued to the kernel) and each received cell's time in the relay (from its
+//! datagram reaching the socket to the sends of its batch being handed to the kernel).
+//! Recording is one bucket search over [`LATENCY_BUCKETS_NS`] and three relaxed
 //! additions, no allocation and no lock. Readers may see a bucket incremented before
-//! the sum or count of the same batch; each value is monotonic on its own.
+//! the sum or count of the same observation; each value is monotonic on its own.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::time::Duration;
@@ -108,11 +110,16 @@ pub struct WorkerStats {
     /// that the worker is alive (it loops at least every 50 ms, idle or not).
     pub loops: AtomicU64,
     /// Time from reaping a batch's completions to queueing its sends.
-    pub batch_latency: BatchLatency,
+    pub batch_latency: LatencyHistogram,
+    /// Each received cell's time in the relay: from its datagram reaching the
+    /// socket (the kernel's receive timestamp) to the sends of its batch being handed
+    /// to the kernel. The waits for the worker to wake and to be scheduled count, as
+    /// they do for the cell; one observation per cell.
+    pub cell_residence: LatencyHistogram,
     driver: AtomicU8,
 }
 
-/// Upper bounds (inclusive, nanoseconds) of the [`BatchLatency`] buckets; one more
+/// Upper bounds (inclusive, nanoseconds) of the [`LatencyHistogram`] buckets; one more
 /// bucket above the last bound counts everything slower (`+Inf`).
 pub const LATENCY_BUCKETS_NS: [u64; 16] = [
     1_000,
@@ -133,24 +140,29 @@ pub const LATENCY_BUCKETS_NS: [u64; 16] = [
     100_000_000,
 ];
 
-/// A histogram of batch latencies in fixed buckets (see the [module docs](self)).
+/// A histogram of latencies in fixed buckets (see the [module docs](self)).
 #[derive(Debug, Default)]
-pub struct BatchLatency {
+pub struct LatencyHistogram {
     /// Per-bucket counts (not cumulative); the last one is `+Inf`.
     buckets: [AtomicU64; LATENCY_BUCKETS_NS.len() + 1],
     sum_ns: AtomicU64,
     count: AtomicU64,
 }
 
-impl BatchLatency {
-    /// Records one batch that took `d`.
+impl LatencyHistogram {
+    /// Records one observation of `d`.
     #[inline]
     pub fn record(&self, d: Duration) {
-        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.record_ns(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), 1);
+    }
+
+    /// Records `n` observations of `ns` nanoseconds each.
+    #[inline]
+    pub fn record_ns(&self, ns: u64, n: u64) {
         let i = LATENCY_BUCKETS_NS.partition_point(|&le| le < ns);
-        self.buckets[i].fetch_add(1, Relaxed);
-        self.sum_ns.fetch_add(ns, Relaxed);
-        self.count.fetch_add(1, Relaxed);
+        self.buckets[i].fetch_add(n, Relaxed);
+        self.sum_ns.fetch_add(ns.saturating_mul(n), Relaxed);
+        self.count.fetch_add(n, Relaxed);
     }
 
     /// A plain copy, with cumulative bucket counts as Prometheus wants them.
@@ -253,6 +265,7 @@ impl WorkerStats {
             key_cache_misses: self.key_cache_misses.load(Relaxed),
             batches: self.batches.load(Relaxed),
             batch_latency: Some(self.batch_latency.snapshot()),
+            cell_residence: Some(self.cell_residence.snapshot()),
         }
     }
 }
@@ -263,7 +276,7 @@ mod tests {
 
     #[test]
     fn latency_buckets_are_inclusive_and_cumulative() {
-        let h = BatchLatency::default();
+        let h = LatencyHistogram::default();
         for ns in [0, 1_000, 1_001, 7_000, 2_000_000_000] {
             h.record(Duration::from_nanos(ns));
         }
@@ -280,6 +293,25 @@ mod tests {
         assert_eq!(s.quantile_bound(0.5), Some(2.5e-6));
         assert_eq!(s.quantile_bound(0.8), Some(1e-5));
         assert_eq!(s.quantile_bound(1.0), None);
-        assert_eq!(BatchLatency::default().snapshot().quantile_bound(0.5), None);
+        assert_eq!(
+            LatencyHistogram::default().snapshot().quantile_bound(0.5),
+            None
+        );
+        // n observations at once count n times.
+        let h = LatencyHistogram::default();
+        h.record_ns(300_000, 64);
+        h.record_ns(2_000_000, 1);
+        let s = h.snapshot();
+        assert_eq!(s.count, 65);
+        assert_eq!(s.buckets[7].1, 0); // <= 250 us
+        assert_eq!(s.buckets[8].1, 64); // <= 500 us
+        assert_eq!(s.buckets[10].1, 65); // <= 2.5 ms
+        assert!(
+            (s.sum_s - (64.0 * 300e-6 + 2e-3)).abs() < 1e-9,
+            "{}",
+            s.sum_s
+        );
+        assert_eq!(s.quantile_bound(0.98), Some(5e-4));
+        assert_eq!(s.quantile_bound(0.99), Some(2.5e-3));
     }
 }

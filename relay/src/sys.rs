@@ -18,7 +18,8 @@ use nix::unistd::{sysconf, Pid, SysconfVar};
 pub const UDP_SEGMENT: libc::c_int = libc::UDP_SEGMENT;
 /// `UDP_GRO` (linux/udp.h).
 pub const UDP_GRO: libc::c_int = libc::UDP_GRO;
-/// Control buffer big enough for one `UDP_GRO`/`UDP_SEGMENT` cmsg.
+/// Control buffer big enough for one `UDP_SEGMENT` cmsg, or for the `UDP_GRO` and
+/// `SCM_TIMESTAMPNS` cmsgs of a received datagram (24 + 32 bytes).
 pub const CMSG_BUF: usize = 64;
 
 /// Enables UDP GRO on a socket (received datagrams of one flow may be coalesced; the
@@ -178,27 +179,69 @@ pub fn gso_refused(errno: i32) -> bool {
     matches!(errno, libc::EIO | libc::EINVAL | libc::EOPNOTSUPP)
 }
 
-/// Finds the `UDP_GRO` segment size in the control bytes the kernel returned
-/// (`msg_control[..msg_controllen]`). Reads bytes only, so the buffer needs no
-/// alignment; a malformed or truncated control message ends the search.
-pub fn gro_segment(control: &[u8]) -> Option<usize> {
+/// What the kernel's control messages say about one received datagram.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecvCmsgs {
+    /// The `UDP_GRO` segment size: the datagram is several coalesced ones of this
+    /// size (the last may be shorter).
+    pub gro_segment: Option<usize>,
+    /// When the datagram reached the socket (`SCM_TIMESTAMPNS`, see
+    /// [`enable_rx_timestamps`]), nanoseconds of the realtime clock.
+    pub received_ns: Option<u64>,
+}
+
+/// Reads the `UDP_GRO` segment size and the `SCM_TIMESTAMPNS` receive time from the
+/// control bytes the kernel returned (`msg_control[..msg_controllen]`). Reads bytes
+/// only, so the buffer needs no alignment; a malformed or truncated control message
+/// ends the search (what was found before it stays).
+pub fn recv_cmsgs(control: &[u8]) -> RecvCmsgs {
+    let mut found = RecvCmsgs::default();
     let word = size_of::<usize>();
+    let int = |b: &[u8], at: usize| -> Option<i32> {
+        Some(i32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    };
     let mut at = 0;
     while control.len().saturating_sub(at) >= CMSG_HDR {
         let c = &control[at..];
-        let len = usize::from_ne_bytes(c[..word].try_into().ok()?);
+        let Ok(len) = c[..word].try_into().map(usize::from_ne_bytes) else {
+            break;
+        };
         if len < CMSG_HDR || len > c.len() {
-            return None;
+            break;
         }
-        let level = i32::from_ne_bytes(c[CMSG_LEVEL_AT..CMSG_LEVEL_AT + 4].try_into().ok()?);
-        let kind = i32::from_ne_bytes(c[CMSG_TYPE_AT..CMSG_TYPE_AT + 4].try_into().ok()?);
-        if level == libc::SOL_UDP && kind == UDP_GRO && len >= CMSG_HDR + 4 {
-            let v = i32::from_ne_bytes(c[CMSG_HDR..CMSG_HDR + 4].try_into().ok()?);
-            return usize::try_from(v).ok();
+        let (Some(level), Some(kind)) = (int(c, CMSG_LEVEL_AT), int(c, CMSG_TYPE_AT)) else {
+            break;
+        };
+        let data = &c[CMSG_HDR..len];
+        if level == libc::SOL_UDP && kind == UDP_GRO {
+            found.gro_segment = int(data, 0).and_then(|v| usize::try_from(v).ok());
+        } else if level == libc::SOL_SOCKET && kind == libc::SCM_TIMESTAMPNS {
+            // A `struct timespec`: seconds, then nanoseconds, each a native word.
+            let word_at = |at: usize| -> Option<u64> {
+                let w = i64::from_ne_bytes(data.get(at..at + 8)?.try_into().ok()?);
+                u64::try_from(w).ok()
+            };
+            found.received_ns = word_at(0)
+                .zip(word_at(8))
+                .and_then(|(secs, nanos)| secs.checked_mul(1_000_000_000)?.checked_add(nanos));
         }
         at += cmsg_align(len);
     }
-    None
+    found
+}
+
+/// Asks the kernel to stamp every datagram `fd` receives with the time it reached
+/// the socket (`SO_TIMESTAMPNS`: an `SCM_TIMESTAMPNS` cmsg of the realtime clock),
+/// read by [`recv_cmsgs`]. The relay measures each cell's time in the relay from it.
+pub fn enable_rx_timestamps(fd: &impl AsFd) -> io::Result<()> {
+    Ok(setsockopt(fd, sockopt::ReceiveTimestampns, &true)?)
+}
+
+/// Now on the realtime clock (that of [`RecvCmsgs::received_ns`]), nanoseconds.
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Decodes a socket address the kernel wrote as bytes (a `sockaddr_in` or
@@ -356,16 +399,74 @@ mod tests {
         let l = CMSG_HDR + 4;
         gro[..8].copy_from_slice(&l.to_ne_bytes());
         gro[CMSG_HDR..CMSG_HDR + 4].copy_from_slice(&1024i32.to_ne_bytes());
-        assert_eq!(gro_segment(&gro[..cmsg_align(l)]), Some(1024));
+        assert_eq!(recv_cmsgs(&gro[..cmsg_align(l)]).gro_segment, Some(1024));
         // Not GRO, truncated, or a length that points outside: nothing.
-        assert_eq!(gro_segment(&buf[..n]), None);
-        assert_eq!(gro_segment(&gro[..CMSG_HDR + 2]), None);
-        assert_eq!(gro_segment(&[]), None);
+        assert_eq!(recv_cmsgs(&buf[..n]), RecvCmsgs::default());
+        assert_eq!(recv_cmsgs(&gro[..CMSG_HDR + 2]), RecvCmsgs::default());
+        assert_eq!(recv_cmsgs(&[]), RecvCmsgs::default());
         let mut bad = gro;
         bad[..8].copy_from_slice(&4096usize.to_ne_bytes());
-        assert_eq!(gro_segment(&bad), None);
+        assert_eq!(recv_cmsgs(&bad), RecvCmsgs::default());
         bad[..8].copy_from_slice(&3usize.to_ne_bytes());
-        assert_eq!(gro_segment(&bad), None);
+        assert_eq!(recv_cmsgs(&bad), RecvCmsgs::default());
+    }
+
+    #[test]
+    fn a_received_datagram_carries_its_gro_size_and_receive_time() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        enable_gro(&rx).unwrap();
+        enable_rx_timestamps(&rx).unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dest = rx.local_addr().unwrap();
+        let cells = [7u8; 300];
+        let mut iovs = [libc::iovec {
+            iov_base: cells.as_ptr() as *mut libc::c_void,
+            iov_len: cells.len(),
+        }];
+        let before = realtime_ns();
+        // SAFETY: the iovec points to `cells`, alive for the call.
+        assert_eq!(
+            unsafe { send_gso(&tx, Some(&dest), &mut iovs, Some(100)) },
+            300
+        );
+        let mut payload = [0u8; 512];
+        let mut ctrl = [0u8; CMSG_BUF];
+        let mut iov = libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: payload.len(),
+        };
+        // SAFETY: all-zero is a valid msghdr; it points to `iov` and `ctrl`, alive
+        // for the synchronous call.
+        let mut hdr: libc::msghdr = unsafe { zeroed() };
+        hdr.msg_iov = &mut iov;
+        hdr.msg_iovlen = 1;
+        hdr.msg_control = ctrl.as_mut_ptr().cast();
+        hdr.msg_controllen = ctrl.len();
+        // SAFETY: as above.
+        let n = unsafe { libc::recvmsg(std::os::fd::AsRawFd::as_raw_fd(&rx), &mut hdr, 0) };
+        let after = realtime_ns();
+        assert_eq!(n, 300, "loopback delivers the GSO send coalesced");
+        assert_eq!(
+            hdr.msg_flags & libc::MSG_CTRUNC,
+            0,
+            "both cmsgs fit CMSG_BUF"
+        );
+        let m = recv_cmsgs(&ctrl[..hdr.msg_controllen]);
+        assert_eq!(m.gro_segment, Some(100));
+        let t = m.received_ns.expect("a receive timestamp");
+        assert!(before <= t && t <= after, "{before} <= {t} <= {after}");
+        // Without the option there is no timestamp.
+        let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(&cells[..10], plain.local_addr().unwrap())
+            .unwrap();
+        hdr.msg_controllen = ctrl.len();
+        // SAFETY: as above.
+        let n = unsafe { libc::recvmsg(std::os::fd::AsRawFd::as_raw_fd(&plain), &mut hdr, 0) };
+        assert_eq!(n, 10);
+        assert_eq!(
+            recv_cmsgs(&ctrl[..hdr.msg_controllen]),
+            RecvCmsgs::default()
+        );
     }
 
     #[test]

@@ -135,6 +135,7 @@ impl Driver {
             if spec.io.gro_gso {
                 sys::enable_gro(&s)?;
             }
+            sys::enable_rx_timestamps(&s)?;
             sockets.push(s);
         }
         let cell = spec.layout.cell;
@@ -584,7 +585,8 @@ impl Driver {
                         };
                         let src = sys::sockaddr_from_bytes(out.name_data());
                         let len = out.payload_data().len();
-                        let seg = sys::gro_segment(out.control_data()).unwrap_or(len);
+                        let cmsgs = sys::recv_cmsgs(out.control_data());
+                        let seg = cmsgs.gro_segment.unwrap_or(len);
                         let truncated = out.is_payload_truncated() || out.is_name_data_truncated();
                         match (src, truncated) {
                             // GRO segments are whole datagrams; each must be a whole
@@ -604,6 +606,7 @@ impl Driver {
                                     idx as usize,
                                     u32::from(bid),
                                     buf,
+                                    cmsgs.received_ns,
                                     out,
                                     &mut self.exits,
                                     now,
@@ -687,6 +690,9 @@ impl Driver {
             engine.pad_links(now, &mut self.arena, &mut self.plan);
             self.on_side(engine)?;
             self.flush(engine)?;
+            // The sends are handed over when the loop's next `submit_with_args`
+            // enters the kernel, a few microseconds from here.
+            engine.sends_handed_over();
             if let Some(t) = reaped {
                 engine.stats().batch_latency.record(t.elapsed());
             }

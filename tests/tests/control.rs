@@ -198,6 +198,22 @@ fn status_prints_a_table_and_json_with_rates() {
     assert_eq!(v["rates"], Value::Null);
     assert_eq!(v["status"]["relay_id"], id.as_str());
     assert!(busy.finish() > 0);
+
+    // Once the traffic has stopped, every cell the relay received has its time in
+    // the relay observed, once: the kernel stamped each datagram on arrival.
+    std::thread::sleep(Duration::from_millis(200));
+    let out = run(&["status", "--socket", &s, "--json", "--interval", "0"]).ok();
+    let v: Value = serde_json::from_str(&out).expect("JSON");
+    let w0 = &v["status"]["workers"][0]["stats"];
+    let rx = w0["cells_rx"].as_u64().expect("cells_rx");
+    let residence = &w0["cell_residence"];
+    assert!(rx > 0, "{v}");
+    assert_eq!(residence["count"].as_u64(), Some(rx), "{v}");
+    let buckets = residence["buckets"].as_array().expect("buckets");
+    let cumulative: Vec<u64> = buckets.iter().filter_map(|b| b[1].as_u64()).collect();
+    assert_eq!(cumulative.len(), buckets.len(), "{residence}");
+    assert!(cumulative.windows(2).all(|w| w[0] <= w[1]), "{residence}");
+    assert!(residence["sum_s"].as_f64() > Some(0.0), "{residence}");
 }
 
 #[test]
@@ -679,6 +695,8 @@ fn metrics_endpoint_serves_valid_prometheus_text() {
         "shroud_onion_keys 1\n".to_owned(),
         "# TYPE shroud_batch_latency_seconds histogram\n".to_owned(),
         "shroud_batch_latency_seconds_bucket{le=\"+Inf\",worker=\"1\",port=\"9001\"} ".to_owned(),
+        "# TYPE shroud_cell_residence_seconds histogram\n".to_owned(),
+        "shroud_cell_residence_seconds_bucket{le=\"0.001\",worker=\"0\",port=\"9000\"} ".to_owned(),
         "shroud_build_info{version=\"0.1.0\",".to_owned(),
         "shroud_reloads_total{result=\"failure\"} 0\n".to_owned(),
         "shroud_last_reload_successful 1\n".to_owned(),

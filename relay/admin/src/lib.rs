@@ -267,6 +267,10 @@ pub struct WorkerCounters {
     pub batches: u64,
     /// Batch latency histogram (relays that have it).
     pub batch_latency: Option<Latency>,
+    /// Each received cell's time in the relay, from its datagram reaching the socket
+    /// to its batch's sends being handed to the kernel (relays that have it).
+    #[serde(default)]
+    pub cell_residence: Option<Latency>,
 }
 
 impl WorkerCounters {
