@@ -104,7 +104,7 @@ enum Cmd {
         /// loopback ones, and veth-ring and veth-bare when root.
         #[arg(long, value_delimiter = ',')]
         variants: Vec<String>,
-        /// The relay's `[io] batch_wait_us` (0 = wake for every completion).
+        /// The relay's `[io] batch_wait_us` (gathering while small datagrams come in; 0 = never).
         #[arg(long, default_value_t = 50)]
         batch_wait_us: u32,
         /// The relay's `[io] recv_slots` (receive buffers; default: the relay's).
@@ -214,7 +214,7 @@ enum Cmd {
         /// Third octet of the loopback block the relays use (127.0.NET.x).
         #[arg(long, default_value_t = 66)]
         net: u8,
-        /// The relays' `[io] batch_wait_us` (0 = wake for every completion).
+        /// The relays' `[io] batch_wait_us` (gathering while small datagrams come in; 0 = never).
         #[arg(long, default_value_t = 50)]
         batch_wait_us: u32,
         /// Write the report as JSON here.

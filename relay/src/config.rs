@@ -244,8 +244,8 @@ pub struct IoSection {
     pub gro_gso: bool,
     /// Zero-copy sends (`SENDMSG_ZC`, io_uring driver only).
     pub zero_copy_send: bool,
-    /// Microseconds a woken io_uring worker waits for more completions before
-    /// processing a batch (0 = none; needs Linux 6.12, ignored before).
+    /// Microseconds an io_uring worker's wait gathers completions while small
+    /// datagrams come in, as in a flood (0 = never; needs Linux 6.12, ignored before).
     pub batch_wait_us: u32,
 }
 

@@ -216,6 +216,35 @@ pub enum SideEffect {
     },
 }
 
+/// A batch whose datagrams held fewer cells than this on average makes the next wait
+/// gather ([`Engine::gather`]).
+pub const GATHER_BELOW_CELLS_PER_DATAGRAM: usize = 8;
+
+/// Whether a worker's next wait gathers completions (see [`Engine::gather`]): decided
+/// at the start of each batch from the datagrams of the last one that received any.
+#[derive(Debug, Default, Clone, Copy)]
+struct Gathering {
+    /// Datagrams and cells received in the batch at hand.
+    datagrams: usize,
+    cells: usize,
+    gather: bool,
+}
+
+impl Gathering {
+    fn received(&mut self, datagrams: usize, cells: usize) {
+        self.datagrams += datagrams;
+        self.cells += cells;
+    }
+
+    /// The batch at hand is over: it decides, unless it received nothing.
+    fn end_batch(&mut self) {
+        if self.datagrams > 0 {
+            self.gather = self.cells < GATHER_BELOW_CELLS_PER_DATAGRAM * self.datagrams;
+        }
+        (self.datagrams, self.cells) = (0, 0);
+    }
+}
+
 /// Most payloads one exit send carries: the kernel's limit on UDP GSO segments.
 pub const MAX_DELIVERY_RUN: usize = 64;
 
@@ -285,6 +314,8 @@ pub struct Engine<A: Aead> {
     /// sends to the kernel: the cells' time in the relay ends there
     /// ([`Engine::sends_handed_over`]).
     arrivals: Vec<(u64, u32)>,
+    /// See [`Engine::gather`].
+    gathering: Gathering,
 }
 
 /// Constant-rate links: padding rounds at most this often (ms).
@@ -327,6 +358,7 @@ impl<A: Aead> Engine<A> {
             pad_carry: 0.0,
             batch: CellBatch::default(),
             arrivals: Vec::with_capacity(1024),
+            gathering: Gathering::default(),
         }
     }
 
@@ -345,9 +377,23 @@ impl<A: Aead> Engine<A> {
         &self.stats
     }
 
-    /// Starts a batch: renews the per-batch setup budget.
+    /// Starts a batch: renews the per-batch setup budget, and decides from the batch
+    /// before whether the next wait should gather ([`Engine::gather`]).
     pub fn begin_batch(&mut self) {
         self.relay.begin_batch(self.setup_budget);
+        self.gathering.end_batch();
+    }
+
+    /// Whether the driver's next wait should gather completions for `[io]
+    /// batch_wait_us` once one is there, rather than wake for the first: yes when
+    /// the last batch that received anything held small datagrams (fewer than
+    /// [`GATHER_BELOW_CELLS_PER_DATAGRAM`] cells each on average), as under a flood of
+    /// single datagrams from many sources, where a wake-up per datagram would cost
+    /// more than the datagram. Cells from peers and clients that send with GSO arrive
+    /// in datagrams of tens of cells, which pay for their own wake-up; making them
+    /// wait only adds latency (and the timer's own wake-ups).
+    pub fn gather(&self) -> bool {
+        self.gathering.gather
     }
 
     /// A send of `cells` cells failed in the kernel (its socket buffer full, or an
@@ -361,7 +407,12 @@ impl<A: Aead> Engine<A> {
     }
 
     /// Counts `n` cells (or datagrams, for reasons counted per datagram) dropped.
+    /// A malformed datagram the driver could not hand over counts as a received
+    /// datagram of no cells for [`Engine::gather`].
     pub fn count_drop(&mut self, reason: DropReason, n: u64) {
+        if reason == DropReason::Malformed {
+            self.gathering.received(n as usize, 0);
+        }
         self.relay.count_drop(reason, n);
     }
 
@@ -426,6 +477,7 @@ impl<A: Aead> Engine<A> {
         self.stats
             .datagrams_rx
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.gathering.received(1, buf.len() / cell);
         if buf.is_empty() || !buf.len().is_multiple_of(cell) {
             self.relay.count_drop(DropReason::Malformed, 1);
             return;
@@ -812,6 +864,35 @@ mod tests {
             slot: 0,
             range: 100..100 + len,
         }
+    }
+
+    #[test]
+    fn a_wait_gathers_after_small_datagrams_only() {
+        let mut g = Gathering::default();
+        assert!(!g.gather, "the first wait wakes for the first completion");
+        // A flood of single cells (and a malformed datagram): gather.
+        for _ in 0..100 {
+            g.received(1, 1);
+        }
+        g.received(1, 0);
+        g.end_batch();
+        assert!(g.gather);
+        // A batch that received nothing (a tick) keeps the decision.
+        g.end_batch();
+        assert!(g.gather);
+        // GSO datagrams of 32 cells: wake for the first.
+        g.received(3, 96);
+        g.end_batch();
+        assert!(!g.gather);
+        // The bound: 8 cells a datagram on average is enough not to gather.
+        g.received(2, 2 * GATHER_BELOW_CELLS_PER_DATAGRAM - 1);
+        g.end_batch();
+        assert!(g.gather);
+        g.received(2, 2 * GATHER_BELOW_CELLS_PER_DATAGRAM);
+        g.end_batch();
+        assert!(!g.gather);
+        g.end_batch();
+        assert!(!g.gather);
     }
 
     #[test]

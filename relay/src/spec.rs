@@ -54,10 +54,10 @@ pub struct IoConfig {
     /// from the receive buffers. Pays off with large GSO batches on a real NIC;
     /// loopback copies anyway.
     pub zero_copy_send: bool,
-    /// io_uring driver: once woken by a first completion, wait up to this many
-    /// microseconds for more before processing (`min_wait_usec`, Linux 6.12+), so a
-    /// trickle of datagrams is handled in batches rather than one wake-up each. 0
-    /// processes every completion at once.
+    /// io_uring driver: while small datagrams come in (see `Engine::gather`), a wait
+    /// gathers completions for up to this many microseconds (`min_wait_usec`, Linux
+    /// 6.12+), so a trickle of them is handled in batches rather than one wake-up each.
+    /// 0 never gathers.
     pub batch_wait_us: u32,
     /// Mix mode: cells the worker can hold for their delay (0: no mix mode). The
     /// transmit arena holds them, on top of `tx_cells`.

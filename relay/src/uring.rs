@@ -521,9 +521,10 @@ impl Driver {
                 .next_wake_ms(sys::now_ms())
                 .map_or(50, |ms| ms.clamp(1, 50));
             let ts = types::Timespec::new().nsec(wait_ms as u32 * 1_000_000);
-            // With a batch wait: sleep until the first completion, then gather more
-            // for up to `batch_wait_us` (or until a receive slot's worth arrive).
-            let (want, args) = if self.batch_wait_us > 0 {
+            // With a batch wait, and small datagrams coming in (`Engine::gather`):
+            // gather completions for up to `batch_wait_us` from the start of the wait
+            // (or until a receive slot's worth arrive); otherwise wake for the first.
+            let (want, args) = if self.batch_wait_us > 0 && engine.gather() {
                 let want = (self.bufs.len() / 2).max(2);
                 let args = types::SubmitArgs::new()
                     .timespec(&ts)
