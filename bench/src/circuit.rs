@@ -106,23 +106,29 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
     let runs = 5;
     let short = (step / 2.0).max(0.5);
     let (mut n_runs, mut one_runs) = (Vec::new(), Vec::new());
-    let (mut n_held, mut one_held) = (Latency::default(), Latency::default());
-    let mut n_held_p99 = Vec::new();
+    let (mut n_held, mut one_held) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         s.build(opts.circuits, opts.hops)?;
         let (d, held) = held_during(&mut s, |s| {
             s.drive_presealed(short, half, u64::MAX / 2, max, stop, &bar)
         })?;
         n_runs.push(d);
-        n_held_p99.push(latency_quantile(&held, 0.99).map_or(f64::INFINITY, |s| s * 1e6));
-        add_latency(&mut n_held, &held, 1);
+        n_held.push(held);
         s.build(opts.circuits, 1)?;
         let (d, held) = held_during(&mut s, |s| {
             s.drive_presealed(short, half, u64::MAX / 2, max, stop, &bar)
         })?;
         one_runs.push(d);
-        add_latency(&mut one_held, &held, 1);
+        one_held.push(held);
     }
+    // The relays' own measure of the N-hop and one-hop runs, all runs together.
+    let together = |runs: &[Latency]| {
+        let mut all = Latency::default();
+        for h in runs {
+            add_latency(&mut all, h, 1);
+        }
+        all
+    };
     let quantile = |runs: &[Drive], q: f64| {
         let mut v: Vec<f64> = runs
             .iter()
@@ -131,8 +137,8 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
         crate::report::median(&mut v)
     };
     let per_hop = |q: f64| (quantile(&n_runs, q) - quantile(&one_runs, q)) / (opts.hops - 1) as f64;
-    let n_hops = &n_runs[runs / 2];
-    let one_hop = &one_runs[runs / 2];
+    let (n_hops, n_hops_held) = (&n_runs[runs / 2], &n_held[runs / 2]);
+    let (one_hop, one_hop_held) = (&one_runs[runs / 2], &one_held[runs / 2]);
     let setups = s.setup_rate(opts.hops, Duration::from_secs_f64(step))?;
     let parallel = s.setup_rate_parallel(opts.hops, Duration::from_secs_f64(step), SETUP_BATCH)?;
     let (bare, edwards, _) = crate::setupbench::baselines(Duration::from_secs_f64(step.min(2.0)));
@@ -155,12 +161,15 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
             "n_hops_p99_us_median": quantile(&n_runs, 0.99),
             "one_hop_p50_us_median": quantile(&one_runs, 0.5),
             "one_hop_p99_us_median": quantile(&one_runs, 0.99),
-            "n_hops": point(half, n_hops, &Latency::default()),
-            "one_hop": point(half, one_hop, &Latency::default()),
+            "n_hops": point(half, n_hops, n_hops_held),
+            "one_hop": point(half, one_hop, one_hop_held),
             // The relays' own measure, all runs together: each hop of each cell once.
-            "in_relay": in_relay(&n_held),
-            "in_relay_p99_us_per_run": n_held_p99,
-            "one_hop_in_relay": in_relay(&one_held),
+            "in_relay": in_relay(&together(&n_held)),
+            "in_relay_p99_us_per_run": n_held
+                .iter()
+                .map(|h| latency_quantile(h, 0.99).map(|s| s * 1e6))
+                .collect::<Vec<_>>(),
+            "one_hop_in_relay": in_relay(&together(&one_held)),
         },
         "latency_cdf_us": crate::plot::cdf_points(&n_hops.latency),
         "setups_per_sec": setups,
