@@ -27,7 +27,9 @@ use serde_json::{json, Value};
 use shroud_admin::Latency;
 
 use crate::demo::{Drive, Session};
-use crate::report::{add_latency, in_relay, latency_quantile, machine, residence};
+use crate::report::{
+    add_latency, in_relay, latency_quantile, latency_sum, machine, residence, us_or_dash,
+};
 
 /// Options of `shroud-bench circuit`.
 #[derive(Debug, Clone)]
@@ -121,14 +123,6 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
         one_runs.push(d);
         one_held.push(held);
     }
-    // The relays' own measure of the N-hop and one-hop runs, all runs together.
-    let together = |runs: &[Latency]| {
-        let mut all = Latency::default();
-        for h in runs {
-            add_latency(&mut all, h, 1);
-        }
-        all
-    };
     let quantile = |runs: &[Drive], q: f64| {
         let mut v: Vec<f64> = runs
             .iter()
@@ -164,12 +158,12 @@ pub fn run(opts: &Opts, stop: &AtomicBool) -> anyhow::Result<Value> {
             "n_hops": point(half, n_hops, n_hops_held),
             "one_hop": point(half, one_hop, one_hop_held),
             // The relays' own measure, all runs together: each hop of each cell once.
-            "in_relay": in_relay(&together(&n_held)),
+            "in_relay": in_relay(&latency_sum(&n_held)),
             "in_relay_p99_us_per_run": n_held
                 .iter()
                 .map(|h| latency_quantile(h, 0.99).map(|s| s * 1e6))
                 .collect::<Vec<_>>(),
-            "one_hop_in_relay": in_relay(&together(&one_held)),
+            "one_hop_in_relay": in_relay(&latency_sum(&one_held)),
         },
         "latency_cdf_us": crate::plot::cdf_points(&n_hops.latency),
         "setups_per_sec": setups,
@@ -201,10 +195,6 @@ pub fn print(r: &Value) {
         "shroud-bench circuit: {} hops over {} relays, CELL={} B; saturation {:.0} cells/s ({:.1} MB/s payload)",
         r["hops"], r["relays"], r["cell"], r["saturation_cells_per_sec"].as_f64().unwrap_or(0.0), r["payload_mb_per_sec"].as_f64().unwrap_or(0.0)
     );
-    let us = |v: &Value| {
-        v.as_f64()
-            .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
-    };
     println!(
         "{:>16} {:>12} {:>12} {:>8} {:>10} {:>10} {:>14} {:>14}",
         "offered cells/s",
@@ -225,8 +215,8 @@ pub fn print(r: &Value) {
             p["lost"],
             p["p50_us"],
             p["p99_us"],
-            us(&p["in_relay"]["p50_us"]),
-            us(&p["in_relay"]["p99_us"]),
+            us_or_dash(&p["in_relay"]["p50_us"]),
+            us_or_dash(&p["in_relay"]["p99_us"]),
         );
     }
     let h = &r["per_hop_latency_us"];
@@ -248,17 +238,17 @@ pub fn print(r: &Value) {
         h["offered_cells_per_sec"].as_f64().unwrap_or(0.0),
         held["cells"],
         h["runs"],
-        us(&held["p50_us"]),
-        us(&held["p99_us"]),
+        us_or_dash(&held["p50_us"]),
+        us_or_dash(&held["p99_us"]),
         held["share_within_1ms"].as_f64().unwrap_or(0.0) * 100.0,
         h["in_relay_p99_us_per_run"]
             .as_array()
             .into_iter()
             .flatten()
-            .map(us)
+            .map(us_or_dash)
             .collect::<Vec<_>>()
             .join(" / "),
-        us(&h["one_hop_in_relay"]["p99_us"]),
+        us_or_dash(&h["one_hop_in_relay"]["p99_us"]),
     );
     println!(
         "circuit setups, one at a time: {:.0}/s ({:.0}/s per relay core)",

@@ -33,7 +33,7 @@ use shroud_proto::client::PathHop;
 use crate::background::Background;
 use crate::flow::{gso_send, set_buffers, Circ, Generator};
 use crate::net::{relay_binary, LocalNet, RelayCommand, RelaySpec};
-use crate::report::{add_latency, in_relay, machine, residence_of};
+use crate::report::{add_latency, in_relay, machine, residence_of, us_or_dash};
 
 /// Options of `shroud-bench demo`.
 #[derive(Debug, Clone)]
@@ -769,18 +769,14 @@ pub fn print(r: &Value) {
         r["hops"], l["p50"], l["p99"], l["p999"]
     );
     for (i, rel) in r["relays"].as_array().into_iter().flatten().enumerate() {
-        let us = |v: &Value| {
-            v.as_f64()
-                .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
-        };
         println!(
             "  relay {i} {}:{}-{} cpu {:.0}%, a cell's time in it p50 {} us, p99 {} us",
             rel["addr"].as_str().unwrap_or(""),
             rel["ports"][0],
             rel["ports"][1],
             rel["cpu_percent"].as_f64().unwrap_or(0.0),
-            us(&rel["in_relay"]["p50_us"]),
-            us(&rel["in_relay"]["p99_us"]),
+            us_or_dash(&rel["in_relay"]["p50_us"]),
+            us_or_dash(&rel["in_relay"]["p99_us"]),
         );
     }
     let l = &r["live_sealing"];

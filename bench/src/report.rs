@@ -86,27 +86,37 @@ pub fn worker_sum(status: &Value, name: &str) -> u64 {
 /// ([`shroud_admin::WorkerCounters::cell_residence`]), its workers added up; an
 /// unreadable status counts nothing.
 pub fn residence_of(net: &shroud_localnet::LocalNet, i: usize) -> Latency {
-    let mut total = Latency::default();
     let status = net
         .request(i, &shroud_admin::Request::Status)
         .ok()
         .and_then(|v| serde_json::from_value::<shroud_admin::Status>(v).ok());
-    for w in status.iter().flat_map(|s| &s.workers) {
-        if let Some(h) = &w.stats.cell_residence {
-            add_latency(&mut total, h, 1);
-        }
-    }
-    total
+    latency_sum(
+        status
+            .iter()
+            .flat_map(|s| &s.workers)
+            .filter_map(|w| w.stats.cell_residence.as_ref()),
+    )
 }
 
 /// [`residence_of`] every relay of `net`, added up: one histogram of what a hop holds
 /// a cell.
 pub fn residence(net: &shroud_localnet::LocalNet) -> Latency {
+    latency_sum((0..net.relays.len()).map(|i| residence_of(net, i)))
+}
+
+/// Histograms with the same bounds, added up.
+pub fn latency_sum<H: std::borrow::Borrow<Latency>>(hs: impl IntoIterator<Item = H>) -> Latency {
     let mut total = Latency::default();
-    for i in 0..net.relays.len() {
-        add_latency(&mut total, &residence_of(net, i), 1);
+    for h in hs {
+        add_latency(&mut total, h.borrow(), 1);
     }
     total
+}
+
+/// A microsecond figure of a report for a table: no decimals, `-` when absent.
+pub fn us_or_dash(v: &Value) -> String {
+    v.as_f64()
+        .map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"))
 }
 
 /// A report's summary of a [`residence`] histogram: cells, p50 and p99 in
@@ -198,6 +208,10 @@ mod tests {
         add_latency(&mut total, &h([30, 90, 100], 100), 1);
         assert_eq!(total.count, 200);
         assert_eq!(total.buckets[1], (5e-4, 170));
+        assert_eq!(
+            latency_sum([h([10, 80, 99], 100), h([30, 90, 100], 100)]),
+            total
+        );
         // Median: the 100th of 200 lies 60 of 130 into (100 us, 500 us].
         let p50 = latency_quantile(&total, 0.5).unwrap();
         assert!((p50 - (1e-4 + 60.0 / 130.0 * 4e-4)).abs() < 1e-12, "{p50}");
